@@ -1,0 +1,3 @@
+"""atlas: Activation Atlases for PyTorch vision models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,42 @@
+"""The `atlas` command line: thin Typer wrappers over the library's functions.
+
+Each stage registers its commands in its own module here; errors the user can fix
+(:class:`atlas.errors.AtlasError`) print as one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from atlas.errors import AtlasError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Activation Atlases for PyTorch vision models.")
+
+
+def main() -> None:
+    """Console entry point: run the app, turning AtlasError into one clear line."""
+    try:
+        app(standalone_mode=False)
+    except AtlasError as exc:
+        print(f"atlas: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("atlas: interrupted; finished work is kept in the run folder, run the same command again to resume", file=sys.stderr)
+        raise SystemExit(130) from None
+    except typer.Exit as exc:
+        raise SystemExit(exc.exit_code) from None
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            raise SystemExit(exc.exit_code) from None
+        if isinstance(exc, click.exceptions.Abort):
+            raise SystemExit(1) from None
+        raise
+
+
+# Command modules register themselves on `app` when imported.
+from atlas.cli import stages  # noqa: E402,F401

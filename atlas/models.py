@@ -1,0 +1,461 @@
+"""Model zoo: InceptionV1 (GoogLeNet) as in the Activation Atlas paper, plus torchvision classifiers.
+
+Every model returned by :func:`load_model` takes RGB images in [0, 1] (N, 3, H, W) and
+does its own preprocessing, so the sampler and the renderer never see BGR or mean
+subtraction. Layers are addressed by name (``mixed4c``) and read with forward hooks,
+which lets one mechanism serve early stopping, activation capture and forward-mode
+attribution for any architecture.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from atlas.errors import AtlasError
+
+INCEPTION_LAYERS = [
+    "conv2d0", "conv2d1", "conv2d2",
+    "mixed3a", "mixed3b",
+    "mixed4a", "mixed4b", "mixed4c", "mixed4d", "mixed4e",
+    "mixed5a", "mixed5b", "logits",
+]  # fmt: skip
+_MIXED = [n for n in INCEPTION_LAYERS if n.startswith("mixed")]
+# torchvision's googlenet names its blocks inception3a ... inception5b.
+GOOGLENET_ALIASES = {n: "inception" + n[len("mixed") :] for n in _MIXED} | {"logits": "fc"}
+LUCENT_URL = "https://github.com/ProGamerGov/pytorch-old-tensorflow-models/raw/master/inception5h.pth"
+SHARED_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "models" / "bvlc_googlenet.safetensors"
+
+
+# --------------------------------------------------------------------------------------
+# InceptionV1
+# --------------------------------------------------------------------------------------
+class SamePad(nn.Module):
+    """TensorFlow 'SAME' padding for a k x k window with the given stride (TF pads more on the bottom/right)."""
+
+    def __init__(self, kernel: int, stride: int, value: float = 0.0):
+        super().__init__()
+        self.kernel, self.stride, self.value = kernel, stride, value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads = []
+        for size in (x.shape[-1], x.shape[-2]):
+            out = -(-size // self.stride)
+            total = max((out - 1) * self.stride + self.kernel - size, 0)
+            pads += [total // 2, total - total // 2]
+        return F.pad(x, pads, value=self.value)
+
+
+def _conv(cin: int, cout: int, k: int, stride: int, same: bool) -> nn.Sequential:
+    """Convolution + ReLU; Caffe style pads symmetrically, TF style pads 'SAME'."""
+    if same:
+        return nn.Sequential(SamePad(k, stride), nn.Conv2d(cin, cout, k, stride), nn.ReLU())
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, padding=k // 2), nn.ReLU())
+
+
+def _pool(stride: int, same: bool) -> nn.Module:
+    """3x3 max pool: Caffe rounds output sizes up (ceil mode), TF pads 'SAME' with -inf."""
+    if same:
+        return nn.Sequential(SamePad(3, stride, float("-inf")), nn.MaxPool2d(3, stride))
+    return nn.MaxPool2d(3, stride, padding=1 if stride == 1 else 0, ceil_mode=True)
+
+
+class Mixed(nn.Module):
+    """An inception block: 1x1, 1x1->3x3, 1x1->5x5 and pool->1x1 branches, concatenated."""
+
+    def __init__(self, cin: int, c1: int, c3r: int, c3: int, c5r: int, c5: int, cp: int, same: bool):
+        super().__init__()
+        self.b1 = _conv(cin, c1, 1, 1, same)
+        self.b3 = nn.Sequential(_conv(cin, c3r, 1, 1, same), _conv(c3r, c3, 3, 1, same))
+        self.b5 = nn.Sequential(_conv(cin, c5r, 1, 1, same), _conv(c5r, c5, 5, 1, same))
+        self.bp = nn.Sequential(_pool(1, same), _conv(cin, cp, 1, 1, same))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.b1(x), self.b3(x), self.b5(x), self.bp(x)], 1)
+
+
+class Preprocess(nn.Module):
+    """RGB [0, 1] -> the network's own input convention (channel order, scale, mean)."""
+
+    def __init__(self, bgr: bool, mean: Sequence[float], scale: float = 255.0):
+        super().__init__()
+        self.bgr, self.scale = bgr, scale
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bgr:
+            x = x.flip(1)
+        return x * self.scale - self.mean
+
+
+class InceptionV1(nn.Module):
+    """GoogLeNet / InceptionV1, with the layer names of the paper and Lucid.
+
+    ``style="caffe"`` is the BVLC release (ceil-mode pools, LRN size 5, BGR input minus
+    the Caffe mean); ``style="tf"`` is Lucid's ``inception5h`` (TF 'SAME' padding, LRN
+    size 9 / beta 0.5, RGB*255 - 117, 1008 classes).
+    """
+
+    def __init__(self, blocks: dict[str, tuple[int, ...]], num_classes: int, style: str = "caffe"):
+        super().__init__()
+        same = style == "tf"
+        self.style = style
+        if same:
+            self.preprocess = Preprocess(bgr=False, mean=(117.0, 117.0, 117.0))
+            self.lrn = nn.LocalResponseNorm(9, alpha=9.99999974738e-05, beta=0.5, k=1.0)
+        else:
+            self.preprocess = Preprocess(bgr=True, mean=(104.0, 117.0, 123.0))
+            self.lrn = nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=1.0)
+        self.conv2d0 = _conv(3, 64, 7, 2, same)
+        self.conv2d1 = _conv(64, 64, 1, 1, same)
+        self.conv2d2 = _conv(64, 192, 3, 1, same)
+        self.pool = _pool(2, same)
+        for name in _MIXED:
+            setattr(self, name, Mixed(*blocks[name], same=same))
+        self.logits = nn.Linear(blocks["mixed5b"][1] + blocks["mixed5b"][3] + blocks["mixed5b"][5] + blocks["mixed5b"][6], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.preprocess(x)
+        x = self.lrn(self.pool(self.conv2d0(x)))
+        x = self.pool(self.lrn(self.conv2d2(self.conv2d1(x))))
+        x = self.mixed3b(self.mixed3a(x))
+        x = self.pool(x)
+        for name in ("mixed4a", "mixed4b", "mixed4c", "mixed4d", "mixed4e"):
+            x = getattr(self, name)(x)
+        x = self.mixed5b(self.mixed5a(self.pool(x)))
+        return self.logits(x.mean((2, 3)))
+
+
+BVLC_BLOCKS: dict[str, tuple[int, ...]] = {
+    "mixed3a": (192, 64, 96, 128, 16, 32, 32),
+    "mixed3b": (256, 128, 128, 192, 32, 96, 64),
+    "mixed4a": (480, 192, 96, 208, 16, 48, 64),
+    "mixed4b": (512, 160, 112, 224, 24, 64, 64),
+    "mixed4c": (512, 128, 128, 256, 24, 64, 64),
+    "mixed4d": (512, 112, 144, 288, 32, 64, 64),
+    "mixed4e": (528, 256, 160, 320, 32, 128, 128),
+    "mixed5a": (832, 256, 160, 320, 32, 128, 128),
+    "mixed5b": (832, 384, 192, 384, 48, 128, 128),
+}
+# Lucid's inception5h differs only in mixed4a's 3x3 branch (204 channels, so 508 out).
+LUCID_BLOCKS = BVLC_BLOCKS | {
+    "mixed4a": (480, 192, 96, 204, 16, 48, 64),
+    "mixed4b": (508, 160, 112, 224, 24, 64, 64),
+}
+
+_BRANCHES = {"1x1": "b1.0", "3x3_reduce": "b3.0.0", "3x3": "b3.1.0", "5x5_reduce": "b5.0.0", "5x5": "b5.1.0", "pool_proj": "bp.1.0"}
+_LUCID_BRANCHES = {"1x1": "1x1", "3x3_reduce": "3x3_bottleneck", "3x3": "3x3", "5x5_reduce": "5x5_bottleneck", "5x5": "5x5", "pool_proj": "pool_reduce"}
+
+
+def _bvlc_key_map() -> dict[str, str]:
+    """Caffe layer names -> our module paths (without .weight/.bias)."""
+    keys = {"conv1/7x7_s2": "conv2d0.0", "conv2/3x3_reduce": "conv2d1.0", "conv2/3x3": "conv2d2.0", "loss3/classifier": "logits"}
+    for name in _MIXED:
+        for caffe, ours in _BRANCHES.items():
+            keys[f"inception_{name[5:]}/{caffe}"] = f"{name}.{ours}"
+    return keys
+
+
+def _lucid_key_map() -> dict[str, str]:
+    """Lucent's inception5h.pth names -> our module paths (TF style adds a SamePad at index 0)."""
+    keys = {
+        "conv2d0_pre_relu_conv": "conv2d0.1",
+        "conv2d1_pre_relu_conv": "conv2d1.1",
+        "conv2d2_pre_relu_conv": "conv2d2.1",
+        "softmax2_pre_activation_matmul": "logits",
+    }
+    for name in _MIXED:
+        for caffe, lucid in _LUCID_BRANCHES.items():
+            ours = _BRANCHES[caffe].split(".")
+            ours[-1] = "1"  # the conv sits after its SamePad
+            keys[f"{name}_{lucid}_pre_relu_conv"] = f"{name}." + ".".join(ours)
+    return keys
+
+
+def _remap(state: dict[str, torch.Tensor], key_map: dict[str, str]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state.items():
+        base, _, param = key.rpartition(".")
+        if base in key_map:
+            out[f"{key_map[base]}.{param}"] = torch.as_tensor(value)
+    return out
+
+
+def inceptionv1(weights: str | Path | None = None) -> InceptionV1:
+    """InceptionV1 with BVLC Caffe weights (.safetensors) or Lucid's inception5h (.pth)."""
+    path = resolve_weights(weights)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+        model = InceptionV1(BVLC_BLOCKS, state["loss3/classifier.weight"].shape[0], style="caffe")
+        mapped = _remap(state, _bvlc_key_map())
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model = InceptionV1(LUCID_BLOCKS, state["softmax2_pre_activation_matmul.weight"].shape[0], style="tf")
+        mapped = _remap(state, _lucid_key_map())
+    missing, _ = model.load_state_dict(mapped, strict=False)
+    if missing:
+        raise AtlasError(f"weights file {path} does not fit InceptionV1: missing {len(missing)} tensors, e.g. {missing[0]}")
+    return model
+
+
+def resolve_weights(weights: str | Path | None) -> Path:
+    """The weights file to load: the argument, $ATLAS_WEIGHTS, or ../shared beside the checkout."""
+    candidate = weights or os.environ.get("ATLAS_WEIGHTS")
+    if candidate:
+        path = Path(candidate).expanduser()
+        if not path.is_file():
+            raise AtlasError(f"weights file not found: {path}")
+        return path
+    if SHARED_WEIGHTS.is_file():
+        return SHARED_WEIGHTS
+    cache = Path(torch.hub.get_dir()) / "checkpoints" / "inception5h.pth"
+    if not cache.is_file():
+        try:
+            torch.hub.download_url_to_file(LUCENT_URL, str(cache), progress=True)
+        except Exception as exc:  # noqa: BLE001 - any network failure means the same to the user
+            raise AtlasError(
+                f"no InceptionV1 weights: download failed ({type(exc).__name__}); "
+                "pass --weights PATH (a .safetensors BVLC file or lucent's inception5h.pth) or set ATLAS_WEIGHTS"
+            ) from None
+    return cache
+
+
+# --------------------------------------------------------------------------------------
+# Class names
+# --------------------------------------------------------------------------------------
+def synset_words(weights: str | Path | None = None) -> list[tuple[str, str]]:
+    """(synset, name) pairs from a synset_words.txt beside the weights or in ../shared; [] if none."""
+    places = [Path(weights).expanduser().parent] if weights and not str(weights).startswith("torchvision:") else []
+    places.append(SHARED_WEIGHTS.parent)
+    for place in places:
+        path = place / "synset_words.txt"
+        if path.is_file():
+            lines = path.read_text().splitlines()
+            return [(ln.split(" ", 1)[0], ln.split(" ", 1)[1].split(",")[0].strip()) for ln in lines if ln.strip()]
+    return []
+
+
+def imagenet_classes(num_classes: int = 1000, weights: str | Path | None = None) -> list[str]:
+    """Human-readable class names in logit order (synset_words.txt, else torchvision's list)."""
+    words = synset_words(weights)
+    if len(words) == 1000 and num_classes in (1000, 1008):
+        names = [name for _, name in words]
+    else:
+        from torchvision.models._meta import _IMAGENET_CATEGORIES
+
+        names = list(_IMAGENET_CATEGORIES)
+    if num_classes == 1008:  # Lucid's labels: index 0 is 'dummy', then the 1000 classes, then 7 unused
+        return ["dummy"] + names + [f"unused_{i}" for i in range(7)]
+    if num_classes == 1000:
+        return names
+    return [f"class_{i}" for i in range(num_classes)]
+
+
+# --------------------------------------------------------------------------------------
+# The wrapper every stage uses
+# --------------------------------------------------------------------------------------
+class StopForward(Exception):
+    """Raised by a hook once the deepest requested layer is computed."""
+
+
+@dataclass
+class Network:
+    """A classifier plus what the stages need to know about it: names, layers, classes, provenance."""
+
+    name: str
+    module: nn.Module
+    aliases: dict[str, str] = field(default_factory=dict)
+    input_size: int = 224
+    weights: str = ""
+    weights_sha256: str = ""
+    classes: list[str] = field(default_factory=list)
+
+    def resolve(self, layer: str) -> str:
+        """Module path of a layer name; unknown names fail with the list of known ones."""
+        path = self.aliases.get(layer, layer)
+        modules = dict(self.module.named_modules())
+        if path not in modules or path == "":
+            known = ", ".join(self.layer_names())
+            raise AtlasError(f"unknown layer '{layer}' for model {self.name}; layers: {known}")
+        return path
+
+    def layer_names(self) -> list[str]:
+        if isinstance(self.module, InceptionV1):
+            return list(INCEPTION_LAYERS)
+        names = [n for n, _ in self.module.named_modules() if n]
+        return list(self.aliases) + names
+
+    def module_of(self, layer: str) -> nn.Module:
+        return self.module.get_submodule(self.resolve(layer))
+
+    @contextmanager
+    def hooks(self, layers: Sequence[str], edit=None, stop: bool = True) -> Iterator[dict[str, torch.Tensor]]:
+        """Capture the outputs of ``layers`` into the yielded dict during a forward.
+
+        ``edit(layer, output)`` may return a replacement output (forward-mode tangents are
+        attached this way). With ``stop``, the forward ends right after the deepest layer.
+        """
+        captured: dict[str, torch.Tensor] = {}
+        handles = []
+        remaining = set(layers)
+
+        def make_hook(layer: str):
+            def hook(_module, _inputs, output):
+                if edit is not None:
+                    replaced = edit(layer, output)
+                    output = output if replaced is None else replaced
+                captured[layer] = output
+                remaining.discard(layer)
+                if stop and not remaining:
+                    raise StopForward
+                return output
+
+            return hook
+
+        try:
+            for layer in layers:
+                handles.append(self.module_of(layer).register_forward_hook(make_hook(layer)))
+            yield captured
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def activations(self, images: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Activations of ``layers`` for RGB [0, 1] images, computing no deeper than needed."""
+        with self.hooks(layers) as captured:
+            try:
+                self.module(images)
+            except StopForward:
+                pass
+        return dict(captured)
+
+    def layer_shapes(self, size: int | None = None) -> dict[str, tuple[int, ...]]:
+        """(channels, height, width) of every named layer for one input of ``size`` px."""
+        size = size or self.input_size
+        names = self.layer_names()
+        if not isinstance(self.module, InceptionV1):
+            names = [n for n in names if n in self.aliases or not list(self.module.get_submodule(n).children())]
+        x = torch.zeros(1, 3, size, size)
+        shapes = {}
+        with torch.inference_mode():
+            out = self.activations(x, names)
+        for name in names:
+            t = out.get(name)
+            if isinstance(t, torch.Tensor):
+                shapes[name] = tuple(t.shape[1:])
+        return shapes
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_model(name: str = "inceptionv1", weights: str | Path | None = None, device: str = "cpu") -> Network:
+    """Load a model of the zoo by name, ready for inference on ``device``.
+
+    ``inceptionv1`` reads BVLC (.safetensors) or Lucid inception5h (.pth) weights; any other
+    name is a torchvision classifier, with ``weights`` a local state dict or, when None,
+    torchvision's pretrained weights (downloaded, so online only).
+    """
+    if name in ("inceptionv1", "inception_v1", "inception5h"):
+        path = resolve_weights(weights)
+        module = inceptionv1(path)
+        net = Network(name="inceptionv1", module=module, weights=str(path), weights_sha256=_sha256(path))
+    else:
+        net = _torchvision(name, weights)
+    net.module.eval().requires_grad_(False).to(device)
+    num_classes = _num_classes(net.module)
+    net.classes = imagenet_classes(num_classes, net.weights)
+    return net
+
+
+def _num_classes(module: nn.Module) -> int:
+    last = [m for m in module.modules() if isinstance(m, nn.Linear)][-1]
+    return last.out_features
+
+
+def _torchvision(name: str, weights: str | Path | None) -> Network:
+    import torchvision
+
+    try:
+        builder = torchvision.models.get_model_builder(name)
+    except ValueError:
+        known = ", ".join(sorted(torchvision.models.list_models(module=torchvision.models)))
+        raise AtlasError(f"unknown model '{name}'; choose inceptionv1 or a torchvision classifier: {known}") from None
+    kwargs = {"aux_logits": False, "init_weights": False} if name in ("googlenet", "inception_v3") else {}
+    if weights:
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise AtlasError(f"weights file not found: {path}")
+        module = builder(weights=None, **kwargs)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = {k: v for k, v in state.items() if not k.startswith("aux")}
+        module.load_state_dict(state)
+        label, sha = str(path), _sha256(path)
+        transform_input = name in ("googlenet", "inception_v3")
+    else:
+        try:
+            default = torchvision.models.get_model_weights(name).DEFAULT
+            module = builder(weights=default, **({"aux_logits": True} if kwargs else {}))
+        except Exception as exc:  # noqa: BLE001
+            raise AtlasError(
+                f"cannot get torchvision weights for {name} ({type(exc).__name__}: offline?); pass --weights PATH to a local state dict"
+            ) from None
+        label, sha = f"torchvision:{default}", ""
+        transform_input = False
+        if hasattr(module, "aux_logits"):
+            module.aux_logits = False
+            module.aux1 = module.aux2 = None
+    if hasattr(module, "transform_input"):
+        module.transform_input = transform_input
+    wrapped = nn.Sequential()
+    wrapped.add_module("preprocess", Preprocess(bgr=False, mean=(0.485, 0.456, 0.406), scale=1.0))
+    # ImageNet std division, folded into the wrapper so callers give plain RGB [0, 1].
+    wrapped.add_module("std", _Scale((0.229, 0.224, 0.225)))
+    wrapped.add_module("net", module)
+    aliases = {}
+    if name == "googlenet":
+        aliases = {k: "net." + v for k, v in GOOGLENET_ALIASES.items()}
+    return _prefixed(Network(name=name, module=wrapped, aliases=aliases, weights=label, weights_sha256=sha))
+
+
+class _Scale(nn.Module):
+    def __init__(self, std: Sequence[float]):
+        super().__init__()
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x / self.std
+
+
+def _prefixed(net: Network) -> Network:
+    """Let users write torchvision module paths without the wrapper's 'net.' prefix."""
+    inner = [n for n, _ in net.module.named_modules() if n.startswith("net.")]
+    for path in inner:
+        net.aliases.setdefault(path[len("net.") :], path)
+    return net
+
+
+def describe_layers(net: Network, size: int | None = None) -> list[dict]:
+    """Rows for ``atlas layers``: name, channels and spatial size at the input size."""
+    rows = []
+    for name, shape in net.layer_shapes(size).items():
+        if re.match(r"^net\.", name):
+            continue
+        rows.append({"layer": name, "channels": shape[0], "height": shape[1] if len(shape) > 1 else 1, "width": shape[2] if len(shape) > 2 else 1})
+    return rows
