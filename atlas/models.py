@@ -153,7 +153,9 @@ LUCID_BLOCKS = BVLC_BLOCKS | {
 }
 
 _BRANCHES = {"1x1": "b1.0", "3x3_reduce": "b3.0.0", "3x3": "b3.1.0", "5x5_reduce": "b5.0.0", "5x5": "b5.1.0", "pool_proj": "bp.1.0"}
-_LUCID_BRANCHES = {"1x1": "1x1", "3x3_reduce": "3x3_bottleneck", "3x3": "3x3", "5x5_reduce": "5x5_bottleneck", "5x5": "5x5", "pool_proj": "pool_reduce"}
+_LUCID_BRANCHES = {
+    "1x1": "1x1", "3x3_reduce": "3x3_bottleneck", "3x3": "3x3", "5x5_reduce": "5x5_bottleneck", "5x5": "5x5", "pool_proj": "pool_reduce",
+}
 
 
 def _bvlc_key_map() -> dict[str, str]:
@@ -457,5 +459,6 @@ def describe_layers(net: Network, size: int | None = None) -> list[dict]:
     for name, shape in net.layer_shapes(size).items():
         if re.match(r"^net\.", name):
             continue
-        rows.append({"layer": name, "channels": shape[0], "height": shape[1] if len(shape) > 1 else 1, "width": shape[2] if len(shape) > 2 else 1})
+        height, width = (shape[1], shape[2]) if len(shape) == 3 else (1, 1)
+        rows.append({"layer": name, "channels": shape[0], "height": height, "width": width})
     return rows

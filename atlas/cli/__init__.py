@@ -7,6 +7,7 @@ Each stage registers its commands in its own module here; errors the user can fi
 from __future__ import annotations
 
 import sys
+import warnings
 
 import typer
 
@@ -17,6 +18,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Activation A
 
 def main() -> None:
     """Console entry point: run the app, turning AtlasError into one clear line."""
+    warnings.filterwarnings("ignore", message=".*torch.jit.script.*")
     try:
         app(standalone_mode=False)
     except AtlasError as exc:

@@ -1,0 +1,66 @@
+"""`atlas sample`, `atlas layers` and `atlas info`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from atlas.cli import app
+
+
+@app.command("sample")
+def sample_command(
+    images: Annotated[Path, typer.Option("--images", help="image folder (ImageNet tree or flat) or a list file")],
+    layer: Annotated[list[str], typer.Option("--layer", help="layer to sample; repeat for several")],
+    out: Annotated[Path, typer.Option("--out", help="run folder")],
+    model: Annotated[str, typer.Option(help="inceptionv1 or a torchvision classifier")] = "inceptionv1",
+    weights: Annotated[Path | None, typer.Option(help="weights file (default: $ATLAS_WEIGHTS or ../shared)")] = None,
+    max_images: Annotated[int | None, typer.Option(help="first N images of the deterministic order")] = None,
+    per_image: Annotated[int, typer.Option(help="positions sampled per image")] = 1,
+    seed: int = 0,
+    batch_size: int = 32,
+    workers: Annotated[int, typer.Option(help="DataLoader worker processes")] = 2,
+    no_attribution: Annotated[bool, typer.Option("--no-attribution", help="skip class attributions (faster)")] = False,
+    dtype: Annotated[str, typer.Option(help="float16 or float32")] = "float16",
+    device: str = "cpu",
+    shard_size: Annotated[int, typer.Option(help="images per resumable unit of work")] = 256,
+) -> None:
+    """Sample one random spatial activation per image (and its class attributions) into RUN/store.zarr."""
+    from atlas.sample import sample
+
+    result = sample(images, layer, out, model=model, weights=weights, max_images=max_images, per_image=per_image, seed=seed,
+                    batch_size=batch_size, workers=workers, attribution=not no_attribution, dtype=dtype, device=device,
+                    shard_size=shard_size)
+    counts = ", ".join(f"{k}: {v}" for k, v in result.n_samples.items())
+    typer.echo(f"{result.n_images} images ({result.n_skipped} skipped, see {out}/log.txt), samples {counts} -> {out}")
+
+
+@app.command("layers")
+def layers_command(
+    model: Annotated[str, typer.Option(help="inceptionv1 or a torchvision classifier")] = "inceptionv1",
+    weights: Annotated[Path | None, typer.Option(help="weights file")] = None,
+    size: Annotated[int, typer.Option(help="input size in pixels")] = 224,
+) -> None:
+    """List a model's layers with channel count and spatial size."""
+    from atlas.models import describe_layers, load_model
+
+    rows = describe_layers(load_model(model, weights), size)
+    width = max(len(r["layer"]) for r in rows)
+    typer.echo(f"{'layer'.ljust(width)}  channels  size")
+    for r in rows:
+        typer.echo(f"{r['layer'].ljust(width)}  {r['channels']:>8}  {r['height']}x{r['width']}")
+
+
+@app.command("info")
+def info_command(
+    run_dir: Annotated[Path, typer.Argument(help="run folder")],
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Summarise what a run holds: samples, layouts, grids, icons, tiles."""
+    from atlas.info import format_info, info
+
+    data = info(run_dir)
+    typer.echo(json.dumps(data, indent=2) if as_json else format_info(data))

@@ -1,0 +1,280 @@
+"""Sample activations (and their class attributions) from a dataset into the run's store.
+
+For each image and each requested layer, ``per_image`` random spatial positions off the
+border are drawn from a generator seeded by (seed, image index, layer index): the samples
+never depend on batch size, worker count or on where a previous run was killed.
+
+Attribution of a sample to class c is ``h . d logit_c / d h`` at the sampled position. It
+is computed for all classes at once with one forward-mode Jacobian-vector product: the
+activation at the layer becomes a dual tensor whose tangent is the activation itself at
+the sampled position and zero elsewhere, so the logits' tangent is exactly that dot
+product for every class.
+
+Work is done in shards of ``shard_size`` images (default ``SHARD``). A shard's rows are written, then its
+``images/shard_done`` flag: a killed run redoes at most the shard in flight.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.autograd.forward_ad as fwAD
+from tqdm.auto import tqdm
+
+import atlas
+from atlas import store
+from atlas.data import ImageDataset, ImageList, list_images
+from atlas.errors import AtlasError
+from atlas.models import Network, load_model, synset_words
+
+SHARD = 256
+BORDER = 1
+TOP_K = 5
+# Settings that must match for a run folder to be resumed rather than rejected.
+RESUME_KEYS = ("model", "weights_sha256", "layers", "seed", "per_image", "image_list_hash", "dtype", "attribution", "preprocessing",
+               "shard_size")
+
+
+@dataclass
+class SampleResult:
+    run_dir: Path
+    n_images: int
+    n_skipped: int
+    n_samples: dict[str, int]
+    seconds: float
+    images_per_second: float
+
+
+def sample_positions(seed: int, image_index: int, layer_index: int, hw: tuple[int, int], k: int, border: int = BORDER) -> np.ndarray:
+    """(k, 2) distinct (y, x) positions off the border, a function of the seed and image only."""
+    h, w = hw
+    b = border if min(h, w) > 2 * border else 0
+    rng = np.random.default_rng([seed, image_index, layer_index])
+    cells = (h - 2 * b) * (w - 2 * b)
+    flat = rng.choice(cells, size=k, replace=k > cells)
+    return np.stack([flat // (w - 2 * b) + b, flat % (w - 2 * b) + b], axis=1).astype(np.int16)
+
+
+def shard_positions(seed: int, indices: Sequence[int], layer_index: int, hw: tuple[int, int], k: int) -> np.ndarray:
+    return np.concatenate([sample_positions(seed, i, layer_index, hw, k) for i in indices])
+
+
+def _gather(activation: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Rows activation[b // k, :, y_b, x_b] for each sample b of the (B*k) batch."""
+    k = positions.shape[0] // activation.shape[0]
+    batch = torch.arange(positions.shape[0], device=activation.device) // k
+    return activation[batch, :, positions[:, 0].long(), positions[:, 1].long()]
+
+
+def forward_samples(net: Network, images: torch.Tensor, layers: Sequence[str], positions: dict[str, torch.Tensor],
+                    attribution: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor | None]:
+    """Activations at the sampled positions, their attributions (if asked) and the logits.
+
+    ``positions[layer]`` is (B*k, 2). Without attribution the forward stops at the deepest
+    layer and logits are None. With it, one forward-AD pass per layer; the first also
+    yields every layer's activations and the logits.
+    """
+    acts: dict[str, torch.Tensor] = {}
+    attrs: dict[str, torch.Tensor] = {}
+    if not attribution:
+        with torch.inference_mode():
+            out = net.activations(images, layers)
+        return {name: _gather(out[name], positions[name]).float() for name in layers}, attrs, None
+
+    logits = None
+    for target in layers:
+        k = positions[target].shape[0] // images.shape[0]
+
+        def edit(name: str, out: torch.Tensor, target=target, k=k):
+            if name != target:
+                return None
+            rows = out.repeat_interleave(k, 0) if k > 1 else out
+            pos = positions[target]
+            tangent = torch.zeros_like(rows)
+            idx = torch.arange(rows.shape[0], device=rows.device)
+            tangent[idx, :, pos[:, 0].long(), pos[:, 1].long()] = rows[idx, :, pos[:, 0].long(), pos[:, 1].long()]
+            return fwAD.make_dual(rows, tangent)
+
+        with torch.no_grad(), fwAD.dual_level():
+            with net.hooks(layers if logits is None else [target], edit=edit, stop=False) as captured:
+                out = net.module(images)
+            primal, tangent = fwAD.unpack_dual(out)
+            attrs[target] = tangent.float()
+            if logits is None:
+                logits = primal[::k].float()
+                for name, value in captured.items():
+                    value = fwAD.unpack_dual(value).primal
+                    if value.shape[0] != images.shape[0]:  # deeper than the dual layer: batch was repeated
+                        value = value[:: value.shape[0] // images.shape[0]]
+                    acts[name] = _gather(value, positions[name]).float()
+    return acts, attrs, logits
+
+
+def sample(images: str | Path | ImageList, layers: Sequence[str], out: str | Path, model: str = "inceptionv1",
+           weights: str | Path | None = None, max_images: int | None = None, per_image: int = 1, seed: int = 0,
+           batch_size: int = 32, workers: int = 2, attribution: bool = True, dtype: str = "float16",
+           resize: int = 256, crop: int = 224, device: str = "cpu", progress: bool = True,
+           shard_size: int = SHARD, net: Network | None = None) -> SampleResult:
+    """Sample ``per_image`` activations per image at each layer into ``out``/store.zarr.
+
+    Resumes an interrupted run with the same settings; a folder holding a run with other
+    settings is an error (nothing is overwritten).
+    """
+    if not layers:
+        raise AtlasError("give at least one --layer")
+    if per_image < 1:
+        raise AtlasError("--per-image must be at least 1")
+    if dtype not in ("float16", "float32"):
+        raise AtlasError(f"--dtype must be float16 or float32, not {dtype}")
+    layers = list(dict.fromkeys(layers))
+    net = net or load_model(model, weights, device)
+    for layer in layers:
+        net.resolve(layer)
+    if not isinstance(images, ImageList):
+        images = list_images(images, [s for s, _ in synset_words(net.weights)])
+    images = images.head(max_images)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    shapes = net.layer_shapes(crop)
+    for layer in layers:
+        if len(shapes.get(layer, ())) != 3:
+            raise AtlasError(f"layer '{layer}' has no spatial positions (shape {shapes.get(layer)}); choose a convolutional layer")
+    settings = {
+        "model": net.name, "weights": net.weights, "weights_sha256": net.weights_sha256, "layers": layers, "seed": seed,
+        "per_image": per_image, "image_list_hash": images.digest, "dtype": dtype, "attribution": attribution,
+        "preprocessing": {"resize": resize, "crop": crop, "input": "RGB [0, 1]; the model normalises"},
+        "shard_size": shard_size,
+    }
+    root = _open_or_create(out, images, net, shapes, settings)
+
+    n = len(images)
+    n_shards = math.ceil(n / shard_size)
+    done = _read_flags(root["images/shard_done"])
+    todo = [s for s in range(n_shards) if not done[s]]
+    start = time.perf_counter()
+    bar = tqdm(total=sum(min(shard_size, n - s * shard_size) for s in todo), unit="img", disable=not progress,
+               desc=f"sample {','.join(layers)}", dynamic_ncols=True)
+    processed = 0
+    try:
+        for shard in todo:
+            processed += _run_shard(root, out, net, images, layers, shapes, shard, settings, batch_size, workers, device, bar)
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - start
+    ok = root["images/ok"][:]
+    n_skipped = int((~ok).sum())
+    counts = {layer: int(root[f"samples/{layer}/valid"][:].sum()) for layer in layers}
+    root.attrs["summary"] = {"n_images": n, "n_skipped": n_skipped, "samples": counts, "complete": True}
+    return SampleResult(out, n, n_skipped, counts, seconds, processed / seconds if seconds > 0 and processed else 0.0)
+
+
+def _read_flags(array) -> np.ndarray:
+    """Shard flags, tolerating a flag chunk torn by a kill (it then counts as not done)."""
+    try:
+        return np.asarray(array[:], dtype=bool)
+    except Exception:  # noqa: BLE001 - a torn chunk must not stop the resume
+        flags = np.zeros(array.shape[0], dtype=bool)
+        for i in range(array.shape[0]):
+            try:
+                flags[i] = bool(array[i])
+            except Exception:  # noqa: BLE001
+                flags[i] = False
+        return flags
+
+
+def _open_or_create(out: Path, images: ImageList, net: Network, shapes: dict, settings: dict):
+    path = store.store_path(out)
+    if path.exists():
+        root = store.open_store(out, "r+")
+        have = store.attrs(root)
+        diff = [k for k in RESUME_KEYS if have.get(k) != settings[k]]
+        if diff:
+            key = diff[0]
+            raise AtlasError(f"{out} holds a run with different settings ({key}: {have.get(key)!r} there, {settings[key]!r} now); "
+                             "use another --out or delete the folder")
+        return root
+    root = store.open_store(out, "w")
+    n, k = len(images), settings["per_image"]
+    group = root.require_group("images")
+    paths = group.create_array("path", shape=(n,), dtype=str, chunks=(min(n, 65536),))
+    paths[:] = np.asarray(images.paths, dtype=str)
+    store.write_array(group, "label", images.labels.astype(np.int32))
+    shard = settings["shard_size"]
+    store.create_array(group, "ok", (n,), bool, chunks=(shard,), fill_value=False)
+    store.create_array(group, "top5", (n, TOP_K), np.int32, chunks=(shard, TOP_K), fill_value=-1)
+    store.create_array(group, "shard_done", (math.ceil(n / shard),), bool, chunks=(1,), fill_value=False)
+    rows = n * k
+    n_classes = len(net.classes)
+    for layer in settings["layers"]:
+        c, h, w = shapes[layer]
+        g = root.require_group(f"samples/{layer}")
+        chunk = shard * k
+        store.create_array(g, "activations", (rows, c), settings["dtype"], chunks=(chunk, c))
+        if settings["attribution"]:
+            store.create_array(g, "attributions", (rows, n_classes), settings["dtype"], chunks=(chunk, n_classes))
+        store.create_array(g, "image_index", (rows,), np.int32, chunks=(chunk,), fill_value=-1)
+        store.create_array(g, "position", (rows, 2), np.int16, chunks=(chunk, 2), fill_value=-1)
+        store.create_array(g, "valid", (rows,), bool, chunks=(chunk,), fill_value=False)
+        g.attrs.update({"channels": c, "grid_hw": [h, w], "layer": layer, "module": net.resolve(layer)})
+    root.attrs.update(settings | {"atlas_version": atlas.__version__, "n_images": n, "classes": net.classes,
+                                  "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    return root
+
+
+def _run_shard(root, out: Path, net: Network, images: ImageList, layers: list[str], shapes: dict, shard: int,
+               settings: dict, batch_size: int, workers: int, device: str, bar) -> int:
+    n, k, seed, size = len(images), settings["per_image"], settings["seed"], settings["shard_size"]
+    lo, hi = shard * size, min((shard + 1) * size, n)
+    indices = list(range(lo, hi))
+    positions = {layer: shard_positions(seed, indices, li, shapes[layer][1:], k) for li, layer in enumerate(layers)}
+    acts = {layer: np.zeros(((hi - lo) * k, shapes[layer][0]), np.float32) for layer in layers}
+    attrs = {layer: np.zeros(((hi - lo) * k, len(net.classes)), np.float32) for layer in layers} if settings["attribution"] else {}
+    ok = np.zeros(hi - lo, bool)
+    top5 = np.full((hi - lo, TOP_K), -1, np.int32)
+
+    dataset = ImageDataset(images, settings["preprocessing"]["resize"], settings["preprocessing"]["crop"], indices)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                                         persistent_workers=False, prefetch_factor=4 if workers else None)
+    for batch_index, batch, errors in loader:
+        local = (batch_index - lo).numpy()
+        good = np.array([not e for e in errors])
+        for index, error in zip(batch_index.tolist(), errors, strict=True):
+            if error:
+                store.log(out, f"skipped image {index} {images.paths[index]}: {error}")
+        if good.any():
+            sel = local[good]
+            x = batch[torch.from_numpy(good)].to(device).contiguous(memory_format=torch.channels_last)
+            rows = (sel[:, None] * k + np.arange(k)).ravel()
+            pos = {layer: torch.from_numpy(positions[layer][rows]).to(device) for layer in layers}
+            a, t, logits = forward_samples(net, x, layers, pos, settings["attribution"])
+            for layer in layers:
+                acts[layer][rows] = a[layer].cpu().numpy()
+                if settings["attribution"]:
+                    attrs[layer][rows] = t[layer].cpu().numpy()
+            if logits is not None:
+                top5[sel] = logits.topk(TOP_K, dim=1).indices.cpu().numpy()
+            ok[sel] = True
+        bar.update(len(batch_index))
+
+    valid = np.repeat(ok, k)
+    row_lo, row_hi = lo * k, hi * k
+    image_index = np.repeat(np.arange(lo, hi, dtype=np.int32), k)
+    for layer in layers:
+        g = root[f"samples/{layer}"]
+        g["activations"][row_lo:row_hi] = acts[layer].astype(settings["dtype"])
+        if settings["attribution"]:
+            g["attributions"][row_lo:row_hi] = attrs[layer].astype(settings["dtype"])
+        g["image_index"][row_lo:row_hi] = image_index
+        g["position"][row_lo:row_hi] = positions[layer]
+        g["valid"][row_lo:row_hi] = valid
+    root["images/ok"][lo:hi] = ok
+    root["images/top5"][lo:hi] = top5
+    root["images/shard_done"][shard] = True
+    return hi - lo

@@ -1,0 +1,50 @@
+"""Shared fixtures: the real weights and photos in ../shared, the real model, small runs."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("ATLAS_SHARED", REPO.parent / "shared"))
+WEIGHTS = SHARED / "models" / "bvlc_googlenet.safetensors"
+PHOTOS = SHARED / "data" / "imagenet-samples"
+
+warnings.filterwarnings("ignore", message=".*torch.jit.script.*")
+
+
+def require_shared() -> None:
+    """Skip when ../shared is absent, except under CI, where its absence is a failure."""
+    if WEIGHTS.is_file() and PHOTOS.is_dir():
+        return
+    reason = f"real weights and photos not found in {SHARED} (set ATLAS_SHARED)"
+    if os.environ.get("CI") == "true":
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def net():
+    require_shared()
+    from atlas.models import load_model
+
+    return load_model("inceptionv1", WEIGHTS)
+
+
+@pytest.fixture(scope="session")
+def photos() -> Path:
+    require_shared()
+    return PHOTOS
+
+
+@pytest.fixture(scope="session")
+def photo_list(tmp_path_factory, photos) -> Path:
+    """A list file naming a few photos, among them the snorkel and scuba-diver ones."""
+    names = sorted(p.name for p in photos.glob("*.JPEG"))
+    chosen = names[::50][:16] + ["n04251144_snorkel.JPEG", "n10565667_scuba_diver.JPEG"]
+    path = tmp_path_factory.mktemp("lists") / "images.txt"
+    path.write_text("".join(f"{photos / n}\n" for n in chosen))
+    return path
