@@ -27,13 +27,14 @@ def sample_command(
     dtype: Annotated[str, typer.Option(help="float16 or float32")] = "float16",
     device: str = "cpu",
     shard_size: Annotated[int, typer.Option(help="images per resumable unit of work")] = 256,
+    precision: Annotated[str, typer.Option(help="auto, float32 or bfloat16 (forward without attribution)")] = "auto",
 ) -> None:
     """Sample one random spatial activation per image (and its class attributions) into RUN/store.zarr."""
     from atlas.sample import sample
 
     result = sample(images, layer, out, model=model, weights=weights, max_images=max_images, per_image=per_image, seed=seed,
                     batch_size=batch_size, workers=workers, attribution=not no_attribution, dtype=dtype, device=device,
-                    shard_size=shard_size)
+                    shard_size=shard_size, precision=precision)
     counts = ", ".join(f"{k}: {v}" for k, v in result.n_samples.items())
     typer.echo(f"{result.n_images} images ({result.n_skipped} skipped, see {out}/log.txt), samples {counts} -> {out}")
 

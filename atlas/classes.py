@@ -1,0 +1,184 @@
+"""Class-filtered and class-difference atlases (the paper's "snorkel" vs "scuba diver").
+
+A class's selection is the samples whose highest attribution goes to that class (the
+"winning" samples) together with the ``top_k`` samples of highest positive attribution
+to it. A class-difference atlas lays out the union of two selections with
+x = attribution to the second class minus attribution to the first (normalised by its
+99th percentile of absolute value, clipped to [-1, 1]) and y = a 1-D t-SNE of the
+activations, so the horizontal position says which class a sample argues for.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from atlas import layout, store
+from atlas.errors import AtlasError
+from atlas.models import synset_words
+
+
+@dataclass(frozen=True)
+class ClassRef:
+    index: int
+    name: str
+
+
+def _normalise(text: str) -> str:
+    return re.sub(r"[\s_\-]+", " ", text.strip().lower())
+
+
+def resolve_class(query: str | int, classes: list[str], weights: str | None = None) -> ClassRef:
+    """A class given by name ("scuba diver"), synset ("n10565667") or index ("983").
+
+    Names match any of the synonyms of synset_words.txt, ignoring case, spaces and
+    underscores. An unknown or ambiguous name is an error listing the closest classes.
+    """
+    text = str(query).strip()
+    if text.isdigit():
+        index = int(text)
+        if not 0 <= index < len(classes):
+            raise AtlasError(f"class index {index} out of range: the model has {len(classes)} classes")
+        return ClassRef(index, classes[index])
+    words = synset_words(weights)
+    offset = 1 if len(classes) == 1008 else 0  # Lucid's labels start with 'dummy'
+    if re.fullmatch(r"n\d{8}", text):
+        for i, (synset, _) in enumerate(words):
+            if synset == text and i + offset < len(classes):
+                return ClassRef(i + offset, classes[i + offset])
+        raise AtlasError(f"unknown synset '{text}'")
+    wanted = _normalise(text)
+    synonyms: dict[int, list[str]] = {i: [_normalise(classes[i])] for i in range(len(classes))}
+    if words and len(words) + offset <= len(classes):
+        for i, (_, name) in enumerate(words):
+            synonyms[i + offset].append(_normalise(name))
+    exact = sorted({i for i, names in synonyms.items() if wanted in names})
+    primary = [i for i in exact if synonyms[i][0] == wanted]
+    if len(primary) == 1:
+        return ClassRef(primary[0], classes[primary[0]])
+    if len(exact) == 1:
+        return ClassRef(exact[0], classes[exact[0]])
+    if len(exact) > 1:
+        listing = ", ".join(f"{classes[i]} ({i})" for i in exact)
+        raise AtlasError(f"class name '{text}' is ambiguous: {listing}; give the index or synset")
+    everything = {name: i for i, names in synonyms.items() for name in names}
+    close = difflib.get_close_matches(wanted, list(everything), n=5, cutoff=0.5)
+    hint = ", ".join(f"{classes[everything[c]]} ({everything[c]})" for c in close) or "none"
+    raise AtlasError(f"unknown class '{text}'; closest: {hint}")
+
+
+def _attribution_columns(run_dir: str | Path, layer: str, columns: list[int], rows: np.ndarray,
+                         block: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """Attributions of ``rows`` to ``columns`` and each row's winning class, streamed by block."""
+    root = store.open_store(run_dir)
+    group = store.require_layer(root, layer)
+    if "attributions" not in group:
+        raise AtlasError(f"layer '{layer}' was sampled with --no-attribution; class atlases need attributions")
+    array = group["attributions"]
+    values = np.empty((rows.size, len(columns)), np.float32)
+    winners = np.empty(rows.size, np.int64)
+    for start in range(0, rows.size, block):
+        sel = rows[start : start + block]
+        lo, hi = int(sel[0]), int(sel[-1]) + 1
+        chunk = array[lo:hi][sel - lo].astype(np.float32)
+        values[start : start + sel.size] = chunk[:, columns]
+        winners[start : start + sel.size] = chunk.argmax(1)
+    return values, winners
+
+
+def select_class(run_dir: str | Path, layer: str, cls: ClassRef, top_k: int = 2000) -> np.ndarray:
+    """Sorted sample rows that matter for ``cls``: winners plus the top-k by positive attribution."""
+    rows = store.valid_rows(store.open_store(run_dir), layer)
+    values, winners = _attribution_columns(run_dir, layer, [cls.index], rows)
+    return _selection(rows, values[:, 0], winners == cls.index, top_k)
+
+
+def _selection(rows: np.ndarray, attribution: np.ndarray, winning: np.ndarray, top_k: int) -> np.ndarray:
+    positive = np.flatnonzero(attribution > 0)
+    top = positive[np.argsort(-attribution[positive], kind="stable")[:top_k]]
+    return np.union1d(rows[winning], rows[top])
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
+
+
+def _run_classes(run_dir: str | Path) -> tuple[list[str], str | None]:
+    meta = store.attrs(store.open_store(run_dir))
+    return list(meta.get("classes", [])), meta.get("weights")
+
+
+def _finish(run_dir, layer: str, atlas: str, sizes, quality: str, render_kwargs: dict, tiles: bool, highlight: str | None) -> str:
+    """Grid, render and tile an atlas whose layout is stored: the same path as the full atlas."""
+    from atlas import grid, render
+    from atlas import tiles as tiles_stage
+
+    grid.grid(run_dir, layer, list(sizes), atlas=atlas, min_count=1)
+    render.render(run_dir, layer, list(sizes), atlas=atlas, quality=quality, **render_kwargs)
+    if tiles:
+        tiles_stage.make_tiles(run_dir, layer, atlas=atlas, highlight=highlight)
+    return atlas
+
+
+def class_atlas(run_dir: str | Path, layer: str, cls: str | int, top_k: int = 2000, method: str = "tsne",
+                sizes: tuple[int, ...] = (8,), quality: str = "draft", seed: int = 0, tiles: bool = True,
+                render_kwargs: dict | None = None) -> str:
+    """Build the atlas of the activations that matter for one class; returns its atlas name."""
+    classes, weights = _run_classes(run_dir)
+    ref = resolve_class(cls, classes, weights)
+    rows = select_class(run_dir, layer, ref, top_k)
+    if rows.size < 4:
+        raise AtlasError(f"only {rows.size} samples matter for '{ref.name}' at {layer}; sample more images or positions")
+    name = f"class-{slug(ref.name)}"
+    layout.project(run_dir, layer, method=method, atlas=name, rows=rows, seed=seed,
+                   n_neighbors=min(50, max(2, rows.size // 4)))
+    _annotate(run_dir, layer, name, {"kind": "class", "classes": [ref.index], "class_names": [ref.name], "top_k": top_k})
+    return _finish(run_dir, layer, name, sizes, quality, render_kwargs or {}, tiles, highlight=ref.name)
+
+
+def difference_layout(diff: np.ndarray, activations: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(raw, xy): x from the attribution difference (p99-normalised, clipped), y from a 1-D t-SNE."""
+    scale = float(np.percentile(np.abs(diff), 99)) or 1.0
+    x = np.clip(diff / scale, -1.0, 1.0)
+    y = layout.embed(activations, "tsne", n_components=1, seed=seed)[:, 0]
+    span = y.max() - y.min()
+    y01 = (y - y.min()) / span if span > 0 else np.full_like(y, 0.5)
+    raw = np.stack([diff, y], 1).astype(np.float32)
+    xy = np.stack([(x + 1) / 2, y01], 1).astype(np.float32)
+    return raw, xy
+
+
+def compare_atlas(run_dir: str | Path, layer: str, first: str | int, second: str | int, top_k: int = 2000,
+                  sizes: tuple[int, ...] = (8,), quality: str = "draft", seed: int = 0, tiles: bool = True,
+                  render_kwargs: dict | None = None) -> str:
+    """Build the class-difference atlas of two classes; returns its atlas name."""
+    classes, weights = _run_classes(run_dir)
+    a, b = resolve_class(first, classes, weights), resolve_class(second, classes, weights)
+    if a.index == b.index:
+        raise AtlasError("compare needs two different classes")
+    root = store.open_store(run_dir)
+    all_rows = store.valid_rows(root, layer)
+    values, winners = _attribution_columns(run_dir, layer, [a.index, b.index], all_rows)
+    rows = np.union1d(_selection(all_rows, values[:, 0], winners == a.index, top_k),
+                      _selection(all_rows, values[:, 1], winners == b.index, top_k))
+    if rows.size < 4:
+        raise AtlasError(f"only {rows.size} samples matter for '{a.name}' or '{b.name}' at {layer}; sample more images or positions")
+    picked = np.searchsorted(all_rows, rows)
+    diff = values[picked, 1] - values[picked, 0]
+    activations = store.read_rows(root[f"samples/{layer}/activations"], rows)
+    raw, xy = difference_layout(diff, activations, seed)
+    name = f"compare-{slug(a.name)}-vs-{slug(b.name)}"
+    attrs = {"kind": "compare", "method": "attribution-difference x, 1-D t-SNE y", "seed": seed, "classes": [a.index, b.index],
+             "class_names": [a.name, b.name], "axis_labels": [a.name, b.name], "top_k": top_k,
+             "summary": {"method": "compare", "n": int(rows.size), "classes": [a.name, b.name]}}
+    layout.save_layout(run_dir, layer, name, rows, raw, xy, np.ones(rows.size, bool), attrs)
+    return _finish(run_dir, layer, name, sizes, quality, render_kwargs or {}, tiles, highlight=b.name)
+
+
+def _annotate(run_dir, layer: str, atlas: str, extra: dict) -> None:
+    node = store.open_store(run_dir, "r+")[f"layouts/{layer}/{atlas}"]
+    node.attrs.update(extra)
