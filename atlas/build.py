@@ -1,0 +1,237 @@
+"""`atlas build`: sample -> project -> grid -> render -> tiles in one call, skipping what is done.
+
+Settings come from three layers, later ones winning: the defaults below, a TOML config
+file (``configs/*.toml``, one table per stage) and explicit arguments. Each stage's
+settings are hashed together with the key of the stage before it; the key is recorded in
+the store when the stage finishes. Running ``build`` again skips every stage whose key is
+unchanged, so changing ``grid.sizes`` redoes grid, render and tiles but neither sampling
+nor projection. A killed build resumes: each stage is itself resumable.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from atlas import store
+from atlas.errors import AtlasError
+
+STAGES = ("sample", "project", "grid", "render", "tiles")
+DEFAULTS: dict[str, dict] = {
+    "run": {"images": None, "out": None, "layers": ["mixed4c"]},
+    "sample": {"model": "inceptionv1", "weights": None, "max_images": None, "per_image": 1, "seed": 0, "batch_size": 32,
+               "workers": 2, "attribution": True, "dtype": "float16", "precision": "auto", "device": "cpu"},
+    "project": {"method": "umap", "n_neighbors": 50, "min_dist": 0.05, "metric": "cosine", "pca": None, "seed": 0, "outside": "edge"},
+    "grid": {"sizes": [20, 40, 80, 160], "min_count": 3},
+    "render": {"quality": "standard", "steps": None, "size": None, "attempts": None, "batch": None, "p": 2.0, "icons": "optimize",
+               "device": "cpu", "seed": 0},
+    "tiles": {"format": "jpg", "density_scale": False, "examples": True},
+}
+# Settings that change what a stage computes; the rest (workers, batch size, device) only change how fast.
+SPEED_ONLY = {"sample": {"batch_size", "workers", "device"}, "render": {"device", "batch"}}
+# Rough single-machine costs for --dry-run, from the bench/ figures on a 2-core CPU.
+CPU_IMAGES_PER_S = {True: 6.0, False: 20.0}
+CPU_ICON_STEPS_PER_S = 120.0
+
+
+@dataclass
+class BuildResult:
+    run_dir: Path
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    summary: dict = field(default_factory=dict)
+
+
+def load_config(path: str | Path | None) -> dict:
+    """Defaults overlaid with a TOML config file; unknown tables or keys are errors (typos must not pass silently)."""
+    config = copy.deepcopy(DEFAULTS)
+    if path is None:
+        return config
+    path = Path(path)
+    if not path.is_file():
+        raise AtlasError(f"config file not found: {path}")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise AtlasError(f"config file {path} is not valid TOML: {exc}") from None
+    return merge(config, data, source=str(path))
+
+
+def merge(config: dict, overrides: dict, source: str = "arguments") -> dict:
+    """``config`` with ``overrides`` ({table: {key: value}}) applied; None values are ignored."""
+    config = copy.deepcopy(config)
+    for table, values in overrides.items():
+        if table not in config:
+            raise AtlasError(f"unknown table [{table}] in {source}; tables: {', '.join(config)}")
+        for key, value in values.items():
+            if key not in config[table]:
+                raise AtlasError(f"unknown setting {table}.{key} in {source}; known: {', '.join(config[table])}")
+            if value is not None:
+                config[table][key] = value
+    return config
+
+
+def _key(settings: dict, upstream: str) -> str:
+    return hashlib.sha256(json.dumps([upstream, settings], sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def stage_keys(config: dict, image_digest: str, weights_sha: str) -> dict[str, str]:
+    """The chain of stage keys: each depends on its own settings and on every stage before it."""
+    keys, upstream = {}, f"{image_digest}:{weights_sha}:{','.join(config['run']['layers'])}"
+    for stage in STAGES:
+        settings = {k: v for k, v in config[stage].items() if k not in SPEED_ONLY.get(stage, set())}
+        upstream = keys[stage] = _key(settings, upstream)
+    return keys
+
+
+def validate(config: dict):
+    """Every check that can fail before work starts; returns (network, image list)."""
+    from atlas.data import list_images
+    from atlas.models import load_model, synset_words
+
+    run = config["run"]
+    if not run["images"]:
+        raise AtlasError("give --images DIR (or images = ... in the config's [run] table)")
+    if not run["out"]:
+        raise AtlasError("give --out RUN_DIR (or out = ... in the config's [run] table)")
+    sizes = config["grid"]["sizes"]
+    if not sizes or any(int(s) < 2 for s in sizes):
+        raise AtlasError(f"grid sizes must be at least 2, got {sizes}")
+    images_path = Path(run["images"]).expanduser()
+    if not images_path.exists():
+        raise AtlasError(f"images not found: {images_path}")
+    net = load_model(config["sample"]["model"], config["sample"]["weights"], config["sample"]["device"])
+    for layer in run["layers"]:
+        net.resolve(layer)
+    images = list_images(images_path, [s for s, _ in synset_words(net.weights)]).head(config["sample"]["max_images"])
+    out = Path(run["out"])
+    if store.store_path(out).exists():
+        meta = store.attrs(store.open_store(out))
+        if meta.get("model") not in (None, net.name) or meta.get("weights_sha256") not in (None, net.weights_sha256):
+            raise AtlasError(f"{out} holds a run of model {meta.get('model')} ({str(meta.get('weights_sha256'))[:12]}), "
+                             f"not {net.name} ({net.weights_sha256[:12]}); use another --out")
+    return net, images
+
+
+def estimate(config: dict, n_images: int) -> dict[str, float]:
+    """Seconds each stage may take on a 2-core CPU (order of magnitude, for --dry-run)."""
+    from atlas.render import PRESETS
+
+    n = n_images * config["sample"]["per_image"]
+    layers = len(config["run"]["layers"])
+    preset = dict(PRESETS[config["render"]["quality"]])
+    steps = config["render"]["steps"] or preset["steps"]
+    attempts = config["render"]["attempts"] or preset["attempts"]
+    size = config["render"]["size"] or preset["size"]
+    cells = sum(min(s * s, n) * 0.6 for s in config["grid"]["sizes"])
+    icon_seconds = cells * steps * attempts * (size / 80) ** 2 / CPU_ICON_STEPS_PER_S
+    canvas = max(config["grid"]["sizes"]) * size
+    return {
+        "sample": n_images * layers / CPU_IMAGES_PER_S[bool(config["sample"]["attribution"])],
+        "project": layers * (5 + n / 2000.0),
+        "grid": layers * (2 + n / 50000.0),
+        "render": layers * (icon_seconds if config["render"]["icons"] == "optimize" else cells * 0.05),
+        "tiles": layers * (1 + canvas * canvas / 2e7),
+    }
+
+
+def _fmt(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def build(config: dict, dry_run: bool = False, echo=print) -> BuildResult:
+    """Run (or, with ``dry_run``, describe) every stage of the pipeline for the resolved ``config``."""
+    from atlas import grid, layout, render, sample
+    from atlas import tiles as tiles_stage
+
+    net, images = validate(config)
+    run, out = config["run"], Path(config["run"]["out"])
+    keys = stage_keys(config, images.digest, net.weights_sha256)
+    costs = estimate(config, len(images))
+    if dry_run:
+        echo(json.dumps(config, indent=2, default=str))
+        echo(f"{len(images)} images -> {out}")
+        for stage in STAGES:
+            echo(f"  {stage:8s} estimated {_fmt(costs[stage])} on a 2-core CPU")
+        echo(f"  total    estimated {_fmt(sum(costs.values()))}")
+        return BuildResult(out)
+
+    done = _recorded(out)
+    result = BuildResult(out)
+    start = time.perf_counter()
+    remaining = sum(costs.values())
+    for number, stage in enumerate(STAGES, 1):
+        if done.get(stage) == keys[stage]:
+            result.skipped.append(stage)
+            remaining -= costs[stage]
+            echo(f"[{number}/{len(STAGES)}] {stage}: up to date, skipped")
+            continue
+        echo(f"[{number}/{len(STAGES)}] {stage} (overall ETA {_fmt(remaining)})")
+        t0 = time.perf_counter()
+        s = config[stage]
+        for layer in run["layers"]:
+            if stage == "sample":
+                sample.sample(images, run["layers"], out, net=net, per_image=s["per_image"], seed=s["seed"], batch_size=s["batch_size"],
+                              workers=s["workers"], attribution=s["attribution"], dtype=s["dtype"], precision=s["precision"],
+                              device=s["device"])
+                break
+            if stage == "project":
+                layout.project(out, layer, method=s["method"], n_neighbors=s["n_neighbors"], min_dist=s["min_dist"], metric=s["metric"],
+                               pca=s["pca"], seed=s["seed"], outside=s["outside"])
+            elif stage == "grid":
+                grid.grid(out, layer, list(s["sizes"]), min_count=s["min_count"])
+            elif stage == "render":
+                render.render(out, layer, list(config["grid"]["sizes"]), quality=s["quality"], steps=s["steps"], size=s["size"],
+                              attempts=s["attempts"], batch=s["batch"], p=s["p"], device=s["device"], icons=s["icons"], seed=s["seed"],
+                              net=net)
+            elif stage == "tiles":
+                tiles_stage.make_tiles(out, layer, sizes=list(config["grid"]["sizes"]), fmt=s["format"],
+                                       density_scale=s["density_scale"], examples=s["examples"])
+        result.seconds[stage] = time.perf_counter() - t0
+        result.ran.append(stage)
+        remaining = max(remaining - costs[stage], 0.0)
+        _record(out, stage, keys[stage])
+        for later in STAGES[number:]:  # a redone stage invalidates everything after it
+            done.pop(later, None)
+    result.summary = _summary(out, run["layers"], time.perf_counter() - start, result)
+    return result
+
+
+def _recorded(out: Path) -> dict[str, str]:
+    if not store.store_path(out).exists():
+        return {}
+    return dict(store.attrs(store.open_store(out)).get("build", {}))
+
+
+def _record(out: Path, stage: str, key: str) -> None:
+    root = store.open_store(out, "r+")
+    recorded = dict(store.attrs(root).get("build", {}))
+    recorded[stage] = key
+    later = STAGES[STAGES.index(stage) + 1 :]
+    for name in later:
+        recorded.pop(name, None)
+    root.attrs["build"] = recorded
+
+
+def _summary(out: Path, layers: list[str], seconds: float, result: BuildResult) -> dict:
+    from atlas.info import info
+
+    data = info(out)
+    summary = {"seconds": round(seconds, 1), "stage_seconds": {k: round(v, 1) for k, v in result.seconds.items()},
+               "ran": result.ran, "skipped": result.skipped, "layers": {}}
+    for layer in layers:
+        entry = data["layers"].get(layer, {})
+        full = entry.get("atlases", {}).get(store.FULL_ATLAS, {})
+        summary["layers"][layer] = {
+            "samples": entry.get("samples", 0),
+            "kept_cells": {size: g.get("n_render") for size, g in full.get("grids", {}).items()},
+            "icons": {size: i.get("n_done") for size, i in full.get("icons", {}).items()},
+        }
+    return summary

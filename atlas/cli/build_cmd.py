@@ -1,0 +1,92 @@
+"""`atlas build`, `atlas class` and `atlas compare`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from atlas.cli import app
+
+
+@app.command("build")
+def build_command(
+    images: Annotated[Path | None, typer.Option("--images", help="image folder or list file")] = None,
+    layer: Annotated[list[str] | None, typer.Option("--layer", help="layer; repeat for several")] = None,
+    grid: Annotated[list[int] | None, typer.Option("--grid", help="grid size; repeat for several")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="run folder (default outputs/MODEL-LAYER)")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="TOML file with every stage's settings")] = None,
+    model: Annotated[str | None, typer.Option(help="inceptionv1 or a torchvision classifier")] = None,
+    weights: Annotated[Path | None, typer.Option(help="weights file")] = None,
+    max_images: Annotated[int | None, typer.Option(help="first N images")] = None,
+    per_image: Annotated[int | None, typer.Option(help="positions sampled per image")] = None,
+    method: Annotated[str | None, typer.Option(help="umap, tsne or pca")] = None,
+    quality: Annotated[str | None, typer.Option(help="draft, standard or paper icons")] = None,
+    icons: Annotated[str | None, typer.Option(help="optimize (feature inversion) or examples (dataset patches)")] = None,
+    seed: Annotated[int | None, typer.Option(help="seed of every stage")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the resolved settings and estimated costs only")] = False,
+) -> None:
+    """Run sample -> project -> grid -> render -> tiles, redoing only what changed."""
+    from atlas.build import build, load_config, merge
+
+    resolved = load_config(config)
+    layers = layer or resolved["run"]["layers"]
+    model_name = model or resolved["sample"]["model"]
+    default_out = Path("outputs") / f"{model_name}-{'-'.join(layers)}"
+    overrides = {
+        "run": {"images": str(images) if images else None, "layers": layer or None,
+                "out": str(out) if out else (None if resolved["run"]["out"] else str(default_out))},
+        "sample": {"model": model, "weights": str(weights) if weights else None, "max_images": max_images, "per_image": per_image,
+                   "seed": seed, "device": device},
+        "project": {"method": method, "seed": seed},
+        "grid": {"sizes": grid or None},
+        "render": {"quality": quality, "icons": icons, "seed": seed, "device": device},
+    }
+    result = build(merge(resolved, overrides), dry_run=dry_run, echo=typer.echo)
+    if dry_run:
+        return
+    s = result.summary
+    typer.echo(f"done in {s['seconds']:.0f} s (ran: {', '.join(s['ran']) or 'nothing'}; skipped: {', '.join(s['skipped']) or 'nothing'})")
+    for stage, seconds in s["stage_seconds"].items():
+        typer.echo(f"  {stage:8s} {seconds:8.1f} s")
+    for name, entry in s["layers"].items():
+        typer.echo(f"  {name}: {entry['samples']} samples; kept cells {entry['kept_cells']}; icons {entry['icons']}")
+    typer.echo(f"viewer: {result.run_dir / 'tiles' / 'index.html'}  (browse it with: atlas serve {result.run_dir})")
+
+
+@app.command("class")
+def class_command(
+    run_dir: Annotated[Path, typer.Argument(help="run folder")],
+    layer: Annotated[str, typer.Option("--layer")],
+    cls: Annotated[str, typer.Option("--class", help="class name, synset or index")],
+    top_k: Annotated[int, typer.Option(help="samples with the highest positive attribution to add to the winners")] = 2000,
+    method: Annotated[str, typer.Option(help="tsne, umap or pca")] = "tsne",
+    grid: Annotated[list[int] | None, typer.Option("--grid", help="grid size(s)")] = None,
+    quality: Annotated[str, typer.Option(help="draft, standard or paper")] = "draft",
+    seed: int = 0,
+) -> None:
+    """A class-filtered atlas: the activations that matter for one class."""
+    from atlas.classes import class_atlas
+
+    name = class_atlas(run_dir, layer, cls, top_k=top_k, method=method, sizes=tuple(grid or [8]), quality=quality, seed=seed)
+    typer.echo(f"atlas {name} of {layer} -> {run_dir}/tiles (atlas serve {run_dir})")
+
+
+@app.command("compare")
+def compare_command(
+    run_dir: Annotated[Path, typer.Argument(help="run folder")],
+    first: Annotated[str, typer.Argument(help="class on the left (x = -1)")],
+    second: Annotated[str, typer.Argument(help="class on the right (x = +1)")],
+    layer: Annotated[str, typer.Option("--layer")],
+    top_k: Annotated[int, typer.Option(help="samples with the highest positive attribution per class")] = 2000,
+    grid: Annotated[list[int] | None, typer.Option("--grid", help="grid size(s)")] = None,
+    quality: Annotated[str, typer.Option(help="draft, standard or paper")] = "draft",
+    seed: int = 0,
+) -> None:
+    """A class-difference atlas: x = attribution to SECOND minus FIRST, y = 1-D t-SNE."""
+    from atlas.classes import compare_atlas
+
+    name = compare_atlas(run_dir, layer, first, second, top_k=top_k, sizes=tuple(grid or [8]), quality=quality, seed=seed)
+    typer.echo(f"atlas {name} of {layer} -> {run_dir}/tiles (atlas serve {run_dir})")
