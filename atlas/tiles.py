@@ -1,0 +1,563 @@
+"""Deep-zoom tiles of an atlas: a standard DZI pyramid, per-cell metadata and the viewer's manifest.
+
+``make_tiles(run_dir, layer, atlas)`` reads ``grids/{layer}/{atlas}/{size}/*`` and
+``icons/{layer}/{atlas}/{size}/*`` and writes, under ``RUN/tiles/``::
+
+    atlases.json                               every tiled atlas of the run (the viewer's menu)
+    index.html viewer.js viewer.css            the viewer (atlas.viewer), plus openseadragon/
+    {layer}/{atlas}/atlas.dzi                  Deep Zoom descriptor
+    {layer}/{atlas}/atlas_files/{level}/{col}_{row}.{fmt}
+    {layer}/{atlas}/meta/{size}/{bx}_{by}.json cells of one BLOCK x BLOCK block of one grid
+    {layer}/{atlas}/icons/{size}/{bx}_{by}.jpg the icons of one block at full size (a sprite)
+    {layer}/{atlas}/examples/{size}/{gy}/{gx}.jpg  the cell's dataset-example patches side by side
+    {layer}/{atlas}/highlight/{size}.png       with ``highlight``: an S x S RGBA veil per grid
+
+Semantic zoom: every grid owns the pyramid level whose size matches its canvas
+(``size * icon`` pixels) and that level is drawn from its own icons; the levels between two
+owned levels are box-downsampled from the finer one, and the levels below the coarsest grid
+from that grid. The pyramid is written strip by strip (a band of cells at a time), so memory
+holds a few tile rows per level, never a whole canvas.
+
+The highlight veil darkens each cell by how little it attributes to the class (the cells that
+support the class stay bright); the viewer stretches the grid's PNG over the image with
+nearest-neighbour scaling, and each cell's value is also in its metadata as ``hl``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from atlas.errors import AtlasError
+from atlas.store import FULL_ATLAS, attrs, log, open_store
+
+FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
+BACKGROUND = (17, 19, 24)  # the viewer's page colour, so empty cells blend into it
+BLOCK = 16  # cells per side of one metadata file
+MANIFEST = "atlases.json"
+
+
+# --------------------------------------------------------------------------------------
+# Pyramid geometry
+# --------------------------------------------------------------------------------------
+def dzi_levels(width: int, height: int) -> list[tuple[int, int]]:
+    """(width, height) of every Deep Zoom level, level 0 (1x1) first, the full image last."""
+    top = max(1, math.ceil(math.log2(max(width, height)))) if max(width, height) > 1 else 0
+    return [(math.ceil(width / 2 ** (top - lvl)), math.ceil(height / 2 ** (top - lvl))) for lvl in range(top + 1)]
+
+
+def tile_spans(length: int, tile_size: int, overlap: int) -> list[tuple[int, int]]:
+    """Pixel span [start, end) of each tile along one axis, overlap included (as DZI readers expect)."""
+    n = max(1, math.ceil(length / tile_size))
+    return [(max(0, i * tile_size - overlap), min(length, (i + 1) * tile_size + overlap)) for i in range(n)]
+
+
+@dataclass
+class GridPlan:
+    """One grid of the atlas and the pyramid level it is drawn at."""
+
+    size: int
+    icon: int  # native icon size in the store
+    canvas: int  # size * drawn icon size
+    level: int = -1
+    dim: int = 0  # the owned level's width (== canvas when the sizes line up)
+
+
+def plan_levels(grids: list[GridPlan]) -> tuple[int, list[tuple[int, int]], list[GridPlan]]:
+    """The full image size, its levels and the grids that own a level (finest first).
+
+    Each grid claims the level nearest (in scale) to its canvas; when two grids claim the
+    same level the finer grid keeps it, because it holds more specific icons.
+    """
+    full = max(g.canvas for g in grids)
+    levels = dzi_levels(full, full)
+    owned: dict[int, GridPlan] = {}
+    for g in sorted(grids, key=lambda g: -g.size):
+        lvl = min(range(len(levels)), key=lambda i: (abs(math.log2(levels[i][0] / g.canvas)), -i))
+        if lvl not in owned:
+            g.level, g.dim = lvl, levels[lvl][0]
+            owned[lvl] = g
+    return full, levels, [owned[k] for k in sorted(owned, reverse=True)]
+
+
+# --------------------------------------------------------------------------------------
+# Streaming pyramid writer
+# --------------------------------------------------------------------------------------
+class _TileSaver:
+    """Encodes and writes tiles on a small thread pool, with a bound on tiles in flight."""
+
+    def __init__(self, fmt: str, quality: int, threads: int):
+        self.fmt, self.quality = FORMATS[fmt], quality
+        self.pool = ThreadPoolExecutor(max_workers=threads)
+        self.slots = threading.Semaphore(threads * 8)
+        self.futures: list[Future] = []
+        self.count = 0
+
+    def _write(self, tile: np.ndarray, path: Path) -> None:
+        try:
+            options = {"quality": self.quality} if self.fmt in ("JPEG", "WEBP") else {"compress_level": 3}
+            Image.fromarray(tile).save(path, self.fmt, **options)
+        finally:
+            self.slots.release()
+
+    def submit(self, tile: np.ndarray, path: Path) -> None:
+        self.slots.acquire()
+        self.futures.append(self.pool.submit(self._write, tile, path))
+        self.count += 1
+        if len(self.futures) > 4096:
+            self._reap()
+
+    def _reap(self) -> None:
+        pending = []
+        for f in self.futures:
+            if f.done():
+                f.result()  # re-raise write errors
+            else:
+                pending.append(f)
+        self.futures = pending
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        for f in self.futures:
+            f.result()
+        self.futures = []
+
+
+class _Level:
+    """One pyramid level fed with horizontal bands top to bottom: cuts and saves tile rows as
+    soon as their rows (overlap included) have arrived, and feeds the next coarser level."""
+
+    def __init__(self, level: int, width: int, height: int, out_dir: Path, saver: _TileSaver, tile_size: int, overlap: int,
+                 ext: str, below: _Level | None):
+        self.level, self.width, self.height = level, width, height
+        self.saver, self.tile_size, self.overlap, self.ext, self.below = saver, tile_size, overlap, ext, below
+        self.dir = out_dir / str(level)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.rows = tile_spans(height, tile_size, overlap)
+        self.cols = tile_spans(width, tile_size, overlap)
+        self.buf = np.empty((tile_size + 2 * overlap + tile_size, width, 3), np.uint8)
+        self.buf_start = 0  # image row of buf[0]
+        self.buf_len = 0
+        self.received = 0
+        self.next_row = 0  # next tile row to emit
+        self.carry: np.ndarray | None = None  # an odd row waiting for its pair (for the level below)
+
+    def push(self, band: np.ndarray) -> None:
+        for start in range(0, band.shape[0], self.tile_size):  # pieces no taller than a tile fit the buffer
+            self._push_piece(band[start : start + self.tile_size])
+        if self.below is not None:
+            self._downsample(band, final=False)
+
+    def _push_piece(self, piece: np.ndarray) -> None:
+        h = piece.shape[0]
+        if self.buf_len + h > self.buf.shape[0]:  # drop rows no tile still needs
+            keep_from = self.rows[self.next_row][0] if self.next_row < len(self.rows) else self.received
+            drop = keep_from - self.buf_start
+            self.buf[: self.buf_len - drop] = self.buf[drop : self.buf_len]
+            self.buf_start, self.buf_len = keep_from, self.buf_len - drop
+        self.buf[self.buf_len : self.buf_len + h] = piece
+        self.buf_len += h
+        self.received += h
+        while self.next_row < len(self.rows) and self.rows[self.next_row][1] <= self.received:
+            self._emit(self.next_row)
+            self.next_row += 1
+
+    def _emit(self, r: int) -> None:
+        y0, y1 = self.rows[r]
+        strip = self.buf[y0 - self.buf_start : y1 - self.buf_start]
+        for c, (x0, x1) in enumerate(self.cols):
+            self.saver.submit(np.ascontiguousarray(strip[:, x0:x1]), self.dir / f"{c}_{r}.{self.ext}")
+
+    def _downsample(self, band: np.ndarray, final: bool) -> None:
+        """2x2 box mean into the level below; an odd trailing row waits for the next band."""
+        if self.carry is not None:
+            band = np.concatenate([self.carry, band]) if band.size else self.carry
+            self.carry = None
+        if not final and band.shape[0] % 2:
+            self.carry, band = band[-1:].copy(), band[:-1]
+        if band.shape[0]:
+            self.below.push(np.asarray(Image.fromarray(band).reduce(2)))
+
+    def finish(self) -> None:
+        if self.received != self.height:
+            raise RuntimeError(f"level {self.level}: got {self.received} rows, expected {self.height}")
+        if self.below is not None:
+            self._downsample(np.empty((0, self.width, 3), np.uint8), final=True)
+            self.below.finish()
+
+
+def _chain(top: int, stop: int, levels: list[tuple[int, int]], out_dir: Path, saver: _TileSaver, tile_size: int, overlap: int,
+           ext: str) -> _Level:
+    """Levels ``top`` down to ``stop`` (inclusive), each feeding the next."""
+    below = None
+    for lvl in range(stop, top + 1):
+        w, h = levels[lvl]
+        below = _Level(lvl, w, h, out_dir, saver, tile_size, overlap, ext, below)
+    return below
+
+
+# --------------------------------------------------------------------------------------
+# Drawing a grid's icons
+# --------------------------------------------------------------------------------------
+def density_scales(count: np.ndarray, render: np.ndarray) -> np.ndarray:
+    """The paper's icon scale min(1, sqrt(n / mean n)) over the drawn cells (1 elsewhere)."""
+    scale = np.ones(count.shape, np.float32)
+    if render.any():
+        mean = float(count[render].mean())
+        if mean > 0:
+            scale[render] = np.minimum(1.0, np.sqrt(count[render] / mean))
+    return scale
+
+
+def grid_bands(icons, draw: np.ndarray, dim: int, scale: np.ndarray | None = None,
+               background: tuple[int, int, int] = BACKGROUND) -> Iterator[np.ndarray]:
+    """Bands of ``dim``-wide rows, one grid row at a time, drawing the grid's icons to fill ``dim`` pixels.
+
+    ``icons`` is the (S, S, P, P, 3) zarr array, read one grid row at a time. When
+    ``dim == S * P`` and icons keep their size, a row is a plain reshape (the fast path).
+    """
+    s, p = icons.shape[0], icons.shape[2]
+    bounds = np.round(np.arange(s + 1) * dim / s).astype(int)
+    bg = np.array(background, np.uint8)
+    exact = dim == s * p and scale is None
+    for gy in range(s):
+        h = int(bounds[gy + 1] - bounds[gy])
+        if not draw[gy].any():
+            yield np.broadcast_to(bg, (h, dim, 3)).copy()
+            continue
+        row = icons[gy]  # (S, P, P, 3)
+        if exact:
+            band = np.ascontiguousarray(row.transpose(1, 0, 2, 3)).reshape(p, dim, 3)
+            band.reshape(p, s, p, 3)[:, ~draw[gy]] = bg
+            yield band
+            continue
+        band = np.empty((h, dim, 3), np.uint8)
+        band[:] = bg
+        for gx in np.flatnonzero(draw[gy]):
+            x0, x1 = int(bounds[gx]), int(bounds[gx + 1])
+            cw = x1 - x0
+            k = 1.0 if scale is None else float(scale[gy, gx])
+            iw, ih = max(1, round(cw * k)), max(1, round(h * k))
+            icon = Image.fromarray(row[gx])
+            if (iw, ih) != (p, p):
+                icon = icon.resize((iw, ih), Image.Resampling.LANCZOS)
+            ox, oy = x0 + (cw - iw) // 2, (h - ih) // 2
+            band[oy : oy + ih, ox : ox + iw] = np.asarray(icon)
+        yield band
+
+
+def write_pyramid(sources: list[tuple[GridPlan, object, np.ndarray, np.ndarray | None]], out_dir: Path, fmt: str = "jpg",
+                  tile_size: int = 254, overlap: int = 1, quality: int = 75, threads: int | None = None,
+                  background: tuple[int, int, int] = BACKGROUND) -> dict:
+    """Write ``out_dir/atlas.dzi`` and ``out_dir/atlas_files`` from grids that own levels.
+
+    ``sources`` holds (plan, icons array, draw mask, density scale or None) with plans from
+    :func:`plan_levels`. Returns the full size, level count and number of tiles written.
+    """
+    if fmt not in FORMATS:
+        raise AtlasError(f"unknown tile format '{fmt}'; use one of {', '.join(FORMATS)}")
+    if tile_size < 1 or overlap < 0:
+        raise AtlasError(f"tile size must be >= 1 and overlap >= 0 (got {tile_size}, {overlap})")
+    full = max(plan.dim for plan, *_ in sources)
+    levels = dzi_levels(full, full)
+    files = out_dir / "atlas_files"
+    files.mkdir(parents=True, exist_ok=True)
+    saver = _TileSaver(fmt, quality, threads or min(4, os.cpu_count() or 1))
+    try:
+        owned = sorted(plan.level for plan, *_ in sources)
+        for plan, icons, draw, scale in sources:
+            coarser = [lvl for lvl in owned if lvl < plan.level]
+            stop = coarser[-1] + 1 if coarser else 0
+            top = _chain(plan.level, stop, levels, files, saver, tile_size, overlap, fmt)
+            for band in grid_bands(icons, draw, plan.dim, scale, background):
+                top.push(band)
+            top.finish()
+    finally:
+        saver.close()
+    (out_dir / "atlas.dzi").write_text(
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        f'<Image xmlns="http://schemas.microsoft.com/deepzoom/2008" Format="{fmt}" Overlap="{overlap}" TileSize="{tile_size}">\n'
+        f'  <Size Width="{full}" Height="{full}"/>\n</Image>\n'
+    )
+    return {"width": full, "height": full, "levels": len(levels), "tiles": saver.count}
+
+
+# --------------------------------------------------------------------------------------
+# Per-cell metadata, cell images and the highlight veil
+# --------------------------------------------------------------------------------------
+def class_names(root, n_classes: int) -> list[str]:
+    """Class names from the root attrs ``classes``, else the ImageNet list for that many logits."""
+    names = root.attrs.get("classes")
+    if isinstance(names, list | tuple) and len(names) >= n_classes:
+        return [str(n) for n in names]
+    from atlas.models import imagenet_classes
+
+    return imagenet_classes(n_classes)
+
+
+def resolve_class(spec: str | int, names: list[str]) -> int:
+    """A class index from an index or a (case-insensitive) name."""
+    text = str(spec).strip()
+    if text.lstrip("-").isdigit():
+        k = int(text)
+        if 0 <= k < len(names):
+            return k
+        raise AtlasError(f"class index {k} out of range (the model has {len(names)} classes)")
+    lowered = [n.lower() for n in names]
+    for candidate in (text.lower(), text.lower().replace("_", " ")):
+        if candidate in lowered:
+            return lowered.index(candidate)
+    close = [n for n in names if text.lower() in n.lower()][:5]
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise AtlasError(f"unknown class '{text}'{hint}")
+
+
+def highlight_veil(values: np.ndarray, draw: np.ndarray) -> np.ndarray:
+    """An (S, S, 4) RGBA veil: transparent over cells that attribute strongly to the class,
+    up to ~80% dark over cells that do not (scaled by the 99th percentile of positive values)."""
+    pos = values[draw & (values > 0)]
+    top = float(np.percentile(pos, 99)) if pos.size else 1.0
+    strength = np.clip(values / max(top, 1e-12), 0.0, 1.0)
+    veil = np.zeros((*values.shape, 4), np.uint8)
+    veil[..., :3] = BACKGROUND
+    veil[..., 3] = np.where(draw, np.round(205 * (1.0 - strength) ** 1.5), 0).astype(np.uint8)
+    return veil
+
+
+def _sample_patches():
+    """The example-patch function of the render stage, or None while it does not exist."""
+    try:
+        from atlas.render.examples import sample_patches
+    except ImportError:
+        return None
+    return sample_patches
+
+
+def write_cells(run_dir: Path, layer: str, grid, icons, draw: np.ndarray, names: list[str], out_dir: Path,
+                examples: bool, highlight: int | None, threads: int | None = None) -> dict:
+    """Metadata blocks, icon sprites per block and example strips per cell for one grid.
+
+    Blocks hold only cells with samples. Icons at full size go in one sprite per block (a
+    click fetches its block once; a file per cell would mean tens of thousands of files per
+    grid). Example patches, when available, go in one strip per drawn cell.
+    """
+    s, p = icons.shape[0], icons.shape[2]
+    count, top_c, top_a = grid["count"][:], grid["top_classes"][:], grid["top_attribution"][:]
+    nearest = grid["nearest"][:] if "nearest" in grid else np.full((s, s, 0), -1, np.int64)
+    hl = grid["mean_attribution"][:, :, highlight] if highlight is not None else None
+    sample = _sample_patches() if examples else None
+    if examples and sample is None:
+        raise AtlasError("example patches need atlas.render.examples.sample_patches (not installed yet); run with --no-examples")
+    meta_dir, sprite_dir, ex_dir = out_dir / "meta" / str(s), out_dir / "icons" / str(s), out_dir / "examples" / str(s)
+    meta_dir.mkdir(parents=True, exist_ok=True)
+    sprite_dir.mkdir(parents=True, exist_ok=True)
+    bg = np.array(BACKGROUND, np.uint8)
+    n_strips = 0
+    saver = _TileSaver("jpg", 90, threads or min(4, os.cpu_count() or 1))
+    try:
+        for by in range(0, s, BLOCK):
+            rows = icons[by : by + BLOCK]  # (b, S, P, P, 3): one band of blocks
+            shown = draw[by : by + BLOCK]
+            patches: dict[int, np.ndarray] = {}
+            if sample is not None:
+                wanted = nearest[by : by + BLOCK][shown]
+                uniq = np.unique(wanted[wanted >= 0])
+                if uniq.size:
+                    got = np.asarray(sample(run_dir, layer, uniq, size=p))
+                    patches = dict(zip(uniq.tolist(), got, strict=True))
+            for bx in range(0, s, BLOCK):
+                block_draw = shown[:, bx : bx + BLOCK]
+                if not block_draw.any():
+                    continue
+                sprite = rows[:, bx : bx + BLOCK].copy()
+                sprite[~block_draw] = bg
+                h, w = block_draw.shape
+                saver.submit(np.ascontiguousarray(sprite.transpose(0, 2, 1, 3, 4)).reshape(h * p, w * p, 3),
+                             sprite_dir / f"{bx // BLOCK}_{by // BLOCK}.jpg")
+            blocks: dict[int, list] = {}
+            for gy in range(by, min(by + BLOCK, s)):
+                for gx in np.flatnonzero(count[gy] > 0):
+                    ex = [r for r in nearest[gy, gx].tolist() if r in patches] if draw[gy, gx] else []
+                    cell = {
+                        "x": int(gx), "y": int(gy), "n": int(count[gy, gx]), "drawn": bool(draw[gy, gx]),
+                        "top": [[names[c], round(float(a), 4)] for c, a in zip(top_c[gy, gx], top_a[gy, gx], strict=True) if c >= 0],
+                        "ex": len(ex),
+                    }
+                    if hl is not None:
+                        cell["hl"] = round(float(hl[gy, gx]), 4)
+                    blocks.setdefault(int(gx) // BLOCK, []).append(cell)
+                    if ex:
+                        path = ex_dir / str(gy) / f"{gx}.jpg"
+                        if not path.parent.is_dir():
+                            path.parent.mkdir(parents=True, exist_ok=True)
+                        saver.submit(np.concatenate([patches[r] for r in ex], axis=1), path)
+                        n_strips += 1
+            for bx, cells in blocks.items():
+                (meta_dir / f"{bx}_{by // BLOCK}.json").write_text(json.dumps({"size": s, "block": BLOCK, "cells": cells},
+                                                                              separators=(",", ":")))
+    finally:
+        saver.close()
+    info = {"strips": n_strips, "examples": sample is not None}
+    if hl is not None:
+        hl_dir = out_dir / "highlight"
+        hl_dir.mkdir(exist_ok=True)
+        Image.fromarray(highlight_veil(hl, draw), "RGBA").save(hl_dir / f"{s}.png")
+    return info
+
+
+# --------------------------------------------------------------------------------------
+# Manifest
+# --------------------------------------------------------------------------------------
+def update_manifest(tiles_dir: Path, entry: dict) -> list[dict]:
+    """Insert or replace one atlas in ``atlases.json`` (written atomically), sorted by layer then name."""
+    path = tiles_dir / MANIFEST
+    atlases = []
+    if path.is_file():
+        try:
+            atlases = json.loads(path.read_text()).get("atlases", [])
+        except (json.JSONDecodeError, AttributeError):
+            atlases = []
+    atlases = [a for a in atlases if a.get("id") != entry["id"] and (tiles_dir / a.get("dzi", "-")).is_file()]
+    atlases.append(entry)
+    atlases.sort(key=lambda a: (a["layer"], a["atlas"] != FULL_ATLAS, a["atlas"]))
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"version": 1, "atlases": atlases}, indent=1))
+    os.replace(tmp, path)
+    return atlases
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
+
+
+# --------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------
+def make_tiles(run_dir: str | Path, layer: str, atlas: str = FULL_ATLAS, sizes: list[int] | None = None, icon_size: int | None = None,
+               fmt: str = "jpg", tile_size: int = 254, overlap: int = 1, density_scale: bool = False, highlight: str | int | None = None,
+               examples: bool = True, viewer: bool = True, quality: int = 75, threads: int | None = None) -> dict:
+    """Write the deep-zoom pyramid, cell metadata and cell strips of one atlas and list it in atlases.json.
+
+    ``sizes`` defaults to every grid that has icons; ``icon_size`` redraws all icons at that
+    size (default: their stored size). ``viewer`` also installs the browser viewer beside the
+    tiles (it needs OpenSeadragon from npm; checked first so a missing install fails fast).
+    Returns the manifest entry of the atlas.
+    """
+    run_dir = Path(run_dir)
+    if fmt not in FORMATS:
+        raise AtlasError(f"unknown tile format '{fmt}'; use one of {', '.join(FORMATS)}")
+    if viewer:
+        from atlas.viewer import find_openseadragon
+
+        find_openseadragon()
+    root = open_store(run_dir)
+    grids_root, icons_root = root.get(f"grids/{layer}"), root.get(f"icons/{layer}")
+    if grids_root is None or icons_root is None:
+        raise AtlasError(f"no rendered icons for layer '{layer}'; run `atlas grid` and `atlas render` first")
+    if atlas not in grids_root or atlas not in icons_root:
+        have = sorted(set(grids_root.group_keys()) & set(icons_root.group_keys()))
+        raise AtlasError(f"atlas '{atlas}' of layer '{layer}' has no rendered icons; atlases with icons: {', '.join(have) or 'none'}")
+    grid_group, icon_group = grids_root[atlas], icons_root[atlas]
+    available = sorted(int(k) for k in set(grid_group.group_keys()) & set(icon_group.group_keys()) if k.isdigit())
+    if sizes is None:
+        sizes = available
+    missing = [s for s in sizes if s not in available]
+    if missing or not sizes:
+        raise AtlasError(f"grid sizes {missing or sizes} have no rendered icons in {layer}/{atlas}; available: "
+                         f"{', '.join(map(str, available)) or 'none'}")
+    if icon_size is not None and icon_size < 1:
+        raise AtlasError(f"icon size must be positive (got {icon_size})")
+
+    plans, inputs = [], {}
+    for s in sorted(set(sizes)):
+        g, ic = grid_group[str(s)], icon_group[str(s)]
+        images = ic["images"]
+        if images.shape[:2] != (s, s) or images.ndim != 5:
+            raise AtlasError(f"icons/{layer}/{atlas}/{s}/images has shape {images.shape}, expected ({s}, {s}, P, P, 3)")
+        draw = g["render"][:] & ic["done"][:]
+        plans.append(GridPlan(size=s, icon=images.shape[2], canvas=s * (icon_size or images.shape[2])))
+        inputs[s] = (g, images, draw)
+    full, levels, owners = plan_levels(plans)
+    skipped = [p.size for p in plans if p.level < 0]
+
+    first = next(iter(inputs.values()))[0]
+    n_classes = first["mean_attribution"].shape[-1]
+    names = class_names(root, n_classes)
+    hl_index = resolve_class(highlight, names) if highlight is not None else None
+
+    tiles_dir = run_dir / "tiles"
+    final = tiles_dir / layer / atlas
+    work = final.with_name(final.name + ".partial")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    grids_info, sources, any_examples = [], [], False
+    for plan in owners:
+        g, images, draw = inputs[plan.size]
+        scale = density_scales(g["count"][:], draw) if density_scale else None
+        sources.append((plan, images, draw, scale))
+        info = write_cells(run_dir, layer, g, images, draw, names, work, examples, hl_index, threads)
+        any_examples |= info["examples"]
+        n_drawn = int(draw.sum())
+        not_done = int((g["render"][:] & ~draw).sum())
+        if not_done:
+            log(run_dir, f"tiles {layer}/{atlas}: grid {plan.size} has {not_done} cells without icons yet (drawn empty)")
+        grids_info.append({"size": plan.size, "icon": plan.icon, "canvas": plan.dim, "level": plan.level, "cells": n_drawn,
+                           "not_done": not_done})
+    pyramid = write_pyramid(sources, work, fmt, tile_size, overlap, quality, threads)
+
+    layout = root.get(f"layouts/{layer}/{atlas}")
+    layout_attrs = attrs(layout) if layout is not None else {}
+    entry = {
+        "id": f"{layer}/{atlas}",
+        "layer": layer,
+        "atlas": atlas,
+        "model": str(root.attrs.get("model", "unknown")),
+        "kind": layout_attrs.get("kind", "full" if atlas == FULL_ATLAS else "custom"),
+        "classes": layout_attrs.get("classes"),
+        "axis_labels": layout_attrs.get("axis_labels"),
+        "method": layout_attrs.get("method"),
+        "dzi": f"{layer}/{atlas}/atlas.dzi",
+        "base": f"{layer}/{atlas}/",
+        "width": pyramid["width"],
+        "height": pyramid["height"],
+        "levels": pyramid["levels"],
+        "tile_size": tile_size,
+        "overlap": overlap,
+        "format": fmt,
+        "grids": sorted(grids_info, key=lambda g: g["size"]),
+        "block": BLOCK,
+        "density_scale": density_scale,
+        "examples": any_examples,
+        "background": "#{:02x}{:02x}{:02x}".format(*BACKGROUND),
+        "highlight": None if hl_index is None else {"class": names[hl_index], "index": hl_index, "dir": "highlight"},
+    }
+    (work / "atlas.json").write_text(json.dumps(entry, indent=1))
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(work, final)
+    shutil.rmtree(old, ignore_errors=True)
+    update_manifest(tiles_dir, entry)
+    if viewer:
+        from atlas.viewer import install_viewer
+
+        install_viewer(tiles_dir)
+    msg = (f"tiles {layer}/{atlas}: {full}x{full} px, {pyramid['levels']} levels, {pyramid['tiles']} tiles; grids "
+           + ", ".join(f"{g['size']}@level{g['level']}" for g in entry["grids"]))
+    if skipped:
+        msg += f"; grids {skipped} share a level with a finer grid and were not drawn"
+    log(run_dir, msg)
+    entry["skipped"] = skipped
+    return entry
