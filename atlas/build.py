@@ -190,7 +190,7 @@ def build(config: dict, dry_run: bool = False, echo=print) -> BuildResult:
             elif stage == "render":
                 render.render(out, layer, list(config["grid"]["sizes"]), quality=s["quality"], steps=s["steps"], size=s["size"],
                               attempts=s["attempts"], batch=s["batch"], p=s["p"], device=s["device"], icons=s["icons"], seed=s["seed"],
-                              net=net)
+                              network=net)
             elif stage == "tiles":
                 tiles_stage.make_tiles(out, layer, sizes=list(config["grid"]["sizes"]), fmt=s["format"],
                                        density_scale=s["density_scale"], examples=s["examples"])

@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from atlas.classes import resolve_class
 from atlas.errors import AtlasError
 from atlas.store import FULL_ATLAS, attrs, log, open_store
 
@@ -306,23 +307,6 @@ def class_names(root, n_classes: int) -> list[str]:
     return imagenet_classes(n_classes)
 
 
-def resolve_class(spec: str | int, names: list[str]) -> int:
-    """A class index from an index or a (case-insensitive) name."""
-    text = str(spec).strip()
-    if text.lstrip("-").isdigit():
-        k = int(text)
-        if 0 <= k < len(names):
-            return k
-        raise AtlasError(f"class index {k} out of range (the model has {len(names)} classes)")
-    lowered = [n.lower() for n in names]
-    for candidate in (text.lower(), text.lower().replace("_", " ")):
-        if candidate in lowered:
-            return lowered.index(candidate)
-    close = [n for n in names if text.lower() in n.lower()][:5]
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
-    raise AtlasError(f"unknown class '{text}'{hint}")
-
-
 def highlight_veil(values: np.ndarray, draw: np.ndarray) -> np.ndarray:
     """An (S, S, 4) RGBA veil: transparent over cells that attribute strongly to the class,
     up to ~80% dark over cells that do not (scaled by the 99th percentile of positive values)."""
@@ -494,7 +478,7 @@ def make_tiles(run_dir: str | Path, layer: str, atlas: str = FULL_ATLAS, sizes: 
     first = next(iter(inputs.values()))[0]
     n_classes = first["mean_attribution"].shape[-1]
     names = class_names(root, n_classes)
-    hl_index = resolve_class(highlight, names) if highlight is not None else None
+    hl_index = resolve_class(highlight, names, root.attrs.get("weights")).index if highlight is not None else None
 
     tiles_dir = run_dir / "tiles"
     final = tiles_dir / layer / atlas

@@ -43,7 +43,7 @@ def test_selection_holds_the_snorkel_photos_own_samples(marine_run):
     rows = select_class(marine_run, "mixed5b", resolve_class("snorkel", classes), top_k=40)
     root = zarr.open_group(marine_run / "store.zarr", mode="r")
     paths = root["images/path"][:]
-    snorkel_image = int(np.flatnonzero(np.char.find(paths.astype(str), "snorkel") >= 0)[0])
+    snorkel_image = next(i for i, p in enumerate(paths.tolist()) if "snorkel" in p)
     image_of_row = root["samples/mixed5b/image_index"][:][rows]
     assert (image_of_row == snorkel_image).sum() >= 4
     assert np.unique(rows).size == rows.size
@@ -80,3 +80,21 @@ def test_snorkel_vs_scuba_diver_end_to_end(marine_run):
 def test_unknown_class_in_compare_fails_clearly(marine_run):
     with pytest.raises(AtlasError, match="unknown class 'scuba dievr'.*scuba diver"):
         compare_atlas(marine_run, "mixed5b", "snorkel", "scuba dievr")
+
+
+def test_class_filtered_atlas_from_the_command_line(marine_run):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", "from atlas.cli import main; main()", "class", str(marine_run), "--layer", "mixed5b",
+                             "--class", "n04251144", "--top-k", "30", "--grid", "3", "--steps", "8", "--size", "32"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    root = zarr.open_group(marine_run / "store.zarr", mode="r")
+    layout = root["layouts/mixed5b/class-snorkel"]
+    assert layout.attrs["kind"] == "class" and layout.attrs["class_names"] == ["snorkel"]
+    assert root["grids/mixed5b/class-snorkel/3/count"][:].sum() == layout["rows"].shape[0]
+    assert "class-snorkel" in (marine_run / "tiles" / "atlases.json").read_text()
+    bad = subprocess.run([sys.executable, "-c", "from atlas.cli import main; main()", "class", str(marine_run), "--layer", "mixed5b",
+                          "--class", "snorkle"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown class 'snorkle'" in bad.stderr and bad.stderr.strip().count("\n") == 0

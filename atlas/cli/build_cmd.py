@@ -65,12 +65,15 @@ def class_command(
     method: Annotated[str, typer.Option(help="tsne, umap or pca")] = "tsne",
     grid: Annotated[list[int] | None, typer.Option("--grid", help="grid size(s)")] = None,
     quality: Annotated[str, typer.Option(help="draft, standard or paper")] = "draft",
+    steps: Annotated[int | None, typer.Option(help="optimisation steps per icon (overrides the preset)")] = None,
+    size: Annotated[int | None, typer.Option(help="icon size in pixels (overrides the preset)")] = None,
     seed: int = 0,
 ) -> None:
     """A class-filtered atlas: the activations that matter for one class."""
     from atlas.classes import class_atlas
 
-    name = class_atlas(run_dir, layer, cls, top_k=top_k, method=method, sizes=tuple(grid or [8]), quality=quality, seed=seed)
+    name = class_atlas(run_dir, layer, cls, top_k=top_k, method=method, sizes=tuple(grid or [8]), quality=quality, seed=seed,
+                       render_kwargs={"steps": steps, "size": size})
     typer.echo(f"atlas {name} of {layer} -> {run_dir}/tiles (atlas serve {run_dir})")
 
 
@@ -83,10 +86,13 @@ def compare_command(
     top_k: Annotated[int, typer.Option(help="samples with the highest positive attribution per class")] = 2000,
     grid: Annotated[list[int] | None, typer.Option("--grid", help="grid size(s)")] = None,
     quality: Annotated[str, typer.Option(help="draft, standard or paper")] = "draft",
+    steps: Annotated[int | None, typer.Option(help="optimisation steps per icon (overrides the preset)")] = None,
+    size: Annotated[int | None, typer.Option(help="icon size in pixels (overrides the preset)")] = None,
     seed: int = 0,
 ) -> None:
     """A class-difference atlas: x = attribution to SECOND minus FIRST, y = 1-D t-SNE."""
     from atlas.classes import compare_atlas
 
-    name = compare_atlas(run_dir, layer, first, second, top_k=top_k, sizes=tuple(grid or [8]), quality=quality, seed=seed)
+    name = compare_atlas(run_dir, layer, first, second, top_k=top_k, sizes=tuple(grid or [8]), quality=quality, seed=seed,
+                         render_kwargs={"steps": steps, "size": size})
     typer.echo(f"atlas {name} of {layer} -> {run_dir}/tiles (atlas serve {run_dir})")
