@@ -56,17 +56,25 @@ def build_command(
     typer.echo(f"viewer: {result.run_dir / 'tiles' / 'index.html'}  (browse it with: atlas serve {result.run_dir})")
 
 
+RunDir = Annotated[Path, typer.Argument(help="run folder")]
+Layer = Annotated[str, typer.Option("--layer")]
+Grids = Annotated[list[int] | None, typer.Option("--grid", help="grid size(s), default 8")]
+Quality = Annotated[str, typer.Option(help="draft, standard or paper")]
+Steps = Annotated[int | None, typer.Option(help="optimisation steps per icon (overrides the preset)")]
+IconSize = Annotated[int | None, typer.Option(help="icon size in pixels (overrides the preset)")]
+
+
 @app.command("class")
 def class_command(
-    run_dir: Annotated[Path, typer.Argument(help="run folder")],
-    layer: Annotated[str, typer.Option("--layer")],
+    run_dir: RunDir,
+    layer: Layer,
     cls: Annotated[str, typer.Option("--class", help="class name, synset or index")],
     top_k: Annotated[int, typer.Option(help="samples with the highest positive attribution to add to the winners")] = 2000,
     method: Annotated[str, typer.Option(help="tsne, umap or pca")] = "tsne",
-    grid: Annotated[list[int] | None, typer.Option("--grid", help="grid size(s)")] = None,
-    quality: Annotated[str, typer.Option(help="draft, standard or paper")] = "draft",
-    steps: Annotated[int | None, typer.Option(help="optimisation steps per icon (overrides the preset)")] = None,
-    size: Annotated[int | None, typer.Option(help="icon size in pixels (overrides the preset)")] = None,
+    grid: Grids = None,
+    quality: Quality = "draft",
+    steps: Steps = None,
+    size: IconSize = None,
     seed: int = 0,
 ) -> None:
     """A class-filtered atlas: the activations that matter for one class."""
@@ -79,15 +87,15 @@ def class_command(
 
 @app.command("compare")
 def compare_command(
-    run_dir: Annotated[Path, typer.Argument(help="run folder")],
+    run_dir: RunDir,
     first: Annotated[str, typer.Argument(help="class on the left (x = -1)")],
     second: Annotated[str, typer.Argument(help="class on the right (x = +1)")],
-    layer: Annotated[str, typer.Option("--layer")],
+    layer: Layer,
     top_k: Annotated[int, typer.Option(help="samples with the highest positive attribution per class")] = 2000,
-    grid: Annotated[list[int] | None, typer.Option("--grid", help="grid size(s)")] = None,
-    quality: Annotated[str, typer.Option(help="draft, standard or paper")] = "draft",
-    steps: Annotated[int | None, typer.Option(help="optimisation steps per icon (overrides the preset)")] = None,
-    size: Annotated[int | None, typer.Option(help="icon size in pixels (overrides the preset)")] = None,
+    grid: Grids = None,
+    quality: Quality = "draft",
+    steps: Steps = None,
+    size: IconSize = None,
     seed: int = 0,
 ) -> None:
     """A class-difference atlas: x = attribution to SECOND minus FIRST, y = 1-D t-SNE."""
