@@ -1,6 +1,9 @@
 """Imports every command module so their commands register on the app."""
 
 from atlas.cli import (
+    build_cmd,  # noqa: F401
+    layout_cmd,  # noqa: F401
+    render_cmd,  # noqa: F401
     sample_cmd,  # noqa: F401
     tiles_cmd,  # noqa: F401
 )

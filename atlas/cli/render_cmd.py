@@ -1,0 +1,52 @@
+"""`atlas render` and `atlas export-icons`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from atlas.cli import app
+
+
+@app.command("render")
+def render_command(
+    run_dir: Annotated[Path, typer.Argument(help="run folder")],
+    layer: Annotated[str, typer.Option("--layer", help="layer whose grid to render")],
+    grid: Annotated[list[int], typer.Option("--grid", help="grid size; repeat for several")],
+    atlas: Annotated[str, typer.Option(help="atlas name (full, or a class/compare atlas)")] = "full",
+    quality: Annotated[str, typer.Option(help="draft, standard or paper (see docs/render.md)")] = "draft",
+    steps: Annotated[int | None, typer.Option(help="optimisation steps (overrides the preset)")] = None,
+    size: Annotated[int | None, typer.Option(help="icon size in pixels (overrides the preset)")] = None,
+    attempts: Annotated[int | None, typer.Option(help="seeds per icon, best kept (overrides the preset)")] = None,
+    batch: Annotated[int | None, typer.Option(help="icons optimised together (overrides the preset)")] = None,
+    p: Annotated[float, typer.Option("--p", help="cosine power of the objective dot * cos^p")] = 2.0,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")] = "cpu",
+    icons: Annotated[str, typer.Option(help="optimize (feature inversion) or examples (dataset patches)")] = "optimize",
+    seed: int = 0,
+) -> None:
+    """Render one icon per kept grid cell into RUN/store.zarr (resumable; finished icons are kept)."""
+    from atlas.render import render
+
+    summaries = render(run_dir, layer, grid, atlas=atlas, quality=quality, steps=steps, size=size, attempts=attempts,
+                       batch=batch, p=p, device=device, icons=icons, seed=seed)
+    for grid_size, s in summaries.items():
+        cos = f", mean cos(h, v) {s['mean_cosine']:.3f}" if s["mean_cosine"] is not None else ""
+        typer.echo(f"{layer} {grid_size}x{grid_size}: {s['n_done']}/{s['n_render']} icons ({s['rendered_now']} new, "
+                   f"{s['seconds']:.0f}s){cos}")
+
+
+@app.command("export-icons")
+def export_icons_command(
+    run_dir: Annotated[Path, typer.Argument(help="run folder")],
+    layer: Annotated[str, typer.Option("--layer", help="layer")],
+    grid: Annotated[int, typer.Option("--grid", help="grid size")],
+    out: Annotated[Path, typer.Option("--out", help="folder for the PNG files")],
+    atlas: Annotated[str, typer.Option(help="atlas name")] = "full",
+) -> None:
+    """Write every finished icon as PNG, plus sheet.png with the whole grid."""
+    from atlas.render.export import export_icons
+
+    files = export_icons(run_dir, layer, grid, out, atlas=atlas)
+    typer.echo(f"{len(files) - 1} icons and sheet.png -> {out}")

@@ -1,0 +1,242 @@
+"""The render stage: one icon per kept grid cell, written into the run's store.
+
+Icons are cached per cell: the group's ``key`` hashes the model, its weights, the layer,
+the mode and every setting that changes pixels, and the ``digest`` array holds a hash of
+each cell's direction. A cell is skipped when it is ``done`` under the same key and
+digest, so re-running renders nothing new, changing the grid re-renders only the cells
+that changed, and a killed run loses at most the batch in flight (results are written,
+then marked done, after every batch).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+from tqdm import tqdm
+
+from atlas.errors import AtlasError
+from atlas.models import Network, load_model
+from atlas.render.examples import compose, sample_patches
+from atlas.render.objectives import Direction
+from atlas.render.optimize import Settings, best_of, optimize, resolve_precision
+from atlas.render.transforms import Transforms
+from atlas.store import create_array, open_store, read_rows, require_layer
+
+# batch = icons optimised together (each with ``attempts`` images in the same forward pass)
+PRESETS: dict[str, dict[str, int]] = {
+    "draft": {"size": 80, "steps": 128, "attempts": 1, "batch": 32},
+    "standard": {"size": 80, "steps": 512, "attempts": 2, "batch": 50},
+    "paper": {"size": 80, "steps": 1024, "attempts": 4, "batch": 100},
+}
+DEFAULT_TRANSFORMS = Transforms()
+
+
+def _digest(data: bytes) -> int:
+    """A 63-bit content hash (fits int64, usable as a seed)."""
+    return int.from_bytes(hashlib.sha256(data).digest()[:8], "little") & 0x7FFFFFFFFFFFFFFF
+
+
+def _settings(quality: str, steps: int | None, size: int | None, attempts: int | None, batch: int | None,
+              p: float) -> tuple[Settings, int]:
+    if quality not in PRESETS:
+        raise AtlasError(f"unknown quality '{quality}'; choose {', '.join(PRESETS)}")
+    preset = PRESETS[quality]
+    values = {"steps": steps or preset["steps"], "size": size or preset["size"], "attempts": attempts or preset["attempts"]}
+    for name, value in values.items():
+        if value < 1:
+            raise AtlasError(f"--{name} must be at least 1 (got {value})")
+    return Settings(size=values["size"], steps=values["steps"], attempts=values["attempts"], p=p,
+                    transforms=DEFAULT_TRANSFORMS), max(1, batch or preset["batch"])
+
+
+def _open_icons(root: zarr.Group, path: str, shape: tuple[int, int], size: int, key: str, attrs: dict) -> zarr.Group:
+    """The icons group for ``path``, reset when it was made with another key or shape."""
+    group = root.get(path)
+    fresh = (group is None or group.attrs.get("key") != key or "images" not in group
+             or tuple(group["images"].shape) != (*shape, size, size, 3))
+    if fresh:
+        group = root.require_group(path)
+        s0, s1 = shape
+        create_array(group, "images", (s0, s1, size, size, 3), np.uint8, chunks=(1, s1, size, size, 3), overwrite=True)
+        create_array(group, "done", shape, bool, chunks=shape, fill_value=False, overwrite=True)
+        create_array(group, "cosine", shape, np.float32, chunks=shape, fill_value=np.nan, overwrite=True)
+        create_array(group, "objective", shape, np.float32, chunks=shape, fill_value=np.nan, overwrite=True)
+        create_array(group, "digest", shape, np.int64, chunks=shape, fill_value=-1, overwrite=True)
+        group.attrs.update(attrs | {"key": key})
+    return group
+
+
+def _write(group: zarr.Group, cells: np.ndarray, images: np.ndarray, cosine: np.ndarray, objective: np.ndarray,
+           digests: np.ndarray) -> None:
+    """Store one batch; ``done`` is set last, so an interrupted write leaves those cells to redo."""
+    for gy in np.unique(cells[:, 0]):
+        sel = cells[:, 0] == gy
+        row = group["images"][int(gy)]
+        row[cells[sel, 1]] = images[sel]
+        group["images"][int(gy)] = row
+    for name, values in (("cosine", cosine), ("objective", objective), ("digest", digests)):
+        arr = group[name][...]
+        arr[cells[:, 0], cells[:, 1]] = values
+        group[name][...] = arr
+    done = group["done"][...]
+    done[cells[:, 0], cells[:, 1]] = True
+    group["done"][...] = done
+
+
+def _load_network(root: zarr.Group, device: str) -> Network:
+    model = root.attrs.get("model")
+    if not model:
+        raise AtlasError("the run's store has no 'model' attribute; run `atlas sample` first")
+    weights = root.attrs.get("weights") or None
+    if weights and str(weights).startswith("torchvision:"):
+        weights = None
+    net = load_model(str(model), weights, device)
+    want = root.attrs.get("weights_sha256") or ""
+    if want and net.weights_sha256 and want != net.weights_sha256:
+        raise AtlasError(f"weights {net.weights} differ from the ones this run was sampled with (sha256 {want[:12]}...)")
+    return net
+
+
+def render(run_dir: str | Path, layer: str, sizes: Sequence[int] | int, atlas: str = "full", quality: str = "draft",
+           steps: int | None = None, size: int | None = None, attempts: int | None = None, batch: int | None = None,
+           p: float = 2.0, device: str = "cpu", icons: str = "optimize", seed: int = 0, progress: bool = True,
+           whiten: bool = True, network: Network | None = None) -> dict:
+    """Render the icons of the cells with ``render`` set in ``grids/{layer}/{atlas}/{size}``, for each grid size.
+
+    ``icons="optimize"`` runs the feature inversion (whitened by ``whitening/{layer}/matrix``
+    when the run has one and ``whiten``); ``icons="examples"`` composes the dataset patches
+    of each cell's nearest samples. Returns a summary per grid size, also stored as the
+    group's ``summary`` attribute. ``network`` skips loading the run's model (it must be
+    the same model; used by tests and notebooks that already hold it).
+    """
+    if icons not in ("optimize", "examples"):
+        raise AtlasError(f"unknown icon mode '{icons}'; choose optimize or examples")
+    sizes = [sizes] if isinstance(sizes, int) else list(sizes)
+    open_store(run_dir)  # clear error when there is no run
+    root = zarr.open_group(str(Path(run_dir) / "store.zarr"), mode="a")
+    settings, batch = _settings(quality, steps, size, attempts, batch, p)
+    summaries = {}
+    net = network
+    for grid_size in sizes:
+        gpath = f"grids/{layer}/{atlas}/{grid_size}"
+        if gpath not in root:
+            raise AtlasError(f"no grid {gpath} in this run; run `atlas grid {run_dir} --layer {layer} --grid {grid_size}` first")
+        grid = root[gpath]
+        if icons == "examples":
+            summaries[grid_size] = _render_examples(run_dir, root, grid, layer, atlas, grid_size, settings.size, progress)
+            continue
+        if net is None:
+            net = _load_network(root, device)
+        summaries[grid_size] = _render_optimize(root, grid, net, layer, atlas, grid_size, settings, batch, device, seed,
+                                                whiten, progress)
+    return summaries
+
+
+def _render_optimize(root: zarr.Group, grid: zarr.Group, net: Network, layer: str, atlas: str, grid_size: int,
+                     settings: Settings, batch: int, device: str, seed: int, whiten: bool, progress: bool) -> dict:
+    mask = grid["render"][...]
+    means = grid["mean_activation"]
+    wpath = f"whitening/{layer}/matrix"
+    whitening = root[wpath][...].astype(np.float32) if whiten and wpath in root else None
+    autocast = resolve_precision(settings.precision, torch.device(device))
+    settings_attrs = settings.key_dict() | {"seed": seed, "whitened": whitening is not None,
+                                            "precision": str(autocast).replace("torch.", "") if autocast else "float32"}
+    key_source = {"model": net.name, "weights_sha256": net.weights_sha256 or net.weights, "layer": layer,
+                  "mode": "optimize", "settings": settings_attrs,
+                  "whitening": _digest(whitening.tobytes()) if whitening is not None else None}
+    key = hashlib.sha256(json.dumps(key_source, sort_keys=True).encode()).hexdigest()
+    group = _open_icons(root, f"icons/{layer}/{atlas}/{grid_size}", mask.shape, settings.size, key,
+                        {"mode": "optimize", "settings": settings_attrs})
+    cells = np.argwhere(mask)
+    vectors = np.stack([np.asarray(means[int(gy), int(gx)], dtype=np.float32) for gy, gx in cells]) if len(cells) else \
+        np.zeros((0, 1), np.float32)
+    digests = np.array([_digest(v.tobytes()) for v in vectors], dtype=np.int64)
+    done, have = group["done"][...], group["digest"][...]
+    todo = [i for i, (gy, gx) in enumerate(cells) if not (done[gy, gx] and have[gy, gx] == digests[i])]
+    s = torch.as_tensor(whitening) if whitening is not None else None
+    bar = tqdm(total=len(todo), unit="icon", desc=f"render {layer} {grid_size}x{grid_size}", disable=not progress,
+               dynamic_ncols=True, smoothing=0.1, bar_format="{l_bar}{bar}| {n:.0f}/{total} [{elapsed}<{remaining}, {rate_fmt}]")
+    start, rendered = time.perf_counter(), 0
+    try:
+        for lo in range(0, len(todo), batch):
+            idx = np.asarray(todo[lo : lo + batch])
+            n, a = len(idx), settings.attempts
+            objective = Direction(torch.from_numpy(vectors[idx]).repeat_interleave(a, 0), s, settings.p)
+            seeds = [(seed, int(digests[i]), k) for i in idx for k in range(a)]
+            base = bar.n
+
+            def tick(step: int, _param, n=n, base=base) -> None:
+                if step % 8 == 7:
+                    bar.n = base + n * (step + 1) / settings.steps
+                    bar.refresh()
+
+            result = best_of(optimize(net, layer, objective, seeds, settings, device, tick), a)
+            pixels = np.clip(np.rint(result.images * 255.0), 0, 255).astype(np.uint8)
+            _write(group, cells[idx], pixels, result.cosine, result.objective, digests[idx])
+            rendered += n
+            bar.n = base + n
+            bar.refresh()
+    finally:
+        bar.close()
+    return _summarise(group, mask, rendered, time.perf_counter() - start, settings.steps * settings.attempts)
+
+
+def _render_examples(run_dir: str | Path, root: zarr.Group, grid: zarr.Group, layer: str, atlas: str, grid_size: int,
+                     size: int, progress: bool) -> dict:
+    mask, nearest, means = grid["render"][...], grid["nearest"][...], grid["mean_activation"]
+    samples = require_layer(root, layer)
+    settings_attrs = {"size": size, "per_icon": 4}
+    key_source = {"model": root.attrs.get("model"), "weights_sha256": root.attrs.get("weights_sha256"), "layer": layer,
+                  "mode": "examples", "settings": settings_attrs}
+    key = hashlib.sha256(json.dumps(key_source, sort_keys=True).encode()).hexdigest()
+    group = _open_icons(root, f"icons/{layer}/{atlas}/{grid_size}", mask.shape, size, key,
+                        {"mode": "examples", "settings": settings_attrs})
+    cells = np.argwhere(mask)
+    done, have = group["done"][...], group["digest"][...]
+    digests = np.array([_digest(nearest[gy, gx].tobytes()) for gy, gx in cells], dtype=np.int64)
+    todo = [i for i, (gy, gx) in enumerate(cells) if not (done[gy, gx] and have[gy, gx] == digests[i])]
+    start = time.perf_counter()
+    half = math.ceil(size / 2)
+    per_batch = 64
+    for lo in tqdm(range(0, len(todo), per_batch), desc=f"examples {layer} {grid_size}x{grid_size}", unit="batch",
+                   disable=not progress):
+        idx = np.asarray(todo[lo : lo + per_batch])
+        images, cosines = [], []
+        for i in idx:
+            gy, gx = cells[i]
+            rows = [int(r) for r in nearest[gy, gx] if r >= 0][:4]
+            patch_size = half if len(rows) >= 4 else size
+            images.append(compose(sample_patches(run_dir, layer, rows, patch_size), size))
+            v = np.asarray(means[int(gy), int(gx)], dtype=np.float32)
+            cosines.append(_mean_cosine(samples["activations"], rows, v))
+        _write(group, cells[idx], np.stack(images), np.asarray(cosines, np.float32), np.full(len(idx), np.nan, np.float32),
+               digests[idx])
+    return _summarise(group, mask, len(todo), time.perf_counter() - start, 0)
+
+
+def _mean_cosine(activations: zarr.Array, rows: list[int], v: np.ndarray) -> float:
+    """Mean cos(h, v) of the sample rows shown in an examples icon."""
+    if not rows:
+        return float("nan")
+    h = read_rows(activations, np.sort(np.asarray(rows)))
+    return float(np.mean(h @ v / np.maximum(np.linalg.norm(h, axis=1) * np.linalg.norm(v), 1e-12)))
+
+
+def _summarise(group: zarr.Group, mask: np.ndarray, rendered: int, seconds: float, steps: int) -> dict:
+    """Counts, speed and mean cosine of a grid's icons; ``steps`` is optimisation steps per icon (all attempts)."""
+    done = group["done"][...] & mask
+    cosine = group["cosine"][...][done]
+    summary = {"n_render": int(mask.sum()), "n_done": int(done.sum()), "rendered_now": rendered,
+               "seconds": round(seconds, 2), "icons_per_s": round(rendered / seconds, 3) if rendered and seconds else None,
+               "image_steps_per_s": round(rendered * steps / seconds, 1) if rendered and seconds and steps else None,
+               "mean_cosine": round(float(np.nanmean(cosine)), 4) if cosine.size and np.isfinite(cosine).any() else None}
+    group.attrs["summary"] = summary
+    return summary
