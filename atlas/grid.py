@@ -1,0 +1,218 @@
+"""Grid stage: overlay S x S grids on a layout and average each cell's samples.
+
+For every size, each kept layout point falls in exactly one cell: ``g = min(floor(v * S), S - 1)``
+per axis, so points at exactly 1.0 (the clip edge) belong to the last cell rather than a
+phantom cell S (Lucid's notebook bins them with ``np.digitize`` against an open last edge and
+can count boundary points twice across sizes). Means are accumulated in float64 while the
+activations stream from the store block by block, so memory stays at the grids' size.
+
+Also computes the layer's whitening matrix, ``(X^T X / N + eps I)^-1`` over all valid samples,
+once, for the renderer's objective.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from atlas.errors import AtlasError
+from atlas.layout import open_for_update
+from atlas.store import FULL_ATLAS, log, require_layer, valid_rows, write_array
+
+MIN_COUNT = 5  # Lucid's activation-atlas recipe discards cells with fewer samples (threshold=5)
+TOP = 5
+BLOCK = 65536
+WHITEN_EPS = 1e-3  # relative to the mean channel energy; keeps dead channels invertible
+
+
+def cell_index(xy: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(gy, gx)`` of points in [0, 1]^2 on a ``size`` grid; 1.0 goes to the last cell, never past it."""
+    xy = np.asarray(xy, dtype=np.float64)
+    g = np.clip(np.floor(xy * size), 0, size - 1).astype(np.int64)
+    return g[:, 1], g[:, 0]
+
+
+def _load_layout(root, layer: str, atlas: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    node = root.get(f"layouts/{layer}/{atlas}")
+    if node is None:
+        have = sorted(root["layouts"][layer].group_keys()) if f"layouts/{layer}" in root else []
+        hint = f" (layouts of this layer: {', '.join(have)})" if have else ""
+        raise AtlasError(f"no layout '{atlas}' for layer '{layer}'{hint}; run `atlas project RUN_DIR --layer {layer}` first")
+    rows, xy, inside = node["rows"][:], node["xy"][:], node["inside"][:]
+    if xy.ndim != 2 or xy.shape[1] != 2:
+        raise AtlasError(f"layout '{atlas}' of layer '{layer}' is not 2-D (shape {xy.shape}); grids need a 2-D layout")
+    return rows, xy, inside, dict(node.attrs)
+
+
+def whitening(run_dir: str | Path, layer: str, eps: float = WHITEN_EPS, force: bool = False) -> dict:
+    """Compute and store ``whitening/{layer}/matrix``: inverse uncentred correlation of all valid samples.
+
+    Accumulated in float64 over streamed blocks. ``eps`` is relative to the mean diagonal
+    (mean channel energy). Skipped when a matrix from the same number of samples and the same
+    ``eps`` is already stored, unless ``force``.
+    """
+    root = open_for_update(run_dir)
+    rows = valid_rows(root, layer)
+    node = root.get(f"whitening/{layer}")
+    if not force and node is not None and "matrix" in node:
+        a = dict(node.attrs)
+        if a.get("n_samples") == int(rows.size) and a.get("eps_relative") == eps:
+            return {**a, "skipped": True}
+    activations = require_layer(root, layer)["activations"]
+    c = activations.shape[1]
+    moment = np.zeros((c, c), dtype=np.float64)
+    for start in range(0, activations.shape[0], BLOCK):
+        block = activations[start : start + BLOCK]
+        keep = rows[(rows >= start) & (rows < start + block.shape[0])] - start
+        if keep.size:
+            b = block[keep].astype(np.float64)
+            moment += b.T @ b
+    moment /= rows.size
+    eps_abs = eps * float(np.trace(moment)) / c
+    if eps_abs <= 0:
+        eps_abs = eps
+    vals, vecs = np.linalg.eigh(moment + eps_abs * np.eye(c))
+    matrix = (vecs / vals) @ vecs.T  # symmetric inverse via eigendecomposition: stable for near-singular moments
+    group = root.require_group("whitening").require_group(layer)
+    write_array(group, "matrix", matrix.astype(np.float32))
+    info = {"n_samples": int(rows.size), "eps_relative": eps, "eps": eps_abs, "condition": float(vals.max() / vals.min())}
+    group.attrs.update({**info, "summary": {"n_samples": int(rows.size), "channels": c, "eps": eps_abs}})
+    return {**info, "skipped": False}
+
+
+def grid(run_dir: str | Path, layer: str, sizes, atlas: str = FULL_ATLAS, min_count: int = MIN_COUNT, n_nearest: int = 8,
+         top: int = TOP, whiten: bool = True) -> dict:
+    """Write ``grids/{layer}/{atlas}/{size}/*`` for every size (and the layer's whitening matrix).
+
+    Per non-empty cell: count, float64-accumulated mean activation and mean attribution, the
+    top classes by mean attribution, and the ``n_nearest`` samples of the cell closest in cosine
+    to its mean activation (ties by row). Cells with fewer than ``min_count`` samples are kept
+    but get ``render`` False. If the run has no attributions (``--no-attribution``) the
+    attribution arrays are simply not written. Returns ``{size: summary}``.
+    """
+    sizes = sorted({int(s) for s in sizes})
+    if not sizes:
+        raise AtlasError("give at least one grid size, e.g. --grid 20 --grid 40")
+    if sizes[0] < 1 or sizes[-1] > 2048:
+        raise AtlasError(f"grid sizes must be between 1 and 2048, got {sizes}")
+    if min_count < 1 or n_nearest < 0 or top < 1:
+        raise AtlasError("min_count and top must be at least 1, n_nearest at least 0")
+    started = time.perf_counter()
+    root = open_for_update(run_dir)
+    samples = require_layer(root, layer)
+    rows, xy, inside, layout_attrs = _load_layout(root, layer, atlas)
+    drop = layout_attrs.get("outside", "edge") == "drop"
+    kept = inside if drop else np.ones(rows.size, dtype=bool)
+    activations = samples["activations"]
+    attributions = samples.get("attributions") if "attributions" in samples else None
+    c = activations.shape[1]
+    k = attributions.shape[1] if attributions is not None else 0
+
+    cells = {}
+    for s in sizes:
+        gy, gx = cell_index(xy, s)
+        flat = (gy * s + gx).astype(np.int64)
+        flat[~kept] = -1
+        cells[s] = flat
+    sum_act = {s: np.zeros((s * s, c), dtype=np.float64) for s in sizes}
+    sum_att = {s: np.zeros((s * s, k), dtype=np.float64) for s in sizes}
+
+    # Pass 1: sums per cell, one streamed read of the laid-out rows for all sizes at once.
+    for a, b, acts, atts in _blocks(activations, attributions, rows):
+        for s in sizes:
+            _accumulate(sum_act[s], cells[s][a:b], acts)
+            if atts is not None:
+                _accumulate(sum_att[s], cells[s][a:b], atts)
+    counts = {s: np.bincount(cells[s][cells[s] >= 0], minlength=s * s).astype(np.int64) for s in sizes}
+    means = {s: sum_act[s] / np.maximum(counts[s], 1)[:, None] for s in sizes}
+    del sum_act
+
+    # Pass 2: cosine of each sample to its cell's mean, for the nearest-sample lists.
+    scores = {s: np.full(rows.size, -np.inf, dtype=np.float64) for s in sizes}
+    if n_nearest:
+        unit = {s: means[s] / np.maximum(np.linalg.norm(means[s], axis=1, keepdims=True), 1e-30) for s in sizes}
+        for a, b, acts, _ in _blocks(activations, None, rows):
+            norms = np.maximum(np.linalg.norm(acts, axis=1), 1e-30)
+            for s in sizes:
+                cl = cells[s][a:b]
+                ok = cl >= 0
+                scores[s][a:b][ok] = np.einsum("ij,ij->i", acts[ok], unit[s][cl[ok]]) / norms[ok]
+
+    group = root.require_group("grids").require_group(layer).require_group(atlas)
+    out = {}
+    for s in sizes:
+        out[s] = _write_size(group, s, cells[s], counts[s], means[s], sum_att[s] if attributions is not None else None,
+                             scores[s], rows, min_count, n_nearest, top, layout_attrs)
+    group.attrs.update({"sizes": sorted({*group.attrs.get("sizes", []), *sizes}), "layout_id": layout_attrs.get("layout_id")})
+    white = whitening(run_dir, layer) if whiten else None
+    seconds = round(time.perf_counter() - started, 2)
+    log(run_dir, f"grid {layer}/{atlas}: sizes {sizes} over {int(kept.sum())} kept samples in {seconds} s"
+                 + ("" if attributions is not None else " (no attributions in this run)"))
+    return {"sizes": out, "whitening": white, "seconds": seconds}
+
+
+def _blocks(activations, attributions, rows: np.ndarray):
+    """Yield ``(a, b, activations[rows[a:b]], attributions[rows[a:b]] or None)`` as float64, streaming."""
+    for a in range(0, rows.size, BLOCK):
+        sel = rows[a : a + BLOCK]
+        lo, hi = int(sel[0]), int(sel[-1]) + 1
+        acts = activations[lo:hi][sel - lo].astype(np.float64)
+        atts = attributions[lo:hi][sel - lo].astype(np.float64) if attributions is not None else None
+        yield a, a + sel.size, acts, atts
+
+
+def _accumulate(total: np.ndarray, cell: np.ndarray, values: np.ndarray) -> None:
+    """``total[cell[i]] += values[i]`` for cell >= 0, in float64, via a sort and segment sums (fast, exact order-independent enough)."""
+    ok = np.flatnonzero(cell >= 0)
+    if ok.size == 0:
+        return
+    order = ok[np.argsort(cell[ok], kind="stable")]
+    sorted_cells = cell[order]
+    starts = np.flatnonzero(np.r_[True, sorted_cells[1:] != sorted_cells[:-1]])
+    total[sorted_cells[starts]] += np.add.reduceat(values[order], starts, axis=0)
+
+
+def _write_size(group, s: int, cell: np.ndarray, count: np.ndarray, mean: np.ndarray, sum_att: np.ndarray | None, score: np.ndarray,
+                rows: np.ndarray, min_count: int, n_nearest: int, top: int, layout_attrs: dict) -> dict:
+    node = group.require_group(str(s))
+    for name in list(node.array_keys()):
+        del node[name]
+    c = mean.shape[1]
+    write_array(node, "count", count.reshape(s, s).astype(np.int32))
+    render = (count >= min_count).reshape(s, s)
+    write_array(node, "render", render)
+    write_array(node, "mean_activation", mean.reshape(s, s, c).astype(np.float32))
+    if sum_att is not None:
+        k = sum_att.shape[1]
+        mean_att = sum_att / np.maximum(count, 1)[:, None]
+        write_array(node, "mean_attribution", mean_att.reshape(s, s, k).astype(np.float32))
+        n_top = min(top, k)
+        order = np.argsort(-mean_att, axis=1, kind="stable")[:, :n_top]
+        top_classes = np.full((s * s, top), -1, dtype=np.int32)
+        top_values = np.zeros((s * s, top), dtype=np.float32)
+        top_classes[:, :n_top] = order
+        top_values[:, :n_top] = np.take_along_axis(mean_att, order, axis=1)
+        empty = count == 0
+        top_classes[empty], top_values[empty] = -1, 0.0
+        write_array(node, "top_classes", top_classes.reshape(s, s, top))
+        write_array(node, "top_attribution", top_values.reshape(s, s, top))
+    nearest = np.full((s * s, n_nearest), -1, dtype=np.int64)
+    if n_nearest:
+        members = np.flatnonzero(cell >= 0)
+        # by cell, then best score first, then lowest row (deterministic ties)
+        order = members[np.lexsort((rows[members], -score[members], cell[members]))]
+        sorted_cells = cell[order]
+        starts = np.searchsorted(sorted_cells, np.arange(s * s))
+        rank = np.arange(order.size) - starts[sorted_cells]
+        take = rank < n_nearest
+        nearest[sorted_cells[take], rank[take]] = rows[order[take]]
+    write_array(node, "nearest", nearest.reshape(s, s, n_nearest))
+    write_array(node, "cell", cell.astype(np.int32))
+    n_kept = int((cell >= 0).sum())
+    summary = {"size": s, "min_count": min_count, "n_kept": n_kept, "n_cells": int((count > 0).sum()), "n_render": int(render.sum()),
+               "n_dropped": int((cell < 0).sum()), "has_attribution": sum_att is not None}
+    node.attrs.update({**summary, "layout_id": layout_attrs.get("layout_id"), "nearest_metric": "cosine to cell mean",
+                       "summary": summary})
+    return summary

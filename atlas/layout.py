@@ -1,0 +1,478 @@
+"""Layout stage: project sampled activations to 2-D (UMAP, t-SNE or PCA) and normalise.
+
+``project`` reads ``samples/{layer}/activations`` (valid rows, or a given subset) and writes
+``layouts/{layer}/{atlas}/{rows,raw,xy,inside}`` as ``docs/architecture.md`` specifies. The
+array-level pieces (``embed``, ``knn_graph``, ``normalize_layout``, ``knn_recall``,
+``save_layout``) are public so the class atlases can build and store their own layouts.
+
+Speed at large N comes from computing the nearest-neighbour graph with faiss (exact below
+``EXACT_KNN_MAX`` points, an inverted-file index above) and handing it to umap-learn as a
+precomputed kNN, which replaces umap's NN-descent, the slowest step at 512-d; the
+initialisation is a PCA of the data instead of a spectral embedding, which is slow and
+fragile on graphs with many components (clustered data, duplicates).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from atlas.errors import AtlasError
+from atlas.store import FULL_ATLAS, log, open_store, read_rows, require_layer, write_array
+
+METHODS = ("umap", "tsne", "pca")
+OUTSIDE = ("edge", "drop")
+FAISS_METRICS = ("cosine", "euclidean", "l2")
+EXACT_KNN_MAX = 20000  # brute force below this many points: a few seconds, and exact
+UMAP_SMALL = 4096  # umap-learn computes exact pairwise distances itself below this
+# Above LARGE_N points the default is LARGE_N_EPOCHS optimisation epochs (umap-learn: 200): with the PCA
+# start, measured at 100k (bench/layout.py) it costs ~0.01 kNN recall and saves ~40% of the UMAP fit.
+LARGE_N, LARGE_N_EPOCHS = 10000, 100
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _as_float32(x: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise AtlasError(f"expected a 2-D array of samples, got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise AtlasError("activations contain NaN or infinite values; re-run `atlas sample` for this layer")
+    return x
+
+
+def pca_project(x: np.ndarray, d: int, center: bool = True) -> np.ndarray:
+    """Project onto the top ``d`` principal axes (float64 second moments, deterministic signs).
+
+    ``center=False`` uses the uncentred second moment, which keeps inner products, and so
+    cosine similarities of non-negative activations, better than centred PCA does.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    d = max(1, min(d, x.shape[1]))
+    mean = x.mean(axis=0, dtype=np.float64) if center else np.zeros(x.shape[1])
+    moment = np.zeros((x.shape[1], x.shape[1]))
+    for start in range(0, x.shape[0], 65536):
+        block = x[start : start + 65536].astype(np.float64) - mean
+        moment += block.T @ block
+    _, vecs = np.linalg.eigh(moment)
+    vecs = vecs[:, ::-1][:, :d]
+    vecs *= np.sign(vecs[np.abs(vecs).argmax(axis=0), np.arange(d)])  # fixed sign: largest loading positive
+    out = np.empty((x.shape[0], d), dtype=np.float32)
+    vecs32, mean32 = vecs.astype(np.float32), mean.astype(np.float32)
+    for start in range(0, x.shape[0], 65536):
+        out[start : start + 65536] = (x[start : start + 65536] - mean32) @ vecs32
+    return out
+
+
+def _metric_space(x: np.ndarray, metric: str) -> tuple[np.ndarray, str]:
+    """Vectors and faiss metric under which nearest neighbours equal those of ``metric``."""
+    if metric == "cosine":
+        norms = np.linalg.norm(x, axis=1, keepdims=True)
+        return x / np.maximum(norms, 1e-12), "ip"
+    return np.ascontiguousarray(x, dtype=np.float32), "l2"
+
+
+def _faiss_search(vecs: np.ndarray, k: int, kind: str, seed: int, exact: bool, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """faiss k-NN of every row against all rows: ``(scores, indices)``; scores are inner products or squared L2."""
+    import faiss
+
+    n, dim = vecs.shape
+    flat = faiss.IndexFlatIP(dim) if kind == "ip" else faiss.IndexFlatL2(dim)
+    if exact:
+        index = flat
+    else:
+        # ~2 sqrt(N) lists, 6 probed: ~3/sqrt(N) of the data scanned per query, >0.97 of true
+        # neighbours found on clustered 512-d data. k-means quality matters little here, so it is
+        # trained briefly on 16 points per list (the bulk of the time otherwise).
+        nlist = int(min(max(2 * math.sqrt(n), 64), 16384))
+        index = faiss.IndexIVFFlat(flat, dim, nlist, faiss.METRIC_INNER_PRODUCT if kind == "ip" else faiss.METRIC_L2)
+        rng = np.random.default_rng(seed)
+        index.cp.seed = int(seed)
+        index.cp.niter = 8
+        index.cp.min_points_per_centroid = 8
+        index.train(vecs[np.sort(rng.choice(n, min(n, nlist * 16), replace=False))])
+        index.nprobe = int(nprobe or 6)
+    index.add(vecs)
+    scores = np.empty((n, k), dtype=np.float32)
+    idx = np.empty((n, k), dtype=np.int64)
+    for start in range(0, n, 32768):
+        scores[start : start + 32768], idx[start : start + 32768] = index.search(vecs[start : start + 32768], k)
+    missing = (idx < 0).any(axis=1)
+    if missing.any():  # IVF lists can hold fewer than k points: search those rows exactly
+        exact_index = faiss.IndexFlatIP(dim) if kind == "ip" else faiss.IndexFlatL2(dim)
+        exact_index.add(vecs)
+        scores[missing], idx[missing] = exact_index.search(vecs[missing], k)
+    return scores, idx
+
+
+def knn_graph(x: np.ndarray, k: int, metric: str = "cosine", seed: int = 0, exact_max: int = EXACT_KNN_MAX,
+              nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` nearest neighbours of every row (itself first, distance 0), via faiss.
+
+    Returns ``(indices int64 (N, k), distances float32 (N, k))`` in umap-learn's convention
+    (cosine distance = 1 - cos). Exact up to ``exact_max`` rows; above, an IVF index with
+    ~4 sqrt(N) lists probed ``nprobe`` at a time: nearly all true neighbours at a fraction
+    of brute force's cost. (A PCA-reduced search space was tried and lost most true
+    neighbours when clusters vary in many directions, so the search stays full-dimensional.)
+    Self is forced into column 0 so exact duplicates cannot push it out.
+    """
+    if metric not in FAISS_METRICS:
+        raise ValueError(f"faiss kNN supports {FAISS_METRICS}, not {metric!r}")
+    x = _as_float32(x)
+    n, dim = x.shape
+    k = min(k, n)
+    vecs, kind = _metric_space(x, metric)
+    vecs = np.ascontiguousarray(vecs, dtype=np.float32)
+    sims, idx = _faiss_search(vecs, k, kind, seed, exact=n <= exact_max, nprobe=nprobe)
+    dists = (1.0 - sims) if kind == "ip" else np.sqrt(np.maximum(sims, 0.0))
+    dists = np.maximum(dists, 0.0).astype(np.float32)
+    # Self first: move self (where found) to the end, keep the first k-1 others.
+    rows = np.arange(n)[:, None]
+    order = np.argsort(idx == rows, axis=1, kind="stable")[:, : k - 1]
+    out_idx = np.concatenate([rows, np.take_along_axis(idx, order, axis=1)], axis=1)
+    out_dist = np.concatenate([np.zeros((n, 1), np.float32), np.take_along_axis(dists, order, axis=1)], axis=1)
+    return out_idx.astype(np.int64), out_dist
+
+
+def _scaled_init(x: np.ndarray, n_components: int, seed: int) -> np.ndarray:
+    """PCA coordinates scaled to [-10, 10] with a little seeded noise, as umap's own "pca" init."""
+    init = pca_project(x, n_components, center=True).astype(np.float64)
+    span = np.abs(init).max(axis=0)
+    init = init / np.where(span > 0, span, 1.0) * 10.0
+    init += np.random.default_rng(seed).normal(scale=1e-4, size=init.shape)
+    return init.astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- embedding
+
+
+def embed(x: np.ndarray, method: str = "umap", n_components: int = 2, *, n_neighbors: int = 50, min_dist: float = 0.05,
+          metric: str = "cosine", pca: int | None = None, seed: int = 0, n_epochs: int | None = None, init: str = "pca",
+          perplexity: float = 30.0, knn: tuple[np.ndarray, np.ndarray] | None = None, verbose: bool = False,
+          timings: dict | None = None) -> np.ndarray:
+    """Embed rows of ``x`` in ``n_components`` dimensions (1 or 2); seeded and reproducible.
+
+    ``n_epochs`` None means umap-learn's default (500) up to ``LARGE_N`` points and
+    ``LARGE_N_EPOCHS`` above. ``pca`` reduces ``x`` to that many dimensions first (uncentred
+    for cosine, so angles are kept). ``knn`` may pass a precomputed ``knn_graph`` of ``x``;
+    ``timings`` (a dict) receives seconds per step. Duplicate points are handled: if
+    umap-learn fails on them (RecursionError and friends) the data is jittered
+    by a tiny seeded amount and the fit retried.
+    """
+    if method not in METHODS:
+        raise AtlasError(f"unknown projection method '{method}'; choose one of {', '.join(METHODS)}")
+    if n_components not in (1, 2):
+        raise AtlasError(f"n_components must be 1 or 2, not {n_components}")
+    x = _as_float32(x)
+    n = x.shape[0]
+    if n == 0:
+        raise AtlasError("nothing to project: no samples selected")
+    if n <= n_components + 2 or (x.std(axis=0).max() == 0.0):
+        # Too few (or all identical) points for a neighbour method: a PCA is the only sensible layout.
+        return pca_project(x, n_components, center=True)
+    if pca is not None and 0 < pca < x.shape[1]:
+        x = pca_project(x, pca, center=metric not in ("cosine", "correlation"))
+        knn = None  # a graph of the unreduced data no longer matches
+    if method == "pca":
+        return pca_project(x, n_components, center=True)
+    if method == "tsne":
+        return _tsne(x, n_components, metric, perplexity, seed, knn, verbose)
+    return _umap(x, n_components, n_neighbors, min_dist, metric, seed, n_epochs, init, knn, verbose, timings if timings is not None else {})
+
+
+def _umap(x: np.ndarray, n_components: int, n_neighbors: int, min_dist: float, metric: str, seed: int, n_epochs: int | None,
+          init: str, knn: tuple[np.ndarray, np.ndarray] | None, verbose: bool, timings: dict) -> np.ndarray:
+    import umap
+
+    n = x.shape[0]
+    k = max(2, min(n_neighbors, n - 1))
+    if n_epochs is None and n > LARGE_N:
+        n_epochs = LARGE_N_EPOCHS
+    if knn is None and metric in FAISS_METRICS and n >= UMAP_SMALL:
+        t = time.perf_counter()
+        knn = knn_graph(x, k, metric, seed)
+        timings["knn"] = round(time.perf_counter() - t, 2)
+    t = time.perf_counter()
+    data = x
+    for attempt in range(3):
+        start_init: str | np.ndarray = _scaled_init(data, n_components, seed) if init == "pca" else init
+        if attempt == 2:
+            start_init = "random"  # last resort: no spectral/PCA step to fail on degenerate data
+        reducer = umap.UMAP(n_neighbors=k, n_components=n_components, min_dist=min_dist, metric=metric, random_state=seed,
+                            n_epochs=n_epochs, init=start_init, precomputed_knn=knn if knn is not None else (None, None, None),
+                            low_memory=True, verbose=verbose)
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*(n_jobs|precomputed_knn|disconnected|graph is not fully).*")
+                warnings.filterwarnings("ignore", category=UserWarning, module="umap")
+                out = reducer.fit_transform(data)
+            if np.isfinite(out).all():
+                timings["umap"] = round(time.perf_counter() - t, 2)
+                return np.asarray(out, dtype=np.float32)
+            problem = "non-finite coordinates"
+        except (RecursionError, ValueError, ZeroDivisionError, FloatingPointError, np.linalg.LinAlgError) as exc:
+            problem = f"{type(exc).__name__}: {exc}"
+        # Duplicates are the usual cause: break ties with a tiny seeded jitter and retry.
+        rng = np.random.default_rng(seed + 1000 + attempt)
+        scale = float(np.abs(x).mean()) or 1.0
+        data = x + rng.normal(scale=1e-4 * scale, size=x.shape).astype(np.float32)
+        knn = knn_graph(data, k, metric, seed) if knn is not None else None
+        warnings.warn(f"umap failed ({problem}); retrying with jittered data", RuntimeWarning, stacklevel=2)
+    raise AtlasError(f"UMAP failed on this data even after jittering ({problem}); try --method tsne or --method pca")
+
+
+def _tsne(x: np.ndarray, n_components: int, metric: str, perplexity: float, seed: int, knn: tuple[np.ndarray, np.ndarray] | None,
+          verbose: bool) -> np.ndarray:
+    n = x.shape[0]
+    perplexity = float(max(1.0, min(perplexity, (n - 1) / 3.0)))
+    try:
+        import openTSNE
+    except ImportError:  # pragma: no cover - openTSNE is a dependency; sklearn only for small N
+        if n > 20000:
+            raise AtlasError("t-SNE of more than 20,000 points needs openTSNE (pip install openTSNE)") from None
+        from sklearn.manifold import TSNE
+
+        return TSNE(n_components, perplexity=perplexity, metric=metric, init="pca", random_state=seed).fit_transform(x).astype(np.float32)
+    from openTSNE import affinity, initialization
+    from openTSNE.nearest_neighbors import PrecomputedNeighbors
+
+    k = min(n - 1, int(3 * perplexity) + 1)
+    if metric in FAISS_METRICS:
+        if knn is None or knn[0].shape[1] < k + 1:
+            knn = knn_graph(x, k + 1, metric, seed)
+        neighbours = PrecomputedNeighbors(knn[0][:, 1 : k + 1], knn[1][:, 1 : k + 1].astype(np.float64))
+        aff = affinity.PerplexityBasedNN(perplexity=perplexity, knn_index=neighbours, random_state=seed, verbose=verbose)
+    else:
+        aff = affinity.PerplexityBasedNN(x, perplexity=perplexity, metric=metric, random_state=seed, verbose=verbose)
+    start = initialization.pca(x, n_components=n_components, random_state=seed)
+    # FFT interpolation has a large fixed cost per iteration in 2-D: Barnes-Hut is faster below ~10k points.
+    gradient = "fft" if n_components == 1 or n >= 10000 else "bh"
+    tsne = openTSNE.TSNE(n_components=n_components, random_state=seed, negative_gradient_method=gradient, n_jobs=1, verbose=verbose)
+    return np.asarray(tsne.fit(affinities=aff, initialization=start), dtype=np.float32)
+
+
+# ----------------------------------------------------------------------------- normalising and quality
+
+
+def normalize_layout(raw: np.ndarray, lo: float = 1.0, hi: float = 99.0, margin: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+    """Map a layout to [0, 1] as the paper does; returns ``(xy float32, inside bool)``.
+
+    Per axis: take the ``lo``-``hi`` percentile range, widen it by ``margin`` of its width on
+    each side, clip to that box and rescale it to [0, 1]. Clipped points land exactly on 0 or
+    1 (the edge cells); ``inside`` is False for them. A constant axis maps to 0.5.
+    """
+    raw = np.asarray(raw, dtype=np.float64)
+    if raw.ndim == 1:
+        raw = raw[:, None]
+    if raw.shape[0] == 0:
+        return np.zeros(raw.shape, np.float32), np.zeros(0, bool)
+    p_lo, p_hi = np.percentile(raw, [lo, hi], axis=0)
+    width = p_hi - p_lo
+    box_lo, box_hi = p_lo - margin * width, p_hi + margin * width
+    span = box_hi - box_lo
+    flat = span <= 0
+    safe = np.where(flat, 1.0, span)
+    inside = ((raw >= box_lo) & (raw <= box_hi)).all(axis=1)
+    xy = np.clip((raw - box_lo) / safe, 0.0, 1.0)
+    xy[:, flat] = 0.5
+    return xy.astype(np.float32), inside
+
+
+def _neighbours(x: np.ndarray, k: int, metric: str) -> np.ndarray:
+    """Exact k nearest neighbours within ``x``, self excluded (tie order is faiss's)."""
+    if metric in FAISS_METRICS:
+        return knn_graph(x, k + 1, metric, exact_max=len(x) + 1)[0][:, 1:]
+    from sklearn.neighbors import NearestNeighbors
+
+    nn = NearestNeighbors(n_neighbors=k + 1, metric=metric).fit(x)
+    idx = nn.kneighbors(x, return_distance=False)
+    rows = np.arange(len(x))[:, None]
+    order = np.argsort(idx == rows, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(idx, order, axis=1)
+
+
+def knn_recall(x: np.ndarray, y: np.ndarray, k: int = 10, n: int = 10000, seed: int = 0, metric: str = "cosine") -> float:
+    """Mean fraction of each point's ``k`` nearest neighbours in ``x`` (under ``metric``) that are
+    also among its ``k`` nearest in the layout ``y`` (Euclidean), on a seeded subsample of ``n``.
+
+    Neighbours are searched within the subsample in both spaces, so the figure is comparable
+    across N and cheap at 1M points.
+    """
+    x, y = np.asarray(x, dtype=np.float32), np.asarray(y, dtype=np.float32)
+    if y.ndim == 1:
+        y = y[:, None]
+    m = x.shape[0]
+    if m <= k:
+        return float("nan")
+    sel = np.sort(np.random.default_rng(seed).choice(m, min(n, m), replace=False))
+    a = _neighbours(x[sel], k, metric)
+    b = _neighbours(y[sel], k, "euclidean")
+    hits = (a[:, :, None] == b[:, None, :]).any(axis=2).sum()
+    return float(hits / (a.shape[0] * k))
+
+
+def layout_quality(x: np.ndarray, y: np.ndarray, metric: str = "cosine", seed: int = 0, n: int = 10000, n_trust: int = 2000) -> dict:
+    """kNN recall (k=10, up to ``n`` points) and trustworthiness (k=10, up to ``n_trust`` points: it needs all pairwise ranks)."""
+    from sklearn.manifold import trustworthiness
+
+    m = x.shape[0]
+    quality = {"knn_recall_10": knn_recall(x, y, 10, n, seed, metric), "knn_recall_n": int(min(n, m))}
+    if m > 11:
+        sel = np.sort(np.random.default_rng(seed + 1).choice(m, min(n_trust, m), replace=False))
+        k = min(10, (len(sel) - 1) // 2 - 1)
+        if k >= 1:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                t = trustworthiness(np.asarray(x[sel], np.float64), np.asarray(y[sel], np.float64).reshape(len(sel), -1),
+                                    n_neighbors=k, metric=metric)
+            quality["trustworthiness"] = float(t)
+            quality["trustworthiness_n"] = int(len(sel))
+    return {key: (None if isinstance(v, float) and math.isnan(v) else v) for key, v in quality.items()}
+
+
+# ----------------------------------------------------------------------------- store
+
+
+def open_for_update(run_dir: str | Path):
+    """The run's store opened read-write, or the clear "no atlas run" error (never a new empty store)."""
+    open_store(run_dir)
+    return open_store(run_dir, mode="r+")
+
+
+def _check_atlas_name(atlas: str) -> None:
+    if not atlas or "/" in atlas or atlas.startswith("."):
+        raise AtlasError(f"bad atlas name '{atlas}': use a non-empty name without '/'")
+
+
+def save_layout(run_dir: str | Path, layer: str, atlas: str, rows: np.ndarray, raw: np.ndarray, xy: np.ndarray, inside: np.ndarray,
+                attrs: dict) -> dict:
+    """Store a layout at ``layouts/{layer}/{atlas}`` (replacing any old one), sorted by row.
+
+    Grids and icons derived from an older layout of the same atlas are deleted, since their
+    cells no longer match. ``attrs`` (JSON-able) are stored as given, plus ``n``, ``n_outside``
+    and a ``layout_id`` that later stages copy to tell which layout they were built from.
+    """
+    _check_atlas_name(atlas)
+    rows = np.asarray(rows, dtype=np.int64)
+    raw, xy, inside = np.asarray(raw, np.float32), np.asarray(xy, np.float32), np.asarray(inside, bool)
+    if raw.ndim == 1:
+        raw, xy = raw[:, None], xy[:, None]
+    m = rows.shape[0]
+    if not (raw.shape[0] == xy.shape[0] == inside.shape[0] == m) or rows.ndim != 1:
+        raise ValueError(f"layout arrays disagree in length: rows {rows.shape}, raw {raw.shape}, xy {xy.shape}, inside {inside.shape}")
+    order = np.argsort(rows, kind="stable")
+    rows, raw, xy, inside = rows[order], raw[order], xy[order], inside[order]
+    if m and np.any(np.diff(rows) == 0):
+        raise ValueError("layout rows must be unique")
+    root = open_for_update(run_dir)
+    n_rows = require_layer(root, layer)["activations"].shape[0]
+    if m and (rows[0] < 0 or rows[-1] >= n_rows):
+        raise AtlasError(f"layout rows out of range for layer '{layer}' ({n_rows} rows)")
+    layouts = root.require_group("layouts").require_group(layer)
+    if atlas in layouts:
+        del layouts[atlas]
+    for stage in ("grids", "icons"):
+        parent = root.get(f"{stage}/{layer}")
+        if parent is not None and atlas in parent:
+            del parent[atlas]
+    group = layouts.create_group(atlas)
+    write_array(group, "rows", rows)
+    write_array(group, "raw", raw)
+    write_array(group, "xy", xy)
+    write_array(group, "inside", inside)
+    digest = hashlib.sha256(rows.tobytes() + raw.tobytes()).hexdigest()[:16]
+    full = {**attrs, "n": int(m), "n_outside": int((~inside).sum()), "layout_id": digest}
+    full.setdefault("outside", "edge")
+    group.attrs.update(full)
+    return full
+
+
+def _select_rows(root, layer: str, rows) -> tuple[np.ndarray, int]:
+    """Sorted valid rows to lay out, from all valid rows or a mask / index list; also the count of invalid rows dropped."""
+    group = require_layer(root, layer)
+    n_rows = group["activations"].shape[0]
+    if n_rows == 0 or group["valid"].shape[0] == 0:
+        raise AtlasError(f"layer '{layer}' has no samples yet; run or resume `atlas sample`")
+    valid = group["valid"][:]
+    if rows is None:
+        chosen = np.flatnonzero(valid)
+        if chosen.size == 0:
+            raise AtlasError(f"layer '{layer}' has no samples yet; run or resume `atlas sample`")
+        return chosen, 0
+    rows = np.asarray(rows)
+    if rows.dtype == bool:
+        if rows.shape != (n_rows,):
+            raise AtlasError(f"row mask has length {rows.shape[0] if rows.ndim else 0}, layer '{layer}' has {n_rows} rows")
+        chosen = np.flatnonzero(rows)
+    else:
+        if rows.size and not np.issubdtype(rows.dtype, np.integer):
+            raise AtlasError("rows must be a boolean mask or a list of integer row indices")
+        chosen = np.unique(rows.astype(np.int64))
+        if chosen.size and (chosen[0] < 0 or chosen[-1] >= n_rows):
+            raise AtlasError(f"row indices out of range: layer '{layer}' has {n_rows} rows")
+    keep = valid[chosen]
+    chosen, dropped = chosen[keep], int((~keep).sum())
+    if chosen.size == 0:
+        raise AtlasError(f"no valid samples among the selected rows of layer '{layer}'")
+    return chosen, dropped
+
+
+def project(run_dir: str | Path, layer: str, method: str = "umap", atlas: str = FULL_ATLAS, rows=None, n_neighbors: int = 50,
+            min_dist: float = 0.05, metric: str = "cosine", pca: int | None = None, seed: int = 0, outside: str = "edge",
+            n_epochs: int | None = None, perplexity: float = 30.0, margin: float = 0.1, verbose: bool = False) -> dict:
+    """Lay out a layer's samples and store the result; returns the layout's attrs (incl. ``summary``).
+
+    ``rows`` selects a subset (boolean mask over all rows or integer indices); invalid rows
+    in it are skipped. ``outside`` says what the grid does with points beyond the clip box:
+    "edge" keeps them in the edge cells, "drop" leaves them out (the layout keeps them, flagged).
+    """
+    if method not in METHODS:
+        raise AtlasError(f"unknown projection method '{method}'; choose one of {', '.join(METHODS)}")
+    if outside not in OUTSIDE:
+        raise AtlasError(f"--outside must be 'edge' or 'drop', not '{outside}'")
+    if n_neighbors < 2:
+        raise AtlasError(f"n_neighbors must be at least 2, not {n_neighbors}")
+    if min_dist < 0:
+        raise AtlasError(f"min_dist must be non-negative, not {min_dist}")
+    _check_atlas_name(atlas)
+    started = time.perf_counter()
+    root = open_store(run_dir)
+    chosen, dropped = _select_rows(root, layer, rows)
+    x = read_rows(require_layer(root, layer)["activations"], chosen)
+    timings = {"read": round(time.perf_counter() - started, 2)}
+    t = time.perf_counter()
+    raw = embed(x, method, 2, n_neighbors=n_neighbors, min_dist=min_dist, metric=metric, pca=pca, seed=seed, n_epochs=n_epochs,
+                perplexity=perplexity, verbose=verbose, timings=timings)
+    timings["embed"] = round(time.perf_counter() - t, 2)
+    xy, inside = normalize_layout(raw, margin=margin)
+    t = time.perf_counter()
+    quality = layout_quality(x, raw, metric=metric, seed=seed)
+    timings["quality"] = round(time.perf_counter() - t, 2)
+    params = {"n_neighbors": n_neighbors, "min_dist": min_dist, "metric": metric, "pca": pca, "n_epochs": n_epochs,
+              "perplexity": perplexity, "clip_percentiles": [1, 99], "margin": margin}
+    if method == "pca":
+        params = {"pca": pca, "clip_percentiles": [1, 99], "margin": margin}
+    elif method == "tsne":
+        params = {k: v for k, v in params.items() if k not in ("n_neighbors", "min_dist", "n_epochs")}
+    else:
+        params.pop("perplexity")
+    n_outside = int((~inside).sum())
+    shown = {k: quality[k] for k in ("knn_recall_10", "trustworthiness") if quality.get(k) is not None}
+    summary = {"n": int(chosen.size), "method": method, "seconds": round(time.perf_counter() - started, 2),
+               "timings": timings, "knn_recall_10": quality.get("knn_recall_10"),
+               "trustworthiness": quality.get("trustworthiness"), "quality": shown, "n_outside": n_outside, "outside": outside,
+               "invalid_rows_skipped": dropped}
+    saved = save_layout(run_dir, layer, atlas, chosen, raw, xy, inside,
+                        {"method": method, "params": params, "seed": seed, "quality": quality, "outside": outside,
+                         "kind": "full" if rows is None else "subset", "summary": summary})
+    r = quality.get("knn_recall_10")
+    log(run_dir, f"project {layer}/{atlas}: {method} of {chosen.size} samples in {summary['seconds']} s, "
+                 f"knn recall@10 {r if r is None else round(r, 3)}, {n_outside} outside the clip ({outside})")
+    return saved
+
