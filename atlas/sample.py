@@ -31,7 +31,7 @@ import atlas
 from atlas import store
 from atlas.data import ImageDataset, ImageList, list_images
 from atlas.errors import AtlasError
-from atlas.models import Network, load_model, synset_words
+from atlas.models import Network, autocast_dtype, load_model, synset_words
 
 SHARD = 256
 BORDER = 1
@@ -74,13 +74,7 @@ def _gather(activation: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 
 def resolve_precision(precision: str, device: str) -> str:
     """'auto' is bfloat16 where the hardware computes it natively (avx512_bf16/AMX CPUs, CUDA), else float32."""
-    if precision not in ("auto", "float32", "bfloat16"):
-        raise AtlasError(f"--precision must be auto, float32 or bfloat16, not {precision}")
-    if precision != "auto":
-        return precision
-    if device.startswith("cuda"):
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
-    return "bfloat16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
+    return "bfloat16" if autocast_dtype(precision, device) is not None else "float32"
 
 
 Tensors = dict[str, torch.Tensor]

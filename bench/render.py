@@ -27,10 +27,10 @@ import numpy as np
 import torch
 
 from atlas.data import load_image, to_tensor
-from atlas.models import SHARED_WEIGHTS, load_model
+from atlas.models import SHARED_WEIGHTS, autocast_dtype, load_model
 from atlas.render.export import sheet
 from atlas.render.objectives import Direction
-from atlas.render.optimize import Optimization, Settings, layer_output, resolve_precision
+from atlas.render.optimize import Optimization, Settings, layer_output
 
 LAYER = "mixed4c"
 PHOTOS = SHARED_WEIGHTS.parents[1] / "data" / "imagenet-samples"
@@ -165,7 +165,7 @@ def main() -> None:
     net = load_model("inceptionv1")
     v = directions(net, args.n)
     settings = Settings(size=args.size, steps=args.steps)
-    auto = resolve_precision(settings.precision, torch.device("cpu"))
+    auto = autocast_dtype(settings.precision, torch.device("cpu"))
     print(f"{torch.get_num_threads()} threads; ours: network input {settings.transforms.out_size(args.size)} px, "
           f"autocast {auto}, channels-last")
     runs: dict[str, Ours | Lucent] = {

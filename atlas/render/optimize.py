@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from atlas.errors import AtlasError
-from atlas.models import Network, StopForward
+from atlas.models import Network, StopForward, autocast_dtype
 from atlas.render.objectives import Channel, Direction, Neuron
 from atlas.render.param import FFTImage, init_spectra
 from atlas.render.transforms import Transforms, apply, draw
@@ -56,28 +56,6 @@ class Result:
     cosine: np.ndarray
     objective: np.ndarray
     trace: np.ndarray  # (steps, n) objective under the random transforms, per step
-
-
-def cpu_has_bf16() -> bool:
-    """True where the CPU runs bf16 matrix maths natively (else bf16 autocast is slower than fp32)."""
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype to use, or None for float32."""
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision != "auto":
-        raise AtlasError(f"unknown precision '{precision}'; choose auto, bf16 or fp32")
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    return torch.bfloat16 if device.type == "cpu" and cpu_has_bf16() else None
 
 
 def layer_output(net: Network, layer: str, images: torch.Tensor) -> torch.Tensor:
@@ -167,7 +145,7 @@ class Optimization:
         self.device = torch.device(device)
         self.objective = objective.to(self.device)
         n, size, t = len(seeds), settings.size, settings.transforms
-        self.autocast = resolve_precision(settings.precision, self.device)
+        self.autocast = autocast_dtype(settings.precision, self.device)
         self.fmt = torch.channels_last if settings.channels_last else torch.contiguous_format
         self.param = FFTImage(n, size, init=init_spectra(list(seeds), size)).to(self.device)
         self.optimizer = torch.optim.Adam(self.param.parameters(), lr=settings.lr)

@@ -23,10 +23,10 @@ import zarr
 from tqdm import tqdm
 
 from atlas.errors import AtlasError
-from atlas.models import Network, load_model
+from atlas.models import Network, autocast_dtype, load_model
 from atlas.render.examples import compose, sample_patches
 from atlas.render.objectives import Direction
-from atlas.render.optimize import Settings, best_of, optimize, resolve_precision
+from atlas.render.optimize import Settings, best_of, optimize
 from atlas.render.transforms import Transforms
 from atlas.store import create_array, open_store, read_rows, require_layer
 
@@ -146,7 +146,7 @@ def _render_optimize(root: zarr.Group, grid: zarr.Group, net: Network, layer: st
     means = grid["mean_activation"]
     wpath = f"whitening/{layer}/matrix"
     whitening = root[wpath][...].astype(np.float32) if whiten and wpath in root else None
-    autocast = resolve_precision(settings.precision, torch.device(device))
+    autocast = autocast_dtype(settings.precision, torch.device(device))
     settings_attrs = settings.key_dict() | {"seed": seed, "whitened": whitening is not None,
                                             "precision": str(autocast).replace("torch.", "") if autocast else "float32"}
     key_source = {"model": net.name, "weights_sha256": net.weights_sha256 or net.weights, "layer": layer,
