@@ -214,8 +214,7 @@ def _open_or_create(out: Path, images: ImageList, net: Network, shapes: dict, se
     root = store.open_store(out, "w")
     n, k = len(images), settings["per_image"]
     group = root.require_group("images")
-    paths = group.create_array("path", shape=(n,), dtype=str, chunks=(min(n, 65536),))
-    paths[:] = np.asarray(images.paths, dtype=str)
+    store.write_array(group, "path", np.asarray(images.paths, dtype=str))
     store.write_array(group, "label", images.labels.astype(np.int32))
     shard = settings["shard_size"]
     store.create_array(group, "ok", (n,), bool, chunks=(shard,), fill_value=False)

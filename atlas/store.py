@@ -60,6 +60,8 @@ def create_array(group: zarr.Group, name: str, shape: tuple[int, ...], dtype, ch
         rows = max(1, min(shape[0] if shape[0] else 1, (4 << 20) // max(row_bytes, 1)))
         chunks = (rows, *shape[1:])
     compressors = None if np.dtype(dtype).kind in "UOT" else COMPRESSORS
+    if np.dtype(dtype).kind in "UT":
+        dtype = str  # zarr's variable-length UTF-8 strings: specified in v3, unlike fixed-width numpy unicode
     return group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill_value,
                               compressors=compressors, overwrite=overwrite)
 
