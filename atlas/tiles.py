@@ -329,7 +329,7 @@ def _sample_patches():
 
 
 def write_cells(run_dir: Path, layer: str, grid, icons, draw: np.ndarray, names: list[str], out_dir: Path,
-                examples: bool, highlight: int | None, threads: int | None = None) -> dict:
+                examples: bool, highlight: int | None, threads: int | None = None, focus: list[int] | None = None) -> dict:
     """Metadata blocks, icon sprites per block and example strips per cell for one grid.
 
     Blocks hold only cells with samples. Icons at full size go in one sprite per block (a
@@ -337,9 +337,15 @@ def write_cells(run_dir: Path, layer: str, grid, icons, draw: np.ndarray, names:
     grid). Example patches, when available, go in one strip per drawn cell.
     """
     s, p = icons.shape[0], icons.shape[2]
-    count, top_c, top_a = grid["count"][:], grid["top_classes"][:], grid["top_attribution"][:]
+    count = grid["count"][:]
+    if "top_classes" in grid:
+        top_c, top_a = grid["top_classes"][:], grid["top_attribution"][:]
+    else:  # sampled without attribution
+        top_c, top_a = np.full((s, s, 0), -1, np.int64), np.zeros((s, s, 0), np.float32)
     nearest = grid["nearest"][:] if "nearest" in grid else np.full((s, s, 0), -1, np.int64)
     hl = grid["mean_attribution"][:, :, highlight] if highlight is not None else None
+    focus = [c for c in (focus or []) if "mean_attribution" in grid]
+    focus_att = grid["mean_attribution"][:, :, focus] if focus else None
     sample = _sample_patches() if examples else None
     if examples and sample is None:
         raise AtlasError("example patches need atlas.render.examples.sample_patches (not installed yet); run with --no-examples")
@@ -380,6 +386,8 @@ def write_cells(run_dir: Path, layer: str, grid, icons, draw: np.ndarray, names:
                     }
                     if hl is not None:
                         cell["hl"] = round(float(hl[gy, gx]), 4)
+                    if focus_att is not None:
+                        cell["cls"] = [[names[c], round(float(a), 4)] for c, a in zip(focus, focus_att[gy, gx], strict=True)]
                     blocks.setdefault(int(gx) // BLOCK, []).append(cell)
                     if ex:
                         path = ex_dir / str(gy) / f"{gx}.jpg"
@@ -476,8 +484,12 @@ def make_tiles(run_dir: str | Path, layer: str, atlas: str = FULL_ATLAS, sizes: 
     skipped = [p.size for p in plans if p.level < 0]
 
     first = next(iter(inputs.values()))[0]
-    n_classes = first["mean_attribution"].shape[-1]
+    n_classes = first["mean_attribution"].shape[-1] if "mean_attribution" in first else len(root.attrs.get("classes", []))
     names = class_names(root, n_classes)
+    if highlight is not None and "mean_attribution" not in first:
+        raise AtlasError(f"--highlight needs attributions, but layer '{layer}' was sampled with --no-attribution")
+    layout = root.get(f"layouts/{layer}/{atlas}")
+    layout_attrs = attrs(layout) if layout is not None else {}
     hl_index = resolve_class(highlight, names, root.attrs.get("weights")).index if highlight is not None else None
 
     tiles_dir = run_dir / "tiles"
@@ -490,7 +502,7 @@ def make_tiles(run_dir: str | Path, layer: str, atlas: str = FULL_ATLAS, sizes: 
         g, images, draw = inputs[plan.size]
         scale = density_scales(g["count"][:], draw) if density_scale else None
         sources.append((plan, images, draw, scale))
-        info = write_cells(run_dir, layer, g, images, draw, names, work, examples, hl_index, threads)
+        info = write_cells(run_dir, layer, g, images, draw, names, work, examples, hl_index, threads, layout_attrs.get("classes"))
         any_examples |= info["examples"]
         n_drawn = int(draw.sum())
         not_done = int((g["render"][:] & ~draw).sum())
@@ -500,8 +512,6 @@ def make_tiles(run_dir: str | Path, layer: str, atlas: str = FULL_ATLAS, sizes: 
                            "not_done": not_done})
     pyramid = write_pyramid(sources, work, fmt, tile_size, overlap, quality, threads)
 
-    layout = root.get(f"layouts/{layer}/{atlas}")
-    layout_attrs = attrs(layout) if layout is not None else {}
     entry = {
         "id": f"{layer}/{atlas}",
         "layer": layer,

@@ -75,6 +75,11 @@ def test_snorkel_vs_scuba_diver_end_to_end(marine_run):
     assert icons["done"][:][g["render"][:]].all()
     assert (marine_run / "tiles" / "atlases.json").exists()
     assert name in (marine_run / "tiles" / "atlases.json").read_text()
+    import json
+
+    metas = list((marine_run / "tiles" / "mixed5b" / name / "meta" / "4").glob("*.json"))
+    cells = [c for m in metas for c in json.loads(m.read_text())["cells"]]
+    assert cells and all([n for n, _ in c["cls"]] == ["snorkel", "scuba diver"] for c in cells)
 
 
 def test_unknown_class_in_compare_fails_clearly(marine_run):

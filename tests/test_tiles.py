@@ -307,3 +307,29 @@ def test_examples_from_real_images(tmp_path):
     for k, row in enumerate(nearest[:5]):
         got = strip[7:9, 16 * k + 7 : 16 * k + 9].reshape(-1, 3).mean(axis=0)  # centre: inside the image even at its edge
         assert np.abs(got - colours[row // 4]).max() < 12, (k, row, got, colours[row // 4])
+
+
+def test_tiles_of_a_run_sampled_without_attribution(tmp_path):
+    """A --no-attribution run has no attribution arrays in its grids; tiles still work, highlight fails clearly."""
+    from synthetic import make_store
+
+    from atlas.grid import grid as make_grid
+    from atlas.layout import project
+    from atlas.store import write_array
+
+    run = tmp_path / "run"
+    make_store(run, layer=LAYER, n=300, c=16, attributions=False)
+    project(run, LAYER, method="pca")
+    make_grid(run, LAYER, [4], min_count=1)
+    root = open_store(run, mode="a")
+    s = 4
+    icons = root.require_group(f"icons/{LAYER}/full/{s}")
+    write_array(icons, "images", np.full((s, s, 8, 8, 3), 200, np.uint8))
+    write_array(icons, "done", np.ones((s, s), bool))
+    entry = make_tiles(run, LAYER, viewer=False, examples=False)
+    assert entry["grids"][0]["cells"] > 0
+    metas = list((run / "tiles" / LAYER / "full" / "meta" / "4").glob("*.json"))
+    cells = [c for m in metas for c in json.loads(m.read_text())["cells"]]
+    assert cells and all(c["top"] == [] for c in cells)
+    with pytest.raises(AtlasError, match="needs attributions"):
+        make_tiles(run, LAYER, viewer=False, examples=False, highlight=0)

@@ -102,6 +102,11 @@
       body = `<div class="tt-n"><b>${fmtInt(cell.n)}</b> sample${cell.n === 1 ? "" : "s"}` +
         `${cell.drawn ? "" : ' <span class="empty">(too few to draw)</span>'}</div>` +
         `<ol class="classes">${classList(cell.top)}</ol>`;
+      if (Array.isArray(cell.cls) && cell.cls.length) {
+        body += '<div class="tt-focus">' + cell.cls.map(([name, value]) =>
+          `<div class="tt-head"><span>attribution to ${esc(name)}</span><span>${Number(value).toFixed(3)}</span></div>`).join("") +
+          "</div>";
+      }
       if (cell.hl !== undefined && state.atlas.highlight) {
         body += `<div class="tt-head" style="margin-top:6px"><span>attribution to ${esc(state.atlas.highlight.class)}</span>` +
           `<span>${cell.hl.toFixed(3)}</span></div>`;
