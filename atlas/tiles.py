@@ -344,8 +344,8 @@ def write_cells(run_dir: Path, layer: str, grid, icons, draw: np.ndarray, names:
         top_c, top_a = np.full((s, s, 0), -1, np.int64), np.zeros((s, s, 0), np.float32)
     nearest = grid["nearest"][:] if "nearest" in grid else np.full((s, s, 0), -1, np.int64)
     hl = grid["mean_attribution"][:, :, highlight] if highlight is not None else None
-    focus = [c for c in (focus or []) if "mean_attribution" in grid]
-    focus_att = grid["mean_attribution"][:, :, focus] if focus else None
+    focus = [int(c) for c in (focus or []) if isinstance(c, int) and "mean_attribution" in grid]
+    focus_att = grid["mean_attribution"].oindex[:, :, focus] if focus else None
     sample = _sample_patches() if examples else None
     if examples and sample is None:
         raise AtlasError("example patches need atlas.render.examples.sample_patches (not installed yet); run with --no-examples")
