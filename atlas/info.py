@@ -7,7 +7,7 @@ Schema (version 1)::
      "layers": {layer: {"channels": int, "grid_hw": [h, w], "samples": int, "attribution": bool,
                         "atlases": {atlas: {"layout": {...summary}, "grids": {size: {...summary}},
                                             "icons": {size: {...summary}}}}}},
-     "tiles": [...entries of tiles/atlases.json]}
+     "tiles": [...the "atlases" entries of tiles/atlases.json]}
 
 Stages add to it by storing a ``summary`` dict in the attrs of the node they write.
 """
@@ -56,7 +56,7 @@ def info(run_dir: str | Path) -> dict:
                     atlas_entry[kind] = {size: _summary(node[size]) for size in sizes}
         out["layers"][layer] = entry
     manifest = run_dir / "tiles" / "atlases.json"
-    out["tiles"] = json.loads(manifest.read_text()) if manifest.exists() else []
+    out["tiles"] = json.loads(manifest.read_text()).get("atlases", []) if manifest.exists() else []
     return out
 
 
@@ -77,7 +77,9 @@ def format_info(data: dict) -> str:
             for size, s in atlas_entry.get("grids", {}).items():
                 lines.append(f"      grid {size}: {s.get('n_cells', '?')} non-empty cells, {s.get('n_render', '?')} to render")
             for size, s in atlas_entry.get("icons", {}).items():
-                lines.append(f"      icons {size}: {s.get('n_done', '?')} done of {s.get('n_total', '?')} ({s.get('mode', '')})")
+                cosine = s.get("mean_cosine")
+                lines.append(f"      icons {size}: {s.get('n_done', '?')} of {s.get('n_render', '?')} done"
+                             + (f", mean cos(h, v) {cosine:.3f}" if cosine is not None else ""))
     for entry in data["tiles"]:
         lines.append(f"  tiles: {entry.get('layer')}/{entry.get('atlas')} -> {entry.get('dzi')}")
     return "\n".join(lines)

@@ -46,6 +46,12 @@ def test_build_end_to_end_then_skip_then_regrid(hundred, tmp_path):
     assert icons["done"][:][g["render"][:]].all() and g["render"][:].sum() > 5
     assert (out / "tiles" / "index.html").exists() and list((out / "tiles").rglob("*.dzi"))
     assert first.summary["layers"]["mixed4c"]["samples"] == 300
+    from atlas.info import format_info, info
+
+    report = info(out)
+    assert report["tiles"][0]["id"] == "mixed4c/full"
+    assert report["layers"]["mixed4c"]["atlases"]["full"]["grids"]["10"]["n_render"] == int(g["render"][:].sum())
+    assert "tiles: mixed4c/full" in format_info(report)
 
     again = build(_config(hundred, out), echo=lambda *_: None)
     assert again.ran == [] and again.skipped == ["sample", "project", "grid", "render", "tiles"]
