@@ -176,12 +176,11 @@ def build(config: dict, dry_run: bool = False, echo=print) -> BuildResult:
         echo(f"[{number}/{len(STAGES)}] {stage} (overall ETA {_fmt(remaining)})")
         t0 = time.perf_counter()
         s = config[stage]
-        for layer in run["layers"]:
-            if stage == "sample":
-                sample.sample(images, run["layers"], out, net=net, per_image=s["per_image"], seed=s["seed"], batch_size=s["batch_size"],
-                              workers=s["workers"], attribution=s["attribution"], dtype=s["dtype"], precision=s["precision"],
-                              device=s["device"])
-                break
+        if stage == "sample":  # one pass samples every layer
+            sample.sample(images, run["layers"], out, net=net, per_image=s["per_image"], seed=s["seed"], batch_size=s["batch_size"],
+                          workers=s["workers"], attribution=s["attribution"], dtype=s["dtype"], precision=s["precision"],
+                          device=s["device"])
+        for layer in run["layers"] if stage != "sample" else []:
             if stage == "project":
                 layout.project(out, layer, method=s["method"], n_neighbors=s["n_neighbors"], min_dist=s["min_dist"], metric=s["metric"],
                                pca=s["pca"], seed=s["seed"], outside=s["outside"])
@@ -191,15 +190,13 @@ def build(config: dict, dry_run: bool = False, echo=print) -> BuildResult:
                 render.render(out, layer, list(config["grid"]["sizes"]), quality=s["quality"], steps=s["steps"], size=s["size"],
                               attempts=s["attempts"], batch=s["batch"], p=s["p"], device=s["device"], icons=s["icons"], seed=s["seed"],
                               network=net)
-            elif stage == "tiles":
+            else:
                 tiles_stage.make_tiles(out, layer, sizes=list(config["grid"]["sizes"]), fmt=s["format"],
                                        density_scale=s["density_scale"], examples=s["examples"])
         result.seconds[stage] = time.perf_counter() - t0
         result.ran.append(stage)
         remaining = max(remaining - costs[stage], 0.0)
         _record(out, stage, keys[stage])
-        for later in STAGES[number:]:  # a redone stage invalidates everything after it
-            done.pop(later, None)
     result.summary = _summary(out, run["layers"], time.perf_counter() - start, result)
     return result
 
@@ -211,13 +208,9 @@ def _recorded(out: Path) -> dict[str, str]:
 
 
 def _record(out: Path, stage: str, key: str) -> None:
+    """Store a finished stage's key. Keys are chained, so a redone stage changes every later key by itself."""
     root = store.open_store(out, "r+")
-    recorded = dict(store.attrs(root).get("build", {}))
-    recorded[stage] = key
-    later = STAGES[STAGES.index(stage) + 1 :]
-    for name in later:
-        recorded.pop(name, None)
-    root.attrs["build"] = recorded
+    root.attrs["build"] = dict(store.attrs(root).get("build", {})) | {stage: key}
 
 
 def _summary(out: Path, layers: list[str], seconds: float, result: BuildResult) -> dict:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 
 import pytest
@@ -12,8 +11,6 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("ATLAS_SHARED", REPO.parent / "shared"))
 WEIGHTS = SHARED / "models" / "bvlc_googlenet.safetensors"
 PHOTOS = SHARED / "data" / "imagenet-samples"
-
-warnings.filterwarnings("ignore", message=".*torch.jit.script.*")
 
 
 def require_shared() -> None:
