@@ -5,11 +5,11 @@
 array-level pieces (``embed``, ``knn_graph``, ``normalize_layout``, ``knn_recall``,
 ``save_layout``) are public so the class atlases can build and store their own layouts.
 
-Speed at large N comes from computing the nearest-neighbour graph with faiss (exact below
-``EXACT_KNN_MAX`` points, an inverted-file index above) and handing it to umap-learn as a
-precomputed kNN, which replaces umap's NN-descent, the slowest step at 512-d; the
-initialisation is a PCA of the data instead of a spectral embedding, which is slow and
-fragile on graphs with many components (clustered data, duplicates).
+Speed at large N comes from three pieces of this sub-package: the nearest-neighbour graph
+is a GEMM-based clustered search (``neighbors``), the fuzzy graph is umap-learn's own, and
+the layout is optimised by a parallel yet reproducible version of umap-learn's SGD
+(``optimize``). The initialisation is a PCA of the data instead of a spectral embedding,
+which is slow and fragile on graphs with many components (clustered data, duplicates).
 """
 
 from __future__ import annotations
@@ -23,28 +23,19 @@ from pathlib import Path
 import numpy as np
 
 from atlas.errors import AtlasError
+from atlas.layout.neighbors import METRICS, as_float32, knn_graph
+from atlas.layout.optimize import optimize_layout
 from atlas.store import FULL_ATLAS, log, open_store, read_rows, require_layer, write_array
 
 METHODS = ("umap", "tsne", "pca")
 OUTSIDE = ("edge", "drop")
-FAISS_METRICS = ("cosine", "euclidean", "l2")
-EXACT_KNN_MAX = 20000  # brute force below this many points: a few seconds, and exact
-UMAP_SMALL = 4096  # umap-learn computes exact pairwise distances itself below this
 # Above LARGE_N points the default is LARGE_N_EPOCHS optimisation epochs (umap-learn: 200): with the PCA
-# start, measured at 100k (bench/layout.py) it costs ~0.01 kNN recall and saves ~40% of the UMAP fit.
+# start, measured at 100k (bench/layout.py) it costs ~0.01 kNN recall and saves half of the optimisation.
 LARGE_N, LARGE_N_EPOCHS = 10000, 100
+SMALL_N_EPOCHS = 500
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _as_float32(x: np.ndarray) -> np.ndarray:
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if x.ndim != 2:
-        raise AtlasError(f"expected a 2-D array of samples, got shape {x.shape}")
-    if not np.isfinite(x).all():
-        raise AtlasError("activations contain NaN or infinite values; re-run `atlas sample` for this layer")
-    return x
 
 
 def pca_project(x: np.ndarray, d: int, center: bool = True) -> np.ndarray:
@@ -57,87 +48,18 @@ def pca_project(x: np.ndarray, d: int, center: bool = True) -> np.ndarray:
     d = max(1, min(d, x.shape[1]))
     mean = x.mean(axis=0, dtype=np.float64) if center else np.zeros(x.shape[1])
     moment = np.zeros((x.shape[1], x.shape[1]))
+    mean32 = mean.astype(np.float32)
     for start in range(0, x.shape[0], 65536):
-        block = x[start : start + 65536].astype(np.float64) - mean
+        block = x[start : start + 65536] - mean32  # float32 products (fast), summed per block in float64
         moment += block.T @ block
     _, vecs = np.linalg.eigh(moment)
     vecs = vecs[:, ::-1][:, :d]
     vecs *= np.sign(vecs[np.abs(vecs).argmax(axis=0), np.arange(d)])  # fixed sign: largest loading positive
     out = np.empty((x.shape[0], d), dtype=np.float32)
-    vecs32, mean32 = vecs.astype(np.float32), mean.astype(np.float32)
+    vecs32 = vecs.astype(np.float32)
     for start in range(0, x.shape[0], 65536):
         out[start : start + 65536] = (x[start : start + 65536] - mean32) @ vecs32
     return out
-
-
-def _metric_space(x: np.ndarray, metric: str) -> tuple[np.ndarray, str]:
-    """Vectors and faiss metric under which nearest neighbours equal those of ``metric``."""
-    if metric == "cosine":
-        norms = np.linalg.norm(x, axis=1, keepdims=True)
-        return x / np.maximum(norms, 1e-12), "ip"
-    return np.ascontiguousarray(x, dtype=np.float32), "l2"
-
-
-def _faiss_search(vecs: np.ndarray, k: int, kind: str, seed: int, exact: bool, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """faiss k-NN of every row against all rows: ``(scores, indices)``; scores are inner products or squared L2."""
-    import faiss
-
-    n, dim = vecs.shape
-    flat = faiss.IndexFlatIP(dim) if kind == "ip" else faiss.IndexFlatL2(dim)
-    if exact:
-        index = flat
-    else:
-        # ~2 sqrt(N) lists, 6 probed: ~3/sqrt(N) of the data scanned per query, >0.97 of true
-        # neighbours found on clustered 512-d data. k-means quality matters little here, so it is
-        # trained briefly on 16 points per list (the bulk of the time otherwise).
-        nlist = int(min(max(2 * math.sqrt(n), 64), 16384))
-        index = faiss.IndexIVFFlat(flat, dim, nlist, faiss.METRIC_INNER_PRODUCT if kind == "ip" else faiss.METRIC_L2)
-        rng = np.random.default_rng(seed)
-        index.cp.seed = int(seed)
-        index.cp.niter = 8
-        index.cp.min_points_per_centroid = 8
-        index.train(vecs[np.sort(rng.choice(n, min(n, nlist * 16), replace=False))])
-        index.nprobe = int(nprobe or 6)
-    index.add(vecs)
-    scores = np.empty((n, k), dtype=np.float32)
-    idx = np.empty((n, k), dtype=np.int64)
-    for start in range(0, n, 32768):
-        scores[start : start + 32768], idx[start : start + 32768] = index.search(vecs[start : start + 32768], k)
-    missing = (idx < 0).any(axis=1)
-    if missing.any():  # IVF lists can hold fewer than k points: search those rows exactly
-        exact_index = faiss.IndexFlatIP(dim) if kind == "ip" else faiss.IndexFlatL2(dim)
-        exact_index.add(vecs)
-        scores[missing], idx[missing] = exact_index.search(vecs[missing], k)
-    return scores, idx
-
-
-def knn_graph(x: np.ndarray, k: int, metric: str = "cosine", seed: int = 0, exact_max: int = EXACT_KNN_MAX,
-              nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The ``k`` nearest neighbours of every row (itself first, distance 0), via faiss.
-
-    Returns ``(indices int64 (N, k), distances float32 (N, k))`` in umap-learn's convention
-    (cosine distance = 1 - cos). Exact up to ``exact_max`` rows; above, an IVF index with
-    ~4 sqrt(N) lists probed ``nprobe`` at a time: nearly all true neighbours at a fraction
-    of brute force's cost. (A PCA-reduced search space was tried and lost most true
-    neighbours when clusters vary in many directions, so the search stays full-dimensional.)
-    Self is forced into column 0 so exact duplicates cannot push it out.
-    """
-    if metric not in FAISS_METRICS:
-        raise ValueError(f"faiss kNN supports {FAISS_METRICS}, not {metric!r}")
-    x = _as_float32(x)
-    n, dim = x.shape
-    k = min(k, n)
-    vecs, kind = _metric_space(x, metric)
-    vecs = np.ascontiguousarray(vecs, dtype=np.float32)
-    sims, idx = _faiss_search(vecs, k, kind, seed, exact=n <= exact_max, nprobe=nprobe)
-    dists = (1.0 - sims) if kind == "ip" else np.sqrt(np.maximum(sims, 0.0))
-    dists = np.maximum(dists, 0.0).astype(np.float32)
-    # Self first: move self (where found) to the end, keep the first k-1 others.
-    rows = np.arange(n)[:, None]
-    order = np.argsort(idx == rows, axis=1, kind="stable")[:, : k - 1]
-    out_idx = np.concatenate([rows, np.take_along_axis(idx, order, axis=1)], axis=1)
-    out_dist = np.concatenate([np.zeros((n, 1), np.float32), np.take_along_axis(dists, order, axis=1)], axis=1)
-    return out_idx.astype(np.int64), out_dist
 
 
 def _scaled_init(x: np.ndarray, n_components: int, seed: int) -> np.ndarray:
@@ -161,15 +83,18 @@ def embed(x: np.ndarray, method: str = "umap", n_components: int = 2, *, n_neigh
     ``n_epochs`` None means umap-learn's default (500) up to ``LARGE_N`` points and
     ``LARGE_N_EPOCHS`` above. ``pca`` reduces ``x`` to that many dimensions first (uncentred
     for cosine, so angles are kept). ``knn`` may pass a precomputed ``knn_graph`` of ``x``;
-    ``timings`` (a dict) receives seconds per step. Duplicate points are handled: if
-    umap-learn fails on them (RecursionError and friends) the data is jittered
-    by a tiny seeded amount and the fit retried.
+    ``timings`` (a dict) receives seconds per step. ``init`` is "pca" or "random" (UMAP).
+    Duplicate points are handled: if the graph or the optimisation fails on them
+    (RecursionError and friends, non-finite coordinates) the data is jittered by a tiny
+    seeded amount and the fit retried.
     """
     if method not in METHODS:
         raise AtlasError(f"unknown projection method '{method}'; choose one of {', '.join(METHODS)}")
+    if init not in ("pca", "random"):
+        raise AtlasError(f"unknown UMAP init '{init}'; choose pca or random")
     if n_components not in (1, 2):
         raise AtlasError(f"n_components must be 1 or 2, not {n_components}")
-    x = _as_float32(x)
+    x = as_float32(x)
     n = x.shape[0]
     if n == 0:
         raise AtlasError("nothing to project: no samples selected")
@@ -188,33 +113,36 @@ def embed(x: np.ndarray, method: str = "umap", n_components: int = 2, *, n_neigh
 
 def _umap(x: np.ndarray, n_components: int, n_neighbors: int, min_dist: float, metric: str, seed: int, n_epochs: int | None,
           init: str, knn: tuple[np.ndarray, np.ndarray] | None, verbose: bool, timings: dict) -> np.ndarray:
-    import umap
+    from umap.umap_ import find_ab_params, fuzzy_simplicial_set, nearest_neighbors
 
     n = x.shape[0]
     k = max(2, min(n_neighbors, n - 1))
-    if n_epochs is None and n > LARGE_N:
-        n_epochs = LARGE_N_EPOCHS
-    if knn is None and metric in FAISS_METRICS and n >= UMAP_SMALL:
-        t = time.perf_counter()
-        knn = knn_graph(x, k, metric, seed)
-        timings["knn"] = round(time.perf_counter() - t, 2)
-    t = time.perf_counter()
+    if n_epochs is None:
+        n_epochs = LARGE_N_EPOCHS if n > LARGE_N else SMALL_N_EPOCHS
+    a, b = find_ab_params(1.0, min_dist)
     data = x
     for attempt in range(3):
-        start_init: str | np.ndarray = _scaled_init(data, n_components, seed) if init == "pca" else init
-        if attempt == 2:
-            start_init = "random"  # last resort: no spectral/PCA step to fail on degenerate data
-        reducer = umap.UMAP(n_neighbors=k, n_components=n_components, min_dist=min_dist, metric=metric, random_state=seed,
-                            n_epochs=n_epochs, init=start_init, precomputed_knn=knn if knn is not None else (None, None, None),
-                            low_memory=True, verbose=verbose)
         try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*(n_jobs|precomputed_knn|disconnected|graph is not fully).*")
-                warnings.filterwarnings("ignore", category=UserWarning, module="umap")
-                out = reducer.fit_transform(data)
+            t = time.perf_counter()
+            if knn is None:
+                if metric in METRICS:
+                    knn = knn_graph(data, k, metric, seed)
+                else:  # other metrics: umap-learn's own search (NN-descent)
+                    knn = nearest_neighbors(data, k, metric, {}, False, np.random.RandomState(seed))[:2]
+            timings["knn"] = round(time.perf_counter() - t, 2)
+            t = time.perf_counter()
+            graph = fuzzy_simplicial_set(data, k, np.random.RandomState(seed), metric, knn_indices=knn[0][:, :k],
+                                         knn_dists=knn[1][:, :k])[0]
+            timings["graph"] = round(time.perf_counter() - t, 2)
+            t = time.perf_counter()
+            if init == "pca" and attempt < 2:
+                start = _scaled_init(data, n_components, seed)
+            else:  # last resort: no PCA step to fail on degenerate data
+                start = np.random.default_rng(seed).uniform(-10.0, 10.0, (n, n_components))
+            out = optimize_layout(graph, start, n_epochs, a, b, seed=seed, verbose=verbose)
+            timings["optimize"] = round(time.perf_counter() - t, 2)
             if np.isfinite(out).all():
-                timings["umap"] = round(time.perf_counter() - t, 2)
-                return np.asarray(out, dtype=np.float32)
+                return out
             problem = "non-finite coordinates"
         except (RecursionError, ValueError, ZeroDivisionError, FloatingPointError, np.linalg.LinAlgError) as exc:
             problem = f"{type(exc).__name__}: {exc}"
@@ -222,7 +150,7 @@ def _umap(x: np.ndarray, n_components: int, n_neighbors: int, min_dist: float, m
         rng = np.random.default_rng(seed + 1000 + attempt)
         scale = float(np.abs(x).mean()) or 1.0
         data = x + rng.normal(scale=1e-4 * scale, size=x.shape).astype(np.float32)
-        knn = knn_graph(data, k, metric, seed) if knn is not None else None
+        knn = None
         warnings.warn(f"umap failed ({problem}); retrying with jittered data", RuntimeWarning, stacklevel=2)
     raise AtlasError(f"UMAP failed on this data even after jittering ({problem}); try --method tsne or --method pca")
 
@@ -243,7 +171,7 @@ def _tsne(x: np.ndarray, n_components: int, metric: str, perplexity: float, seed
     from openTSNE.nearest_neighbors import PrecomputedNeighbors
 
     k = min(n - 1, int(3 * perplexity) + 1)
-    if metric in FAISS_METRICS:
+    if metric in METRICS:
         if knn is None or knn[0].shape[1] < k + 1:
             knn = knn_graph(x, k + 1, metric, seed)
         neighbours = PrecomputedNeighbors(knn[0][:, 1 : k + 1], knn[1][:, 1 : k + 1].astype(np.float64))
@@ -286,7 +214,7 @@ def normalize_layout(raw: np.ndarray, lo: float = 1.0, hi: float = 99.0, margin:
 
 def _neighbours(x: np.ndarray, k: int, metric: str) -> np.ndarray:
     """Exact k nearest neighbours within ``x``, self excluded (tie order is faiss's)."""
-    if metric in FAISS_METRICS:
+    if metric in METRICS:
         return knn_graph(x, k + 1, metric, exact_max=len(x) + 1)[0][:, 1:]
     from sklearn.neighbors import NearestNeighbors
 
