@@ -234,3 +234,39 @@ def test_tiny_inputs_do_not_crash():
     with pytest.raises(AtlasError, match="NaN"):
         embed(np.full((5, 4), np.nan, np.float32))
     assert layout.METHODS == ("umap", "tsne", "pca")
+
+
+def test_umap_optimiser_is_identical_on_one_and_two_threads_and_does_one_dimension():
+    import numba
+
+    x, labels = clustered(3000, 32, 4, seed=5)
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = embed(x, "umap", seed=3, n_epochs=40)
+        numba.set_num_threads(max(2, before))
+        two = embed(x, "umap", seed=3, n_epochs=40)
+    finally:
+        numba.set_num_threads(before)
+    np.testing.assert_array_equal(one, two)
+    line = embed(x, "umap", n_components=1, seed=0)  # 1-D needs the default 500 epochs at this size
+    assert line.shape == (3000, 1) and np.isfinite(line).all()
+    # 1-D: most of each point's 10 nearest points on the line share its cluster
+    nn = np.argsort(np.abs(line - line.T), axis=1)[:, 1:11]
+    assert (labels[nn] == labels[:, None]).mean() > 0.9
+
+
+def test_trustworthiness_and_exact_neighbours_agree_with_scikit_learn():
+    from sklearn.manifold import trustworthiness as sk_trustworthiness
+    from sklearn.neighbors import NearestNeighbors
+
+    x, _ = clustered(600, 16, 3, seed=6)
+    y = embed(x, "pca")
+    noisy = y + np.random.default_rng(0).normal(scale=y.std(), size=y.shape).astype(np.float32)
+    for metric in ("cosine", "euclidean"):
+        for layout_ in (y, noisy):
+            ours = layout.trustworthiness(x, layout_, 10, metric)
+            assert abs(ours - sk_trustworthiness(x.astype(np.float64), layout_.astype(np.float64), n_neighbors=10, metric=metric)) < 1e-6
+    idx, dist = knn_graph(x, 8, "euclidean")
+    ref_d, _ = NearestNeighbors(n_neighbors=8).fit(x).kneighbors(x)
+    np.testing.assert_allclose(dist, ref_d, atol=1e-3)

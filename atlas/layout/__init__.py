@@ -213,16 +213,42 @@ def normalize_layout(raw: np.ndarray, lo: float = 1.0, hi: float = 99.0, margin:
 
 
 def _neighbours(x: np.ndarray, k: int, metric: str) -> np.ndarray:
-    """Exact k nearest neighbours within ``x``, self excluded (tie order is faiss's)."""
-    if metric in METRICS:
-        return knn_graph(x, k + 1, metric, exact_max=len(x) + 1)[0][:, 1:]
-    from sklearn.neighbors import NearestNeighbors
+    """Exact k nearest neighbours within ``x``, self excluded (a k-d tree for layouts, GEMM or sklearn otherwise)."""
+    if x.shape[1] <= 3 and metric in ("euclidean", "l2"):
+        from scipy.spatial import cKDTree
 
-    nn = NearestNeighbors(n_neighbors=k + 1, metric=metric).fit(x)
-    idx = nn.kneighbors(x, return_distance=False)
+        idx = cKDTree(x).query(x, k + 1)[1]
+    elif metric in METRICS:
+        return knn_graph(x, k + 1, metric, exact_max=len(x) + 1)[0][:, 1:]
+    else:
+        from sklearn.neighbors import NearestNeighbors
+
+        idx = NearestNeighbors(n_neighbors=k + 1, metric=metric).fit(x).kneighbors(x, return_distance=False)
     rows = np.arange(len(x))[:, None]
     order = np.argsort(idx == rows, axis=1, kind="stable")[:, :k]
     return np.take_along_axis(idx, order, axis=1)
+
+
+def trustworthiness(x: np.ndarray, y: np.ndarray, k: int = 10, metric: str = "cosine") -> float:
+    """Venna and Kaski's trustworthiness of layout ``y`` of ``x``: 1 when every layout neighbour is a true one.
+
+    Each of a point's ``k`` layout neighbours that is not among its ``k`` nearest in ``x``
+    is penalised by how far down its ranking in ``x`` it sits. Needs all pairwise distances,
+    so call it on a subsample of a few thousand points.
+    """
+    from sklearn.metrics import pairwise_distances
+
+    n = x.shape[0]
+    dist = pairwise_distances(np.asarray(x, np.float32), metric=metric)
+    np.fill_diagonal(dist, np.inf)
+    near = _neighbours(np.asarray(y, np.float32).reshape(n, -1), k, "euclidean")
+    penalty = 0
+    for start in range(0, n, 256):
+        d = dist[start : start + 256]
+        to_near = np.take_along_axis(d, near[start : start + 256], axis=1)
+        ranks = (d[:, None, :] < to_near[:, :, None]).sum(axis=2) + 1  # 1 = the nearest point in x
+        penalty += int(np.maximum(ranks - k, 0).sum())
+    return float(1.0 - penalty * 2.0 / (n * k * (2.0 * n - 3.0 * k - 1.0)))
 
 
 def knn_recall(x: np.ndarray, y: np.ndarray, k: int = 10, n: int = 10000, seed: int = 0, metric: str = "cosine") -> float:
@@ -247,19 +273,13 @@ def knn_recall(x: np.ndarray, y: np.ndarray, k: int = 10, n: int = 10000, seed: 
 
 def layout_quality(x: np.ndarray, y: np.ndarray, metric: str = "cosine", seed: int = 0, n: int = 10000, n_trust: int = 2000) -> dict:
     """kNN recall (k=10, up to ``n`` points) and trustworthiness (k=10, up to ``n_trust`` points: it needs all pairwise ranks)."""
-    from sklearn.manifold import trustworthiness
-
     m = x.shape[0]
     quality = {"knn_recall_10": knn_recall(x, y, 10, n, seed, metric), "knn_recall_n": int(min(n, m))}
     if m > 11:
         sel = np.sort(np.random.default_rng(seed + 1).choice(m, min(n_trust, m), replace=False))
         k = min(10, (len(sel) - 1) // 2 - 1)
         if k >= 1:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                t = trustworthiness(np.asarray(x[sel], np.float64), np.asarray(y[sel], np.float64).reshape(len(sel), -1),
-                                    n_neighbors=k, metric=metric)
-            quality["trustworthiness"] = float(t)
+            quality["trustworthiness"] = trustworthiness(x[sel], y[sel], k, metric)
             quality["trustworthiness_n"] = int(len(sel))
     return {key: (None if isinstance(v, float) and math.isnan(v) else v) for key, v in quality.items()}
 

@@ -121,7 +121,8 @@ def knn_graph(x: np.ndarray, k: int, metric: str = "cosine", seed: int = 0, exac
     idx = np.full((n, k), -1, np.int64)
     for lst in range(len(bounds) - 1):
         cand = np.concatenate([np.arange(bounds[p], bounds[p + 1]) for p in probes[lst]])
-        pool = [part(bounds[p], bounds[p + 1]) for p in probes[lst]]
+        pool = [part(bounds[lst], bounds[lst + 1])] if len(probes[lst]) == 1 else [
+            (grouped[torch.from_numpy(cand)], None if grouped_sq is None else grouped_sq[torch.from_numpy(cand)])]
         for q0 in range(bounds[lst], bounds[lst + 1], QUERY_BLOCK):
             q1 = min(q0 + QUERY_BLOCK, bounds[lst + 1])
             d, where = _nearest(*part(q0, q1), pool, k)
