@@ -1,9 +1,9 @@
-"""Benchmark: `atlas project` (faiss kNN + umap-learn) against plain umap-learn, in one process.
+"""Benchmark: `atlas project` (atlas kNN graph + parallel reproducible optimiser) against plain umap-learn, in one process.
 
 Synthetic clustered 512-d data (tests/synthetic.py ``clustered``), N = 10k and 100k by
 default, 1M with ``--million``. For each N: wall time and peak memory (process RSS sampled
 every 20 ms in a thread, minus the RSS just before the run: native allocations of numba,
-faiss and BLAS are invisible to tracemalloc) of
+torch and BLAS are invisible to tracemalloc) of
 
 * atlas: ``atlas.layout.project`` on a synthetic run folder (reads the store, builds the
   layout, computes its quality figures, writes the layout), seed 0;

@@ -48,7 +48,7 @@ def test_umap_project_keeps_clusters_apart_and_follows_the_contract(tmp_path):
     assert dict(node.attrs)["summary"]["n"] == rows.size
 
 
-def test_seeded_umap_is_reproducible_on_the_faiss_path():
+def test_seeded_umap_is_reproducible():
     x, _ = clustered(4500, 32, 5, seed=3)
     a = embed(x, "umap", seed=7, n_epochs=30)
     b = embed(x, "umap", seed=7, n_epochs=30)
