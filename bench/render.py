@@ -19,6 +19,7 @@ lucent is not a project dependency: ``pip install --no-deps torch-lucent kornia=
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 
 from atlas.data import load_image, to_tensor
-from atlas.models import SHARED_WEIGHTS, autocast_dtype, load_model
+from atlas.models import SHARED_WEIGHTS, LocalResponseNorm, SpaceToDepthConv2d, autocast_dtype, load_model
 from atlas.render.export import sheet
 from atlas.render.objectives import Direction
 from atlas.render.optimize import Optimization, Settings, layer_output
@@ -43,6 +44,26 @@ def directions(net, n: int = 32) -> torch.Tensor:
     with torch.no_grad():
         acts = net.activations(x, [LAYER])[LAYER]
     return acts[:, :, 6:9, 6:9].mean((2, 3))
+
+
+def stock(net):
+    """A copy of ``net`` built from stock torch layers, as lucent's own model zoo has them.
+
+    atlas's InceptionV1 computes local response normalisation and the strided first
+    convolution its own (faster) way; lucent's ``inceptionv1`` uses ``F.local_response_norm``
+    and ``nn.Conv2d``. Same weights, same function (to ~1e-7).
+    """
+    net = copy.deepcopy(net)
+    for name, module in list(net.module.named_modules()):
+        parent, _, leaf = name.rpartition(".")
+        owner = net.module.get_submodule(parent) if parent else net.module
+        if isinstance(module, LocalResponseNorm):
+            setattr(owner, leaf, torch.nn.LocalResponseNorm(module.size, module.alpha, module.beta, module.k))
+        elif isinstance(module, SpaceToDepthConv2d):
+            plain = torch.nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding)
+            plain.load_state_dict(module.state_dict())
+            setattr(owner, leaf, plain.requires_grad_(False))
+    return net
 
 
 def measure(net, objective: Direction, images: torch.Tensor) -> float:
@@ -133,7 +154,8 @@ def table(args, runs, seconds, curves, have_lucent: bool, final: bool) -> str:
         reach = f"{hit[1]:.0f} s (step {hit[0]})" if hit else "not reached"
         print(f"| {name} | {r.done} | {rates[name]:.1f} | {curves[name][-1][2]:.3f} | {reach} |")
     if have_lucent:
-        print(f"\nspeed-up of {first} over lucent fixed_image_size=80: {rates[first] / rates['lucent fixed_image_size=80']:.2f}x")
+        for name in ("lucent fixed_image_size=80", "lucent fixed_image_size=80, atlas's model"):
+            print(f"\nspeed-up of {first} over {name}: {rates[first] / rates[name]:.2f}x")
     cos_at = {name: {s: round(c, 3) for s, _, c in curves[name] if s in (16, 32, 64, 128, 256, 512)} for name in runs}
     print("mean cos(h, v) by step:", cos_at, flush=True)
     return first
@@ -175,8 +197,9 @@ def main() -> None:
                                   replace(settings, steps=args.fp32_steps, precision="fp32", channels_last=False)),
     }
     if have_lucent:
-        runs["lucent fixed_image_size=80"] = Lucent(net, Direction(v), args.n, args.size, args.size, args.steps, 0)
-        runs["lucent default (224 px)"] = Lucent(net, Direction(v), args.n, args.size, None, args.default_steps, 0)
+        runs["lucent fixed_image_size=80"] = Lucent(stock(net), Direction(v), args.n, args.size, args.size, args.steps, 0)
+        runs["lucent fixed_image_size=80, atlas's model"] = Lucent(net, Direction(v), args.n, args.size, args.size, args.steps, 0)
+        runs["lucent default (224 px)"] = Lucent(stock(net), Direction(v), args.n, args.size, None, args.default_steps, 0)
     seconds = dict.fromkeys(runs, 0.0)
     curves: dict[str, list[tuple[int, float, float]]] = {name: [] for name in runs}
     while any(r.done < r.steps for r in runs.values()):
