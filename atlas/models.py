@@ -55,6 +55,29 @@ class SamePad(nn.Module):
         return F.pad(x, pads, value=self.value)
 
 
+class _LocalResponseNorm(torch.autograd.Function):
+    """y = x * (k + a * band(x^2))^-beta, with a backward that reuses the forward's power.
+
+    Autograd of the plain expression computes a second ``pow`` and keeps more
+    intermediates; here d^(-beta-1) is (d^-beta) / d.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, band: torch.Tensor, scale: float, beta: float, k: float) -> torch.Tensor:
+        d = F.conv2d(x * x, band) * scale + k
+        r = torch.exp(torch.log(d) * -beta)
+        ctx.save_for_backward(x, d, r, band)
+        ctx.scale, ctx.beta = scale, beta
+        return x * r
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, d, r, band = ctx.saved_tensors
+        gr = grad * r
+        back = F.conv2d(gr * x / d, band.transpose(0, 1))
+        return gr - (2.0 * ctx.scale * ctx.beta) * x * back, None, None, None, None
+
+
 class LocalResponseNorm(nn.Module):
     """Cross-channel local response normalisation: the function of ``nn.LocalResponseNorm``, faster.
 
@@ -78,7 +101,10 @@ class LocalResponseNorm(nn.Module):
         return self._bands[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        sums = F.conv2d(x * x, self._band(x.shape[1], x))
+        band = self._band(x.shape[1], x)
+        if torch.is_grad_enabled() and x.requires_grad:  # backward-mode: the function above (forward-mode AD uses the plain path)
+            return _LocalResponseNorm.apply(x, band, self.alpha / self.size, self.beta, self.k)
+        sums = F.conv2d(x * x, band)
         return x * (sums * (self.alpha / self.size) + self.k).pow(-self.beta)
 
 
