@@ -50,7 +50,7 @@ class FFTImage(torch.nn.Module):
         """(n, 3, h, w) float32 in (0, 1)."""
         spectrum = torch.view_as_complex(self.spectrum) * self.scale
         x = torch.fft.irfft2(spectrum, s=(self.h, self.w), norm="ortho") / FFT_DIVISOR
-        x = torch.einsum("ij,njhw->nihw", self.color, x)
+        x = (self.color @ x.flatten(2)).view_as(x)  # colour mixing per pixel, as a matrix product (faster than einsum)
         return torch.sigmoid(x)
 
 

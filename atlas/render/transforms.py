@@ -71,12 +71,13 @@ def apply(images: torch.Tensor, params: torch.Tensor, size_out: int, zoom: float
     scale, angle, dx, dy = params.to(images.device, torch.float32).unbind(1)
     span = size_out / (zoom * scale)  # icon pixels covered by the view
     cos, sin = torch.cos(angle), torch.sin(angle)
-    theta = torch.stack([
-        torch.stack([cos * span / w, -sin * span / w, 2 * dx / w], 1),
-        torch.stack([sin * span / h, cos * span / h, 2 * dy / h], 1),
-    ], 1)  # fmt: skip
-    grid = F.affine_grid(theta.to(images.dtype), [n, 3, size_out, size_out], align_corners=False)
-    out = F.grid_sample(images - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    # affine_grid's sampling grid, built by broadcasting (its batched matrix product is slow on CPU):
+    # output pixel centres u, v in (-1, 1) map to x = a u + b v + c, y = d u + e v + f.
+    u = (torch.arange(size_out, device=images.device, dtype=torch.float32) * 2 + 1) / size_out - 1
+    a, b, c = (cos * span / w)[:, None, None], (-sin * span / w)[:, None, None], (2 * dx / w)[:, None, None]
+    d, e, f = (sin * span / h)[:, None, None], (cos * span / h)[:, None, None], (2 * dy / h)[:, None, None]
+    grid = torch.stack([a * u[None, None, :] + b * u[None, :, None] + c, d * u[None, None, :] + e * u[None, :, None] + f], -1)
+    out = F.grid_sample(images - fill, grid.to(images.dtype), mode="bilinear", padding_mode="zeros", align_corners=False)
     return out + fill
 
 
