@@ -83,6 +83,9 @@ def _lists(vecs: torch.Tensor, n: int, exact: bool, seed: int, spherical: bool, 
     order = np.argsort(assign, kind="stable")
     bounds = np.searchsorted(assign[order], np.arange(n_lists + 1))
     probes = _scores(cent, cent, None if spherical else (cent * cent).sum(1)).topk(min(nprobe, n_lists), dim=1).indices.numpy()
+    own = np.arange(n_lists)
+    lost = ~(probes == own[:, None]).any(axis=1)  # duplicate centroids can tie a list out of its own probes
+    probes[lost, -1] = own[lost]
     return order, bounds, probes
 
 
