@@ -183,7 +183,7 @@ def build(config: dict, dry_run: bool = False, echo=print) -> BuildResult:
         for layer in run["layers"] if stage != "sample" else []:
             if stage == "project":
                 layout.project(out, layer, method=s["method"], n_neighbors=s["n_neighbors"], min_dist=s["min_dist"], metric=s["metric"],
-                               pca=s["pca"], seed=s["seed"], outside=s["outside"])
+                               pca=s["pca"], seed=s["seed"], outside=s["outside"], progress=True)
             elif stage == "grid":
                 grid.grid(out, layer, list(s["sizes"]), min_count=s["min_count"])
             elif stage == "render":

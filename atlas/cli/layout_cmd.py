@@ -32,7 +32,7 @@ def project_cmd(
     if pca is not None and pca < 1:
         raise AtlasError("--pca must be a positive number of dimensions")
     attrs = project(run_dir, layer, method=method, atlas=atlas, n_neighbors=neighbors, min_dist=min_dist, metric=metric, pca=pca,
-                    seed=seed, outside=outside)
+                    seed=seed, outside=outside, progress=True)
     s = attrs["summary"]
     recall = "n/a" if s["knn_recall_10"] is None else f"{s['knn_recall_10']:.3f}"
     trust = "n/a" if s.get("trustworthiness") is None else f"{s['trustworthiness']:.3f}"

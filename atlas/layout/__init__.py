@@ -77,13 +77,15 @@ def _scaled_init(x: np.ndarray, n_components: int, seed: int) -> np.ndarray:
 def embed(x: np.ndarray, method: str = "umap", n_components: int = 2, *, n_neighbors: int = 50, min_dist: float = 0.05,
           metric: str = "cosine", pca: int | None = None, seed: int = 0, n_epochs: int | None = None, init: str = "pca",
           perplexity: float = 30.0, knn: tuple[np.ndarray, np.ndarray] | None = None, verbose: bool = False,
-          timings: dict | None = None) -> np.ndarray:
+          progress: bool = False, timings: dict | None = None) -> np.ndarray:
     """Embed rows of ``x`` in ``n_components`` dimensions (1 or 2); seeded and reproducible.
 
     ``n_epochs`` None means umap-learn's default (500) up to ``LARGE_N`` points and
     ``LARGE_N_EPOCHS`` above. ``pca`` reduces ``x`` to that many dimensions first (uncentred
     for cosine, so angles are kept). ``knn`` may pass a precomputed ``knn_graph`` of ``x``;
     ``timings`` (a dict) receives seconds per step. ``init`` is "pca" or "random" (UMAP).
+    ``progress`` shows bars for UMAP's kNN search and epochs; ``verbose`` also lets
+    openTSNE print its log.
     Duplicate points are handled: if the graph or the optimisation fails on them
     (RecursionError and friends, non-finite coordinates) the data is jittered by a tiny
     seeded amount and the fit retried.
@@ -108,11 +110,12 @@ def embed(x: np.ndarray, method: str = "umap", n_components: int = 2, *, n_neigh
         return pca_project(x, n_components, center=True)
     if method == "tsne":
         return _tsne(x, n_components, metric, perplexity, seed, knn, verbose)
-    return _umap(x, n_components, n_neighbors, min_dist, metric, seed, n_epochs, init, knn, verbose, timings if timings is not None else {})
+    return _umap(x, n_components, n_neighbors, min_dist, metric, seed, n_epochs, init, knn, verbose or progress,
+                 timings if timings is not None else {})
 
 
 def _umap(x: np.ndarray, n_components: int, n_neighbors: int, min_dist: float, metric: str, seed: int, n_epochs: int | None,
-          init: str, knn: tuple[np.ndarray, np.ndarray] | None, verbose: bool, timings: dict) -> np.ndarray:
+          init: str, knn: tuple[np.ndarray, np.ndarray] | None, progress: bool, timings: dict) -> np.ndarray:
     from umap.umap_ import find_ab_params, fuzzy_simplicial_set, nearest_neighbors
 
     n = x.shape[0]
@@ -126,7 +129,7 @@ def _umap(x: np.ndarray, n_components: int, n_neighbors: int, min_dist: float, m
             t = time.perf_counter()
             if knn is None:
                 if metric in METRICS:
-                    knn = knn_graph(data, k, metric, seed)
+                    knn = knn_graph(data, k, metric, seed, progress=progress)
                 else:  # other metrics: umap-learn's own search (NN-descent)
                     knn = nearest_neighbors(data, k, metric, {}, False, np.random.RandomState(seed))[:2]
             timings["knn"] = round(time.perf_counter() - t, 2)
@@ -139,7 +142,7 @@ def _umap(x: np.ndarray, n_components: int, n_neighbors: int, min_dist: float, m
                 start = _scaled_init(data, n_components, seed)
             else:  # last resort: no PCA step to fail on degenerate data
                 start = np.random.default_rng(seed).uniform(-10.0, 10.0, (n, n_components))
-            out = optimize_layout(graph, start, n_epochs, a, b, seed=seed, verbose=verbose)
+            out = optimize_layout(graph, start, n_epochs, a, b, seed=seed, verbose=progress)
             timings["optimize"] = round(time.perf_counter() - t, 2)
             if np.isfinite(out).all():
                 return out
@@ -373,12 +376,14 @@ def _select_rows(root, layer: str, rows) -> tuple[np.ndarray, int]:
 
 def project(run_dir: str | Path, layer: str, method: str = "umap", atlas: str = FULL_ATLAS, rows=None, n_neighbors: int = 50,
             min_dist: float = 0.05, metric: str = "cosine", pca: int | None = None, seed: int = 0, outside: str = "edge",
-            n_epochs: int | None = None, perplexity: float = 30.0, margin: float = 0.1, verbose: bool = False) -> dict:
+            n_epochs: int | None = None, perplexity: float = 30.0, margin: float = 0.1, verbose: bool = False,
+            progress: bool = False) -> dict:
     """Lay out a layer's samples and store the result; returns the layout's attrs (incl. ``summary``).
 
     ``rows`` selects a subset (boolean mask over all rows or integer indices); invalid rows
     in it are skipped. ``outside`` says what the grid does with points beyond the clip box:
     "edge" keeps them in the edge cells, "drop" leaves them out (the layout keeps them, flagged).
+    ``progress`` shows progress bars (the command line and ``atlas build`` turn them on).
     """
     if method not in METHODS:
         raise AtlasError(f"unknown projection method '{method}'; choose one of {', '.join(METHODS)}")
@@ -396,7 +401,7 @@ def project(run_dir: str | Path, layer: str, method: str = "umap", atlas: str = 
     timings = {"read": round(time.perf_counter() - started, 2)}
     t = time.perf_counter()
     raw = embed(x, method, 2, n_neighbors=n_neighbors, min_dist=min_dist, metric=metric, pca=pca, seed=seed, n_epochs=n_epochs,
-                perplexity=perplexity, verbose=verbose, timings=timings)
+                perplexity=perplexity, verbose=verbose, progress=progress, timings=timings)
     timings["embed"] = round(time.perf_counter() - t, 2)
     xy, inside = normalize_layout(raw, margin=margin)
     t = time.perf_counter()

@@ -15,6 +15,7 @@ import math
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from atlas.errors import AtlasError
 
@@ -99,7 +100,7 @@ def _nearest(queries: torch.Tensor, q_sq: torch.Tensor | None, pool: list[tuple[
 
 
 def knn_graph(x: np.ndarray, k: int, metric: str = "cosine", seed: int = 0, exact_max: int = EXACT_MAX,
-              nprobe: int = NPROBE) -> tuple[np.ndarray, np.ndarray]:
+              nprobe: int = NPROBE, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` nearest neighbours of every row (itself first, distance 0).
 
     Returns ``(indices int64 (N, k), distances float32 (N, k))`` in umap-learn's convention
@@ -122,7 +123,7 @@ def knn_graph(x: np.ndarray, k: int, metric: str = "cosine", seed: int = 0, exac
 
     dists = np.zeros((n, k), np.float32)
     idx = np.full((n, k), -1, np.int64)
-    for lst in range(len(bounds) - 1):
+    for lst in tqdm(range(len(bounds) - 1), desc="kNN graph", unit="list", disable=not progress):
         cand = np.concatenate([np.arange(bounds[p], bounds[p + 1]) for p in probes[lst]])
         pool = [part(bounds[lst], bounds[lst + 1])] if len(probes[lst]) == 1 else [
             (grouped[torch.from_numpy(cand)], None if grouped_sq is None else grouped_sq[torch.from_numpy(cand)])]
