@@ -36,7 +36,7 @@ DEFAULTS: dict[str, dict] = {
 SPEED_ONLY = {"sample": {"batch_size", "workers", "device"}, "render": {"device", "batch"}}
 # Rough single-machine costs for --dry-run, from the bench/ figures on a 2-core CPU.
 CPU_IMAGES_PER_S = {True: 6.0, False: 20.0}
-CPU_ICON_STEPS_PER_S = 120.0
+CPU_ICON_STEPS_PER_S = 240.0  # bench/render.py: 264 at 80 px, batch 32
 
 
 @dataclass
@@ -134,7 +134,7 @@ def estimate(config: dict, n_images: int) -> dict[str, float]:
     canvas = max(config["grid"]["sizes"]) * size
     return {
         "sample": n_images * layers / CPU_IMAGES_PER_S[bool(config["sample"]["attribution"])],
-        "project": layers * (5 + n / 2000.0),
+        "project": layers * (3 + n / 3500.0),  # bench/layout.py: 16 s at 100k, 290 s at 1M
         "grid": layers * (2 + n / 50000.0),
         "render": layers * (icon_seconds if config["render"]["icons"] == "optimize" else cells * 0.05),
         "tiles": layers * (1 + canvas * canvas / 2e7),
