@@ -55,6 +55,11 @@ class SamePad(nn.Module):
         return F.pad(x, pads, value=self.value)
 
 
+def _lrn_base(x: torch.Tensor, band: torch.Tensor, scale: float, k: float) -> torch.Tensor:
+    """k + scale * (sum of squares over each channel's window): what LRN raises to -beta."""
+    return F.conv2d(x * x, band) * scale + k
+
+
 class _LocalResponseNorm(torch.autograd.Function):
     """y = x * (k + a * band(x^2))^-beta, with a backward that reuses the forward's power.
 
@@ -64,7 +69,7 @@ class _LocalResponseNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, band: torch.Tensor, scale: float, beta: float, k: float) -> torch.Tensor:
-        d = F.conv2d(x * x, band) * scale + k
+        d = _lrn_base(x, band, scale, k)
         r = torch.exp(torch.log(d) * -beta)
         ctx.save_for_backward(x, d, r, band)
         ctx.scale, ctx.beta = scale, beta
@@ -104,8 +109,7 @@ class LocalResponseNorm(nn.Module):
         band = self._band(x.shape[1], x)
         if torch.is_grad_enabled() and x.requires_grad:  # backward-mode: the function above (forward-mode AD uses the plain path)
             return _LocalResponseNorm.apply(x, band, self.alpha / self.size, self.beta, self.k)
-        sums = F.conv2d(x * x, band)
-        return x * (sums * (self.alpha / self.size) + self.k).pow(-self.beta)
+        return x * _lrn_base(x, band, self.alpha / self.size, self.k).pow(-self.beta)
 
 
 class SpaceToDepthConv2d(nn.Conv2d):

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from atlas.errors import AtlasError
-from atlas.layout.neighbors import METRICS, as_float32, knn_graph
+from atlas.layout.neighbors import METRICS, as_float32, knn_graph, others_first
 from atlas.layout.optimize import optimize_layout
 from atlas.store import FULL_ATLAS, log, open_store, read_rows, require_layer, write_array
 
@@ -227,9 +227,7 @@ def _neighbours(x: np.ndarray, k: int, metric: str) -> np.ndarray:
         from sklearn.neighbors import NearestNeighbors
 
         idx = NearestNeighbors(n_neighbors=k + 1, metric=metric).fit(x).kneighbors(x, return_distance=False)
-    rows = np.arange(len(x))[:, None]
-    order = np.argsort(idx == rows, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(idx, order, axis=1)
+    return np.take_along_axis(idx, others_first(idx, k), axis=1)
 
 
 def trustworthiness(x: np.ndarray, y: np.ndarray, k: int = 10, metric: str = "cosine") -> float:

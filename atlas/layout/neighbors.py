@@ -138,9 +138,16 @@ def knn_graph(x: np.ndarray, k: int, metric: str = "cosine", seed: int = 0, exac
         rows = torch.from_numpy(missing[q0 : q0 + QUERY_BLOCK])
         d, where = _nearest(vecs[rows], None if sq is None else sq[rows], [(vecs, sq)], k)
         idx[rows.numpy()], dists[rows.numpy()] = where, d
-    # Self first: move self (where found) to the end, keep the first k-1 others.
-    own = np.arange(n)[:, None]
-    keep = np.argsort(idx == own, axis=1, kind="stable")[:, : k - 1]
-    out_idx = np.concatenate([own, np.take_along_axis(idx, keep, axis=1)], axis=1)
+    keep = others_first(idx, k - 1)
+    out_idx = np.concatenate([np.arange(n)[:, None], np.take_along_axis(idx, keep, axis=1)], axis=1)
     out_dist = np.concatenate([np.zeros((n, 1), np.float32), np.take_along_axis(dists, keep, axis=1)], axis=1)
     return out_idx, out_dist
+
+
+def others_first(idx: np.ndarray, m: int) -> np.ndarray:
+    """Column positions of the first ``m`` entries of each row of ``idx`` that are not the row itself.
+
+    Row i of a neighbour list should hold i first, but exact duplicates tie with it, so i
+    may sit anywhere or be missing; this keeps the others in their order either way.
+    """
+    return np.argsort(idx == np.arange(len(idx))[:, None], axis=1, kind="stable")[:, :m]
