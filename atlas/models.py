@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -32,8 +34,6 @@ INCEPTION_LAYERS = [
 _MIXED = [n for n in INCEPTION_LAYERS if n.startswith("mixed")]
 # torchvision's googlenet names its blocks inception3a ... inception5b.
 GOOGLENET_ALIASES = {n: "inception" + n[len("mixed") :] for n in _MIXED} | {"logits": "fc"}
-LUCENT_URL = "https://github.com/ProGamerGov/pytorch-old-tensorflow-models/raw/master/inception5h.pth"
-SHARED_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "models" / "bvlc_googlenet.safetensors"
 
 
 # --------------------------------------------------------------------------------------
@@ -307,35 +307,123 @@ def inceptionv1(weights: str | Path | None = None) -> InceptionV1:
     return model
 
 
-def resolve_weights(weights: str | Path | None) -> Path:
-    """The weights file to load: the argument, $ATLAS_WEIGHTS, or ../shared beside the checkout."""
-    candidate = weights or os.environ.get("ATLAS_WEIGHTS")
-    if candidate:
-        path = Path(candidate).expanduser()
+# --------------------------------------------------------------------------------------
+# Where the weights come from
+# --------------------------------------------------------------------------------------
+# Lucid's InceptionV1 (inception5h) as ported to PyTorch for lucent. Neither its author nor
+# lucent (which downloads it unchecked) has published a sha256 of this file, so there is none
+# to check a download against: atlas downloads it but will not use it until the user vouches
+# for it (ATLAS_WEIGHTS_SHA256, or --weights pointing at the downloaded file).
+LUCENT_URL = "https://github.com/ProGamerGov/pytorch-old-tensorflow-models/raw/master/inception5h.pth"
+LUCENT_SHA256: str | None = None
+INCEPTION_FILES = ("bvlc_googlenet.safetensors", "inception5h.pth")  # what the cache may hold, in order of preference
+DOWNLOAD_TIMEOUT = 30.0  # seconds without a byte before a download counts as failed
+
+
+def cache_dir() -> Path:
+    """atlas's user cache: ``$XDG_CACHE_HOME/atlas``, else ``~/.cache/atlas`` (a relative XDG path is ignored, as the spec says)."""
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".cache"
+    return base / "atlas"
+
+
+def local_weights(weights: str | Path | None) -> Path | None:
+    """The InceptionV1 weights file already on this machine: ``weights`` > ``$ATLAS_WEIGHTS`` > the cache; None if none.
+
+    A given ``weights`` or ``$ATLAS_WEIGHTS`` that is not a file is an error, never skipped.
+    """
+    if weights:
+        path = Path(weights).expanduser()
         if not path.is_file():
             raise AtlasError(f"weights file not found: {path}")
         return path
-    if SHARED_WEIGHTS.is_file():
-        return SHARED_WEIGHTS
-    cache = Path(torch.hub.get_dir()) / "checkpoints" / "inception5h.pth"
-    if not cache.is_file():
+    env = os.environ.get("ATLAS_WEIGHTS")
+    if env:
+        path = Path(env).expanduser()
+        if not path.is_file():
+            raise AtlasError(f"weights file not found: {path} (from ATLAS_WEIGHTS)")
+        return path
+    for name in INCEPTION_FILES:
+        if (cache_dir() / name).is_file():
+            return cache_dir() / name
+    return None
+
+
+def resolve_weights(weights: str | Path | None) -> Path:
+    """The InceptionV1 weights file to load: ``weights`` > ``$ATLAS_WEIGHTS`` > the user cache > a checked download into it.
+
+    The download is ``$ATLAS_WEIGHTS_URL`` (default: lucent's inception5h.pth) and is used only
+    when its sha256 equals the known one (``$ATLAS_WEIGHTS_SHA256``; none is published for the
+    default file, see ``LUCENT_SHA256``).
+    """
+    path = local_weights(weights)
+    if path is not None:
+        return path
+    url = os.environ.get("ATLAS_WEIGHTS_URL") or LUCENT_URL
+    want = (os.environ.get("ATLAS_WEIGHTS_SHA256") or (LUCENT_SHA256 if url == LUCENT_URL else None) or "").strip().lower() or None
+    name = Path(urllib.parse.urlsplit(url).path).name or "weights.pth"
+    target = cache_dir() / name
+    looked = f"--weights not given, ATLAS_WEIGHTS unset, none of {', '.join(INCEPTION_FILES)} in {cache_dir()}"
+    unverified = target.with_name(name + ".unverified")
+    if not unverified.is_file():
         try:
-            torch.hub.download_url_to_file(LUCENT_URL, str(cache), progress=True)
-        except Exception as exc:  # noqa: BLE001 - any network failure means the same to the user
-            raise AtlasError(
-                f"no InceptionV1 weights: download failed ({type(exc).__name__}); "
-                "pass --weights PATH (a .safetensors BVLC file or lucent's inception5h.pth) or set ATLAS_WEIGHTS"
-            ) from None
-    return cache
+            _download(url, unverified)
+        except (OSError, ValueError) as exc:  # URLError and timeouts are OSErrors; ValueError: a malformed URL
+            raise AtlasError(f"no InceptionV1 weights ({looked}); tried to download {url} and couldn't ({_reason(exc)}); "
+                             "pass --weights PATH (BVLC .safetensors or lucent's inception5h.pth) or set ATLAS_WEIGHTS") from None
+    got = _sha256(unverified)
+    if want is None:
+        raise AtlasError(f"downloaded {url} to {unverified}, but no sha256 is known for it, so atlas will not use it unchecked "
+                         f"(its sha256 is {got}): if you trust it, set ATLAS_WEIGHTS_SHA256={got} or pass --weights {unverified}")
+    if got != want:
+        unverified.unlink()
+        raise AtlasError(f"downloaded {url} has sha256 {got}, not the expected {want}; deleted it, not used "
+                         "(pass --weights PATH to a file you trust)")
+    os.replace(unverified, target)
+    return target
+
+
+def _download(url: str, dest: Path) -> None:
+    """Stream ``url`` into ``dest`` through a ``.partial`` file, so an interrupted download never looks complete.
+
+    The progress bar appears only once the server answers: a failed connection prints nothing
+    but the caller's one-line error.
+    """
+    from tqdm import tqdm
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    partial = dest.with_name(dest.name + ".partial")
+    try:
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT) as response, open(partial, "wb") as out:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {dest.name}", leave=False) as bar:
+                while block := response.read(1 << 20):
+                    out.write(block)
+                    bar.update(len(block))
+        os.replace(partial, dest)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _reason(exc: BaseException) -> str:
+    """A short cause for a failed download: the URLError's reason, else the exception's own text."""
+    reason = getattr(exc, "reason", None) or exc
+    text = getattr(reason, "strerror", None) or str(reason)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 # --------------------------------------------------------------------------------------
 # Class names
 # --------------------------------------------------------------------------------------
 def synset_words(weights: str | Path | None = None) -> list[tuple[str, str]]:
-    """(synset, name) pairs from a synset_words.txt beside the weights or in ../shared; [] if none."""
+    """(synset, name) pairs from a ``synset_words.txt`` beside the weights, else in the user cache; [] if none.
+
+    The file (Caffe's ILSVRC-2012 list: one ``nXXXXXXXX name, synonyms`` line per class, in
+    logit order) is not shipped with atlas; without it class names come from torchvision's
+    list and synset ids are unknown (see :func:`imagenet_classes`).
+    """
     places = [Path(weights).expanduser().parent] if weights and not str(weights).startswith("torchvision:") else []
-    places.append(SHARED_WEIGHTS.parent)
+    places.append(cache_dir())
     for place in places:
         path = place / "synset_words.txt"
         if path.is_file():
@@ -490,23 +578,48 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def load_model(name: str = "inceptionv1", weights: str | Path | None = None, device: str = "cpu") -> Network:
+def load_model(name: str = "inceptionv1", weights: str | Path | None = None, device: str = "cpu", pretrained: bool = True) -> Network:
     """Load a model of the zoo by name, ready for inference on ``device``.
 
-    ``inceptionv1`` reads BVLC (.safetensors) or Lucid inception5h (.pth) weights; any other
-    name is a torchvision classifier, with ``weights`` a local state dict or, when None,
-    torchvision's pretrained weights (downloaded, so online only).
+    ``inceptionv1`` reads BVLC (.safetensors) or Lucid inception5h (.pth) weights, found by
+    :func:`resolve_weights`; any other name is a torchvision classifier, with ``weights`` a
+    local state dict or, when None, torchvision's pretrained weights from the user cache
+    (``cache_dir()/torchvision``), downloaded there with torchvision's hash check when missing.
+    ``pretrained=False`` builds the architecture alone when no weights are given (enough
+    to list layers): no download, random parameters; for InceptionV1 it still reads local
+    weights when there are some, since they decide the variant (BVLC or Lucid).
     """
+    from atlas.settings import check_device
+
+    check_device(device)  # before reading weights: --device cuda without a GPU is one line, not a torch traceback
     if name in ("inceptionv1", "inception_v1", "inception5h"):
-        path = resolve_weights(weights)
-        module = inceptionv1(path)
-        net = Network(name="inceptionv1", module=module, weights=str(path), weights_sha256=_sha256(path))
+        path = resolve_weights(weights) if pretrained else local_weights(weights)
+        if path is None:
+            net = Network(name="inceptionv1", module=InceptionV1(BVLC_BLOCKS, 1000, style="caffe"), weights="", weights_sha256="")
+        else:
+            with _weights_file(path, "InceptionV1"):
+                module = inceptionv1(path)
+            net = Network(name="inceptionv1", module=module, weights=str(path), weights_sha256=_sha256(path))
     else:
-        net = _torchvision(name, weights)
+        net = _torchvision(name, weights, pretrained)
     net.module.eval().requires_grad_(False).to(device)
     num_classes = _num_classes(net.module)
     net.classes = imagenet_classes(num_classes, net.weights)
     return net
+
+
+@contextmanager
+def _weights_file(path: Path, model: str) -> Iterator[None]:
+    """Turn any failure to read or fit a weights file (random bytes, a truncated download, another model's
+    tensors) into one line naming the file; torch's and safetensors' own messages span many lines."""
+    try:
+        yield
+    except AtlasError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - pickle, safetensors, zip and shape errors all mean "not this model's weights"
+        text = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+        reason = f"{type(exc).__name__}: {text[:160]}" if text else type(exc).__name__
+        raise AtlasError(f"weights file {path} is not readable {model} weights ({reason}); pass --weights PATH to a valid file") from None
 
 
 def _num_classes(module: nn.Module) -> int:
@@ -514,7 +627,25 @@ def _num_classes(module: nn.Module) -> int:
     return last.out_features
 
 
-def _torchvision(name: str, weights: str | Path | None) -> Network:
+def _torchvision_state(name: str, default) -> tuple[dict, Path]:
+    """torchvision's pretrained state dict for ``default`` (a Weights entry), from the user cache or downloaded into it."""
+    model_dir = cache_dir() / "torchvision"
+    file = model_dir / Path(urllib.parse.urlsplit(default.url).path).name
+    try:
+        # check_hash: torchvision's file names carry the first hex digits of the file's sha256
+        state = torch.hub.load_state_dict_from_url(default.url, model_dir=str(model_dir), map_location="cpu", progress=True,
+                                                   check_hash=True, weights_only=True)
+    except RuntimeError as exc:
+        if "hash" not in str(exc):
+            raise
+        raise AtlasError(f"downloaded {default.url} failed torchvision's sha256 check ({exc}); not used") from None
+    except (OSError, ValueError) as exc:
+        raise AtlasError(f"no torchvision weights for {name}: none in {model_dir}; tried to download {default.url} and couldn't "
+                         f"({_reason(exc)}); pass --weights PATH to a local state dict") from None
+    return state, file
+
+
+def _torchvision(name: str, weights: str | Path | None, pretrained: bool = True) -> Network:
     import torchvision
 
     try:
@@ -523,31 +654,27 @@ def _torchvision(name: str, weights: str | Path | None) -> Network:
         known = ", ".join(sorted(torchvision.models.list_models(module=torchvision.models)))
         raise AtlasError(f"unknown model '{name}'; choose inceptionv1 or a torchvision classifier: {known}") from None
     kwargs = {"aux_logits": False, "init_weights": False} if name in ("googlenet", "inception_v3") else {}
-    if weights:
-        path = Path(weights).expanduser()
-        if not path.is_file():
-            raise AtlasError(f"weights file not found: {path}")
-        module = builder(weights=None, **kwargs)
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = {k: v for k, v in state.items() if not k.startswith("aux")}
-        module.load_state_dict(state)
-        label, sha = str(path), _sha256(path)
-        transform_input = name in ("googlenet", "inception_v3")
-    else:
-        try:
+    module = builder(weights=None, **kwargs)
+    label, sha = "", ""
+    if weights or pretrained:
+        if weights:
+            path = Path(weights).expanduser()
+            if not path.is_file():
+                raise AtlasError(f"weights file not found: {path}")
+            with _weights_file(path, name):
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            label = str(path)
+        else:
             default = torchvision.models.get_model_weights(name).DEFAULT
-            module = builder(weights=default, **({"aux_logits": True} if kwargs else {}))
-        except Exception as exc:  # noqa: BLE001
-            raise AtlasError(
-                f"cannot get torchvision weights for {name} ({type(exc).__name__}: offline?); pass --weights PATH to a local state dict"
-            ) from None
-        label, sha = f"torchvision:{default}", ""
-        transform_input = False
-        if hasattr(module, "aux_logits"):
-            module.aux_logits = False
-            module.aux1 = module.aux2 = None
+            state, path = _torchvision_state(name, default)
+            label = f"torchvision:{default}"
+        state = {k: v for k, v in state.items() if not k.startswith("aux")}  # the auxiliary heads are not built
+        with _weights_file(path, name):
+            module.load_state_dict(state)
+        sha = _sha256(path)
     if hasattr(module, "transform_input"):
-        module.transform_input = transform_input
+        # googlenet / inception_v3 weights expect torchvision's input transform (it is on when torchvision loads them itself)
+        module.transform_input = bool(label)
     wrapped = nn.Sequential()
     wrapped.add_module("preprocess", Preprocess(bgr=False, mean=(0.485, 0.456, 0.406), scale=1.0))
     # ImageNet std division, folded into the wrapper so callers give plain RGB [0, 1].

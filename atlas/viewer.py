@@ -3,8 +3,10 @@
 The viewer (``atlas/viewer_static``) is plain HTML/JS on top of OpenSeadragon, which is
 installed from npm at the version pinned in the repository's ``package.json`` and copied
 into ``RUN/tiles/openseadragon/`` (never vendored into the repository). It is looked up in
-``$ATLAS_OPENSEADRAGON`` (a folder holding ``openseadragon.min.js``), then in
-``node_modules/openseadragon/build/openseadragon`` of the repository and of the working folder.
+``$ATLAS_OPENSEADRAGON`` (a folder holding ``openseadragon.min.js``), then in the installed
+package (``atlas/viewer_static/openseadragon``, which a built wheel carries: setup.py copies it
+there from npm at build time), then in ``node_modules/openseadragon/build/openseadragon`` of the
+repository and of the working folder.
 
 ``serve`` is a stdlib HTTP server that only ever answers with files inside the run folder.
 """
@@ -34,7 +36,8 @@ def find_openseadragon() -> Path:
     env = os.environ.get("ATLAS_OPENSEADRAGON")
     if env:
         candidates.append(Path(env).expanduser())
-    candidates += [REPO / OSD_SUBDIR, Path.cwd() / OSD_SUBDIR]
+    # the copy a built wheel carries (setup.py puts it there from npm), then node_modules of a checkout (editable install)
+    candidates += [STATIC / "openseadragon", REPO / OSD_SUBDIR, Path.cwd() / OSD_SUBDIR]
     for folder in candidates:
         if (folder / "openseadragon.min.js").is_file():
             return folder

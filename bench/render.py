@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -28,13 +29,14 @@ import numpy as np
 import torch
 
 from atlas.data import load_image, to_tensor
-from atlas.models import SHARED_WEIGHTS, LocalResponseNorm, SpaceToDepthConv2d, autocast_dtype, load_model
+from atlas.models import LocalResponseNorm, SpaceToDepthConv2d, autocast_dtype, load_model
 from atlas.render.export import sheet
 from atlas.render.objectives import Direction
 from atlas.render.optimize import Optimization, Settings, layer_output
 
 LAYER = "mixed4c"
-PHOTOS = SHARED_WEIGHTS.parents[1] / "data" / "imagenet-samples"
+SHARED = Path(__file__).resolve().parents[2] / "shared"  # the project's test data beside the checkout
+PHOTOS = SHARED / "data" / "imagenet-samples"
 
 
 def directions(net, n: int = 32) -> torch.Tensor:
@@ -184,7 +186,7 @@ def main() -> None:
         have_lucent = False
 
     torch.manual_seed(0)
-    net = load_model("inceptionv1")
+    net = load_model("inceptionv1", os.environ.get("ATLAS_WEIGHTS") or SHARED / "models" / "bvlc_googlenet.safetensors")
     v = directions(net, args.n)
     settings = Settings(size=args.size, steps=args.steps)
     auto = autocast_dtype(settings.precision, torch.device("cpu"))

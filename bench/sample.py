@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import tempfile
 import time
@@ -77,7 +78,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
-    net = load_model()
+    net = load_model("inceptionv1", os.environ.get("ATLAS_WEIGHTS") or REPO.parent / "shared" / "models" / "bvlc_googlenet.safetensors")
     images = list_images(args.images, [s for s, _ in synset_words(net.weights)]).head(args.n)
     torch.set_num_threads(torch.get_num_threads())
     precision = resolve_precision("auto", "cpu")

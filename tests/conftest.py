@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,16 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("ATLAS_SHARED", REPO.parent / "shared"))
 WEIGHTS = SHARED / "models" / "bvlc_googlenet.safetensors"
 PHOTOS = SHARED / "data" / "imagenet-samples"
+
+# The library has no default pointing at ../shared: the tests point it there themselves, here,
+# at import, so every test and every `atlas` subprocess they start (which inherit the
+# environment) finds the real weights. The user cache is a fresh folder, so what a test sees
+# never depends on (nor changes) ~/.cache/atlas.
+if WEIGHTS.is_file():
+    os.environ["ATLAS_WEIGHTS"] = str(WEIGHTS)
+TEST_CACHE = Path(tempfile.mkdtemp(prefix="atlas-test-cache-"))
+os.environ["XDG_CACHE_HOME"] = str(TEST_CACHE)
+atexit.register(shutil.rmtree, TEST_CACHE, True)
 
 
 def require_shared() -> None:

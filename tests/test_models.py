@@ -97,16 +97,3 @@ def test_resnet_module_paths(tmp_path):
     out = net.activations(torch.rand(1, 3, 224, 224), ["layer3"])
     assert out["layer3"].shape == (1, 256, 14, 14)
     assert np.isfinite(out["layer3"].numpy()).all()
-
-
-def test_offline_without_weights_is_one_line_error(tmp_path, monkeypatch):
-    import atlas.models as models
-
-    monkeypatch.delenv("ATLAS_WEIGHTS", raising=False)
-    monkeypatch.setattr(models, "SHARED_WEIGHTS", tmp_path / "absent.safetensors")
-    monkeypatch.setattr(models, "LUCENT_URL", "http://127.0.0.1:9/inception5h.pth")
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
-    with pytest.raises(AtlasError, match=r"no InceptionV1 weights: download failed .*pass --weights PATH") as info:
-        load_model("inceptionv1")
-    assert "\n" not in str(info.value)

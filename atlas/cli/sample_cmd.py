@@ -17,7 +17,7 @@ def sample_command(
     layer: Annotated[list[str], typer.Option("--layer", help="layer to sample; repeat for several")],
     out: Annotated[Path, typer.Option("--out", help="run folder")],
     model: Annotated[str, typer.Option(help="inceptionv1 or a torchvision classifier")] = "inceptionv1",
-    weights: Annotated[Path | None, typer.Option(help="weights file (default: $ATLAS_WEIGHTS or ../shared)")] = None,
+    weights: Annotated[Path | None, typer.Option(help="weights file (default: $ATLAS_WEIGHTS, then ~/.cache/atlas)")] = None,
     max_images: Annotated[int | None, typer.Option(help="first N images of the deterministic order")] = None,
     per_image: Annotated[int, typer.Option(help="positions sampled per image")] = 1,
     seed: int = 0,
@@ -42,13 +42,13 @@ def sample_command(
 @app.command("layers")
 def layers_command(
     model: Annotated[str, typer.Option(help="inceptionv1 or a torchvision classifier")] = "inceptionv1",
-    weights: Annotated[Path | None, typer.Option(help="weights file")] = None,
+    weights: Annotated[Path | None, typer.Option(help="weights file (not needed: the architecture alone gives the layers)")] = None,
     size: Annotated[int, typer.Option(help="input size in pixels")] = 224,
 ) -> None:
     """List a model's layers with channel count and spatial size."""
     from atlas.models import describe_layers, load_model
 
-    rows = describe_layers(load_model(model, weights), size)
+    rows = describe_layers(load_model(model, weights, pretrained=False), size)
     width = max(len(r["layer"]) for r in rows)
     typer.echo(f"{'layer'.ljust(width)}  channels  size")
     for r in rows:

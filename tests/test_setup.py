@@ -1,0 +1,388 @@
+"""Set-up: declared dependencies, where the weights come from, and a wheel that carries the viewer.
+
+The wheel test builds atlas from a copy of this checkout into a temporary folder, installs it
+into a fresh venv and serves a run from there to headless Chromium. To stay well under a
+minute it does not re-install torch and the rest: the fresh venv gets only the wheel
+(``pip install --no-deps``), and then a ``.pth`` file naming the test interpreter's
+site-packages, so its dependencies resolve there. A ``.pth`` line only appends that folder to
+``sys.path`` (the ``.pth`` files inside it, such as the editable install's, are not run),
+after the venv's own site-packages, so ``import atlas`` there finds the wheel's atlas, not
+this checkout; the test checks that, from a working folder outside the repository.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import http.server
+import importlib.metadata
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import sysconfig
+import threading
+import tomllib
+from pathlib import Path
+
+import pytest
+from conftest import WEIGHTS, require_shared
+
+import atlas.models as models
+from atlas.errors import AtlasError
+from atlas.models import cache_dir, load_model, resolve_weights
+
+REPO = Path(__file__).resolve().parents[1]
+PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
+ATLAS = [sys.executable, "-c", "from atlas.cli import main; main()"]  # the CLI, as a user runs it
+CHROMIUM = Path(os.environ.get("ATLAS_CHROMIUM", "/usr/bin/chromium"))
+CHROME_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"]
+
+
+def _norm(name: str) -> str:
+    """A distribution name in PEP 503 form (scikit-learn, pillow, opentsne)."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _declared(requirements: list[str]) -> set[str]:
+    return {_norm(re.match(r"[A-Za-z0-9._-]+", r).group(0)) for r in requirements}
+
+
+def _top_level_imports(folder: Path) -> dict[str, str]:
+    """Top-level module of every absolute import in the .py files under ``folder`` -> the first file importing it."""
+    found: dict[str, str] = {}
+    for path in sorted(folder.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                found.setdefault(name.split(".")[0], str(path.relative_to(REPO)))
+    return found
+
+
+def _undeclared(folder: Path, declared: set[str], local: set[str], optional: dict[str, str]) -> list[str]:
+    """Third-party modules imported under ``folder`` whose distribution is not in ``declared``."""
+    providers = importlib.metadata.packages_distributions()  # module -> the installed distributions that provide it
+    problems = []
+    for module, where in _top_level_imports(folder).items():
+        if module in sys.stdlib_module_names or module in local or module in optional:
+            continue
+        dists = {_norm(d) for d in providers.get(module, [])}
+        if not dists:
+            problems.append(f"{module} (imported in {where}) is not installed, so not declared by any installed distribution")
+        elif not dists & declared:
+            problems.append(f"{module} (imported in {where}) comes from {', '.join(sorted(dists))}, which is not declared")
+    return problems
+
+
+# ------------------------------------------------------------------------------------- dependencies
+def test_every_import_of_the_package_is_a_declared_dependency():
+    declared = _declared(PYPROJECT["project"]["dependencies"])
+    assert _undeclared(REPO / "atlas", declared, local={"atlas"}, optional={}) == []
+
+
+def test_every_import_of_the_benchmarks_is_declared_in_dependencies_or_the_bench_extra():
+    declared = _declared(PYPROJECT["project"]["dependencies"] + PYPROJECT["project"]["optional-dependencies"]["bench"])
+    local = {"atlas"} | {p.stem for p in (REPO / "bench").glob("*.py")} | {p.stem for p in (REPO / "tests").glob("*.py")}
+    # bench/render.py compares with lucent when it is installed (its docstring says how: it pins an old
+    # kornia, so it cannot be a dependency of the extra without breaking the install).
+    assert _undeclared(REPO / "bench", declared, local=local, optional={"lucent": "bench/render.py, optional"}) == []
+
+
+def test_bench_only_packages_are_not_runtime_dependencies():
+    runtime = _declared(PYPROJECT["project"]["dependencies"])
+    assert not {"pyvips", "pyvips-binary", "psutil"} & runtime
+    assert "pyvips" not in _top_level_imports(REPO / "atlas") and "psutil" not in _top_level_imports(REPO / "atlas")
+
+
+# ------------------------------------------------------------------------------------- weights
+@pytest.fixture
+def no_weights(tmp_path, monkeypatch) -> Path:
+    """No --weights, no ATLAS_WEIGHTS, an empty user cache under tmp_path; returns the cache folder."""
+    monkeypatch.delenv("ATLAS_WEIGHTS", raising=False)
+    monkeypatch.delenv("ATLAS_WEIGHTS_URL", raising=False)
+    monkeypatch.delenv("ATLAS_WEIGHTS_SHA256", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    return tmp_path / "xdg" / "atlas"
+
+
+def test_cache_dir_follows_xdg(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "atlas"
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert cache_dir() == tmp_path / "home" / ".cache" / "atlas"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")  # the XDG spec says to ignore a relative path
+    assert cache_dir() == tmp_path / "home" / ".cache" / "atlas"
+
+
+def test_weights_precedence_argument_then_env_then_cache(no_weights, tmp_path, monkeypatch):
+    given, env = tmp_path / "given.safetensors", tmp_path / "env.safetensors"
+    cached = no_weights / "bvlc_googlenet.safetensors"
+    cached.parent.mkdir(parents=True)
+    for path in (given, env, cached):
+        path.write_bytes(b"x")
+    monkeypatch.setenv("ATLAS_WEIGHTS", str(env))
+    assert resolve_weights(given) == given
+    assert resolve_weights(None) == env
+    monkeypatch.delenv("ATLAS_WEIGHTS")
+    assert resolve_weights(None) == cached
+    # a named file that does not exist is an error, never a silent fall-through to the next place
+    with pytest.raises(AtlasError, match="weights file not found"):
+        resolve_weights(tmp_path / "absent.safetensors")
+    monkeypatch.setenv("ATLAS_WEIGHTS", str(tmp_path / "absent.safetensors"))
+    with pytest.raises(AtlasError, match=r"not found: .*absent.safetensors \(from ATLAS_WEIGHTS\)"):
+        resolve_weights(None)
+
+
+def test_real_weights_found_in_the_user_cache(no_weights):
+    require_shared()
+    no_weights.mkdir(parents=True)
+    (no_weights / "bvlc_googlenet.safetensors").symlink_to(WEIGHTS)  # a link, not a copy of the shared file
+    net = load_model("inceptionv1")
+    assert net.weights == str(no_weights / "bvlc_googlenet.safetensors") and len(net.classes) == 1000
+
+
+def _free_port() -> int:
+    """A localhost port nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _one_line_error(result: subprocess.CompletedProcess) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    return lines[0]
+
+
+def test_offline_without_weights_is_one_line(no_weights, tmp_path):
+    env = {**os.environ, "ATLAS_WEIGHTS_URL": f"http://127.0.0.1:{_free_port()}/inception5h.pth"}  # as offline: nothing answers
+    images = tmp_path / "images"
+    images.mkdir()
+    result = subprocess.run([*ATLAS, "sample", "--images", str(images), "--layer", "mixed4c",
+                             "--out", str(tmp_path / "run")], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    line = _one_line_error(result)
+    assert str(no_weights) in line and "ATLAS_WEIGHTS unset" in line  # where it looked
+    assert "tried to download http://127.0.0.1:" in line and "couldn't" in line  # what it tried
+    assert "pass --weights PATH" in line  # what to do
+    assert not no_weights.exists() or list(no_weights.iterdir()) == []  # no half-written file left behind
+
+
+class _Files(http.server.SimpleHTTPRequestHandler):
+    """Serves one folder and records the paths asked for."""
+
+    served: list[str] = []
+
+    def do_GET(self) -> None:
+        self.served.append(self.path)
+        super().do_GET()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def weights_server():
+    """A local HTTP server for the real weights' folder; yields the weights file's URL and the list of requests."""
+    require_shared()
+    handler = type("Handler", (_Files,), {"served": []})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: handler(*a, directory=str(WEIGHTS.parent)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/{WEIGHTS.name}", handler.served
+    server.shutdown()
+    server.server_close()
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_download_checked_by_sha256_lands_in_the_cache(no_weights, weights_server, monkeypatch):
+    url, served = weights_server
+    monkeypatch.setenv("ATLAS_WEIGHTS_URL", url)
+    monkeypatch.setenv("ATLAS_WEIGHTS_SHA256", _sha(WEIGHTS))
+    net = load_model("inceptionv1")
+    assert net.weights == str(no_weights / WEIGHTS.name) and net.weights_sha256 == _sha(WEIGHTS)
+    assert sorted(p.name for p in no_weights.iterdir()) == [WEIGHTS.name]  # no .partial / .unverified left
+    assert load_model("inceptionv1").weights == net.weights and len(served) == 1  # second time: from the cache
+
+
+def test_download_with_a_wrong_sha256_is_refused_and_deleted(no_weights, weights_server, monkeypatch):
+    url, _ = weights_server
+    monkeypatch.setenv("ATLAS_WEIGHTS_URL", url)
+    monkeypatch.setenv("ATLAS_WEIGHTS_SHA256", "ab" * 32)
+    with pytest.raises(AtlasError, match=rf"has sha256 {_sha(WEIGHTS)}, not the expected {'ab' * 32}; deleted it") as info:
+        load_model("inceptionv1")
+    assert "\n" not in str(info.value)
+    assert list(no_weights.iterdir()) == []
+
+
+def test_download_without_a_known_sha256_is_not_used_until_vouched_for(no_weights, weights_server, monkeypatch):
+    url, served = weights_server
+    monkeypatch.setenv("ATLAS_WEIGHTS_URL", url)
+    with pytest.raises(AtlasError, match=rf"no sha256 is known for it.*ATLAS_WEIGHTS_SHA256={_sha(WEIGHTS)}"):
+        load_model("inceptionv1")
+    assert [p.name for p in no_weights.iterdir()] == [WEIGHTS.name + ".unverified"]
+    monkeypatch.setenv("ATLAS_WEIGHTS_SHA256", _sha(WEIGHTS))  # the user vouches: the file already there is checked and used
+    assert load_model("inceptionv1").weights == str(no_weights / WEIGHTS.name) and len(served) == 1
+
+
+def test_the_default_inceptionv1_download_has_no_invented_sha256():
+    # nobody has published a sha256 of lucent's inception5h.pth; atlas must not pretend to know one
+    assert models.LUCENT_SHA256 is None and models.LUCENT_URL.endswith("/inception5h.pth")
+
+
+def test_torchvision_weights_come_from_the_user_cache(no_weights):
+    import torch
+    import torchvision
+
+    default = torchvision.models.ResNet18_Weights.DEFAULT
+    cached = no_weights / "torchvision" / Path(default.url).name  # the file name torchvision's own download gives it
+    cached.parent.mkdir(parents=True)
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), cached)
+    net = load_model("resnet18")
+    assert net.weights == f"torchvision:{default}" and net.weights_sha256 == _sha(cached)
+
+
+def test_torchvision_offline_is_one_line(no_weights):
+    with pytest.raises(AtlasError, match=r"no torchvision weights for resnet18: none in .*torchvision; tried to download "
+                                         r"https://download.pytorch.org/\S+ and couldn't .*pass --weights PATH") as info:
+        load_model("resnet18")
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("model, last", [("resnet50", r"layer4\s+2048\s+2x2"), ("inceptionv1", r"mixed5b\s+1024\s+2x2")])
+def test_layers_need_no_weights(no_weights, tmp_path, model, last):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ATLAS_WEIGHTS")}
+    result = subprocess.run([*ATLAS, "layers", "--model", model, "--size", "64"], capture_output=True, text=True,
+                            env=env, cwd=tmp_path, timeout=120)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert re.search(last, result.stdout), result.stdout
+    assert not no_weights.exists() or not any(no_weights.rglob("*.pth"))  # nothing was downloaded
+
+
+# ------------------------------------------------------------------------------------- the wheel
+def _copy_checkout(dest: Path, node_modules: bool) -> Path:
+    """The checkout's sources (no venv, git, outputs, build products; node_modules only if asked) copied to ``dest``."""
+    skip = {"__pycache__", ".pytest_cache", ".ruff_cache"}
+    top = {".venv", ".git", "outputs", "build", "dist"} | (set() if node_modules else {"node_modules"})
+
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        drop = {n for n in names if n in skip or n.endswith(".egg-info")}
+        if Path(folder) == REPO:
+            drop |= top & set(names)
+        if Path(folder) == REPO / "atlas" / "viewer_static":
+            drop.add("openseadragon")  # a copy a previous build may have left: the build must make its own
+        return drop
+
+    shutil.copytree(REPO, dest, ignore=ignore)
+    return dest
+
+
+def _build_wheel(src: Path, out: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    # an absolute path: a bare "src" would be looked up on the package index
+    return subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-cache-dir", "-q",
+                           str(src.resolve()), "-w", str(out)], capture_output=True, text=True, env=env, timeout=300)
+
+
+def _require_chromium() -> None:
+    if not CHROMIUM.is_file():
+        reason = f"chromium not found at {CHROMIUM} (apt-get install -y chromium)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory) -> Path:
+    """A fresh venv with atlas installed from a wheel built from a copy of the checkout; returns the venv folder."""
+    if not (REPO / "node_modules" / "openseadragon").is_dir() and shutil.which("npm") is None:
+        pytest.skip("neither node_modules (npm ci) nor npm available to fetch OpenSeadragon for the wheel")
+    tmp = tmp_path_factory.mktemp("wheel")
+    src = _copy_checkout(tmp / "src", node_modules=True)
+    built = _build_wheel(src, tmp / "dist")
+    assert built.returncode == 0, built.stdout + built.stderr
+    (wheel,) = (tmp / "dist").glob("atlas-*.whl")
+    venv = tmp / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-cache-dir", "-q", str(wheel)],
+                   check=True, timeout=300)
+    # after the install, so pip never sees (or touches) the checkout's editable atlas in the main site-packages
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    Path(site, "_atlas_test_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    return venv
+
+
+def _venv_env(tmp: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("ATLAS_OPENSEADRAGON", "PYTHONPATH", "VIRTUAL_ENV")}
+    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if not p.startswith(str(REPO)))
+    return env
+
+
+def test_wheel_carries_openseadragon_and_the_installed_viewer_works(installed, tmp_path):
+    _require_chromium()
+    from tiles_helpers import make_tile_run
+
+    python, atlas = installed / "bin" / "python", installed / "bin" / "atlas"
+    env = _venv_env(tmp_path)
+    where = subprocess.run([str(python), "-c", "import atlas, atlas.viewer as v; print(atlas.__file__); print(v.find_openseadragon())"],
+                           capture_output=True, text=True, cwd=tmp_path, env=env, check=True).stdout.split()
+    assert Path(where[0]).is_relative_to(installed), where  # the wheel's atlas, not this checkout
+    assert Path(where[1]) == Path(where[0]).parent / "viewer_static" / "openseadragon", where
+    npm_build = REPO / "node_modules" / "openseadragon" / "build" / "openseadragon"
+    if npm_build.is_dir():  # the wheel carries exactly the pinned npm build
+        assert (Path(where[1]) / "openseadragon.min.js").read_bytes() == (npm_build / "openseadragon.min.js").read_bytes()
+
+    run = make_tile_run(tmp_path / "run", sizes=(4, 8), icon=32)
+    result = subprocess.run([str(atlas), "tiles", str(run), "--layer", "mixed4c", "--no-examples"], capture_output=True, text=True,
+                            cwd=tmp_path, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert (run / "tiles" / "openseadragon" / "openseadragon.min.js").is_file()
+
+    server = subprocess.Popen([str(atlas), "serve", str(run), "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, cwd=tmp_path, env=env)
+    try:
+        line = server.stdout.readline()
+        match = re.search(r"http://127\.0\.0\.1:\d+/tiles/index\.html", line)
+        assert match, line + (server.stderr.read() if server.poll() is not None else "")
+        from playwright.sync_api import sync_playwright
+
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROME_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1000, "height": 700})
+                requested, errors = [], []
+                page.on("request", lambda r: requested.append(r.url))
+                page.on("pageerror", lambda e: errors.append(str(e)))
+                page.goto(match.group(0))
+                page.wait_for_function("document.body.dataset.loaded === '1'", timeout=20000)
+                assert page.evaluate("typeof window.OpenSeadragon") == "function"
+                assert page.evaluate("window.OpenSeadragon.version.versionStr") == json.loads(
+                    (REPO / "package-lock.json").read_text())["packages"]["node_modules/openseadragon"]["version"]
+                assert any(re.search(r"/atlas_files/\d+/\d+_\d+\.jpg", u) for u in requested), requested
+                assert errors == []
+            finally:
+                browser.close()
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def test_wheel_build_without_npm_is_a_clear_error(tmp_path):
+    src = _copy_checkout(tmp_path / "src", node_modules=False)
+    env = {k: v for k, v in os.environ.items() if k != "ATLAS_OPENSEADRAGON"}
+    env["PATH"] = str(tmp_path / "empty")  # no npm (pip itself runs by absolute path)
+    result = _build_wheel(src, tmp_path / "dist", env)
+    assert result.returncode != 0
+    assert "building the atlas wheel needs npm to fetch OpenSeadragon" in result.stdout + result.stderr
+    assert not list(tmp_path.glob("dist/*.whl"))
