@@ -94,7 +94,9 @@ def validate(config: dict):
     """Every check that can fail before work starts; returns (network, image list)."""
     from atlas.data import list_images
     from atlas.models import load_model, synset_words
+    from atlas.viewer import require_viewer_assets
 
+    require_viewer_assets()  # the tiles stage installs the viewer: a missing OpenSeadragon fails here, not after hours
     run = config["run"]
     if not run["images"]:
         raise AtlasError("give --images DIR (or images = ... in the config's [run] table)")

@@ -112,6 +112,14 @@ def _run_classes(run_dir: str | Path) -> tuple[list[str], str | None]:
     return list(meta.get("classes", [])), meta.get("weights")
 
 
+def _require_viewer(tiles: bool) -> None:
+    """With ``tiles``, check before any layout or icon work that the viewer can be installed at the end."""
+    if tiles:
+        from atlas.viewer import require_viewer_assets
+
+        require_viewer_assets()
+
+
 def _finish(run_dir, layer: str, atlas: str, sizes, quality: str, render_kwargs: dict, tiles: bool, highlight: str | None) -> str:
     """Grid, render and tile an atlas whose layout is stored: the same path as the full atlas."""
     from atlas import grid, render
@@ -128,6 +136,7 @@ def class_atlas(run_dir: str | Path, layer: str, cls: str | int, top_k: int = 20
                 sizes: tuple[int, ...] = (8,), quality: str = "draft", seed: int = 0, tiles: bool = True,
                 render_kwargs: dict | None = None) -> str:
     """Build the atlas of the activations that matter for one class; returns its atlas name."""
+    _require_viewer(tiles)
     classes, weights = _run_classes(run_dir)
     ref = resolve_class(cls, classes, weights)
     rows = select_class(run_dir, layer, ref, top_k)
@@ -156,6 +165,7 @@ def compare_atlas(run_dir: str | Path, layer: str, first: str | int, second: str
                   sizes: tuple[int, ...] = (8,), quality: str = "draft", seed: int = 0, tiles: bool = True,
                   render_kwargs: dict | None = None) -> str:
     """Build the class-difference atlas of two classes; returns its atlas name."""
+    _require_viewer(tiles)
     classes, weights = _run_classes(run_dir)
     a, b = resolve_class(first, classes, weights), resolve_class(second, classes, weights)
     if a.index == b.index:

@@ -450,9 +450,9 @@ def make_tiles(run_dir: str | Path, layer: str, atlas: str = FULL_ATLAS, sizes: 
     if fmt not in FORMATS:
         raise AtlasError(f"unknown tile format '{fmt}'; use one of {', '.join(FORMATS)}")
     if viewer:
-        from atlas.viewer import find_openseadragon
+        from atlas.viewer import require_viewer_assets
 
-        find_openseadragon()
+        require_viewer_assets()
     root = open_store(run_dir)
     grids_root, icons_root = root.get(f"grids/{layer}"), root.get(f"icons/{layer}")
     if grids_root is None or icons_root is None:

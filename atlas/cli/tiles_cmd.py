@@ -39,9 +39,11 @@ def serve_command(
     run_dir: Annotated[Path, typer.Argument(help="run folder")],
     port: Annotated[int, typer.Option("--port", help="port (0 picks a free one)")] = 8000,
     host: Annotated[str, typer.Option("--host", help="address to bind; 127.0.0.1 keeps it on this machine")] = "127.0.0.1",
+    allow_host: Annotated[list[str] | None, typer.Option("--allow-host", help="another Host name to answer to, e.g. this "
+                                                         "machine's name with --host 0.0.0.0; repeat")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", help="log every request")] = False,
 ) -> None:
-    """Serve the run folder's viewer over HTTP (prints the URL)."""
+    """Serve the run's viewer and tiles (RUN/tiles/ only) over HTTP; prints the URL."""
     from atlas.viewer import serve
 
-    serve(run_dir, host=host, port=port, quiet=not verbose)
+    serve(run_dir, host=host, port=port, quiet=not verbose, allow_hosts=allow_host or ())
