@@ -23,7 +23,7 @@ from atlas.errors import AtlasError
 
 STAGES = ("sample", "project", "grid", "render", "tiles")
 DEFAULTS: dict[str, dict] = {
-    "run": {"images": None, "out": None, "layers": ["mixed4c"]},
+    "run": {"images": None, "labels": None, "out": None, "layers": ["mixed4c"]},
     "sample": {"model": "inceptionv1", "weights": None, "max_images": None, "per_image": 1, "seed": 0, "batch_size": 32,
                "workers": 2, "attribution": True, "dtype": "float16", "precision": "auto", "device": "cpu"},
     "project": {"method": "umap", "n_neighbors": 50, "min_dist": 0.05, "metric": "cosine", "pca": None, "seed": 0, "outside": "edge"},
@@ -92,8 +92,8 @@ def stage_keys(config: dict, image_digest: str, weights_sha: str) -> dict[str, s
 
 def validate(config: dict):
     """Every check that can fail before work starts; returns (network, image list)."""
-    from atlas.data import list_images
-    from atlas.models import load_model, synset_words
+    from atlas.data import class_table, list_images
+    from atlas.models import load_model
     from atlas.viewer import require_viewer_assets
 
     require_viewer_assets()  # the tiles stage installs the viewer: a missing OpenSeadragon fails here, not after hours
@@ -111,7 +111,7 @@ def validate(config: dict):
     net = load_model(config["sample"]["model"], config["sample"]["weights"], config["sample"]["device"])
     for layer in run["layers"]:
         net.resolve(layer)
-    images = list_images(images_path, [s for s, _ in synset_words(net.weights)]).head(config["sample"]["max_images"])
+    images = list_images(images_path, class_table(net.weights), labels=run.get("labels")).head(config["sample"]["max_images"])
     out = Path(run["out"])
     if store.store_path(out).exists():
         meta = store.attrs(store.open_store(out))
@@ -159,12 +159,13 @@ def build(config: dict, dry_run: bool = False, echo=print) -> BuildResult:
     costs = estimate(config, len(images))
     if dry_run:
         echo(json.dumps(config, indent=2, default=str))
-        echo(f"{len(images)} images -> {out}")
+        echo(f"{images.summary} -> {out}")
         for stage in STAGES:
             echo(f"  {stage:8s} estimated {_fmt(costs[stage])} on a 2-core CPU")
         echo(f"  total    estimated {_fmt(sum(costs.values()))}")
         return BuildResult(out)
 
+    echo(images.summary)  # what was found where, before any work
     done = _recorded(out)
     result = BuildResult(out)
     start = time.perf_counter()

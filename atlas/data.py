@@ -1,21 +1,64 @@
 """Image lists and image loading.
 
-Three sources, all giving a deterministic order:
+Where the images come from (``list_images``), always in a deterministic order:
 
-* a folder tree in ImageNet layout (``train/n01440764/*.JPEG``): labels from the sub-folder;
-* a flat folder whose file names start with the synset (``n01440764_tench.JPEG``);
-* a text file with one path per line, optionally followed by whitespace and a label
-  (a class index or a synset).
+* **A folder.** Every image directly in the folder *and* every image in its sub-folders (at
+  any depth) is taken; nothing is dropped because a sub-folder exists. The order is: the
+  images directly in the folder sorted by name, then each first-level sub-folder in sorted
+  order, its files depth-first in sorted order. Labels: an image in a sub-folder takes the
+  class of its *first-level* sub-folder when that name is a known synset (``train/n01440764/``;
+  without a class list, when every first-level sub-folder with images is named like a
+  synset, their sorted order gives the indices, as ImageNet's train tree does); otherwise,
+  and for images directly in the folder, the class of the synset the file name starts with
+  (``n01440764_tench.JPEG``), else -1. Hidden files and folders (``.name``) are ignored.
+  Symlinks are followed, but every file and folder is taken once: a folder reached a second
+  time (a symlinked copy of the tree, a symlink loop) is skipped, and a file whose real path
+  was already listed is dropped, keeping the first in the order above. Entries with an image
+  suffix that are not regular files (FIFOs, devices, sockets, broken links) are skipped and
+  counted, never opened.
+* **A list file**, one image per line: ``path``, ``path label``, ``path,label``, Caffe's
+  ``path, label``, ``path<TAB>label``, or a CSV/TSV file with a header naming the columns
+  (``path,label``; ImageNet's ``LOC_val_solution.csv`` with ``ImageId,PredictionString``,
+  where the first token of the prediction is the synset). Paths are relative to the list
+  file's folder. A path without suffix that names no file (``ILSVRC2012_val_00000001``) is
+  looked up beside it with each image suffix. In a whitespace-separated line the label is
+  the last field(s) only when they parse as a label, so ``my photo.jpg 3`` and ``my photo.jpg``
+  both work. Entries are taken as listed (a file listed twice is sampled twice); a listed
+  FIFO or device is not opened, it is reported unreadable when loaded (skipped, counted).
+* **Labels** anywhere are a class index (0-based, the model's logit order; -1 = unknown),
+  a synset (``n01440764``) or a class name: any synonym of synset_words.txt, case-insensitive,
+  underscores standing for spaces (``great_white_shark``, ``Great white shark``). A label that
+  is none of these is an error naming the line and the closest class names, never -1.
+* **A labels file** (``labels=``, ``--labels FILE``) labels a folder's (or a list's) images:
+  ``name label`` pairs (name = path relative to the folder, file name, or file name without
+  suffix), ImageNet's ``LOC_val_solution.csv``, or one label per line in the order above (for
+  a flat folder of ``ILSVRC2012_val_*.JPEG``: sorted file order). ImageNet's
+  ``ILSVRC2012_validation_ground_truth.txt`` holds 1-based ILSVRC2012 ids, whose order is
+  *not* the synset order; they are mapped through the devkit's ``meta.mat`` (``ILSVRC2012_ID``
+  -> ``WNID``), which must lie beside the file; without it the file is refused (give
+  synsets, 0-based indices or names per line instead).
+
+File names need not be UTF-8: a path that is not is kept as ``fs-bytes:`` followed by its
+percent-encoded bytes (the store holds UTF-8 strings), and ``load_image`` opens it again.
 
 Images are converted to RGB, shrunk while decoding where JPEG allows (PIL draft mode),
-resized so the shorter side is ``resize`` and centre-cropped to ``crop``. Files that cannot
-be read are reported to the caller, who skips and counts them.
+resized so the shorter side is ``resize`` and centre-cropped to ``crop``. 16-bit and 32-bit
+integer images (PIL modes I;16, I) and float images (mode F) are scaled to 0-255 by the
+image's own range (values already within 0-255, or floats within 0-1, are kept as they are),
+not clipped. Images of more than ``MAX_PIXELS`` pixels after JPEG draft reduction are refused
+before decoding. Files that cannot be read are reported to the caller, who skips and counts them.
 """
 
 from __future__ import annotations
 
+import csv
+import difflib
 import hashlib
+import os
 import re
+import stat
+import urllib.parse
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,15 +71,35 @@ from atlas.errors import AtlasError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 SYNSET = re.compile(r"^(n\d{8})")
+SYNSET_ONLY = re.compile(r"n\d{8}")
+INTEGER = re.compile(r"-?\d+")
+FS_PREFIX = "fs-bytes:"
+# Largest image decoded (pixels, after JPEG draft reduction): ~150 MB as RGB, more than a 50-megapixel
+# camera frame; larger files (decompression bombs, giant scans) are refused before any pixel is decoded.
+MAX_PIXELS = 50_000_000
+# Column names recognised in the header of a CSV/TSV list.
+PATH_COLUMNS = {"path", "file", "filename", "file_name", "filepath", "file_path", "image", "image_path", "imageid", "image_id",
+                "img", "fname", "name"}
+LABEL_COLUMNS = {"label", "labels", "class", "class_id", "class_index", "class_name", "classname", "category", "target", "synset",
+                 "wnid", "predictionstring", "y"}
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # truncated files must fail, so they are counted
+
+
+class ImageTooLarge(ValueError):
+    """An image with more pixels than ``MAX_PIXELS`` (after JPEG draft reduction)."""
 
 
 @dataclass
 class ImageList:
-    """Paths in a fixed order, their labels (-1 when unknown) and a hash identifying the list."""
+    """Paths in a fixed order, their labels (-1 when unknown) and a hash identifying the list.
+
+    ``paths`` are storable strings (UTF-8; see ``storable_path``); ``summary`` says in one line
+    what was found where.
+    """
 
     paths: list[str]
     labels: np.ndarray
+    summary: str = ""
 
     @property
     def digest(self) -> str:
@@ -51,42 +114,249 @@ class ImageList:
     def head(self, n: int | None) -> ImageList:
         if n is None or n >= len(self.paths):
             return self
-        return ImageList(self.paths[:n], self.labels[:n])
+        return ImageList(self.paths[:n], self.labels[:n], f"using the first {n:,} of {self.summary}")
+
+
+# --------------------------------------------------------------------------------------
+# Paths that are not UTF-8
+# --------------------------------------------------------------------------------------
+def storable_path(path: str | os.PathLike) -> str:
+    """``path`` as a UTF-8-safe string: itself when it is valid UTF-8, else ``fs-bytes:`` + its percent-encoded bytes."""
+    text = os.fspath(path)
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:  # surrogate-escaped bytes of a non-UTF-8 name
+        return FS_PREFIX + urllib.parse.quote_from_bytes(os.fsencode(text), safe="/ ,+=@()[]~-_.")
+
+
+def real_path(stored: str | os.PathLike) -> str:
+    """The file system path of a ``storable_path`` string (stored paths are absolute, so the prefix cannot clash)."""
+    text = os.fspath(stored)
+    if text.startswith(FS_PREFIX):
+        return os.fsdecode(urllib.parse.unquote_to_bytes(text[len(FS_PREFIX):]))
+    return text
+
+
+def printable(text: str) -> str:
+    """``text`` with undecodable bytes shown as ``\\xff``, safe to print or log."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+# --------------------------------------------------------------------------------------
+# Classes and labels
+# --------------------------------------------------------------------------------------
+def _normal(name: str) -> str:
+    return " ".join(name.replace("_", " ").lower().split())
+
+
+class _BadLabel(Exception):
+    """A field that is a label but not a valid one; the caller adds where it was."""
+
+
+class Classes:
+    """The model's classes as labels can name them: index, synset or any synonym."""
+
+    def __init__(self, classes: Sequence[str | tuple[str, str | Sequence[str]]] = ()):
+        self.synsets: dict[str, int] = {}
+        self.names: dict[str, int] = {}
+        self.ambiguous: dict[str, list[int]] = {}
+        self.shown: list[str] = []  # first name (or synset) of each class, for messages
+        for i, entry in enumerate(classes):
+            synset, names = (entry, ()) if isinstance(entry, str) else entry
+            if isinstance(names, str):
+                names = names.split(",")
+            names = [n.strip() for n in names if n.strip()]
+            self.synsets.setdefault(synset, i)
+            self.shown.append(names[0] if names else synset)
+            for name in {_normal(n) for n in names}:
+                if name in self.ambiguous:
+                    self.ambiguous[name].append(i)
+                elif name in self.names and self.names[name] != i:
+                    self.ambiguous[name] = [self.names.pop(name), i]
+                else:
+                    self.names[name] = i
+        self.n = len(self.shown)
+
+    def __bool__(self) -> bool:
+        return self.n > 0
+
+    def parse(self, text: str) -> int | None:
+        """The class index ``text`` names, None when it is not a label at all; raises _BadLabel for an invalid one."""
+        text = text.strip()
+        if INTEGER.fullmatch(text):
+            index = int(text)
+            if index < -1 or (self.n and index >= self.n):
+                raise _BadLabel(f"class index {index} is out of range (0-{self.n - 1}, or -1 for unknown)" if self.n
+                                else f"class index {index} is negative")
+            return index
+        if SYNSET_ONLY.fullmatch(text):
+            if text in self.synsets:
+                return self.synsets[text]
+            if not self.n:
+                raise _BadLabel(f"synset {text} cannot be mapped: no class list (synset_words.txt) was found for the model")
+            raise _BadLabel(f"synset {text} is not one of the model's {self.n} classes")
+        name = _normal(text)
+        if name in self.names:
+            return self.names[name]
+        if name in self.ambiguous:
+            choices = ", ".join(f"{self.shown[i]} = {self._synset(i)}" for i in self.ambiguous[name])
+            raise _BadLabel(f"class name '{text}' names several classes ({choices}); give the synset or index")
+        return None
+
+    def unknown(self, text: str) -> str:
+        """A one-line explanation of why ``text`` is not a label, with the closest class names."""
+        if not self.n:
+            return f"unknown label '{text}' (labels are 0-based class indices here: no class list was found for the model)"
+        close = difflib.get_close_matches(_normal(text), list(self.names) + list(self.ambiguous), n=3, cutoff=0.6)
+        hint = f"closest classes: {', '.join(close)}" if close else f"e.g. 0, {self._synset(0)} or '{self.shown[0]}'"
+        return f"unknown label '{text}'; labels are class indices 0-{self.n - 1}, synsets or class names; {hint}"
+
+    def _synset(self, index: int) -> str:
+        for synset, i in self.synsets.items():
+            if i == index:
+                return synset
+        return str(index)
+
+
+def class_table(weights: str | Path | None = None) -> list[tuple[str, list[str]]]:
+    """(synset, every synonym) per class of the ImageNet models, from synset_words.txt (empty when none is found).
+
+    ``atlas.models.synset_words`` keeps only each class's first name; labels may use any synonym, so
+    the full lines are read again from the same file when it can be found.
+    """
+    from atlas import models
+
+    pairs = models.synset_words(weights)
+    if not pairs:
+        return []
+    # The places synset_words looks in: beside the weights, then the user cache.
+    places = [Path(weights).expanduser().parent] if weights and not str(weights).startswith("torchvision:") else []
+    if callable(getattr(models, "cache_dir", None)):
+        places.append(models.cache_dir())
+    synonyms: dict[str, list[str]] = {}
+    for place in places:
+        file = place / "synset_words.txt"
+        if file.is_file():
+            for line in file.read_text(errors="replace").splitlines():
+                synset, _, names = line.strip().partition(" ")
+                synonyms[synset] = [n.strip() for n in names.split(",") if n.strip()]
+            break
+    return [(synset, synonyms.get(synset) or [name]) for synset, name in pairs]
+
+
+# --------------------------------------------------------------------------------------
+# Folders
+# --------------------------------------------------------------------------------------
+def _has_image_suffix(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES and not name.startswith(".")
 
 
 def _is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+    return _has_image_suffix(path.name)
 
 
-def list_images(source: str | Path, synsets: Sequence[str] = ()) -> ImageList:
-    """The images of a folder (tree or flat) or a list file, sorted, with labels where known.
+class _Walk:
+    """Depth-first listing in sorted order that visits each real folder and real file once."""
 
-    ``synsets`` maps synset ids to class indices (their position); without it, the sorted
-    sub-folder names of an ImageNet-layout tree give the indices.
-    """
-    source = Path(source).expanduser()
-    index = {s: i for i, s in enumerate(synsets)}
-    if source.is_file():
-        return _from_list_file(source, index)
-    if not source.is_dir():
-        raise AtlasError(f"images not found: {source} is neither a folder nor a list file")
-    subdirs = sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith("."))
+    def __init__(self):
+        self.seen_dirs: set[str] = set()
+        self.seen_files: set[str] = set()
+        self.not_regular = 0
+        self.duplicates = 0
+        self.repeated_dirs = 0
+
+    def enter(self, folder: str) -> str | None:
+        real = os.path.realpath(folder)
+        if real in self.seen_dirs:
+            self.repeated_dirs += 1
+            return None
+        self.seen_dirs.add(real)
+        return real
+
+    def files(self, folder: str, real_folder: str, recurse: bool) -> list[str]:
+        """Image files of ``folder`` (and, with ``recurse``, of every folder below), in Path sort order."""
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            return []
+        found = []
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                is_dir = entry.is_dir()  # follows symlinks
+            except OSError:
+                is_dir = False
+            if is_dir:
+                if recurse and (real := self.enter(entry.path)) is not None:
+                    found.extend(self.files(entry.path, real, True))
+                continue
+            if not _has_image_suffix(entry.name):
+                continue
+            try:
+                regular = entry.is_file()  # follows symlinks; False for FIFOs, devices, sockets, broken links
+            except OSError:
+                regular = False
+            if not regular:
+                self.not_regular += 1
+                continue
+            # The real path of a plain file is its real folder + its name; only a symlink needs resolving.
+            real = os.path.realpath(entry.path) if entry.is_symlink() else os.path.join(real_folder, entry.name)
+            if real in self.seen_files:
+                self.duplicates += 1
+                continue
+            self.seen_files.add(real)
+            found.append(entry.path)
+        return found
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
+
+
+def _from_folder(source: Path, classes: Classes, derived_index: bool) -> tuple[list[str], list[int], str]:
+    walk = _Walk()
+    top = str(source.absolute())
+    real_top = walk.enter(top)
+    top_files = walk.files(top, real_top, recurse=False)
+    subdirs = []
+    for entry in sorted(os.scandir(top), key=lambda e: e.name):
+        if not entry.name.startswith(".") and entry.is_dir():
+            real = walk.enter(entry.path)
+            if real is not None:
+                files = walk.files(entry.path, real, recurse=True)
+                if files:
+                    subdirs.append((entry.name, files))
+    if derived_index and subdirs and all(SYNSET_ONLY.fullmatch(name) for name, _ in subdirs):
+        # No class list: an ImageNet-style tree numbers its classes in sorted folder order.
+        classes = Classes(sorted(name for name, _ in subdirs))
+    paths, labels = [], []
+    for file in top_files:
+        paths.append(file)
+        labels.append(_label_from_name(os.path.basename(file), classes.synsets))
+    for name, files in subdirs:
+        folder_label = classes.synsets.get(name)
+        for file in files:
+            paths.append(file)
+            labels.append(folder_label if folder_label is not None else _label_from_name(os.path.basename(file), classes.synsets))
+    n_sub = sum(len(files) for _, files in subdirs)
+    where = []
+    if top_files or not subdirs:
+        where.append(f"{len(top_files):,} in the top folder")
     if subdirs:
-        if not index and all(SYNSET.match(d.name) for d in subdirs):
-            index = {d.name: i for i, d in enumerate(subdirs)}
-        paths, labels = [], []
-        for d in subdirs:
-            for p in sorted(d.rglob("*")):
-                if p.is_file() and _is_image(p):
-                    paths.append(str(p))
-                    labels.append(index.get(d.name, -1))
-    else:
-        files = sorted(p for p in source.iterdir() if p.is_file() and _is_image(p))
-        paths = [str(p) for p in files]
-        labels = [_label_from_name(p.name, index) for p in files]
-    if not paths:
-        raise AtlasError(f"no images in {source} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
-    return ImageList(paths, np.asarray(labels, dtype=np.int32))
+        where.append(f"{n_sub:,} in {_plural(len(subdirs), 'sub-folder')}")
+    summary = f"{_plural(len(paths), 'image')} in {printable(source.name or str(source))}: {', '.join(where)}"
+    skipped = []
+    if walk.duplicates:
+        skipped.append(f"{_plural(walk.duplicates, 'file')} seen twice through symlinks")
+    if walk.repeated_dirs:
+        skipped.append(f"{_plural(walk.repeated_dirs, 'folder')} reached twice (symlinks)")
+    if walk.not_regular:
+        skipped.append(f"{_plural(walk.not_regular, 'special file')} (FIFO, device or broken link)")
+    if skipped:
+        summary += f"; skipped {', '.join(skipped)}"
+    return paths, labels, summary
 
 
 def _label_from_name(name: str, index: dict[str, int]) -> int:
@@ -94,38 +364,355 @@ def _label_from_name(name: str, index: dict[str, int]) -> int:
     return index.get(match.group(1), -1) if match else -1
 
 
-def _from_list_file(path: Path, index: dict[str, int]) -> ImageList:
-    paths, labels = [], []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        parts = line.rsplit(maxsplit=1)
+# --------------------------------------------------------------------------------------
+# List files
+# --------------------------------------------------------------------------------------
+def _read_lines(path: Path) -> list[str]:
+    """The file's lines, decoded as UTF-8 with undecodable bytes kept (they may be parts of file names)."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise AtlasError(f"cannot read {path}: {exc.strerror or exc}") from None
+    return data.decode("utf-8", "surrogateescape").lstrip("\ufeff").splitlines()
+
+
+class _Resolver:
+    """Paths of a list, relative to its folder; a name without suffix is looked up with each image suffix."""
+
+    def __init__(self, base: Path):
+        self.base = base
+        self.listings: dict[str, dict[str, str]] = {}
+
+    def __call__(self, text: str) -> str:
+        file = os.path.expanduser(text)
+        if not os.path.isabs(file):
+            file = os.path.join(self.base, file)
+        file = os.path.normpath(file)
+        if os.path.splitext(file)[1].lower() not in IMAGE_SUFFIXES and not os.path.lexists(file):
+            folder, stem = os.path.split(file)
+            listing = self.listings.get(folder)
+            if listing is None:
+                listing = self.listings[folder] = {}
+                try:
+                    for name in sorted(os.listdir(folder)):
+                        s, suffix = os.path.splitext(name)
+                        if suffix.lower() in IMAGE_SUFFIXES:
+                            listing.setdefault(s, name)
+                except OSError:
+                    pass
+            if stem in listing:
+                file = os.path.join(folder, listing[stem])
+        return file
+
+
+def _header(fields: list[str]) -> tuple[int, int | None] | None:
+    """(path column, label column) when ``fields`` is a header row naming them."""
+    names = [f.strip().lower() for f in fields]
+    path_col = next((i for i, n in enumerate(names) if n in PATH_COLUMNS), None)
+    if path_col is None:
+        return None
+    label_col = next((i for i, n in enumerate(names) if n in LABEL_COLUMNS and i != path_col), None)
+    if label_col is None and len(names) > 1:
+        return None
+    return path_col, label_col
+
+
+def _label_field(column: str, text: str) -> str:
+    # ImageNet's LOC_val_solution.csv: "n01751748 x0 y0 x1 y1 n01751748 ..." - the first token is the synset.
+    return text.split()[0] if column == "predictionstring" and text.split() else text
+
+
+def _parse_list(path: Path, classes: Classes, resolver: _Resolver, what: str = "list file") -> list[tuple[str | None, int]]:
+    """(path or None, label) per entry of a list (or labels) file; None for a line that is only a label."""
+    lines = [(n, ln.strip()) for n, ln in enumerate(_read_lines(path), 1)]
+    lines = [(n, ln) for n, ln in lines if ln and not ln.startswith("#")]
+    if not lines:
+        return []
+    first = lines[0][1]
+    delimiter = "\t" if "\t" in first else ","
+    header = _header(next(csv.reader([first], delimiter=delimiter))) if ("," in first or "\t" in first or
+                                                                         first.lower() in PATH_COLUMNS) else None
+    if header is not None and not os.path.lexists(resolver(first)):
+        return _parse_csv(path, lines, delimiter, header, classes, resolver)
+    entries = []
+    for number, line in lines:
+        try:
+            entries.append(_parse_line(line, classes, resolver))
+        except _BadLabel as exc:
+            raise AtlasError(f"{what} {printable(str(path))} line {number}: {exc}") from None
+    return entries
+
+
+def _parse_csv(path: Path, lines: list[tuple[int, str]], delimiter: str, header: tuple[int, int | None], classes: Classes,
+               resolver: _Resolver) -> list[tuple[str | None, int]]:
+    path_col, label_col = header
+    column = next(csv.reader([lines[0][1]], delimiter=delimiter))[label_col].strip().lower() if label_col is not None else ""
+    entries = []
+    for (number, _), row in zip(lines[1:], csv.reader([ln for _, ln in lines[1:]], delimiter=delimiter), strict=True):
+        if len(row) <= max(path_col, label_col or 0):
+            raise AtlasError(f"list file {printable(str(path))} line {number}: {len(row)} columns, the header names "
+                             f"{max(path_col, label_col or 0) + 1}")
         label = -1
-        if len(parts) == 2 and (parts[1].lstrip("-").isdigit() or SYNSET.match(parts[1])):
-            line, tag = parts
-            label = int(tag) if tag.lstrip("-").isdigit() else index.get(tag, -1)
-        file = Path(line).expanduser()
-        if not file.is_absolute():
-            file = path.parent / file
-        paths.append(str(file))
-        labels.append(label)
-        del number
+        if label_col is not None and row[label_col].strip():
+            text = _label_field(column, row[label_col])
+            try:
+                parsed = classes.parse(text)
+            except _BadLabel as exc:
+                raise AtlasError(f"list file {printable(str(path))} line {number}: {exc}") from None
+            if parsed is None:
+                raise AtlasError(f"list file {printable(str(path))} line {number}: {classes.unknown(text)}")
+            label = parsed
+        entries.append((resolver(row[path_col].strip()), label))
+    return entries
+
+
+def _parse_line(line: str, classes: Classes, resolver: _Resolver) -> tuple[str | None, int]:
+    """One line of a list without header: ``path``, ``label`` alone, or ``path`` + separator + ``label``."""
+    if "\t" in line or "," in line:
+        head, _, tail = line.rpartition("\t" if "\t" in line else ",")
+        head, tail = head.strip(), tail.strip()
+        if not tail:
+            return resolver(head), -1
+        label = classes.parse(tail)
+        if label is not None:
+            return (resolver(head) if head else None), label
+        if os.path.lexists(resolver(line)):  # a path that contains a comma
+            return resolver(line), -1
+        found = _split_words(line, classes, resolver)  # "a,b.jpg 3": the comma was part of the path
+        if found is not None and found[1] != -1:
+            return found
+        raise _BadLabel(classes.unknown(tail))
+    words = line.split()
+    if len(words) == 1:
+        label = classes.parse(line) if INTEGER.fullmatch(line) or SYNSET_ONLY.fullmatch(line) else None
+        return (None, label) if label is not None else (resolver(line), -1)
+    found = _split_words(line, classes, resolver)
+    if found is not None:
+        return found
+    if os.path.lexists(resolver(line)):
+        return resolver(line), -1
+    head = line[: list(re.finditer(r"\S+", line))[-1].start()].rstrip()
+    if os.path.lexists(resolver(head)):
+        raise _BadLabel(classes.unknown(words[-1]))
+    return resolver(line), -1  # neither exists: kept as one path, reported unreadable when loaded
+
+
+def _split_words(line: str, classes: Classes, resolver: _Resolver) -> tuple[str, int] | None:
+    """``path label`` split at whitespace: the label is the last word(s) only if they parse as one (names may have spaces)."""
+    spans = list(re.finditer(r"\S+", line))
+    for k in range(min(len(spans) - 1, 5), 0, -1):
+        tail = line[spans[-k].start():]
+        label = classes.parse(tail) if k == 1 else _quiet_parse(classes, tail)
+        if label is None:
+            continue
+        head = line[: spans[-k].start()].rstrip()
+        # Only an unusual head (spaces inside, no image suffix) is worth a look at the disk: the common "x.jpg 3" is not.
+        unusual = len(spans) - k > 1 or os.path.splitext(head)[1].lower() not in IMAGE_SUFFIXES
+        if unusual and os.path.lexists(resolver(line)) and not os.path.lexists(resolver(head)):
+            return resolver(line), -1  # "dir/run 3" is a file named "run 3", not "dir/run" labelled 3
+        return resolver(head), label
+    return None
+
+
+def _quiet_parse(classes: Classes, text: str) -> int | None:
+    """A multi-word tail parses only as a class name; numbers or synsets inside it are not labels."""
+    if any(INTEGER.fullmatch(w) or SYNSET_ONLY.fullmatch(w) for w in text.split()):
+        return None
+    try:
+        return classes.parse(text)
+    except _BadLabel:
+        return None
+
+
+def _from_list_file(path: Path, classes: Classes) -> tuple[list[str], list[int], str]:
+    entries = _parse_list(path, classes, _Resolver(path.absolute().parent))
+    paths = [p for p, _ in entries if p is not None]
+    if len(paths) != len(entries):
+        number = next(i for i, (p, _) in enumerate(entries, 1) if p is None)
+        raise AtlasError(f"list file {printable(str(path))}: entry {number} is a label without a path; "
+                         "a file of labels only is given with --labels next to an image folder")
+    labels = [label for _, label in entries]
+    labelled = sum(1 for label in labels if label >= 0)
+    return paths, labels, f"{_plural(len(paths), 'image')} listed in {printable(path.name)} ({labelled:,} labelled)"
+
+
+# --------------------------------------------------------------------------------------
+# Label files
+# --------------------------------------------------------------------------------------
+def _ilsvrc_ids(labels_file: Path) -> dict[int, str] | None:
+    """ILSVRC2012_ID -> WNID from the devkit's meta.mat beside ``labels_file``, None when it is absent."""
+    meta = labels_file.parent / "meta.mat"
+    if not meta.is_file():
+        return None
+    try:
+        from scipy.io import loadmat
+
+        synsets = loadmat(str(meta), squeeze_me=True)["synsets"]
+        return {int(i): str(w) for i, w in zip(synsets["ILSVRC2012_ID"].ravel(), synsets["WNID"].ravel(), strict=True)}
+    except Exception as exc:  # noqa: BLE001 - any unreadable meta.mat means the same to the user
+        raise AtlasError(f"cannot read the ImageNet devkit's {meta}: {type(exc).__name__}: {exc}") from None
+
+
+def _apply_labels(paths: list[str], labels: list[int], base: Path, labels_file: Path, classes: Classes) -> tuple[list[int], str]:
+    """Labels from ``labels_file`` for ``paths`` (per line in order, or by name); returns them and a summary fragment."""
+    if not labels_file.is_file():
+        raise AtlasError(f"labels file not found: {labels_file}")
+    name = printable(labels_file.name)
+    values = [ln.strip() for ln in _read_lines(labels_file) if ln.strip()]
+    if "ground_truth" in labels_file.name.lower() and values and INTEGER.fullmatch(values[0]):
+        ids = _ilsvrc_ids(labels_file)
+        if ids is None:
+            raise AtlasError(f"{name} holds 1-based ILSVRC2012 ids, which map to classes only through the devkit's meta.mat "
+                             f"(not found beside it in {labels_file.parent}); put meta.mat there, or give a labels file "
+                             "with one synset, 0-based class index or class name per line")
+        mapped = []
+        for number, value in enumerate(values, 1):
+            if not INTEGER.fullmatch(value) or int(value) not in ids:
+                raise AtlasError(f"{name} line {number}: '{value}' is not an ILSVRC2012 id of meta.mat")
+            try:
+                label = classes.parse(ids[int(value)])
+            except _BadLabel as exc:
+                raise AtlasError(f"{name} line {number}: {exc}") from None
+            mapped.append(label)
+        return _in_order(paths, mapped, name), f"labels from {name} (ILSVRC2012 ids via meta.mat)"
+    lines = [(n, ln.strip()) for n, ln in enumerate(_read_lines(labels_file), 1)]
+    lines = [(n, ln) for n, ln in lines if ln and not ln.startswith("#")]
+    if not lines:
+        raise AtlasError(f"labels file {name} is empty")
+    if any(_is_label(classes, line) for _, line in lines[:10]):  # one label per line, in image order
+        values = []
+        for number, line in lines:
+            try:
+                label = classes.parse(line)
+            except _BadLabel as exc:
+                raise AtlasError(f"labels file {name} line {number}: {exc}") from None
+            if label is None:
+                raise AtlasError(f"labels file {name} line {number}: {classes.unknown(line)}")
+            values.append(label)
+        return _in_order(paths, values, name), f"labels from {name}, one per line"
+    entries = _parse_list(labels_file, classes, _Resolver(base), what="labels file")
+    if any(p is None for p, _ in entries):
+        raise AtlasError(f"labels file {name} mixes lines with and without a file name")
+    by_key: dict[str, int] = {}
+    for file, label in entries:
+        for key in _keys(file, base):
+            by_key.setdefault(key, label)
+    out, matched = list(labels), 0
+    for i, file in enumerate(paths):
+        label = next((by_key[k] for k in _keys(file, base) if k in by_key), None)
+        if label is not None:
+            out[i], matched = label, matched + 1
+    if not matched and all(label == -1 for _, label in entries):  # no line had a label: per-line labels, none of them valid
+        raise AtlasError(f"labels file {name} line {lines[0][0]}: {classes.unknown(lines[0][1])}")
+    if not matched:
+        raise AtlasError(f"labels file {name} names none of the {len(paths):,} images (names are matched as paths relative to "
+                         f"{printable(str(base))}, file names or file names without suffix)")
+    return out, f"labels from {name} for {matched:,} of {len(paths):,}"
+
+
+def _is_label(classes: Classes, line: str) -> bool:
+    """Whether a whole line is a label (a ``name label`` line never is), valid or not."""
+    try:
+        return classes.parse(line) is not None
+    except _BadLabel:
+        return True
+
+
+def _in_order(paths: list[str], values: list[int], name: str) -> list[int]:
+    if len(values) != len(paths):
+        raise AtlasError(f"labels file {name} has {len(values):,} labels, one per line, but there are {len(paths):,} images; "
+                         "give 'name label' lines to label some of them")
+    return values
+
+
+def _keys(file: str, base: Path) -> list[str]:
+    """Names by which a labels file may name ``file``: relative path, file name, file name without suffix."""
+    keys = []
+    try:
+        keys.append(os.path.relpath(file, base))
+    except ValueError:
+        pass
+    name = os.path.basename(file)
+    return [*keys, name, os.path.splitext(name)[0]]
+
+
+# --------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------
+def list_images(source: str | Path, synsets: Sequence[str | tuple[str, str | Sequence[str]]] = (),
+                labels: str | Path | None = None) -> ImageList:
+    """The images of a folder (tree, flat or both) or a list file, in a fixed order, with labels where known.
+
+    ``synsets`` gives the model's classes in logit order: synset ids, or (synset, names) pairs so
+    that labels may also be class names (``class_table``). Without it, the sorted sub-folder names
+    of an ImageNet-layout tree give the indices. ``labels`` is a labels file (see the module docstring).
+    """
+    source = Path(source).expanduser()
+    classes = Classes(synsets)
+    if source.is_file():
+        paths, found, summary = _from_list_file(source, classes)
+        base = source.absolute().parent
+    elif source.is_dir():
+        paths, found, summary = _from_folder(source, classes, derived_index=not classes)
+        base = source.absolute()
+    else:
+        raise AtlasError(f"images not found: {printable(str(source))} is neither a folder nor a list file")
     if not paths:
-        raise AtlasError(f"list file {path} names no images")
-    return ImageList(paths, np.asarray(labels, dtype=np.int32))
+        if source.is_file():
+            raise AtlasError(f"list file {printable(str(source))} names no images")
+        skipped = summary[summary.index(";"):] if ";" in summary else ""
+        raise AtlasError(f"no images in {printable(str(source))} (looked for {', '.join(sorted(IMAGE_SUFFIXES))}){skipped}")
+    if labels is not None:
+        found, fragment = _apply_labels(paths, found, base, Path(labels).expanduser(), classes)
+        summary += f"; {fragment}"
+    return ImageList([storable_path(p) for p in paths], np.asarray(found, dtype=np.int32), summary)
+
+
+# --------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------
+def _to_8bit(im: Image.Image) -> Image.Image:
+    """A 16/32-bit integer or float image as 8-bit grey, scaled by its own range instead of clipped."""
+    array = np.asarray(im, dtype=np.float32)
+    finite = array[np.isfinite(array)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    if im.mode == "F" and lo >= 0.0 and hi <= 1.0:
+        scaled = array * 255.0
+    elif lo >= 0.0 and hi <= 255.0 and (im.mode != "F" or hi > 1.0):
+        scaled = array
+    elif hi > lo:
+        scaled = (array - lo) * (255.0 / (hi - lo))
+    else:
+        scaled = np.zeros_like(array)
+    return Image.fromarray(np.nan_to_num(np.clip(np.rint(scaled), 0, 255)).astype(np.uint8), "L")
 
 
 def load_image(path: str | Path, resize: int = 256, crop: int = 224) -> Image.Image:
     """RGB image, shorter side resized to ``resize`` then centre-cropped to ``crop`` x ``crop``.
 
-    Small images are enlarged; JPEGs are decoded at a reduced scale when they are much
-    larger than needed (draft mode), which is most of the decoding time for ImageNet.
-    Raises OSError (or ValueError) for unreadable or truncated files.
+    ``path`` may be a ``storable_path`` string. Small images are enlarged; JPEGs are decoded at a
+    reduced scale when they are much larger than needed (draft mode), which is most of the
+    decoding time for ImageNet. Raises OSError (or ValueError) for unreadable, truncated,
+    non-regular (FIFO, device) or oversized files.
     """
-    with Image.open(path) as im:
+    file = real_path(path) if isinstance(path, str) else path
+    mode = os.stat(file).st_mode
+    if not stat.S_ISREG(mode):  # opening a FIFO would block forever, a device would read without end
+        kind = "FIFO" if stat.S_ISFIFO(mode) else "device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "special file"
+        raise OSError(f"not a regular file ({kind})")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # MAX_PIXELS below decides
+        try:
+            im = Image.open(file)
+        except Image.DecompressionBombError as exc:
+            raise ImageTooLarge(f"image too large to decode ({exc})") from None
+    with im:
         if im.format == "JPEG":
             im.draft("RGB", (resize, resize))
+        if im.size[0] * im.size[1] > MAX_PIXELS:
+            raise ImageTooLarge(f"image too large to decode: {im.size[0]} x {im.size[1]} pixels (limit {MAX_PIXELS:,})")
+        if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+            im = _to_8bit(im)
         if im.mode in ("P", "PA", "LA", "RGBA") or "transparency" in im.info:
             im = im.convert("RGBA")
             background = Image.new("RGBA", im.size, (255, 255, 255, 255))
@@ -162,7 +749,7 @@ class ImageDataset(torch.utils.data.Dataset):
             error = ""
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             image = torch.zeros(3, self.crop, self.crop)
-            error = f"{type(exc).__name__}: {exc}".replace("\n", " ")[:200]
+            error = printable(f"{type(exc).__name__}: {exc}".replace("\n", " "))[:200]
         return index, image, error
 
 

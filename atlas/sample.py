@@ -29,11 +29,15 @@ from tqdm.auto import tqdm
 
 import atlas
 from atlas import store
-from atlas.data import ImageDataset, ImageList, list_images
+from atlas.data import ImageDataset, ImageList, class_table, list_images
 from atlas.errors import AtlasError
-from atlas.models import Network, autocast_dtype, load_model, synset_words
+from atlas.models import Network, autocast_dtype, load_model
 
 SHARD = 256
+# Sampling stops early, keeping what is done, when the images cannot be read: when no image of the first shard
+# could be read, or when fewer than MIN_READABLE of the images tried so far were readable once MIN_TRIED were tried.
+MIN_READABLE = 0.5
+MIN_TRIED = 64
 BORDER = 1
 TOP_K = 5
 # Settings that must match for a run folder to be resumed rather than rejected.
@@ -49,6 +53,7 @@ class SampleResult:
     n_samples: dict[str, int]
     seconds: float
     images_per_second: float
+    images_summary: str = ""
 
 
 def sample_positions(seed: int, image_index: int, layer_index: int, hw: tuple[int, int], k: int, border: int = BORDER) -> np.ndarray:
@@ -130,11 +135,14 @@ def sample(images: str | Path | ImageList, layers: Sequence[str], out: str | Pat
            weights: str | Path | None = None, max_images: int | None = None, per_image: int = 1, seed: int = 0,
            batch_size: int = 32, workers: int = 2, attribution: bool = True, dtype: str = "float16",
            resize: int = 256, crop: int = 224, device: str = "cpu", progress: bool = True,
-           shard_size: int = SHARD, precision: str = "auto", net: Network | None = None) -> SampleResult:
+           shard_size: int = SHARD, precision: str = "auto", net: Network | None = None,
+           labels: str | Path | None = None) -> SampleResult:
     """Sample ``per_image`` activations per image at each layer into ``out``/store.zarr.
 
     Resumes an interrupted run with the same settings; a folder holding a run with other
-    settings is an error (nothing is overwritten).
+    settings is an error (nothing is overwritten). ``labels`` is a labels file for the images
+    (see ``atlas.data``). Stops with an AtlasError when the images cannot be read (see
+    ``MIN_READABLE``); the shards finished before are kept, the one that tipped it is redone on resume.
     """
     if not layers:
         raise AtlasError("give at least one --layer")
@@ -147,7 +155,7 @@ def sample(images: str | Path | ImageList, layers: Sequence[str], out: str | Pat
     for layer in layers:
         net.resolve(layer)
     if not isinstance(images, ImageList):
-        images = list_images(images, [s for s, _ in synset_words(net.weights)])
+        images = list_images(images, class_table(net.weights), labels=labels)
     images = images.head(max_images)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -170,20 +178,44 @@ def sample(images: str | Path | ImageList, layers: Sequence[str], out: str | Pat
     done = _read_flags(root["images/shard_done"])
     todo = [s for s in range(n_shards) if not done[s]]
     start = time.perf_counter()
-    bar = tqdm(total=sum(min(shard_size, n - s * shard_size) for s in todo), unit="img", disable=not progress,
+    # The bar only on a terminal: piped or logged output gets the summary lines, not carriage-return noise.
+    bar = tqdm(total=sum(min(shard_size, n - s * shard_size) for s in todo), unit="img", disable=None if progress else True,
                desc=f"sample {','.join(layers)}", dynamic_ncols=True)
+    finished = np.repeat(done, shard_size)[:n]
+    tried, readable = int(finished.sum()), int(root["images/ok"][:][finished].sum()) if finished.any() else 0
+    first_error = None
     processed = 0
     try:
         for shard in todo:
-            processed += _run_shard(root, out, net, images, layers, shapes, shard, settings, batch_size, workers, device, bar)
+            count, good, error = _run_shard(root, out, net, images, layers, shapes, shard, settings, batch_size, workers, device, bar)
+            processed, tried, readable = processed + count, tried + count, readable + good
+            first_error = first_error or error
+            if readable == 0 or (tried >= MIN_TRIED and readable < MIN_READABLE * tried):
+                _stop(out, tried, readable, first_error)
+            root["images/shard_done"][shard] = True  # only now: a shard that stopped the run is redone on resume
     finally:
         bar.close()
     seconds = time.perf_counter() - start
     ok = root["images/ok"][:]
     n_skipped = int((~ok).sum())
     counts = {layer: int(root[f"samples/{layer}/valid"][:].sum()) for layer in layers}
+    if not any(counts.values()):
+        _stop(out, n, 0, first_error)
     root.attrs["summary"] = {"n_images": n, "n_skipped": n_skipped, "samples": counts, "complete": True}
-    return SampleResult(out, n, n_skipped, counts, seconds, processed / seconds if seconds > 0 and processed else 0.0)
+    return SampleResult(out, n, n_skipped, counts, seconds, processed / seconds if seconds > 0 and processed else 0.0,
+                        images.summary)
+
+
+def _stop(out: Path, tried: int, readable: int, first_error: str | None) -> None:
+    """End sampling over unreadable images: one line, also in the log."""
+    failed = tried - readable
+    if readable == 0:
+        message = f"stopped sampling: none of the {tried:,} images tried could be read"
+    else:
+        message = f"stopped sampling: {failed:,} of the {tried:,} images tried could not be read (more than {1 - MIN_READABLE:.0%})"
+    message += f"; first error: {first_error or 'none recorded'}; every skipped file is listed in {out / 'log.txt'}"
+    store.log(out, message)
+    raise AtlasError(message)
 
 
 def _read_flags(array) -> np.ndarray:
@@ -239,7 +271,8 @@ def _open_or_create(out: Path, images: ImageList, net: Network, shapes: dict, se
 
 
 def _run_shard(root, out: Path, net: Network, images: ImageList, layers: list[str], shapes: dict, shard: int,
-               settings: dict, batch_size: int, workers: int, device: str, bar) -> int:
+               settings: dict, batch_size: int, workers: int, device: str, bar) -> tuple[int, int, str | None]:
+    """Sample one shard and write its rows; returns (images, readable images, first error as 'path: error')."""
     n, k, seed, size = len(images), settings["per_image"], settings["seed"], settings["shard_size"]
     lo, hi = shard * size, min((shard + 1) * size, n)
     indices = list(range(lo, hi))
@@ -252,12 +285,14 @@ def _run_shard(root, out: Path, net: Network, images: ImageList, layers: list[st
     dataset = ImageDataset(images, settings["preprocessing"]["resize"], settings["preprocessing"]["crop"], indices)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                                          persistent_workers=False, prefetch_factor=4 if workers else None)
+    first_error = None
     for batch_index, batch, errors in loader:
         local = (batch_index - lo).numpy()
         good = np.array([not e for e in errors])
         for index, error in zip(batch_index.tolist(), errors, strict=True):
             if error:
                 store.log(out, f"skipped image {index} {images.paths[index]}: {error}")
+                first_error = first_error or f"{images.paths[index]}: {error}"
         if good.any():
             sel = local[good]
             x = batch[torch.from_numpy(good)].to(device)
@@ -286,5 +321,4 @@ def _run_shard(root, out: Path, net: Network, images: ImageList, layers: list[st
         g["valid"][row_lo:row_hi] = valid
     root["images/ok"][lo:hi] = ok
     root["images/top5"][lo:hi] = top5
-    root["images/shard_done"][shard] = True
-    return hi - lo
+    return hi - lo, int(ok.sum()), first_error

@@ -13,6 +13,8 @@ from atlas.cli import app
 @app.command("build")
 def build_command(
     images: Annotated[Path | None, typer.Option("--images", help="image folder or list file")] = None,
+    labels: Annotated[Path | None, typer.Option("--labels", help="labels file for the images ('name label' lines, one per "
+                                                "line, or LOC_val_solution.csv)")] = None,
     layer: Annotated[list[str] | None, typer.Option("--layer", help="layer; repeat for several")] = None,
     grid: Annotated[list[int] | None, typer.Option("--grid", help="grid size; repeat for several")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="run folder (default outputs/MODEL-LAYER)")] = None,
@@ -36,7 +38,7 @@ def build_command(
     model_name = model or resolved["sample"]["model"]
     default_out = Path("outputs") / f"{model_name}-{'-'.join(layers)}"
     overrides = {
-        "run": {"images": str(images) if images else None, "layers": layer or None,
+        "run": {"images": str(images) if images else None, "labels": str(labels) if labels else None, "layers": layer or None,
                 "out": str(out) if out else (None if resolved["run"]["out"] else str(default_out))},
         "sample": {"model": model, "weights": str(weights) if weights else None, "max_images": max_images, "per_image": per_image,
                    "seed": seed, "device": device},

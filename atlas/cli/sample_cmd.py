@@ -28,13 +28,16 @@ def sample_command(
     device: str = "cpu",
     shard_size: Annotated[int, typer.Option(help="images per resumable unit of work")] = 256,
     precision: Annotated[str, typer.Option(help="auto, float32 or bfloat16 (forward without attribution)")] = "auto",
+    labels: Annotated[Path | None, typer.Option("--labels", help="labels file for the images: 'name label' lines, "
+                                                "one label per line in image order, or LOC_val_solution.csv")] = None,
 ) -> None:
     """Sample one random spatial activation per image (and its class attributions) into RUN/store.zarr."""
     from atlas.sample import sample
 
     result = sample(images, layer, out, model=model, weights=weights, max_images=max_images, per_image=per_image, seed=seed,
                     batch_size=batch_size, workers=workers, attribution=not no_attribution, dtype=dtype, device=device,
-                    shard_size=shard_size, precision=precision)
+                    shard_size=shard_size, precision=precision, labels=labels)
+    typer.echo(result.images_summary)
     counts = ", ".join(f"{k}: {v}" for k, v in result.n_samples.items())
     typer.echo(f"{result.n_images} images ({result.n_skipped} skipped, see {out}/log.txt), samples {counts} -> {out}")
 
