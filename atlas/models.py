@@ -422,14 +422,21 @@ def synset_words(weights: str | Path | None = None) -> list[tuple[str, str]]:
     logit order) is not shipped with atlas; without it class names come from torchvision's
     list and synset ids are unknown (see :func:`imagenet_classes`).
     """
+    path = synset_words_file(weights)
+    if path is None:
+        return []
+    lines = path.read_text().splitlines()
+    return [(ln.split(" ", 1)[0], ln.split(" ", 1)[1].split(",")[0].strip()) for ln in lines if ln.strip()]
+
+
+def synset_words_file(weights: str | Path | None = None) -> Path | None:
+    """The ``synset_words.txt`` :func:`synset_words` reads: beside the weights file, else in the user cache; None if neither."""
     places = [Path(weights).expanduser().parent] if weights and not str(weights).startswith("torchvision:") else []
     places.append(cache_dir())
     for place in places:
-        path = place / "synset_words.txt"
-        if path.is_file():
-            lines = path.read_text().splitlines()
-            return [(ln.split(" ", 1)[0], ln.split(" ", 1)[1].split(",")[0].strip()) for ln in lines if ln.strip()]
-    return []
+        if (place / "synset_words.txt").is_file():
+            return place / "synset_words.txt"
+    return None
 
 
 def imagenet_classes(num_classes: int = 1000, weights: str | Path | None = None) -> list[str]:

@@ -150,6 +150,19 @@ def test_real_weights_found_in_the_user_cache(no_weights):
     assert net.weights == str(no_weights / "bvlc_googlenet.safetensors") and len(net.classes) == 1000
 
 
+def test_class_list_beside_the_weights_else_in_the_cache(no_weights, tmp_path):
+    require_shared()
+    words = WEIGHTS.parent / "synset_words.txt"
+    assert models.synset_words_file(WEIGHTS) == words and len(models.synset_words(WEIGHTS)) == 1000
+    elsewhere = tmp_path / "w" / "weights.safetensors"  # weights in a folder without the list, and an empty cache
+    assert models.synset_words_file(elsewhere) is None and models.synset_words(elsewhere) == []
+    assert models.imagenet_classes(1000, elsewhere)[1] == "goldfish"  # names still come from torchvision's list
+    no_weights.mkdir(parents=True)
+    (no_weights / "synset_words.txt").symlink_to(words)
+    assert models.synset_words_file(elsewhere) == no_weights / "synset_words.txt"
+    assert models.synset_words(elsewhere)[1] == ("n01443537", "goldfish")
+
+
 def _free_port() -> int:
     """A localhost port nothing listens on (bound, then released)."""
     with socket.socket() as s:
@@ -386,3 +399,33 @@ def test_wheel_build_without_npm_is_a_clear_error(tmp_path):
     assert result.returncode != 0
     assert "building the atlas wheel needs npm to fetch OpenSeadragon" in result.stdout + result.stderr
     assert not list(tmp_path.glob("dist/*.whl"))
+
+
+# ------------------------------------------------------------------------------------- the two commands
+def _make(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed (sudo apt-get install make)")
+    return subprocess.run(["make", "--no-print-directory", "-C", str(REPO), *args], capture_output=True, text=True, env=env, timeout=60)
+
+
+def test_ci_runs_the_test_command_and_nothing_else():
+    lines = [ln.strip() for ln in (REPO / ".ci" / "run").read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    assert lines == ["set -euo pipefail", 'cd "$(dirname "$0")/.."', "export CI=true", "make test"]
+
+
+def test_make_demo_without_images_asks_for_them_in_one_line():
+    result = _make("demo", "IMAGES=")
+    line = _one_line_error(result)
+    assert "make demo IMAGES=DIR" in line and result.stdout == ""  # stopped before any set-up step ran
+
+
+def test_make_test_set_up_is_done_once():
+    """After `make test` (or `make setup`) has set up, a second run redoes nothing: only lint and the tests are left."""
+    if not (REPO / ".venv" / ".atlas-stamps" / "python").is_file():
+        if os.environ.get("CI") == "true":
+            pytest.fail("under CI the suite runs from `make test`, which must have left its set-up stamps")
+        pytest.skip("the set-up of `make test` has not run in this checkout (run make setup)")
+    assert _make("-q", "setup").returncode == 0  # -q: exit 0 only when every set-up target is up to date
+    planned = _make("-n", "test").stdout
+    assert "pip install" not in planned and "npm ci" not in planned and "venv" not in planned.replace(".venv/bin/", ""), planned
+    assert ".venv/bin/ruff check ." in planned and ".venv/bin/python -m pytest -q" in planned, planned
