@@ -159,9 +159,10 @@ class Classes:
 
     def __init__(self, classes: Sequence[str | tuple[str, str | Sequence[str]]] = ()):
         self.synsets: dict[str, int] = {}
-        self.names: dict[str, int] = {}
-        self.ambiguous: dict[str, list[int]] = {}
         self.shown: list[str] = []  # first name (or synset) of each class, for messages
+        # Two tiers: a class's first name wins over another class's synonym ("partridge" is n01807496, not the
+        # ruffed grouse that also lists it); a name two classes share in the same tier ("crane") is ambiguous.
+        tiers: list[dict[str, list[int]]] = [{}, {}]
         for i, entry in enumerate(classes):
             synset, names = (entry, ()) if isinstance(entry, str) else entry
             if isinstance(names, str):
@@ -169,13 +170,19 @@ class Classes:
             names = [n.strip() for n in names if n.strip()]
             self.synsets.setdefault(synset, i)
             self.shown.append(names[0] if names else synset)
-            for name in {_normal(n) for n in names}:
-                if name in self.ambiguous:
-                    self.ambiguous[name].append(i)
-                elif name in self.names and self.names[name] != i:
-                    self.ambiguous[name] = [self.names.pop(name), i]
+            for tier, name in {(0 if k == 0 else 1, _normal(n)) for k, n in enumerate(names)}:
+                if i not in tiers[tier].setdefault(name, []):
+                    tiers[tier][name].append(i)
+        self.names: dict[str, int] = {}
+        self.ambiguous: dict[str, list[int]] = {}
+        for tier in reversed(tiers):  # the first-name tier last, so that it overrides
+            for name, indices in tier.items():
+                self.names.pop(name, None)
+                self.ambiguous.pop(name, None)
+                if len(indices) == 1:
+                    self.names[name] = indices[0]
                 else:
-                    self.names[name] = i
+                    self.ambiguous[name] = indices
         self.n = len(self.shown)
 
     def __bool__(self) -> bool:
@@ -380,15 +387,17 @@ class _Resolver:
     """Paths of a list, relative to its folder; a name without suffix is looked up with each image suffix."""
 
     def __init__(self, base: Path):
-        self.base = base
+        self.base = os.path.join(os.fspath(base), "")
         self.listings: dict[str, dict[str, str]] = {}
 
     def __call__(self, text: str) -> str:
-        file = os.path.expanduser(text)
-        if not os.path.isabs(file):
-            file = os.path.join(self.base, file)
-        file = os.path.normpath(file)
-        if os.path.splitext(file)[1].lower() not in IMAGE_SUFFIXES and not os.path.lexists(file):
+        # Plain string work on the common case: this runs once per line of lists with millions of lines.
+        if text.startswith("~"):
+            text = os.path.expanduser(text)
+        file = text if text.startswith("/") else self.base + text
+        if "/." in file or "//" in file:
+            file = str(Path(file))  # drops "." parts and doubled slashes, as pathlib did before; ".." is kept
+        if not _has_suffix(file) and not os.path.lexists(file):
             folder, stem = os.path.split(file)
             listing = self.listings.get(folder)
             if listing is None:
@@ -403,6 +412,11 @@ class _Resolver:
             if stem in listing:
                 file = os.path.join(folder, listing[stem])
         return file
+
+
+def _has_suffix(path: str) -> bool:
+    dot = path.rfind(".")
+    return dot > path.rfind("/") and path[dot:].lower() in IMAGE_SUFFIXES
 
 
 def _header(fields: list[str]) -> tuple[int, int | None] | None:
@@ -483,6 +497,10 @@ def _parse_line(line: str, classes: Classes, resolver: _Resolver) -> tuple[str |
             return found
         raise _BadLabel(classes.unknown(tail))
     words = line.split()
+    if len(words) == 2 and _has_suffix(words[0]):  # the common "x.jpg 3": no need to look further
+        label = classes.parse(words[1])
+        if label is not None:
+            return resolver(words[0]), label
     if len(words) == 1:
         label = classes.parse(line) if INTEGER.fullmatch(line) or SYNSET_ONLY.fullmatch(line) else None
         return (None, label) if label is not None else (resolver(line), -1)
@@ -507,7 +525,7 @@ def _split_words(line: str, classes: Classes, resolver: _Resolver) -> tuple[str,
             continue
         head = line[: spans[-k].start()].rstrip()
         # Only an unusual head (spaces inside, no image suffix) is worth a look at the disk: the common "x.jpg 3" is not.
-        unusual = len(spans) - k > 1 or os.path.splitext(head)[1].lower() not in IMAGE_SUFFIXES
+        unusual = len(spans) - k > 1 or not _has_suffix(head)
         if unusual and os.path.lexists(resolver(line)) and not os.path.lexists(resolver(head)):
             return resolver(line), -1  # "dir/run 3" is a file named "run 3", not "dir/run" labelled 3
         return resolver(head), label
@@ -524,8 +542,14 @@ def _quiet_parse(classes: Classes, text: str) -> int | None:
         return None
 
 
+def _folder_of(path: Path) -> Path:
+    """The absolute folder of a list file; '..' parts are resolved as the OS would (through symlinks), not textually."""
+    folder = path.absolute().parent
+    return folder.resolve() if ".." in folder.parts else folder
+
+
 def _from_list_file(path: Path, classes: Classes) -> tuple[list[str], list[int], str]:
-    entries = _parse_list(path, classes, _Resolver(path.absolute().parent))
+    entries = _parse_list(path, classes, _Resolver(_folder_of(path)))
     paths = [p for p, _ in entries if p is not None]
     if len(paths) != len(entries):
         number = next(i for i, (p, _) in enumerate(entries, 1) if p is None)
@@ -651,7 +675,7 @@ def list_images(source: str | Path, synsets: Sequence[str | tuple[str, str | Seq
     classes = Classes(synsets)
     if source.is_file():
         paths, found, summary = _from_list_file(source, classes)
-        base = source.absolute().parent
+        base = _folder_of(source)
     elif source.is_dir():
         paths, found, summary = _from_folder(source, classes, derived_index=not classes)
         base = source.absolute()

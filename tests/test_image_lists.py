@@ -28,7 +28,8 @@ from atlas.errors import AtlasError
 # A few ImageNet classes as (synset, synonyms) pairs, in a made-up logit order; two share the name "crane".
 CLASSES = [("n01440764", ["tench", "Tinca tinca"]), ("n01443537", ["goldfish", "Carassius auratus"]),
            ("n01484850", ["great white shark", "white shark", "man-eater"]), ("n02012849", ["crane"]),
-           ("n03126707", ["crane"]), ("n01751748", ["sea snake"])]
+           ("n03126707", ["crane"]), ("n01751748", ["sea snake"]), ("n01797886", ["ruffed grouse", "partridge"]),
+           ("n01807496", ["partridge"])]
 
 
 def _png(path: Path, value: int = 0, size=(64, 48)) -> Path:
@@ -131,13 +132,18 @@ def test_unknown_or_ambiguous_label_is_one_line_naming_the_line(tmp_path):
     cases = {"a.png 0\na.png tenchh\n": r"list.txt line 2: unknown label 'tenchh'.*closest classes: tench",
              "a.png, gold fish\n": r"line 1: unknown label 'gold fish'.*goldfish",
              "a.png\tcrane\n": r"line 1: class name 'crane' names several classes.*n02012849.*n03126707",
-             "a.png 17\n": r"line 1: class index 17 is out of range \(0-5",
-             "a.png n09999999\n": r"line 1: synset n09999999 is not one of the model's 6 classes"}
+             "a.png 17\n": r"line 1: class index 17 is out of range \(0-7",
+             "a.png n09999999\n": r"line 1: synset n09999999 is not one of the model's 8 classes"}
     for text, message in cases.items():
         (tmp_path / "list.txt").write_text(text)
         with pytest.raises(AtlasError, match=message) as info:
             list_images(tmp_path / "list.txt", CLASSES)
         assert "\n" not in str(info.value)
+
+
+def test_a_first_name_wins_over_another_class_synonym():
+    classes = Classes(CLASSES)
+    assert classes.parse("partridge") == 7 and classes.parse("Ruffed_Grouse") == 6 and classes.parse("man-eater") == 2
 
 
 def test_class_table_has_every_synonym():
