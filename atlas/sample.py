@@ -292,7 +292,7 @@ def _run_shard(root, out: Path, net: Network, images: ImageList, layers: list[st
         for index, error in zip(batch_index.tolist(), errors, strict=True):
             if error:
                 store.log(out, f"skipped image {index} {images.paths[index]}: {error}")
-                first_error = first_error or f"{images.paths[index]}: {error}"
+                first_error = first_error or (error if images.paths[index] in error else f"{images.paths[index]}: {error}")
         if good.any():
             sel = local[good]
             x = batch[torch.from_numpy(good)].to(device)
