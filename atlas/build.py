@@ -26,7 +26,8 @@ DEFAULTS: dict[str, dict] = {
     "run": {"images": None, "labels": None, "out": None, "layers": ["mixed4c"]},
     "sample": {"model": "inceptionv1", "weights": None, "max_images": None, "per_image": 1, "seed": 0, "batch_size": 32,
                "workers": 2, "attribution": True, "dtype": "float16", "precision": "auto", "device": "cpu"},
-    "project": {"method": "umap", "n_neighbors": 50, "min_dist": 0.05, "metric": "cosine", "pca": None, "seed": 0, "outside": "edge"},
+    "project": {"method": "umap", "n_neighbors": 50, "min_dist": 0.05, "metric": "cosine", "pca": None, "seed": 0, "outside": "edge",
+                "knn": "atlas"},
     "grid": {"sizes": [20, 40, 80, 160], "min_count": 3},
     "render": {"quality": "standard", "steps": None, "size": None, "attempts": None, "batch": None, "p": 2.0, "icons": "optimize",
                "device": "cpu", "seed": 0},
@@ -105,6 +106,9 @@ def validate(config: dict):
     sizes = config["grid"]["sizes"]
     if not sizes or any(int(s) < 2 for s in sizes):
         raise AtlasError(f"grid sizes must be at least 2, got {sizes}")
+    from atlas.layout.neighbors import check_backend
+
+    check_backend(config["project"]["knn"])
     images_path = Path(run["images"]).expanduser()
     if not images_path.exists():
         raise AtlasError(f"images not found: {images_path}")
@@ -186,7 +190,7 @@ def build(config: dict, dry_run: bool = False, echo=print) -> BuildResult:
         for layer in run["layers"] if stage != "sample" else []:
             if stage == "project":
                 layout.project(out, layer, method=s["method"], n_neighbors=s["n_neighbors"], min_dist=s["min_dist"], metric=s["metric"],
-                               pca=s["pca"], seed=s["seed"], outside=s["outside"], progress=True)
+                               pca=s["pca"], seed=s["seed"], outside=s["outside"], progress=True, knn=s["knn"])
             elif stage == "grid":
                 grid.grid(out, layer, list(s["sizes"]), min_count=s["min_count"])
             elif stage == "render":

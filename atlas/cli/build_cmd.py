@@ -24,6 +24,7 @@ def build_command(
     max_images: Annotated[int | None, typer.Option(help="first N images")] = None,
     per_image: Annotated[int | None, typer.Option(help="positions sampled per image")] = None,
     method: Annotated[str | None, typer.Option(help="umap, tsne or pca")] = None,
+    knn: Annotated[str | None, typer.Option("--knn", help="nearest-neighbour search of the layout: atlas or faiss")] = None,
     quality: Annotated[str | None, typer.Option(help="draft, standard or paper icons")] = None,
     icons: Annotated[str | None, typer.Option(help="optimize (feature inversion) or examples (dataset patches)")] = None,
     seed: Annotated[int | None, typer.Option(help="seed of every stage")] = None,
@@ -42,7 +43,7 @@ def build_command(
                 "out": str(out) if out else (None if resolved["run"]["out"] else str(default_out))},
         "sample": {"model": model, "weights": str(weights) if weights else None, "max_images": max_images, "per_image": per_image,
                    "seed": seed, "device": device},
-        "project": {"method": method, "seed": seed},
+        "project": {"method": method, "seed": seed, "knn": knn},
         "grid": {"sizes": grid or None},
         "render": {"quality": quality, "icons": icons, "seed": seed, "device": device},
     }

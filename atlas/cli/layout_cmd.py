@@ -25,14 +25,16 @@ def project_cmd(
     pca: Annotated[int | None, typer.Option("--pca", help="Reduce to this many dimensions with PCA first.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Random seed (same seed, same layout).")] = 0,
     outside: Annotated[str, typer.Option("--outside", help="Points beyond the 1-99th percentile clip: edge (clamp) or drop.")] = "edge",
+    knn: Annotated[str | None, typer.Option("--knn", help="Nearest-neighbour search: atlas (its own) or faiss (default: atlas.layout's).")
+                   ] = None,
 ) -> None:
     """Project a layer's sampled activations to 2-D and store the normalised layout."""
-    from atlas.layout import project
+    from atlas.layout import DEFAULT_BACKEND, project
 
     if pca is not None and pca < 1:
         raise AtlasError("--pca must be a positive number of dimensions")
     attrs = project(run_dir, layer, method=method, atlas=atlas, n_neighbors=neighbors, min_dist=min_dist, metric=metric, pca=pca,
-                    seed=seed, outside=outside, progress=True)
+                    seed=seed, outside=outside, progress=True, knn=DEFAULT_BACKEND if knn is None else knn)
     s = attrs["summary"]
     recall = "n/a" if s["knn_recall_10"] is None else f"{s['knn_recall_10']:.3f}"
     trust = "n/a" if s.get("trustworthiness") is None else f"{s['trustworthiness']:.3f}"

@@ -6,7 +6,7 @@ array-level pieces (``embed``, ``knn_graph``, ``normalize_layout``, ``knn_recall
 ``save_layout``) are public so the class atlases can build and store their own layouts.
 
 Speed at large N comes from three pieces of this sub-package: the nearest-neighbour graph
-is a GEMM-based clustered search (``neighbors``), the fuzzy graph is umap-learn's own, and
+is a GEMM-based clustered search (``neighbors``; faiss with ``knn="faiss"``), the fuzzy graph is umap-learn's own, and
 the layout is optimised by a parallel yet reproducible version of umap-learn's SGD
 (``optimize``). The initialisation is a PCA of the data instead of a spectral embedding,
 which is slow and fragile on graphs with many components (clustered data, duplicates).
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from atlas.errors import AtlasError
-from atlas.layout.neighbors import METRICS, as_float32, knn_graph, others_first
+from atlas.layout.neighbors import DEFAULT_BACKEND, METRICS, as_float32, check_backend, knn_graph, others_first
 from atlas.layout.optimize import optimize_layout
 from atlas.store import FULL_ATLAS, log, open_store, read_rows, require_layer, write_array
 
@@ -77,13 +77,14 @@ def _scaled_init(x: np.ndarray, n_components: int, seed: int) -> np.ndarray:
 def embed(x: np.ndarray, method: str = "umap", n_components: int = 2, *, n_neighbors: int = 50, min_dist: float = 0.05,
           metric: str = "cosine", pca: int | None = None, seed: int = 0, n_epochs: int | None = None, init: str = "pca",
           perplexity: float = 30.0, knn: tuple[np.ndarray, np.ndarray] | None = None, verbose: bool = False,
-          progress: bool = False, timings: dict | None = None) -> np.ndarray:
+          progress: bool = False, timings: dict | None = None, knn_backend: str = DEFAULT_BACKEND) -> np.ndarray:
     """Embed rows of ``x`` in ``n_components`` dimensions (1 or 2); seeded and reproducible.
 
     ``n_epochs`` None means umap-learn's default (500) up to ``LARGE_N`` points and
     ``LARGE_N_EPOCHS`` above. ``pca`` reduces ``x`` to that many dimensions first (uncentred
     for cosine, so angles are kept). ``knn`` may pass a precomputed ``knn_graph`` of ``x``;
     ``timings`` (a dict) receives seconds per step. ``init`` is "pca" or "random" (UMAP).
+    ``knn_backend`` ("atlas" or "faiss") is the search that builds the kNN graph when ``knn`` is None.
     ``progress`` shows bars for UMAP's kNN search and epochs; ``verbose`` also lets
     openTSNE print its log.
     Duplicate points are handled: if the graph or the optimisation fails on them
@@ -96,6 +97,7 @@ def embed(x: np.ndarray, method: str = "umap", n_components: int = 2, *, n_neigh
         raise AtlasError(f"unknown UMAP init '{init}'; choose pca or random")
     if n_components not in (1, 2):
         raise AtlasError(f"n_components must be 1 or 2, not {n_components}")
+    check_backend(knn_backend)
     x = as_float32(x)
     n = x.shape[0]
     if n == 0:
@@ -109,13 +111,14 @@ def embed(x: np.ndarray, method: str = "umap", n_components: int = 2, *, n_neigh
     if method == "pca":
         return pca_project(x, n_components, center=True)
     if method == "tsne":
-        return _tsne(x, n_components, metric, perplexity, seed, knn, verbose)
+        return _tsne(x, n_components, metric, perplexity, seed, knn, verbose, knn_backend)
     return _umap(x, n_components, n_neighbors, min_dist, metric, seed, n_epochs, init, knn, verbose or progress,
-                 timings if timings is not None else {})
+                 timings if timings is not None else {}, knn_backend)
 
 
 def _umap(x: np.ndarray, n_components: int, n_neighbors: int, min_dist: float, metric: str, seed: int, n_epochs: int | None,
-          init: str, knn: tuple[np.ndarray, np.ndarray] | None, progress: bool, timings: dict) -> np.ndarray:
+          init: str, knn: tuple[np.ndarray, np.ndarray] | None, progress: bool, timings: dict,
+          backend: str = DEFAULT_BACKEND) -> np.ndarray:
     from umap.umap_ import find_ab_params, fuzzy_simplicial_set, nearest_neighbors
 
     n = x.shape[0]
@@ -129,7 +132,7 @@ def _umap(x: np.ndarray, n_components: int, n_neighbors: int, min_dist: float, m
             t = time.perf_counter()
             if knn is None:
                 if metric in METRICS:
-                    knn = knn_graph(data, k, metric, seed, progress=progress)
+                    knn = knn_graph(data, k, metric, seed, progress=progress, backend=backend)
                 else:  # other metrics: umap-learn's own search (NN-descent)
                     knn = nearest_neighbors(data, k, metric, {}, False, np.random.RandomState(seed))[:2]
             timings["knn"] = round(time.perf_counter() - t, 2)
@@ -159,7 +162,7 @@ def _umap(x: np.ndarray, n_components: int, n_neighbors: int, min_dist: float, m
 
 
 def _tsne(x: np.ndarray, n_components: int, metric: str, perplexity: float, seed: int, knn: tuple[np.ndarray, np.ndarray] | None,
-          verbose: bool) -> np.ndarray:
+          verbose: bool, backend: str = DEFAULT_BACKEND) -> np.ndarray:
     n = x.shape[0]
     perplexity = float(max(1.0, min(perplexity, (n - 1) / 3.0)))
     try:
@@ -176,7 +179,7 @@ def _tsne(x: np.ndarray, n_components: int, metric: str, perplexity: float, seed
     k = min(n - 1, int(3 * perplexity) + 1)
     if metric in METRICS:
         if knn is None or knn[0].shape[1] < k + 1:
-            knn = knn_graph(x, k + 1, metric, seed)
+            knn = knn_graph(x, k + 1, metric, seed, backend=backend)
         neighbours = PrecomputedNeighbors(knn[0][:, 1 : k + 1], knn[1][:, 1 : k + 1].astype(np.float64))
         aff = affinity.PerplexityBasedNN(perplexity=perplexity, knn_index=neighbours, random_state=seed, verbose=verbose)
     else:
@@ -375,13 +378,14 @@ def _select_rows(root, layer: str, rows) -> tuple[np.ndarray, int]:
 def project(run_dir: str | Path, layer: str, method: str = "umap", atlas: str = FULL_ATLAS, rows=None, n_neighbors: int = 50,
             min_dist: float = 0.05, metric: str = "cosine", pca: int | None = None, seed: int = 0, outside: str = "edge",
             n_epochs: int | None = None, perplexity: float = 30.0, margin: float = 0.1, verbose: bool = False,
-            progress: bool = False) -> dict:
+            progress: bool = False, knn: str = DEFAULT_BACKEND) -> dict:
     """Lay out a layer's samples and store the result; returns the layout's attrs (incl. ``summary``).
 
     ``rows`` selects a subset (boolean mask over all rows or integer indices); invalid rows
     in it are skipped. ``outside`` says what the grid does with points beyond the clip box:
     "edge" keeps them in the edge cells, "drop" leaves them out (the layout keeps them, flagged).
     ``progress`` shows progress bars (the command line and ``atlas build`` turn them on).
+    ``knn`` picks the search behind UMAP's and t-SNE's neighbour graph: "atlas" (its own) or "faiss".
     """
     if method not in METHODS:
         raise AtlasError(f"unknown projection method '{method}'; choose one of {', '.join(METHODS)}")
@@ -391,6 +395,7 @@ def project(run_dir: str | Path, layer: str, method: str = "umap", atlas: str = 
         raise AtlasError(f"n_neighbors must be at least 2, not {n_neighbors}")
     if min_dist < 0:
         raise AtlasError(f"min_dist must be non-negative, not {min_dist}")
+    check_backend(knn)
     _check_atlas_name(atlas)
     started = time.perf_counter()
     root = open_store(run_dir)
@@ -399,14 +404,14 @@ def project(run_dir: str | Path, layer: str, method: str = "umap", atlas: str = 
     timings = {"read": round(time.perf_counter() - started, 2)}
     t = time.perf_counter()
     raw = embed(x, method, 2, n_neighbors=n_neighbors, min_dist=min_dist, metric=metric, pca=pca, seed=seed, n_epochs=n_epochs,
-                perplexity=perplexity, verbose=verbose, progress=progress, timings=timings)
+                perplexity=perplexity, verbose=verbose, progress=progress, timings=timings, knn_backend=knn)
     timings["embed"] = round(time.perf_counter() - t, 2)
     xy, inside = normalize_layout(raw, margin=margin)
     t = time.perf_counter()
     quality = layout_quality(x, raw, metric=metric, seed=seed)
     timings["quality"] = round(time.perf_counter() - t, 2)
     params = {"n_neighbors": n_neighbors, "min_dist": min_dist, "metric": metric, "pca": pca, "n_epochs": n_epochs,
-              "perplexity": perplexity, "clip_percentiles": [1, 99], "margin": margin}
+              "perplexity": perplexity, "clip_percentiles": [1, 99], "margin": margin, "knn": knn}
     if method == "pca":
         params = {"pca": pca, "clip_percentiles": [1, 99], "margin": margin}
     elif method == "tsne":

@@ -7,6 +7,11 @@ product per list pair. Probing by list rather than by query misses a few true ne
 points on a list's border, which a slightly larger ``nprobe`` wins back; on clustered 512-d
 data it finds ~0.97 of the exact neighbours at a twentieth of brute force's cost. Below
 ``EXACT_MAX`` points there is a single list, and the search is exact.
+
+A second backend, ``backend="faiss"`` (faiss-cpu), builds the same graph with faiss: an exact
+``IndexFlat`` up to ``EXACT_MAX`` points, an ``IndexIVFFlat`` (seeded k-means lists, probed
+per query) above. Both backends return the same arrays in the same convention, so the fuzzy
+graph and the optimiser take either; ``bench/layout.py`` times the two side by side.
 """
 
 from __future__ import annotations
@@ -20,9 +25,17 @@ from tqdm.auto import tqdm
 from atlas.errors import AtlasError
 
 METRICS = ("cosine", "euclidean", "l2")
+BACKENDS = ("atlas", "faiss")
+DEFAULT_BACKEND = "atlas"  # chosen from bench/layout.py's side-by-side table (docs/layout.md)
 EXACT_MAX = 20000  # brute force below this many points: a few seconds, and exact
 NPROBE = 10
 QUERY_BLOCK = 4096  # rows of a list compared at once (bounds the score matrix's memory)
+# faiss IVF settings. Lists: 4 sqrt(N), the low end of faiss's guideline. Training: as atlas's own k-means
+# (16 points per list, 8 iterations): faiss's default 256 points x 25 iterations cost more than the whole
+# search for rough lists. nprobe 10 finds about as many of the exact neighbours as atlas's search (bench/layout.py).
+FAISS_NPROBE = 10
+FAISS_TRAIN_PER_LIST = 16
+FAISS_KMEANS_ITERS = 8
 
 
 def as_float32(x: np.ndarray) -> np.ndarray:
@@ -99,21 +112,34 @@ def _nearest(queries: torch.Tensor, q_sq: torch.Tensor | None, pool: list[tuple[
     return dist.clamp(min=0.0).numpy(), where.numpy()
 
 
+def check_backend(backend: str) -> str:
+    """``backend`` if it names a kNN backend, else the one-line error."""
+    if backend not in BACKENDS:
+        raise AtlasError(f"unknown kNN backend '{backend}'; choose one of {', '.join(BACKENDS)}")
+    return backend
+
+
 def knn_graph(x: np.ndarray, k: int, metric: str = "cosine", seed: int = 0, exact_max: int = EXACT_MAX,
-              nprobe: int = NPROBE, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+              nprobe: int | None = None, progress: bool = False, backend: str = DEFAULT_BACKEND) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` nearest neighbours of every row (itself first, distance 0).
 
     Returns ``(indices int64 (N, k), distances float32 (N, k))`` in umap-learn's convention
     (cosine distance = 1 - cos; Euclidean distance for "euclidean"/"l2"). Exact up to
-    ``exact_max`` rows, the clustered search of this module above. Self is forced into
-    column 0 so exact duplicates cannot push it out.
+    ``exact_max`` rows; above, the clustered search of this module (``backend="atlas"``) or a
+    faiss IVF index (``backend="faiss"``). ``nprobe`` None means the backend's default
+    (``NPROBE``, ``FAISS_NPROBE``). Self is forced into column 0 so exact duplicates cannot push it out.
     """
+    check_backend(backend)
     if metric not in METRICS:
         raise ValueError(f"the kNN search supports {METRICS}, not {metric!r}")
     x = as_float32(x)
     n = x.shape[0]
     k = min(k, n)
     vecs, sq = _search_space(x, metric)
+    if backend == "faiss":
+        idx, dists = _faiss_search(vecs, sq is None, k, seed, n <= exact_max, FAISS_NPROBE if nprobe is None else nprobe, progress)
+        return _self_first(idx, dists, vecs, sq, k)
+    nprobe = NPROBE if nprobe is None else nprobe
     order, bounds, probes = _lists(vecs, n, n <= exact_max, seed, sq is None, nprobe)
     grouped = vecs[torch.from_numpy(order)].contiguous()
     grouped_sq = None if sq is None else sq[torch.from_numpy(order)].contiguous()
@@ -133,6 +159,12 @@ def knn_graph(x: np.ndarray, k: int, metric: str = "cosine", seed: int = 0, exac
             rows = order[q0:q1]
             idx[rows, : d.shape[1]] = order[cand[where]]
             dists[rows, : d.shape[1]] = d
+    return _self_first(idx, dists, vecs, sq, k)
+
+
+def _self_first(idx: np.ndarray, dists: np.ndarray, vecs: torch.Tensor, sq: torch.Tensor | None, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Fill rows the search left short (-1 entries) by brute force, then put each row itself first at distance 0."""
+    n = idx.shape[0]
     missing = np.flatnonzero((idx < 0).any(axis=1))
     for q0 in range(0, missing.size, QUERY_BLOCK):  # probed lists held fewer than k points: search those rows exactly
         rows = torch.from_numpy(missing[q0 : q0 + QUERY_BLOCK])
@@ -142,6 +174,52 @@ def knn_graph(x: np.ndarray, k: int, metric: str = "cosine", seed: int = 0, exac
     out_idx = np.concatenate([np.arange(n)[:, None], np.take_along_axis(idx, keep, axis=1)], axis=1)
     out_dist = np.concatenate([np.zeros((n, 1), np.float32), np.take_along_axis(dists, keep, axis=1)], axis=1)
     return out_idx, out_dist
+
+
+def _faiss_search(vecs: torch.Tensor, inner: bool, k: int, seed: int, exact: bool, nprobe: int, progress: bool
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's ``k`` nearest rows by faiss: ``IndexFlat`` when ``exact``, else a seeded ``IndexIVFFlat``.
+
+    ``vecs`` are the search-space rows of ``_search_space`` (unit rows when ``inner``, ranked by
+    inner product; raw rows otherwise, ranked by L2). Returns (indices, distances) in this
+    module's convention, -1 where a query's probed lists held fewer than ``k`` points.
+    faiss uses as many OpenMP threads as torch does, so ``torch.set_num_threads`` bounds both backends.
+    """
+    try:
+        import faiss
+    except ImportError:
+        raise AtlasError("the faiss kNN backend needs faiss-cpu: pip install faiss-cpu (or use --knn atlas)") from None
+    data = vecs.numpy()  # shares memory with the torch tensor; C-contiguous float32
+    n, d = data.shape
+    faiss.omp_set_num_threads(torch.get_num_threads())
+    faiss_metric = faiss.METRIC_INNER_PRODUCT if inner else faiss.METRIC_L2
+    if exact:
+        index = faiss.IndexFlat(d, faiss_metric)
+    else:
+        # faiss's guideline is 4-16 sqrt(N) lists; the smallest keeps training and the coarse assignment cheap.
+        n_lists = int(min(max(4 * math.sqrt(n), 64), 65536))
+        quantizer = faiss.IndexFlat(d, faiss_metric)
+        index = faiss.IndexIVFFlat(quantizer, d, n_lists, faiss_metric)
+        index.cp.seed = int(seed)
+        index.cp.niter = FAISS_KMEANS_ITERS
+        index.cp.max_points_per_centroid = FAISS_TRAIN_PER_LIST
+        index.cp.min_points_per_centroid = 1  # rough lists are enough; no warning about the small training set
+        index.cp.spherical = inner  # unit centroids for inner-product lists, as atlas's own k-means
+        index.train(data)
+        index.nprobe = min(nprobe, n_lists)
+    block = 65536
+    for a in range(0, n, block):
+        index.add(data[a : a + block])
+    dists = np.empty((n, k), np.float32)
+    idx = np.empty((n, k), np.int64)
+    for a in tqdm(range(0, n, block), desc="kNN graph (faiss)", unit="block", disable=not progress):
+        dists[a : a + block], idx[a : a + block] = index.search(data[a : a + block], k)
+    found = idx >= 0
+    if inner:
+        dists = np.where(found, 1.0 - dists, 0.0)
+    else:
+        dists = np.sqrt(np.where(found, dists, 0.0))  # faiss's L2 distances are squared
+    return idx, np.maximum(dists, 0.0).astype(np.float32)
 
 
 def others_first(idx: np.ndarray, m: int) -> np.ndarray:
