@@ -152,6 +152,7 @@ def _fmt(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+@store.writer
 def build(config: dict, dry_run: bool = False, echo=print) -> BuildResult:
     """Run (or, with ``dry_run``, describe) every stage of the pipeline for the resolved ``config``."""
     from atlas import grid, layout, render, sample
@@ -170,17 +171,19 @@ def build(config: dict, dry_run: bool = False, echo=print) -> BuildResult:
         return BuildResult(out)
 
     echo(images.summary)  # what was found where, before any work
-    done = _recorded(out)
+    store.take_lock(out, create=True)  # one writer per run folder, for the whole build
     result = BuildResult(out)
     start = time.perf_counter()
     remaining = sum(costs.values())
     for number, stage in enumerate(STAGES, 1):
-        if done.get(stage) == keys[stage]:
+        # Asked stage by stage: a stage that runs invalidates the records of every later one as it starts writing.
+        why = _recorded(out, stage, keys[stage])
+        if why is None:
             result.skipped.append(stage)
             remaining -= costs[stage]
             echo(f"[{number}/{len(STAGES)}] {stage}: up to date, skipped")
             continue
-        echo(f"[{number}/{len(STAGES)}] {stage} (overall ETA {_fmt(remaining)})")
+        echo(f"[{number}/{len(STAGES)}] {stage} ({why}; overall ETA {_fmt(remaining)})")
         t0 = time.perf_counter()
         s = config[stage]
         if stage == "sample":  # one pass samples every layer
@@ -203,21 +206,34 @@ def build(config: dict, dry_run: bool = False, echo=print) -> BuildResult:
         result.seconds[stage] = time.perf_counter() - t0
         result.ran.append(stage)
         remaining = max(remaining - costs[stage], 0.0)
-        _record(out, stage, keys[stage])
+        _record(out, stage, keys[stage], run["layers"], list(config["grid"]["sizes"]))
     result.summary = _summary(out, run["layers"], time.perf_counter() - start, result)
     return result
 
 
-def _recorded(out: Path) -> dict[str, str]:
-    if not store.store_path(out).exists():
-        return {}
-    return dict(store.attrs(store.open_store(out)).get("build", {}))
+def _recorded(out: Path, stage: str, key: str) -> str | None:
+    """None when ``stage`` finished under ``key`` and what it wrote is intact in the store, else why it must run."""
+    return store.stage_status(out, stage, key)
 
 
-def _record(out: Path, stage: str, key: str) -> None:
-    """Store a finished stage's key. Keys are chained, so a redone stage changes every later key by itself."""
-    root = store.open_store(out, "r+")
-    root.attrs["build"] = dict(store.attrs(root).get("build", {})) | {stage: key}
+def _outputs(stage: str, layers: list[str], sizes: list[int]) -> tuple[list[str], list[str]]:
+    """(store nodes, files in the run folder) that a stage of the build writes for the whole-layer atlas."""
+    full = store.FULL_ATLAS
+    nodes = {
+        "sample": ["images", *(f"samples/{layer}" for layer in layers)],
+        "project": [f"layouts/{layer}/{full}" for layer in layers],
+        "grid": [f"grids/{layer}/{full}/{s}" for layer in layers for s in sizes] + [f"whitening/{layer}" for layer in layers],
+        "render": [f"icons/{layer}/{full}/{s}" for layer in layers for s in sizes],
+    }.get(stage, [])
+    files = [f"tiles/{layer}/{full}/atlas.json" for layer in layers] if stage == "tiles" else []
+    return nodes, files
+
+
+def _record(out: Path, stage: str, key: str, layers: list[str], sizes: list[int]) -> None:
+    """Record a finished stage's key with what it wrote. Keys are chained, so a redone stage changes every later key by
+    itself; and a stage that starts writing drops the records of every later one (atlas.store.begin_stage)."""
+    nodes, files = _outputs(stage, layers, sizes)
+    store.record_stage(out, stage, key, nodes, files)
 
 
 def _summary(out: Path, layers: list[str], seconds: float, result: BuildResult) -> dict:

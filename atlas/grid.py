@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from atlas import store
 from atlas.errors import AtlasError
 from atlas.layout import open_for_update
 from atlas.store import FULL_ATLAS, log, require_layer, valid_rows, write_array
@@ -46,6 +47,7 @@ def _load_layout(root, layer: str, atlas: str) -> tuple[np.ndarray, np.ndarray, 
     return rows, xy, inside, dict(node.attrs)
 
 
+@store.writer
 def whitening(run_dir: str | Path, layer: str, eps: float = WHITEN_EPS, force: bool = False) -> dict:
     """Compute and store ``whitening/{layer}/matrix``: inverse uncentred correlation of all valid samples.
 
@@ -54,9 +56,10 @@ def whitening(run_dir: str | Path, layer: str, eps: float = WHITEN_EPS, force: b
     ``eps`` is already stored, unless ``force``.
     """
     root = open_for_update(run_dir)
+    store.take_lock(run_dir)
     rows = valid_rows(root, layer)
     node = root.get(f"whitening/{layer}")
-    if not force and node is not None and "matrix" in node:
+    if not force and node is not None and "matrix" in node and not store.damaged(root, f"whitening/{layer}"):
         a = dict(node.attrs)
         if a.get("n_samples") == int(rows.size) and a.get("eps_relative") == eps:
             return {**a, "skipped": True}
@@ -75,13 +78,16 @@ def whitening(run_dir: str | Path, layer: str, eps: float = WHITEN_EPS, force: b
         eps_abs = eps
     vals, vecs = np.linalg.eigh(moment + eps_abs * np.eye(c))
     matrix = (vecs / vals) @ vecs.T  # symmetric inverse via eigendecomposition: stable for near-singular moments
+    store.begin_stage(run_dir, "grid", [f"whitening/{layer}"])
     group = root.require_group("whitening").require_group(layer)
     write_array(group, "matrix", matrix.astype(np.float32))
     info = {"n_samples": int(rows.size), "eps_relative": eps, "eps": eps_abs, "condition": float(vals.max() / vals.min())}
     group.attrs.update({**info, "summary": {"n_samples": int(rows.size), "channels": c, "eps": eps_abs}})
+    store.finish_stage(run_dir, "grid", [f"whitening/{layer}"])
     return {**info, "skipped": False}
 
 
+@store.writer
 def grid(run_dir: str | Path, layer: str, sizes, atlas: str = FULL_ATLAS, min_count: int = MIN_COUNT, n_nearest: int = 8,
          top: int = TOP, whiten: bool = True) -> dict:
     """Write ``grids/{layer}/{atlas}/{size}/*`` for every size (and the layer's whitening matrix).
@@ -101,7 +107,9 @@ def grid(run_dir: str | Path, layer: str, sizes, atlas: str = FULL_ATLAS, min_co
         raise AtlasError("min_count and top must be at least 1, n_nearest at least 0")
     started = time.perf_counter()
     root = open_for_update(run_dir)
+    store.take_lock(run_dir)
     samples = require_layer(root, layer)
+    store.verify(root, [f"samples/{layer}", f"layouts/{layer}/{atlas}"])
     rows, xy, inside, layout_attrs = _load_layout(root, layer, atlas)
     drop = layout_attrs.get("outside", "edge") == "drop"
     kept = inside if drop else np.ones(rows.size, dtype=bool)
@@ -140,6 +148,11 @@ def grid(run_dir: str | Path, layer: str, sizes, atlas: str = FULL_ATLAS, min_co
                 ok = cl >= 0
                 scores[s][a:b][ok] = np.einsum("ij,ij->i", acts[ok], unit[s][cl[ok]]) / norms[ok]
 
+    written = [f"grids/{layer}/{atlas}/{s}" for s in sizes] + ([f"whitening/{layer}"] if whiten else [])
+    for node in written:  # damaged output of an earlier grid is rewritten from scratch
+        if store.damaged(root, node):
+            store.remove_node(root, node)
+    store.begin_stage(run_dir, "grid", written, atlas)
     group = root.require_group("grids").require_group(layer).require_group(atlas)
     out = {}
     for s in sizes:
@@ -147,6 +160,7 @@ def grid(run_dir: str | Path, layer: str, sizes, atlas: str = FULL_ATLAS, min_co
                              scores[s], rows, min_count, n_nearest, top, layout_attrs)
     group.attrs.update({"sizes": sorted({*group.attrs.get("sizes", []), *sizes}), "layout_id": layout_attrs.get("layout_id")})
     white = whitening(run_dir, layer) if whiten else None
+    store.finish_stage(run_dir, "grid", written)
     seconds = round(time.perf_counter() - started, 2)
     log(run_dir, f"grid {layer}/{atlas}: sizes {sizes} over {int(kept.sum())} kept samples in {seconds} s"
                  + ("" if attributions is not None else " (no attributions in this run)"))

@@ -131,6 +131,7 @@ def forward_samples(net: Network, images: torch.Tensor, layers: Sequence[str], p
     return acts, attrs, logits
 
 
+@store.writer
 def sample(images: str | Path | ImageList, layers: Sequence[str], out: str | Path, model: str = "inceptionv1",
            weights: str | Path | None = None, max_images: int | None = None, per_image: int = 1, seed: int = 0,
            batch_size: int = 32, workers: int = 2, attribution: bool = True, dtype: str = "float16",
@@ -202,6 +203,7 @@ def sample(images: str | Path | ImageList, layers: Sequence[str], out: str | Pat
     if not any(counts.values()):
         _stop(out, n, 0, first_error)
     root.attrs["summary"] = {"n_images": n, "n_skipped": n_skipped, "samples": counts, "complete": True}
+    store.finish_stage(out, "sample", _sample_paths(settings))
     return SampleResult(out, n, n_skipped, counts, seconds, processed / seconds if seconds > 0 and processed else 0.0,
                         images.summary)
 
@@ -232,7 +234,18 @@ def _read_flags(array) -> np.ndarray:
         return flags
 
 
+def _sample_paths(settings: dict) -> list[str]:
+    """The store nodes the sample stage writes (for the ledger: marks, seals, checks)."""
+    return ["images", *(f"samples/{layer}" for layer in settings["layers"])]
+
+
 def _open_or_create(out: Path, images: ImageList, net: Network, shapes: dict, settings: dict):
+    """The run's store, resumed (after checking settings and repairing damaged shards) or created atomically.
+
+    Takes the run's lock first. A new store is built in ``RUN/.store.zarr.partial-PID`` and
+    renamed into place, so a kill leaves either no store or a complete, resumable one.
+    """
+    store.take_lock(out, create=True)
     path = store.store_path(out)
     if path.exists():
         root = store.open_store(out, "r+")
@@ -242,8 +255,41 @@ def _open_or_create(out: Path, images: ImageList, net: Network, shapes: dict, se
             key = diff[0]
             raise AtlasError(f"{out} holds a run with different settings ({key}: {have.get(key)!r} there, {settings[key]!r} now); "
                              "use another --out or delete the folder")
+        _repair(out, root, images, settings)
         return root
-    root = store.open_store(out, "w")
+    with store.new_store(out) as partial:
+        _create(partial, images, net, shapes, settings)
+        store.begin_stage(partial, "sample", _sample_paths(settings))
+    return store.open_store(out, "r+")
+
+
+def _repair(out: Path, root, images: ImageList, settings: dict) -> None:
+    """Before resuming: redo the shards whose chunks are damaged, rewrite a damaged image list, mark the stage as writing."""
+    bad: dict[str, list] = {}
+    for node in _sample_paths(settings):
+        bad |= store.damaged(out, node)
+    shards: set[int] = set()
+    for rel, coords in bad.items():
+        if coords is None:  # metadata gone: the settings of the array cannot be trusted any more
+            raise AtlasError(f"{store.store_path(out) / rel} is damaged (zarr.json unreadable); the sampled data cannot be read any "
+                             "more: sample again into a new folder")
+        if rel == "images/path":
+            store.write_array(root["images"], "path", np.asarray(images.paths, dtype=str))
+        elif rel == "images/label":
+            store.write_array(root["images"], "label", images.labels.astype(np.int32))
+        else:  # every other sample array is chunked by shard: chunk i holds shard i's rows
+            shards |= {int(c[0]) for c in coords if c}
+    flags = root["images/shard_done"]
+    for shard in sorted(shards):
+        if shard < flags.shape[0]:
+            flags[shard] = False
+    if bad:
+        store.log(out, f"sample: damaged arrays {', '.join(sorted(bad))}; redoing shards {sorted(shards)}")
+    if bad or not _read_flags(flags).all():
+        store.begin_stage(out, "sample", _sample_paths(settings))
+
+
+def _create(root, images: ImageList, net: Network, shapes: dict, settings: dict) -> None:
     n, k = len(images), settings["per_image"]
     group = root.require_group("images")
     store.write_array(group, "path", np.asarray(images.paths, dtype=str))
@@ -267,7 +313,6 @@ def _open_or_create(out: Path, images: ImageList, net: Network, shapes: dict, se
         g.attrs.update({"channels": c, "grid_hw": [h, w], "layer": layer, "module": net.resolve(layer)})
     root.attrs.update(settings | {"atlas_version": atlas.__version__, "n_images": n, "classes": net.classes,
                                   "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
-    return root
 
 
 def _run_shard(root, out: Path, net: Network, images: ImageList, layers: list[str], shapes: dict, shard: int,

@@ -18,15 +18,54 @@ stage messages) and, later, ``tiles/``. The store's layout:
 ``grids/{layer}/{atlas}/{size}/...``   written by ``atlas.grid``
 ``whitening/{layer}/matrix`` (C, C)    written by ``atlas.grid``
 ``icons/{layer}/{atlas}/{size}/...``   written by ``atlas.render``
+``ledger/``                            a group whose attrs are the ledger (below); written only by this module
 
 Layer names may contain dots (torchvision module paths); they are used as zarr node
 names unchanged.
+
+The ledger: freshness, integrity, one writer
+--------------------------------------------
+Every stage brackets its writes with :func:`begin_stage` and :func:`finish_stage`:
+
+- ``begin_stage(run, stage, paths)`` marks the nodes under ``paths`` as being written (a reader
+  then gets "incomplete: re-run `atlas STAGE`", never half-written data), forgets their seals,
+  and drops the completion records of ``stage`` and of every later stage (for the whole-layer
+  atlas "full"; sampling drops them all), whichever command is running the stage.
+- ``finish_stage(run, stage, paths)`` *seals* every array under ``paths``: the name, size and
+  crc32 of each chunk file, and the array's shape. Chunks zarr never wrote (equal to the fill
+  value) are simply not in the seal, so an all-zero chunk is not "missing".
+- :func:`verify` (called by every stage on what it reads) lists the chunk files of each sealed
+  array and compares names and sizes, then their crc32 (skipped when the files' sizes and
+  mtimes are those already checked in this process). A missing, truncated, changed or extra
+  chunk, an unreadable ``zarr.json`` or an unsealed half-written node is one
+  :class:`AtlasError` naming the array and the stage to re-run.
+- ``atlas build`` records a stage's key with :func:`record_stage` once the stage has finished and
+  skips it later only when :func:`stage_status` finds the record, the same key and every
+  recorded array intact.
+
+The ledger lives in ``store.zarr/ledger/zarr.json`` (a zarr group's attributes, written
+atomically here: temporary file, then ``os.replace``). Stores without one (older runs,
+synthetic test stores) are read without chunk checks.
+
+Every command that writes takes :func:`take_lock`, an advisory ``fcntl.flock`` on
+``RUN/.lock`` holding the holder's pid; a second writer gets one line naming it. Taking the
+lock also removes stray ``*.partial`` leftovers of killed writers (:func:`cleanup_partials`).
+:func:`writer` (a decorator) releases the locks its call took and turns a read-only folder
+or a full disk (``EROFS``, ``EACCES``, ``ENOSPC``, ...) into one line.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
+import functools
 import json
+import os
+import shutil
 import time
+import zlib
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -38,17 +77,44 @@ from atlas.errors import AtlasError
 STORE_NAME = "store.zarr"
 FULL_ATLAS = "full"
 COMPRESSORS = (BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"),)
+LEDGER = "ledger"
+LOCK_NAME = ".lock"
+PARTIAL_STORE = ".store.zarr.partial-"
+STAGE_ORDER = ("sample", "project", "grid", "render", "tiles")
+# The stage that writes each top-level node of the store (for "re-run `atlas STAGE`" hints).
+WRITER = {"images": "sample", "samples": "sample", "layouts": "project", "grids": "grid", "whitening": "grid", "icons": "render"}
+FAULTS = {errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+          errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded"}
 
 
 def store_path(run_dir: str | Path) -> Path:
     return Path(run_dir) / STORE_NAME
 
 
+def _check_root(run_dir: str | Path) -> None:
+    """The store exists and its root ``zarr.json`` is a readable zarr group, else one line saying so."""
+    path = store_path(run_dir)
+    meta = path / "zarr.json"
+    if not meta.is_file():
+        raise AtlasError(f"{path} is not an atlas store (no zarr.json: an empty or foreign folder); move it away and re-run "
+                         "`atlas sample` (or `atlas build`), or use another folder")
+    try:
+        doc = json.loads(meta.read_bytes())
+        ok = isinstance(doc, dict) and doc.get("zarr_format") == 3 and doc.get("node_type") == "group"
+    except (OSError, ValueError):
+        ok = False
+    if not ok:
+        raise AtlasError(f"{meta} is damaged (not a zarr v3 group); the run's settings are lost: re-run `atlas sample` "
+                         "(or `atlas build`) into a new folder")
+
+
 def open_store(run_dir: str | Path, mode: str = "r") -> zarr.Group:
-    """Open a run's store; reading a folder that holds no run is a clear error."""
+    """Open a run's store; a folder holding no run, or a damaged root, is a clear error."""
     path = store_path(run_dir)
     if mode == "r" and not path.exists():
         raise AtlasError(f"no atlas run in {run_dir} (missing {STORE_NAME}); run `atlas sample` first")
+    if mode in ("r", "r+") or (mode == "a" and path.exists()):
+        _check_root(run_dir)
     return zarr.open_group(str(path), mode=mode)
 
 
@@ -85,8 +151,9 @@ def require_layer(root: zarr.Group, layer: str) -> zarr.Group:
 
 
 def valid_rows(root: zarr.Group, layer: str) -> np.ndarray:
-    """Indices of the rows that hold real samples (finished shards, readable images)."""
+    """Indices of the rows that hold real samples (finished shards, readable images); the layer's arrays are verified first."""
     group = require_layer(root, layer)
+    verify(root, [f"samples/{layer}"])
     valid = group["valid"][:]
     rows = np.flatnonzero(valid)
     if rows.size == 0:
@@ -113,3 +180,426 @@ def log(run_dir: str | Path, message: str) -> None:
 
 def attrs(node: zarr.Group | zarr.Array) -> dict:
     return json.loads(json.dumps(node.attrs.asdict()))
+
+
+# ----------------------------------------------------------------------------- the ledger
+
+
+def _store_dir(where: str | Path | zarr.Group) -> Path:
+    """The store folder of a run folder, a store folder or an open group."""
+    if isinstance(where, zarr.Group):
+        return Path(str(where.store.root))  # LocalStore: the only store atlas uses
+    where = Path(where)
+    return where if where.name == STORE_NAME else where / STORE_NAME
+
+
+def _run_of(store_dir: Path) -> Path:
+    """The run folder of a store folder (also of a store being built as ``RUN/.store.zarr.partial-PID``)."""
+    return store_dir.parent
+
+
+def _empty_ledger() -> dict:
+    return {"version": 1, "records": {}, "seals": {}, "writing": {}}
+
+
+def read_ledger(where: str | Path | zarr.Group) -> dict:
+    """The ledger of a store (empty for stores written before it existed); a damaged one is an error."""
+    path = _store_dir(where) / LEDGER / "zarr.json"
+    if not path.is_file():
+        return _empty_ledger()
+    try:
+        data = json.loads(path.read_bytes())["attributes"]["ledger"]
+        if not all(isinstance(data.get(k), dict) for k in ("records", "seals", "writing")):
+            raise ValueError("missing tables")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise AtlasError(f"{path} is damaged; delete {path.parent} and re-run `atlas build` (it redoes every stage), "
+                         "or re-run each stage's command") from None
+    return data
+
+
+def _write_ledger(store_dir: Path, ledger: dict) -> None:
+    """Write the ledger atomically (a torn write can never leave half a file)."""
+    folder = store_dir / LEDGER
+    folder.mkdir(exist_ok=True)
+    doc = {"zarr_format": 3, "node_type": "group", "attributes": {"ledger": ledger}}
+    tmp = folder / f"zarr.json.{os.getpid()}.partial"
+    tmp.write_text(json.dumps(doc, separators=(",", ":")))
+    os.replace(tmp, folder / "zarr.json")
+
+
+def _under(path: str, prefix: str) -> bool:
+    return path == prefix or path.startswith(prefix.rstrip("/") + "/")
+
+
+def _later(stage: str) -> list[str]:
+    if stage not in STAGE_ORDER:
+        return []
+    return list(STAGE_ORDER[STAGE_ORDER.index(stage):])
+
+
+def begin_stage(run_dir: str | Path, stage: str, paths: Iterable[str], atlas: str = FULL_ATLAS) -> None:
+    """``stage`` starts rewriting the nodes under ``paths``: mark them, forget their seals, invalidate records.
+
+    Records of ``stage`` and every later stage are dropped when the whole-layer atlas is
+    concerned (``atlas`` "full") or when sampling (everything depends on the samples).
+    Takes the run's lock if this process does not hold it yet.
+    """
+    store_dir = _store_dir(run_dir)
+    take_lock(_run_of(store_dir))
+    ledger = read_ledger(store_dir)
+    paths = [p.strip("/") for p in paths]
+    for name in [k for k in ledger["seals"] if any(_under(k, p) for p in paths)]:
+        del ledger["seals"][name]
+    for p in paths:
+        ledger["writing"][p] = {"stage": stage, "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if atlas == FULL_ATLAS or stage == "sample":
+        for name in _later(stage) if stage != "sample" else STAGE_ORDER:
+            ledger["records"].pop(name, None)
+    _write_ledger(store_dir, ledger)
+
+
+def finish_stage(run_dir: str | Path, stage: str, paths: Iterable[str]) -> dict:
+    """``stage`` has finished writing ``paths``: seal every array under them and clear their marks; returns the seals."""
+    store_dir = _store_dir(run_dir)
+    ledger = read_ledger(store_dir)
+    paths = [p.strip("/") for p in paths]
+    sealed = {}
+    for p in paths:
+        for rel, meta in _arrays_under(store_dir, p):
+            sealed[rel] = _seal(store_dir / rel, meta, stage)
+    for name in [k for k in ledger["seals"] if any(_under(k, p) for p in paths)]:
+        del ledger["seals"][name]
+    ledger["seals"].update(sealed)
+    for p in paths:
+        ledger["writing"].pop(p, None)
+    _write_ledger(store_dir, ledger)
+    return sealed
+
+
+def record_stage(run_dir: str | Path, stage: str, key: str, paths: Iterable[str] = (), files: Iterable[str] = ()) -> None:
+    """Record that ``stage`` of ``atlas build`` is complete under ``key``, having written ``paths`` (store nodes) and ``files``."""
+    store_dir = _store_dir(run_dir)
+    ledger = read_ledger(store_dir)
+    ledger["records"][stage] = {"key": key, "paths": [p.strip("/") for p in paths], "files": list(files),
+                                "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    _write_ledger(store_dir, ledger)
+
+
+def stage_status(run_dir: str | Path, stage: str, key: str) -> str | None:
+    """None when ``stage`` is complete under ``key`` and everything it wrote is intact, else why it must run."""
+    if not store_path(run_dir).exists():
+        return "not run yet"
+    _check_root(run_dir)
+    store_dir = _store_dir(run_dir)
+    record = read_ledger(store_dir)["records"].get(stage)
+    if record is None:
+        return "not run yet, or invalidated since"
+    if record.get("key") != key:
+        return "settings changed"
+    for p in record.get("paths", []):
+        if not (store_dir / p).is_dir():
+            return f"{store_dir / p} is missing"
+        try:
+            verify(run_dir, [p])
+        except AtlasError as exc:
+            return str(exc).split(";")[0]
+    for f in record.get("files", []):
+        if not (Path(run_dir) / f).is_file():
+            return f"{Path(run_dir) / f} is missing"
+    return None
+
+
+def stage_is_current(run_dir: str | Path, stage: str, key: str) -> bool:
+    return stage_status(run_dir, stage, key) is None
+
+
+# ----------------------------------------------------------------------------- seals and verification
+
+_VERIFIED: dict[str, tuple] = {}  # array folder -> stat signature whose crc32s were checked in this process
+
+
+def _arrays_under(store_dir: Path, prefix: str, unreadable: list | None = None):
+    """(relative path, metadata) of every array under ``prefix`` (which may be an array).
+
+    An unreadable zarr.json raises, or is appended to ``unreadable`` when that list is given.
+    """
+    top = store_dir / prefix
+    if not top.is_dir():
+        return
+    for folder, dirs, files in os.walk(top):
+        rel = Path(folder).relative_to(store_dir).as_posix()
+        if "zarr.json" not in files:
+            continue
+        try:
+            meta = json.loads((Path(folder) / "zarr.json").read_bytes())
+            kind = meta.get("node_type")
+            if kind not in ("array", "group"):
+                raise ValueError(kind)
+        except (OSError, ValueError, AttributeError):
+            if unreadable is not None:
+                unreadable.append(rel)
+                dirs[:] = []
+                continue
+            raise AtlasError(f"{Path(folder)} is damaged (zarr.json unreadable); {_hint(rel, metadata=True)}") from None
+        if kind == "array":
+            dirs[:] = []  # chunks below, no nodes
+            yield rel, meta
+
+
+def _chunk_files(array_dir: Path) -> dict[str, os.stat_result]:
+    """Chunk key ("3/0") -> stat of every chunk file of an array (zarr's own tmp files excluded)."""
+    out = {}
+    base = array_dir / "c"
+    if not base.is_dir():
+        return out
+    for folder, _, files in os.walk(base):
+        for name in files:
+            if name.endswith(".partial"):
+                continue
+            path = Path(folder) / name
+            out[path.relative_to(base).as_posix()] = path.stat()
+    return out
+
+
+def _crc(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(16 << 20):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def _seal(array_dir: Path, meta: dict, stage: str) -> dict:
+    chunks = {key: [st.st_size, _crc(array_dir / "c" / key)] for key, st in sorted(_chunk_files(array_dir).items())}
+    return {"stage": stage, "shape": meta.get("shape"), "chunks": chunks}
+
+
+def _hint(rel: str, metadata: bool = False) -> str:
+    """How to recover a damaged node: which stage writes it."""
+    parts = rel.split("/")
+    stage = WRITER.get(parts[0], "sample")
+    if stage == "sample" and metadata:
+        return "the sampled data cannot be read any more: sample again into a new folder"
+    if stage == "sample":
+        return "re-run `atlas sample` with the same arguments (or `atlas build`): it redoes the damaged shards"
+    if len(parts) > 2 and parts[2] != FULL_ATLAS:
+        return f"re-run the `atlas class` / `atlas compare` command that made atlas '{parts[2]}'"
+    return f"re-run `atlas {stage}` (or `atlas build`, which redoes it)"
+
+
+def _problem(array_dir: Path, seal: dict, meta: dict) -> tuple[str, list[tuple[int, ...]]] | None:
+    """What is wrong with a sealed array (first problem in words, and every bad chunk's coordinates), or None."""
+    if seal.get("shape") is not None and meta.get("shape") != seal["shape"]:
+        return f"shape {meta.get('shape')} instead of {seal['shape']}", []
+    want: dict = seal.get("chunks", {})
+    have = _chunk_files(array_dir)
+    words, bad = [], []
+
+    def coords(key: str) -> tuple[int, ...]:
+        return tuple(int(x) for x in key.split("/") if x.isdigit())
+
+    for key, (size, _) in want.items():
+        dotted = key.replace("/", ".")
+        if key not in have:
+            words.append(f"chunk {dotted} missing")
+            bad.append(coords(key))
+        elif have[key].st_size != size:
+            words.append(f"chunk {dotted} truncated or changed: {have[key].st_size} of {size} bytes")
+            bad.append(coords(key))
+    for key in have.keys() - want.keys():
+        words.append(f"unexpected chunk {key.replace('/', '.')}")
+        bad.append(coords(key))
+    if not words:
+        signature = tuple(sorted((k, st.st_size, st.st_mtime_ns) for k, st in have.items()))
+        if _VERIFIED.get(str(array_dir)) == signature:
+            return None
+        for key, (_, crc) in want.items():
+            if _crc(array_dir / "c" / key) != crc:
+                words.append(f"chunk {key.replace('/', '.')} changed (crc32 differs)")
+                bad.append(coords(key))
+        if not words:
+            _VERIFIED[str(array_dir)] = signature
+            return None
+    _VERIFIED.pop(str(array_dir), None)
+    more = f" and {len(words) - 1} more" if len(words) > 1 else ""
+    return words[0] + more, bad
+
+
+def verify(where: str | Path | zarr.Group, paths: Iterable[str]) -> None:
+    """Check every node under ``paths`` before a stage reads it; raise one line naming a damaged or incomplete array.
+
+    ``where`` is the run folder or an open group of its store. Nodes that do not exist are
+    left to the caller's own "run `atlas ...` first" message.
+    """
+    store_dir = _store_dir(where)
+    ledger = read_ledger(store_dir)
+    for p in [p.strip("/") for p in paths]:
+        for marked, info in ledger["writing"].items():
+            if _under(p, marked) or _under(marked, p):
+                stage = info.get("stage")
+                again = "resume it with the same `atlas sample` command" if stage == "sample" else f"re-run `atlas {stage}`"
+                raise AtlasError(f"{store_dir / marked} is incomplete (`atlas {stage}` stopped before it finished); "
+                                 f"{again} (or `atlas build`)")
+        for rel, meta in _arrays_under(store_dir, p):
+            seal = ledger["seals"].get(rel)
+            if seal is None:
+                continue  # written before the ledger existed (or by hand): nothing to compare with
+            found = _problem(store_dir / rel, seal, meta)
+            if found is not None:
+                raise AtlasError(f"{store_dir / rel} is damaged ({found[0]}); {_hint(rel)}")
+
+
+def damaged(where: str | Path | zarr.Group, path: str) -> dict[str, list[tuple[int, ...]] | None]:
+    """Arrays under ``path`` that fail verification -> coordinates of their bad chunks, or None for a node whose
+    zarr.json cannot be read (for stages that repair their own output before rewriting it)."""
+    store_dir = _store_dir(where)
+    ledger = read_ledger(store_dir)
+    out: dict[str, list[tuple[int, ...]] | None] = {}
+    unreadable: list[str] = []
+    for rel, meta in _arrays_under(store_dir, path.strip("/"), unreadable):
+        seal = ledger["seals"].get(rel)
+        if seal is not None and (found := _problem(store_dir / rel, seal, meta)) is not None:
+            out[rel] = found[1]
+    return out | dict.fromkeys(unreadable)
+
+
+def remove_node(where: str | Path | zarr.Group, path: str) -> None:
+    """Delete a node of the store by its folder (works even when its zarr.json is garbage)."""
+    shutil.rmtree(_store_dir(where) / path.strip("/"), ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- one writer, leftovers, faults
+
+_HELD: dict[str, tuple[int, Path]] = {}  # resolved run folder -> (open lock file descriptor, the folder as given)
+_SCOPES: list[list[str]] = []  # locks taken inside each active @writer call
+
+
+def take_lock(run_dir: str | Path, create: bool = False) -> None:
+    """Hold the run's advisory lock (``RUN/.lock``) until the enclosing :func:`writer` call returns.
+
+    Re-entrant within a process. Another process holding it is one line naming its pid. The
+    first acquisition removes stray partial files of killed writers. ``create`` makes the run
+    folder if needed (sampling, building); otherwise a missing folder is the "no atlas run" error.
+    """
+    run = Path(run_dir)
+    key = os.path.realpath(run)
+    if key in _HELD:
+        return
+    if not create and not run.is_dir():
+        raise AtlasError(f"no atlas run in {run_dir} (missing {STORE_NAME}); run `atlas sample` first")
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise AtlasError(describe_fault(exc, run)) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = os.pread(fd, 256, 0).decode(errors="replace").strip()
+        os.close(fd)
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise AtlasError(describe_fault(exc, run)) from None
+        raise AtlasError(f"{run} is being written by another atlas process ({holder or 'pid unknown'}); "
+                         "wait for it to finish, or use another folder") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}\n".encode(), 0)
+    except OSError:
+        pass  # a full disk must not hide the real error of the stage; the lock itself is held
+    _HELD[key] = (fd, run)
+    if _SCOPES:
+        _SCOPES[-1].append(key)
+    cleanup_partials(run)
+
+
+def release_lock(run_dir: str | Path) -> None:
+    held = _HELD.pop(os.path.realpath(Path(run_dir)), None)
+    if held is not None:
+        os.close(held[0])  # closing the descriptor releases the flock
+
+
+def describe_fault(exc: OSError, run_dir: str | Path | None = None) -> str:
+    """One line for an environment fault: what happened and in which folder."""
+    what = FAULTS.get(exc.errno, exc.strerror or str(exc))
+    if run_dir is None and _HELD:
+        run_dir = list(_HELD.values())[-1][1]  # the run being written (a write error from a thread names no file)
+    where = Path(exc.filename).parent if exc.filename else (Path(run_dir) if run_dir else "the run folder")
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"{what} while writing into {where}: free some space (or choose another --out) and run the same command again"
+    return f"cannot write to {where} ({what}); make the run folder writable or choose another --out"
+
+
+def writer(fn):
+    """Decorator for every library function that writes a run: locks taken inside are released when it returns,
+    and environment faults (read-only folder, full disk) become one :class:`AtlasError` line."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        _SCOPES.append([])
+        try:
+            return fn(*args, **kwargs)
+        except OSError as exc:
+            if exc.errno in FAULTS:
+                raise AtlasError(describe_fault(exc)) from None
+            raise
+        finally:
+            for key in _SCOPES.pop():
+                release_lock(key)
+
+    return wrapper
+
+
+def cleanup_partials(run_dir: str | Path) -> list[Path]:
+    """Remove what killed writers left behind: ``RUN/.store.zarr.partial-*`` stores, zarr's and the ledger's
+    ``*.partial`` temporary files in the store, ``tiles/*/*.partial`` folders (restoring ``*.old``
+    ones whose replacement never arrived) and the manifest's temporary file. Returns what was removed."""
+    run = Path(run_dir)
+    removed: list[Path] = []
+
+    def remove(path: Path) -> None:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+
+    for path in run.glob(PARTIAL_STORE + "*"):
+        remove(path)
+    store_dir = run / STORE_NAME
+    if store_dir.is_dir():
+        for folder, _, files in os.walk(store_dir):
+            for name in files:
+                if name.endswith(".partial"):
+                    remove(Path(folder) / name)
+    tiles = run / "tiles"
+    if tiles.is_dir():
+        for path in list(tiles.glob("*/*.old")):
+            final = path.with_name(path.name[: -len(".old")])
+            if not final.exists():
+                os.replace(path, final)  # killed between moving the old tiles away and the new ones in
+            else:
+                remove(path)
+        for path in [*tiles.glob("*/*.partial"), *tiles.glob("*.tmp")]:
+            remove(path)
+    return removed
+
+
+@contextlib.contextmanager
+def new_store(run_dir: str | Path):
+    """Build a new store out of sight (``RUN/.store.zarr.partial-PID``) and move it into place when the block ends.
+
+    A kill at any moment leaves either no store (the partial folder is removed on the next
+    start) or a complete one. Yields the partial store's root group.
+    """
+    run = Path(run_dir)
+    final = store_path(run)
+    if final.exists():
+        raise AtlasError(f"{final} already exists")
+    partial = run / f"{PARTIAL_STORE}{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        yield zarr.open_group(str(partial), mode="w")
+        os.rename(partial, final)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise

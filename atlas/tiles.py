@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from atlas import store
 from atlas.classes import resolve_class
 from atlas.errors import AtlasError
 from atlas.store import FULL_ATLAS, attrs, log, open_store
@@ -436,6 +437,7 @@ def _slug(text: str) -> str:
 # --------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------
+@store.writer
 def make_tiles(run_dir: str | Path, layer: str, atlas: str = FULL_ATLAS, sizes: list[int] | None = None, icon_size: int | None = None,
                fmt: str = "jpg", tile_size: int = 254, overlap: int = 1, density_scale: bool = False, highlight: str | int | None = None,
                examples: bool = True, viewer: bool = True, quality: int = 75, threads: int | None = None) -> dict:
@@ -454,6 +456,7 @@ def make_tiles(run_dir: str | Path, layer: str, atlas: str = FULL_ATLAS, sizes: 
 
         require_viewer_assets()
     root = open_store(run_dir)
+    store.take_lock(run_dir)
     grids_root, icons_root = root.get(f"grids/{layer}"), root.get(f"icons/{layer}")
     if grids_root is None or icons_root is None:
         raise AtlasError(f"no rendered icons for layer '{layer}'; run `atlas grid` and `atlas render` first")
@@ -471,6 +474,8 @@ def make_tiles(run_dir: str | Path, layer: str, atlas: str = FULL_ATLAS, sizes: 
     if icon_size is not None and icon_size < 1:
         raise AtlasError(f"icon size must be positive (got {icon_size})")
 
+    store.verify(root, [f"{kind}/{layer}/{atlas}/{s}" for kind in ("grids", "icons") for s in sizes]
+                 + ([f"samples/{layer}", "images"] if examples else []))
     plans, inputs = [], {}
     for s in sorted(set(sizes)):
         g, ic = grid_group[str(s)], icon_group[str(s)]
@@ -495,6 +500,7 @@ def make_tiles(run_dir: str | Path, layer: str, atlas: str = FULL_ATLAS, sizes: 
     tiles_dir = run_dir / "tiles"
     final = tiles_dir / layer / atlas
     work = final.with_name(final.name + ".partial")
+    store.begin_stage(run_dir, "tiles", [], atlas)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     grids_info, sources, any_examples = [], [], False

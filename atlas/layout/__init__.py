@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from atlas import store
 from atlas.errors import AtlasError
 from atlas.layout.neighbors import DEFAULT_BACKEND, METRICS, as_float32, check_backend, knn_graph, others_first
 from atlas.layout.optimize import optimize_layout
@@ -302,6 +303,7 @@ def _check_atlas_name(atlas: str) -> None:
         raise AtlasError(f"bad atlas name '{atlas}': use a non-empty name without '/'")
 
 
+@store.writer
 def save_layout(run_dir: str | Path, layer: str, atlas: str, rows: np.ndarray, raw: np.ndarray, xy: np.ndarray, inside: np.ndarray,
                 attrs: dict) -> dict:
     """Store a layout at ``layouts/{layer}/{atlas}`` (replacing any old one), sorted by row.
@@ -326,6 +328,8 @@ def save_layout(run_dir: str | Path, layer: str, atlas: str, rows: np.ndarray, r
     n_rows = require_layer(root, layer)["activations"].shape[0]
     if m and (rows[0] < 0 or rows[-1] >= n_rows):
         raise AtlasError(f"layout rows out of range for layer '{layer}' ({n_rows} rows)")
+    written = [f"layouts/{layer}/{atlas}", f"grids/{layer}/{atlas}", f"icons/{layer}/{atlas}"]
+    store.begin_stage(run_dir, "project", written, atlas)  # from here on the old layout and what was built on it are gone
     layouts = root.require_group("layouts").require_group(layer)
     if atlas in layouts:
         del layouts[atlas]
@@ -342,6 +346,7 @@ def save_layout(run_dir: str | Path, layer: str, atlas: str, rows: np.ndarray, r
     full = {**attrs, "n": int(m), "n_outside": int((~inside).sum()), "layout_id": digest}
     full.setdefault("outside", "edge")
     group.attrs.update(full)
+    store.finish_stage(run_dir, "project", written)
     return full
 
 
@@ -375,6 +380,7 @@ def _select_rows(root, layer: str, rows) -> tuple[np.ndarray, int]:
     return chosen, dropped
 
 
+@store.writer
 def project(run_dir: str | Path, layer: str, method: str = "umap", atlas: str = FULL_ATLAS, rows=None, n_neighbors: int = 50,
             min_dist: float = 0.05, metric: str = "cosine", pca: int | None = None, seed: int = 0, outside: str = "edge",
             n_epochs: int | None = None, perplexity: float = 30.0, margin: float = 0.1, verbose: bool = False,
@@ -399,6 +405,8 @@ def project(run_dir: str | Path, layer: str, method: str = "umap", atlas: str = 
     _check_atlas_name(atlas)
     started = time.perf_counter()
     root = open_store(run_dir)
+    store.take_lock(run_dir)
+    store.verify(root, [f"samples/{layer}"])
     chosen, dropped = _select_rows(root, layer, rows)
     x = read_rows(require_layer(root, layer)["activations"], chosen)
     timings = {"read": round(time.perf_counter() - started, 2)}

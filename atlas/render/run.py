@@ -22,6 +22,7 @@ import torch
 import zarr
 from tqdm import tqdm
 
+from atlas import store
 from atlas.errors import AtlasError
 from atlas.models import Network, autocast_dtype, load_model
 from atlas.render.examples import compose, sample_patches
@@ -105,6 +106,7 @@ def _load_network(root: zarr.Group, device: str) -> Network:
     return net
 
 
+@store.writer
 def render(run_dir: str | Path, layer: str, sizes: Sequence[int] | int, atlas: str = "full", quality: str = "draft",
            steps: int | None = None, size: int | None = None, attempts: int | None = None, batch: int | None = None,
            p: float = 2.0, device: str = "cpu", icons: str = "optimize", seed: int = 0, progress: bool = True,
@@ -121,23 +123,45 @@ def render(run_dir: str | Path, layer: str, sizes: Sequence[int] | int, atlas: s
         raise AtlasError(f"unknown icon mode '{icons}'; choose optimize or examples")
     sizes = [sizes] if isinstance(sizes, int) else list(sizes)
     open_store(run_dir)  # clear error when there is no run
+    store.take_lock(run_dir)
     root = zarr.open_group(str(Path(run_dir) / "store.zarr"), mode="a")
     settings, batch = _settings(quality, steps, size, attempts, batch, p)
     summaries = {}
     net = network
     for grid_size in sizes:
         gpath = f"grids/{layer}/{atlas}/{grid_size}"
+        store.verify(root, [gpath, f"whitening/{layer}"] + ([f"samples/{layer}", "images"] if icons == "examples" else []))
         if gpath not in root:
             raise AtlasError(f"no grid {gpath} in this run; run `atlas grid {run_dir} --layer {layer} --grid {grid_size}` first")
         grid = root[gpath]
+        ipath = _begin_icons(run_dir, root, layer, atlas, grid_size)
         if icons == "examples":
             summaries[grid_size] = _render_examples(run_dir, root, grid, layer, atlas, grid_size, settings.size, progress)
-            continue
-        if net is None:
-            net = _load_network(root, device)
-        summaries[grid_size] = _render_optimize(root, grid, net, layer, atlas, grid_size, settings, batch, device, seed,
-                                                whiten, progress)
+        else:
+            if net is None:
+                net = _load_network(root, device)
+            summaries[grid_size] = _render_optimize(root, grid, net, layer, atlas, grid_size, settings, batch, device, seed,
+                                                    whiten, progress)
+        store.finish_stage(run_dir, "render", [ipath])
     return summaries
+
+
+def _begin_icons(run_dir: str | Path, root: zarr.Group, layer: str, atlas: str, grid_size: int) -> str:
+    """Repair damaged icons before resuming (cells of a lost image row are redone; lost flags redo the grid), then mark
+    the icons as being written. Returns their store path."""
+    path = f"icons/{layer}/{atlas}/{grid_size}"
+    bad = store.damaged(root, path)
+    if bad:
+        image_rows = {int(c[0]) for rel, coords in bad.items() if rel.endswith("/images") and coords for c in coords if c}
+        if any(not rel.endswith("/images") or coords is None for rel, coords in bad.items()):
+            store.remove_node(root, path)  # the flags themselves are lost: start this grid's icons afresh
+        elif image_rows:
+            done = root[f"{path}/done"][...]
+            done[sorted(image_rows)] = False
+            root[f"{path}/done"][...] = done
+        store.log(run_dir, f"render {layer}/{atlas}/{grid_size}: damaged icons ({', '.join(sorted(bad))}) are rendered again")
+    store.begin_stage(run_dir, "render", [path], atlas)
+    return path
 
 
 def _render_optimize(root: zarr.Group, grid: zarr.Group, net: Network, layer: str, atlas: str, grid_size: int,
