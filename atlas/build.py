@@ -20,21 +20,14 @@ from pathlib import Path
 
 from atlas import store
 from atlas.errors import AtlasError
+from atlas.settings import STAGES as SETTINGS
+from atlas.settings import check_device, check_out_folder, defaults, resolve
 
 STAGES = ("sample", "project", "grid", "render", "tiles")
-DEFAULTS: dict[str, dict] = {
-    "run": {"images": None, "labels": None, "out": None, "layers": ["mixed4c"]},
-    "sample": {"model": "inceptionv1", "weights": None, "max_images": None, "per_image": 1, "seed": 0, "batch_size": 32,
-               "workers": 2, "attribution": True, "dtype": "float16", "precision": "auto", "device": "cpu"},
-    "project": {"method": "umap", "n_neighbors": 50, "min_dist": 0.05, "metric": "cosine", "pca": None, "seed": 0, "outside": "edge",
-                "knn": "atlas"},
-    "grid": {"sizes": [20, 40, 80, 160], "min_count": 3},
-    "render": {"quality": "standard", "steps": None, "size": None, "attempts": None, "batch": None, "p": 2.0, "icons": "optimize",
-               "device": "cpu", "seed": 0},
-    "tiles": {"format": "jpg", "density_scale": False, "examples": True},
-}
+# Every config table with its defaults, from the settings classes (atlas/settings.py): the one place they live.
+DEFAULTS: dict[str, dict] = defaults()
 # Settings that change what a stage computes; the rest (workers, batch size, device) only change how fast.
-SPEED_ONLY = {"sample": {"batch_size", "workers", "device"}, "render": {"device", "batch"}}
+SPEED_ONLY = {table: cls.speed_only() for table, cls in SETTINGS.items() if cls.speed_only()}
 # Rough single-machine costs for --dry-run, from the bench/ figures on a 2-core CPU.
 CPU_IMAGES_PER_S = {True: 6.0, False: 20.0}
 CPU_ICON_STEPS_PER_S = 240.0  # bench/render.py: 264 at 80 px, batch 32
@@ -50,32 +43,59 @@ class BuildResult:
 
 
 def load_config(path: str | Path | None) -> dict:
-    """Defaults overlaid with a TOML config file; unknown tables or keys are errors (typos must not pass silently)."""
+    """Defaults overlaid with a TOML config file, every value checked (:func:`check`).
+
+    Unknown tables or keys are errors (typos must not pass silently), and so is a value of
+    the wrong type or out of range: one line naming the setting, the value and the file.
+    """
     config = copy.deepcopy(DEFAULTS)
     if path is None:
         return config
     path = Path(path)
     if not path.is_file():
-        raise AtlasError(f"config file not found: {path}")
+        raise AtlasError(f"config file not found: {path}" if not path.exists() else f"config file {path} is not a file")
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise AtlasError(f"config file {path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
+                         "save it as UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
         raise AtlasError(f"config file {path} is not valid TOML: {exc}") from None
-    return merge(config, data, source=str(path))
+    except OSError as exc:
+        raise AtlasError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    return check(merge(config, data, source=str(path)), source=str(path))
 
 
 def merge(config: dict, overrides: dict, source: str = "arguments") -> dict:
-    """``config`` with ``overrides`` ({table: {key: value}}) applied; None values are ignored."""
+    """``config`` with ``overrides`` ({table: {key: value}}) applied; None values are ignored.
+
+    Only names are checked here (unknown tables and keys); values are checked by :func:`check`,
+    which ``load_config`` and ``build`` call, so every bad value fails before any work.
+    """
     config = copy.deepcopy(config)
     for table, values in overrides.items():
         if table not in config:
             raise AtlasError(f"unknown table [{table}] in {source}; tables: {', '.join(config)}")
+        if not isinstance(values, dict):
+            raise AtlasError(f"[{table}] in {source} must be a table of settings; got {values!r}")
         for key, value in values.items():
             if key not in config[table]:
                 raise AtlasError(f"unknown setting {table}.{key} in {source}; known: {', '.join(config[table])}")
             if value is not None:
                 config[table][key] = value
     return config
+
+
+def check(config: dict, source: str | None = None) -> dict:
+    """``config`` with every value checked by its stage's settings class and normalised (e.g. ints of float settings
+    become floats); the first bad value is one line naming the setting, the value and what is allowed."""
+    try:
+        resolved = resolve(config)
+    except AtlasError as exc:
+        if source is None:
+            raise
+        raise AtlasError(f"{exc} (in {source})") from None
+    return {table: settings.as_table() for table, settings in resolved.items()}
 
 
 def _key(settings: dict, upstream: str) -> str:
@@ -92,20 +112,26 @@ def stage_keys(config: dict, image_digest: str, weights_sha: str) -> dict[str, s
 
 
 def validate(config: dict):
-    """Every check that can fail before work starts; returns (network, image list)."""
-    from atlas.data import class_table, list_images
-    from atlas.models import load_model
-    from atlas.viewer import require_viewer_assets
+    """Every check that can fail before work starts; returns (network, image list).
 
-    require_viewer_assets()  # the tiles stage installs the viewer: a missing OpenSeadragon fails here, not after hours
+    First every setting (the settings classes, no imports of torch yet), then the devices,
+    the folders, the model and its layers (each must be one the sampler can use), the images.
+    """
+    resolve(config)
     run = config["run"]
     if not run["images"]:
         raise AtlasError("give --images DIR (or images = ... in the config's [run] table)")
     if not run["out"]:
         raise AtlasError("give --out RUN_DIR (or out = ... in the config's [run] table)")
-    sizes = config["grid"]["sizes"]
-    if not sizes or any(int(s) < 2 for s in sizes):
-        raise AtlasError(f"grid sizes must be at least 2, got {sizes}")
+    check_out_folder(Path(run["out"]).expanduser())
+    check_device(config["sample"]["device"])
+    check_device(config["render"]["device"])
+    from atlas.data import class_table, list_images
+    from atlas.models import load_model
+    from atlas.sample import check_layers
+    from atlas.viewer import require_viewer_assets
+
+    require_viewer_assets()  # the tiles stage installs the viewer: a missing OpenSeadragon fails here, not after hours
     from atlas.layout.neighbors import check_backend
 
     check_backend(config["project"]["knn"])
@@ -113,8 +139,7 @@ def validate(config: dict):
     if not images_path.exists():
         raise AtlasError(f"images not found: {images_path}")
     net = load_model(config["sample"]["model"], config["sample"]["weights"], config["sample"]["device"])
-    for layer in run["layers"]:
-        net.resolve(layer)
+    check_layers(net, run["layers"])
     images = list_images(images_path, class_table(net.weights), labels=run.get("labels")).head(config["sample"]["max_images"])
     out = Path(run["out"])
     if store.store_path(out).exists():
@@ -127,14 +152,10 @@ def validate(config: dict):
 
 def estimate(config: dict, n_images: int) -> dict[str, float]:
     """Seconds each stage may take on a 2-core CPU (order of magnitude, for --dry-run)."""
-    from atlas.render import PRESETS
-
     n = n_images * config["sample"]["per_image"]
     layers = len(config["run"]["layers"])
-    preset = dict(PRESETS[config["render"]["quality"]])
-    steps = config["render"]["steps"] or preset["steps"]
-    attempts = config["render"]["attempts"] or preset["attempts"]
-    size = config["render"]["size"] or preset["size"]
+    preset = SETTINGS["render"].from_table(config["render"]).preset()
+    steps, attempts, size = preset["steps"], preset["attempts"], preset["size"]
     cells = sum(min(s * s, n) * 0.6 for s in config["grid"]["sizes"])
     icon_seconds = cells * steps * attempts * (size / 80) ** 2 / CPU_ICON_STEPS_PER_S
     canvas = max(config["grid"]["sizes"]) * size
@@ -155,10 +176,11 @@ def _fmt(seconds: float) -> str:
 @store.writer
 def build(config: dict, dry_run: bool = False, echo=print) -> BuildResult:
     """Run (or, with ``dry_run``, describe) every stage of the pipeline for the resolved ``config``."""
+    config = check(config)  # every value checked and normalised before the stages (and torch) are imported
+    net, images = validate(config)
     from atlas import grid, layout, render, sample
     from atlas import tiles as tiles_stage
 
-    net, images = validate(config)
     run, out = config["run"], Path(config["run"]["out"])
     keys = stage_keys(config, images.digest, net.weights_sha256)
     costs = estimate(config, len(images))

@@ -20,9 +20,10 @@ import numpy as np
 from atlas import store
 from atlas.errors import AtlasError
 from atlas.layout import open_for_update
+from atlas.settings import GRID_MAX, GridSettings
 from atlas.store import FULL_ATLAS, log, require_layer, valid_rows, write_array
 
-MIN_COUNT = 5  # Lucid's activation-atlas recipe discards cells with fewer samples (threshold=5)
+MIN_COUNT = GridSettings.min_count  # 5: Lucid's activation-atlas recipe discards cells with fewer samples
 TOP = 5
 BLOCK = 65536
 WHITEN_EPS = 1e-3  # relative to the mean channel energy; keeps dead channels invertible
@@ -101,8 +102,9 @@ def grid(run_dir: str | Path, layer: str, sizes, atlas: str = FULL_ATLAS, min_co
     sizes = sorted({int(s) for s in sizes})
     if not sizes:
         raise AtlasError("give at least one grid size, e.g. --grid 20 --grid 40")
-    if sizes[0] < 1 or sizes[-1] > 2048:
-        raise AtlasError(f"grid sizes must be between 1 and 2048, got {sizes}")
+    # The library also bins a 1x1 grid; `atlas grid`, `atlas build` and the configs ask for GridSettings' 2..2048.
+    if sizes[0] < 1 or sizes[-1] > GRID_MAX:
+        raise AtlasError(f"grid sizes must be between 1 and {GRID_MAX}, got {sizes}")
     if min_count < 1 or n_nearest < 0 or top < 1:
         raise AtlasError("min_count and top must be at least 1, n_nearest at least 0")
     started = time.perf_counter()

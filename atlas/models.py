@@ -99,10 +99,13 @@ class LocalResponseNorm(nn.Module):
     def _band(self, channels: int, like: torch.Tensor) -> torch.Tensor:
         key = (channels, like.dtype, like.device)
         if key not in self._bands:
-            c = torch.arange(channels)
-            offset = c[None, :] - c[:, None]  # input channel minus output channel
-            band = ((offset >= -(self.size // 2)) & (offset <= (self.size - 1) // 2)).to(like.dtype)
-            self._bands[key] = band.view(channels, channels, 1, 1).to(like.device)
+            # Made outside inference mode even when first asked for inside it (layer_shapes, sampling without
+            # attribution): a cached inference tensor could not be saved for the renderer's backward pass.
+            with torch.inference_mode(False):
+                c = torch.arange(channels)
+                offset = c[None, :] - c[:, None]  # input channel minus output channel
+                band = ((offset >= -(self.size // 2)) & (offset <= (self.size - 1) // 2)).to(like.dtype)
+                self._bands[key] = band.view(channels, channels, 1, 1).to(like.device)
         return self._bands[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,7 @@ from atlas import store
 from atlas.data import ImageDataset, ImageList, class_table, list_images
 from atlas.errors import AtlasError
 from atlas.models import Network, autocast_dtype, load_model
+from atlas.settings import SampleSettings, check_device, check_out_folder
 
 SHARD = 256
 # Sampling stops early, keeping what is done, when the images cannot be read: when no image of the first shard
@@ -131,6 +132,18 @@ def forward_samples(net: Network, images: torch.Tensor, layers: Sequence[str], p
     return acts, attrs, logits
 
 
+def check_layers(net: Network, layers: Sequence[str], crop: int = 224) -> dict[str, tuple[int, ...]]:
+    """Every layer's output shape at ``crop`` pixels; a layer the model lacks, or one without spatial positions
+    (e.g. ``logits``), is one line, before anything is written."""
+    for layer in layers:
+        net.resolve(layer)
+    shapes = net.layer_shapes(crop)
+    for layer in layers:
+        if len(shapes.get(layer, ())) != 3:
+            raise AtlasError(f"layer '{layer}' has no spatial positions (shape {shapes.get(layer)}); choose a convolutional layer")
+    return shapes
+
+
 @store.writer
 def sample(images: str | Path | ImageList, layers: Sequence[str], out: str | Path, model: str = "inceptionv1",
            weights: str | Path | None = None, max_images: int | None = None, per_image: int = 1, seed: int = 0,
@@ -147,24 +160,20 @@ def sample(images: str | Path | ImageList, layers: Sequence[str], out: str | Pat
     """
     if not layers:
         raise AtlasError("give at least one --layer")
-    if per_image < 1:
-        raise AtlasError("--per-image must be at least 1")
-    if dtype not in ("float16", "float32"):
-        raise AtlasError(f"--dtype must be float16 or float32, not {dtype}")
+    # Every argument is checked before anything is loaded or created (a bad --shard-size must not leave a folder behind).
+    SampleSettings(model=model, weights=weights, max_images=max_images, per_image=per_image, seed=seed, batch_size=batch_size,
+                   workers=workers, attribution=attribution, dtype=dtype, precision=precision, device=device, shard_size=shard_size)
+    check_out_folder(out)
+    check_device(device)
     layers = list(dict.fromkeys(layers))
     net = net or load_model(model, weights, device)
-    for layer in layers:
-        net.resolve(layer)
+    shapes = check_layers(net, layers, crop)
     if not isinstance(images, ImageList):
         images = list_images(images, class_table(net.weights), labels=labels)
     images = images.head(max_images)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
-    shapes = net.layer_shapes(crop)
-    for layer in layers:
-        if len(shapes.get(layer, ())) != 3:
-            raise AtlasError(f"layer '{layer}' has no spatial positions (shape {shapes.get(layer)}); choose a convolutional layer")
     settings = {
         "model": net.name, "weights": net.weights, "weights_sha256": net.weights_sha256, "layers": layers, "seed": seed,
         "per_image": per_image, "image_list_hash": images.digest, "dtype": dtype, "attribution": attribution,

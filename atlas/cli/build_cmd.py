@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from atlas.cli import app
+from atlas.settings import GridSettings, ProjectSettings, RenderSettings
 
 
 @app.command("build")
@@ -23,10 +24,10 @@ def build_command(
     weights: Annotated[Path | None, typer.Option(help="weights file")] = None,
     max_images: Annotated[int | None, typer.Option(help="first N images")] = None,
     per_image: Annotated[int | None, typer.Option(help="positions sampled per image")] = None,
-    method: Annotated[str | None, typer.Option(help="umap, tsne or pca")] = None,
+    method: Annotated[str | None, typer.Option(help=ProjectSettings.option_help("method"))] = None,
     knn: Annotated[str | None, typer.Option("--knn", help="nearest-neighbour search of the layout: atlas or faiss")] = None,
-    quality: Annotated[str | None, typer.Option(help="draft, standard or paper icons")] = None,
-    icons: Annotated[str | None, typer.Option(help="optimize (feature inversion) or examples (dataset patches)")] = None,
+    quality: Annotated[str | None, typer.Option(help=RenderSettings.option_help("quality"))] = None,
+    icons: Annotated[str | None, typer.Option(help=RenderSettings.option_help("icons"))] = None,
     seed: Annotated[int | None, typer.Option(help="seed of every stage")] = None,
     device: Annotated[str | None, typer.Option(help="cpu or cuda")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the resolved settings and estimated costs only")] = False,
@@ -62,9 +63,23 @@ def build_command(
 RunDir = Annotated[Path, typer.Argument(help="run folder")]
 Layer = Annotated[str, typer.Option("--layer")]
 Grids = Annotated[list[int] | None, typer.Option("--grid", help="grid size(s), default 8")]
-Quality = Annotated[str, typer.Option(help="draft, standard or paper")]
-Steps = Annotated[int | None, typer.Option(help="optimisation steps per icon (overrides the preset)")]
-IconSize = Annotated[int | None, typer.Option(help="icon size in pixels (overrides the preset)")]
+Quality = Annotated[str, typer.Option(help=RenderSettings.option_help("quality"))]
+Steps = Annotated[int | None, typer.Option(help=RenderSettings.option_help("steps"))]
+IconSize = Annotated[int | None, typer.Option(help=RenderSettings.option_help("size"))]
+TopK = Annotated[int, typer.Option(help="samples with the highest positive attribution to add to the winners (at least 1)")]
+Seed = Annotated[int, typer.Option(help=RenderSettings.option_help("seed"))]
+
+
+def _check_class_options(top_k: int, grid: list[int] | None, quality: str, steps: int | None, size: int | None, seed: int,
+                         method: str = "tsne") -> None:
+    """The class and compare commands' options, checked with the stages' settings before any layout or icon work."""
+    from atlas.errors import AtlasError
+
+    if top_k < 1:
+        raise AtlasError(f"--top-k must be an integer >= 1; got {top_k}")
+    ProjectSettings(method=method, seed=seed)
+    GridSettings(sizes=grid or [8])
+    RenderSettings(quality=quality, steps=steps, size=size, seed=seed)
 
 
 @app.command("class")
@@ -72,15 +87,16 @@ def class_command(
     run_dir: RunDir,
     layer: Layer,
     cls: Annotated[str, typer.Option("--class", help="class name, synset or index")],
-    top_k: Annotated[int, typer.Option(help="samples with the highest positive attribution to add to the winners")] = 2000,
-    method: Annotated[str, typer.Option(help="tsne, umap or pca")] = "tsne",
+    top_k: TopK = 2000,
+    method: Annotated[str, typer.Option(help=ProjectSettings.option_help("method"))] = "tsne",
     grid: Grids = None,
     quality: Quality = "draft",
     steps: Steps = None,
     size: IconSize = None,
-    seed: int = 0,
+    seed: Seed = 0,
 ) -> None:
     """A class-filtered atlas: the activations that matter for one class."""
+    _check_class_options(top_k, grid, quality, steps, size, seed, method)
     from atlas.classes import class_atlas
 
     name = class_atlas(run_dir, layer, cls, top_k=top_k, method=method, sizes=tuple(grid or [8]), quality=quality, seed=seed,
@@ -94,14 +110,15 @@ def compare_command(
     first: Annotated[str, typer.Argument(help="class on the left (x = -1)")],
     second: Annotated[str, typer.Argument(help="class on the right (x = +1)")],
     layer: Layer,
-    top_k: Annotated[int, typer.Option(help="samples with the highest positive attribution per class")] = 2000,
+    top_k: TopK = 2000,
     grid: Grids = None,
     quality: Quality = "draft",
     steps: Steps = None,
     size: IconSize = None,
-    seed: int = 0,
+    seed: Seed = 0,
 ) -> None:
     """A class-difference atlas: x = attribution to SECOND minus FIRST, y = 1-D t-SNE."""
+    _check_class_options(top_k, grid, quality, steps, size, seed)
     from atlas.classes import compare_atlas
 
     name = compare_atlas(run_dir, layer, first, second, top_k=top_k, sizes=tuple(grid or [8]), quality=quality, seed=seed,

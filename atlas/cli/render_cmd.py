@@ -8,6 +8,8 @@ from typing import Annotated
 import typer
 
 from atlas.cli import app
+from atlas.settings import GridSettings, check_out_folder
+from atlas.settings import RenderSettings as R
 
 
 @app.command("render")
@@ -16,17 +18,20 @@ def render_command(
     layer: Annotated[str, typer.Option("--layer", help="layer whose grid to render")],
     grid: Annotated[list[int], typer.Option("--grid", help="grid size; repeat for several")],
     atlas: Annotated[str, typer.Option(help="atlas name (full, or a class/compare atlas)")] = "full",
-    quality: Annotated[str, typer.Option(help="draft, standard or paper (see docs/render.md)")] = "draft",
-    steps: Annotated[int | None, typer.Option(help="optimisation steps (overrides the preset)")] = None,
-    size: Annotated[int | None, typer.Option(help="icon size in pixels (overrides the preset)")] = None,
-    attempts: Annotated[int | None, typer.Option(help="seeds per icon, best kept (overrides the preset)")] = None,
-    batch: Annotated[int | None, typer.Option(help="icons optimised together (overrides the preset)")] = None,
-    p: Annotated[float, typer.Option("--p", help="cosine power of the objective dot * cos^p")] = 2.0,
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")] = "cpu",
-    icons: Annotated[str, typer.Option(help="optimize (feature inversion) or examples (dataset patches)")] = "optimize",
-    seed: int = 0,
+    quality: Annotated[str, typer.Option(help=R.option_help("quality"))] = R.quality,
+    steps: Annotated[int | None, typer.Option(help=R.option_help("steps"))] = R.steps,
+    size: Annotated[int | None, typer.Option(help=R.option_help("size"))] = R.size,
+    attempts: Annotated[int | None, typer.Option(help=R.option_help("attempts"))] = R.attempts,
+    batch: Annotated[int | None, typer.Option(help=R.option_help("batch"))] = R.batch,
+    p: Annotated[float, typer.Option("--p", help=R.option_help("p"))] = R.p,
+    device: Annotated[str, typer.Option(help=R.option_help("device"))] = R.device,
+    icons: Annotated[str, typer.Option(help=R.option_help("icons"))] = R.icons,
+    seed: Annotated[int, typer.Option(help=R.option_help("seed"))] = R.seed,
 ) -> None:
     """Render one icon per kept grid cell into RUN/store.zarr (resumable; finished icons are kept)."""
+    # Checked before the stage (and torch) is imported: `--quality ultra` or `--steps 0` fail at once.
+    GridSettings(sizes=grid)
+    R(quality=quality, steps=steps, size=size, attempts=attempts, batch=batch, p=p, icons=icons, device=device, seed=seed)
     from atlas.render import render
 
     summaries = render(run_dir, layer, grid, atlas=atlas, quality=quality, steps=steps, size=size, attempts=attempts,
@@ -46,6 +51,8 @@ def export_icons_command(
     atlas: Annotated[str, typer.Option(help="atlas name")] = "full",
 ) -> None:
     """Write every finished icon as PNG, plus sheet.png with the whole grid."""
+    GridSettings(sizes=[grid])
+    check_out_folder(out)
     from atlas.render.export import export_icons
 
     files = export_icons(run_dir, layer, grid, out, atlas=atlas)

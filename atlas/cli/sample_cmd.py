@@ -9,6 +9,9 @@ from typing import Annotated
 import typer
 
 from atlas.cli import app
+from atlas.errors import AtlasError
+from atlas.settings import SampleSettings as S
+from atlas.settings import check_out_folder
 
 
 @app.command("sample")
@@ -16,22 +19,26 @@ def sample_command(
     images: Annotated[Path, typer.Option("--images", help="image folder (ImageNet tree or flat) or a list file")],
     layer: Annotated[list[str], typer.Option("--layer", help="layer to sample; repeat for several")],
     out: Annotated[Path, typer.Option("--out", help="run folder")],
-    model: Annotated[str, typer.Option(help="inceptionv1 or a torchvision classifier")] = "inceptionv1",
+    model: Annotated[str, typer.Option(help=S.option_help("model"))] = S.model,
     weights: Annotated[Path | None, typer.Option(help="weights file (default: $ATLAS_WEIGHTS, then ~/.cache/atlas)")] = None,
-    max_images: Annotated[int | None, typer.Option(help="first N images of the deterministic order")] = None,
-    per_image: Annotated[int, typer.Option(help="positions sampled per image")] = 1,
-    seed: int = 0,
-    batch_size: int = 32,
-    workers: Annotated[int, typer.Option(help="DataLoader worker processes")] = 2,
-    no_attribution: Annotated[bool, typer.Option("--no-attribution", help="skip class attributions (faster)")] = False,
-    dtype: Annotated[str, typer.Option(help="float16 or float32")] = "float16",
-    device: str = "cpu",
-    shard_size: Annotated[int, typer.Option(help="images per resumable unit of work")] = 256,
-    precision: Annotated[str, typer.Option(help="auto, float32 or bfloat16 (forward without attribution)")] = "auto",
+    max_images: Annotated[int | None, typer.Option(help=S.option_help("max_images"))] = S.max_images,
+    per_image: Annotated[int, typer.Option(help=S.option_help("per_image"))] = S.per_image,
+    seed: Annotated[int, typer.Option(help=S.option_help("seed"))] = S.seed,
+    batch_size: Annotated[int, typer.Option(help=S.option_help("batch_size"))] = S.batch_size,
+    workers: Annotated[int, typer.Option(help=S.option_help("workers"))] = S.workers,
+    no_attribution: Annotated[bool, typer.Option("--no-attribution", help="skip class attributions (faster)")] = not S.attribution,
+    dtype: Annotated[str, typer.Option(help=S.option_help("dtype"))] = S.dtype,
+    device: Annotated[str, typer.Option(help=S.option_help("device"))] = S.device,
+    shard_size: Annotated[int, typer.Option(help=S.option_help("shard_size"))] = S.shard_size,
+    precision: Annotated[str, typer.Option(help=S.option_help("precision"))] = S.precision,
     labels: Annotated[Path | None, typer.Option("--labels", help="labels file for the images: 'name label' lines, "
                                                 "one label per line in image order, or LOC_val_solution.csv")] = None,
 ) -> None:
     """Sample one random spatial activation per image (and its class attributions) into RUN/store.zarr."""
+    # Checked before the stage (and torch) is imported: a bad option fails at once, before anything is created.
+    S(model=model, weights=weights, max_images=max_images, per_image=per_image, seed=seed, batch_size=batch_size, workers=workers,
+      attribution=not no_attribution, dtype=dtype, precision=precision, device=device, shard_size=shard_size)
+    check_out_folder(out)
     from atlas.sample import sample
 
     result = sample(images, layer, out, model=model, weights=weights, max_images=max_images, per_image=per_image, seed=seed,
@@ -49,9 +56,16 @@ def layers_command(
     size: Annotated[int, typer.Option(help="input size in pixels")] = 224,
 ) -> None:
     """List a model's layers with channel count and spatial size."""
+    if not 1 <= size <= 4096:
+        raise AtlasError(f"layers.size must be an integer in 1..4096; got {size}")
     from atlas.models import describe_layers, load_model
 
-    rows = describe_layers(load_model(model, weights, pretrained=False), size)
+    net = load_model(model, weights, pretrained=False)
+    try:
+        rows = describe_layers(net, size)
+    except RuntimeError as exc:  # torch: "Output size is too small" for inputs the network's strides cannot take
+        reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise AtlasError(f"--size {size} is too small an input for {model} ({reason}); try 224") from None
     width = max(len(r["layer"]) for r in rows)
     typer.echo(f"{'layer'.ljust(width)}  channels  size")
     for r in rows:

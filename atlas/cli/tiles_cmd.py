@@ -8,6 +8,8 @@ from typing import Annotated
 import typer
 
 from atlas.cli import app
+from atlas.settings import GridSettings, check_port
+from atlas.settings import TilesSettings as T
 
 
 @app.command("tiles")
@@ -16,15 +18,19 @@ def tiles_command(
     layer: Annotated[str, typer.Option("--layer", help="layer whose atlas to tile")],
     atlas: Annotated[str, typer.Option("--atlas", help="atlas name (full, class-..., compare-...)")] = "full",
     size: Annotated[list[int] | None, typer.Option("--size", help="grid size to include; repeat (default: every rendered grid)")] = None,
-    icon_size: Annotated[int | None, typer.Option(help="redraw icons at this many pixels (default: as rendered)")] = None,
-    fmt: Annotated[str, typer.Option("--format", help="tile format: jpg, png or webp")] = "jpg",
-    density_scale: Annotated[bool, typer.Option("--density-scale", help="shrink icons of sparse cells, min(1, sqrt(n / mean n))")] = False,
+    icon_size: Annotated[int | None, typer.Option(help=T.option_help("icon_size"))] = T.icon_size,
+    fmt: Annotated[str, typer.Option("--format", help=T.option_help("format"))] = T.format,
+    density_scale: Annotated[bool, typer.Option("--density-scale", help=T.option_help("density_scale"))] = T.density_scale,
     highlight: Annotated[str | None, typer.Option("--highlight", help="class (name or index) whose attribution to highlight")] = None,
     no_examples: Annotated[bool, typer.Option("--no-examples", help="skip dataset-example patches (no images needed)")] = False,
-    tile_size: Annotated[int, typer.Option(help="tile size in pixels")] = 254,
-    overlap: Annotated[int, typer.Option(help="tile overlap in pixels")] = 1,
+    tile_size: Annotated[int, typer.Option(help=T.option_help("tile_size"))] = T.tile_size,
+    overlap: Annotated[int, typer.Option(help=T.option_help("overlap"))] = T.overlap,
 ) -> None:
     """Write deep-zoom tiles, cell metadata and the viewer under RUN/tiles/."""
+    # Checked before the stage is imported: `--format gif` or `--tile-size 0` fail at once, before any tile is drawn.
+    T(format=fmt, density_scale=density_scale, examples=not no_examples, icon_size=icon_size, tile_size=tile_size, overlap=overlap)
+    if size:
+        GridSettings(sizes=size)
     from atlas.tiles import make_tiles
 
     entry = make_tiles(run_dir, layer, atlas=atlas, sizes=size or None, icon_size=icon_size, fmt=fmt, tile_size=tile_size,
@@ -44,6 +50,7 @@ def serve_command(
     verbose: Annotated[bool, typer.Option("--verbose", help="log every request")] = False,
 ) -> None:
     """Serve the run's viewer and tiles (RUN/tiles/ only) over HTTP; prints the URL."""
+    check_port(port)
     from atlas.viewer import serve
 
     serve(run_dir, host=host, port=port, quiet=not verbose, allow_hosts=allow_host or ())

@@ -26,6 +26,7 @@ from atlas import store
 from atlas.errors import AtlasError
 from atlas.layout.neighbors import DEFAULT_BACKEND, METRICS, as_float32, check_backend, knn_graph, others_first
 from atlas.layout.optimize import optimize_layout
+from atlas.settings import ProjectSettings
 from atlas.store import FULL_ATLAS, log, open_store, read_rows, require_layer, write_array
 
 METHODS = ("umap", "tsne", "pca")
@@ -401,6 +402,9 @@ def project(run_dir: str | Path, layer: str, method: str = "umap", atlas: str = 
         raise AtlasError(f"n_neighbors must be at least 2, not {n_neighbors}")
     if min_dist < 0:
         raise AtlasError(f"min_dist must be non-negative, not {min_dist}")
+    # The rest of the ranges (metric, pca, seed, min_dist <= 1, the kNN backend) are ProjectSettings' own.
+    ProjectSettings(method=method, n_neighbors=n_neighbors, min_dist=min_dist, metric=metric, pca=pca, seed=seed, outside=outside,
+                    knn=knn)
     check_backend(knn)
     _check_atlas_name(atlas)
     started = time.perf_counter()

@@ -29,14 +29,10 @@ from atlas.render.examples import compose, sample_patches
 from atlas.render.objectives import Direction
 from atlas.render.optimize import Settings, best_of, optimize
 from atlas.render.transforms import Transforms
+from atlas.settings import PRESETS, RenderSettings, check_device
 from atlas.store import create_array, open_store, read_rows, require_layer
 
-# batch = icons optimised together (each with ``attempts`` images in the same forward pass)
-PRESETS: dict[str, dict[str, int]] = {
-    "draft": {"size": 80, "steps": 128, "attempts": 1, "batch": 32},
-    "standard": {"size": 80, "steps": 512, "attempts": 2, "batch": 50},
-    "paper": {"size": 80, "steps": 1024, "attempts": 4, "batch": 100},
-}
+# PRESETS (the quality presets) live with the other render settings in atlas.settings; still importable from here.
 DEFAULT_TRANSFORMS = Transforms()
 
 
@@ -107,7 +103,7 @@ def _load_network(root: zarr.Group, device: str) -> Network:
 
 
 @store.writer
-def render(run_dir: str | Path, layer: str, sizes: Sequence[int] | int, atlas: str = "full", quality: str = "draft",
+def render(run_dir: str | Path, layer: str, sizes: Sequence[int] | int, atlas: str = "full", quality: str = RenderSettings.quality,
            steps: int | None = None, size: int | None = None, attempts: int | None = None, batch: int | None = None,
            p: float = 2.0, device: str = "cpu", icons: str = "optimize", seed: int = 0, progress: bool = True,
            whiten: bool = True, network: Network | None = None) -> dict:
@@ -117,10 +113,11 @@ def render(run_dir: str | Path, layer: str, sizes: Sequence[int] | int, atlas: s
     when the run has one and ``whiten``); ``icons="examples"`` composes the dataset patches
     of each cell's nearest samples. Returns a summary per grid size, also stored as the
     group's ``summary`` attribute. ``network`` skips loading the run's model (it must be
-    the same model; used by tests and notebooks that already hold it).
+    the same model; used by tests and notebooks that already hold it). The settings and their
+    ranges are :class:`atlas.settings.RenderSettings`' (checked first, before anything is loaded).
     """
-    if icons not in ("optimize", "examples"):
-        raise AtlasError(f"unknown icon mode '{icons}'; choose optimize or examples")
+    RenderSettings(quality=quality, steps=steps, size=size, attempts=attempts, batch=batch, p=p, icons=icons, device=device, seed=seed)
+    check_device(device)
     sizes = [sizes] if isinstance(sizes, int) else list(sizes)
     open_store(run_dir)  # clear error when there is no run
     store.take_lock(run_dir)

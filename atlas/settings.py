@@ -1,0 +1,416 @@
+"""Settings of every stage: one frozen dataclass per stage, the single source of defaults, types and ranges.
+
+Each class (``RunSettings``, ``SampleSettings``, ``ProjectSettings``, ``GridSettings``,
+``RenderSettings``, ``TilesSettings``) checks every field in ``__post_init__`` and raises one
+:class:`~atlas.errors.AtlasError` line naming the setting, the bad value and what is allowed,
+e.g. ``render.quality must be one of draft, standard, paper; got 'ultra'``. ``atlas build``'s
+``DEFAULTS`` and its config tables (``configs/*.toml``), the command-line options' defaults and
+each stage function's own defaults are all these fields' defaults.
+
+Fields marked ``config=False`` (e.g. ``sample.shard_size``) belong to a stage command only:
+they are not keys of a config table and not part of the stage keys ``atlas build`` records.
+Fields marked ``speed=True`` change how fast a stage runs, not what it computes.
+
+This module imports nothing heavy (no torch, no numpy) so that the command line can check
+its options before loading anything; the choices below are the stages' own (tests check that
+they agree with ``atlas.layout``, ``atlas.render`` and ``atlas.tiles``).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+import re
+from dataclasses import MISSING, Field, dataclass, field, fields
+from typing import Any, ClassVar
+
+from atlas.errors import AtlasError
+
+# Icon presets of the render stage: size (px), optimisation steps, attempts (best kept), icons optimised together.
+PRESETS: dict[str, dict[str, int]] = {
+    "draft": {"size": 80, "steps": 128, "attempts": 1, "batch": 32},
+    "standard": {"size": 80, "steps": 512, "attempts": 2, "batch": 50},
+    "paper": {"size": 80, "steps": 1024, "attempts": 4, "batch": 100},
+}
+PROJECT_METHODS = ("umap", "tsne", "pca")
+# cosine/euclidean/l2 use atlas's own kNN search; the others go through umap-learn, openTSNE and scikit-learn,
+# which all know them by these names.
+PROJECT_METRICS = ("cosine", "euclidean", "l2", "manhattan", "correlation")
+KNN_BACKENDS = ("atlas", "faiss")
+OUTSIDE = ("edge", "drop")
+ICON_MODES = ("optimize", "examples")
+TILE_FORMATS = ("jpg", "png", "webp")
+GRID_MIN, GRID_MAX = 2, 2048
+SEED_MAX = 2**32 - 1  # numpy's RandomState (umap-learn, openTSNE) takes seeds below 2**32
+PORT_MAX = 65535
+DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d+)?|mps")
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _shown(value: Any) -> str:
+    return repr(str(value)) if isinstance(value, os.PathLike) else repr(value)
+
+
+def _fail(name: str, what: str, value: Any, extra: str = "") -> None:
+    raise AtlasError(f"{name} must be {what}; got {_shown(value)}{extra}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+class Check:
+    """One field's rule: ``what`` describes the allowed values, calling it returns the (normalised) value or fails."""
+
+    what = "any value"
+    type_name = "object"
+
+    def __call__(self, name: str, value: Any) -> Any:
+        return value
+
+
+class Integer(Check):
+    """An integer in ``lo..hi`` (either bound may be open); ``optional`` also allows None (unset)."""
+
+    def __init__(self, lo: int | None = None, hi: int | None = None, optional: bool = False):
+        self.lo, self.hi, self.optional = lo, hi, optional
+        if lo is not None and hi is not None:
+            self.what = f"an integer in {lo}..{hi}"
+        elif lo is not None:
+            self.what = f"an integer >= {lo}"
+        elif hi is not None:
+            self.what = f"an integer <= {hi}"
+        else:
+            self.what = "an integer"
+        self.type_name = "int or None" if optional else "int"
+
+    def __call__(self, name: str, value: Any) -> int | None:
+        if value is None and self.optional:
+            return None
+        if not _is_int(value) or (self.lo is not None and value < self.lo) or (self.hi is not None and value > self.hi):
+            _fail(name, self.what, value)
+        return int(value)
+
+
+class Number(Check):
+    """A finite number in ``lo..hi`` (integers are accepted and stored as floats)."""
+
+    def __init__(self, lo: float | None = None, hi: float | None = None):
+        self.lo, self.hi = lo, hi
+        self.what = (f"a number in {lo}..{hi}" if lo is not None and hi is not None else
+                     f"a number >= {lo}" if lo is not None else "a finite number")
+        self.type_name = "float"
+
+    def __call__(self, name: str, value: Any) -> float:
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+        if not ok or (self.lo is not None and value < self.lo) or (self.hi is not None and value > self.hi):
+            _fail(name, self.what, value)
+        return float(value)
+
+
+class Choice(Check):
+    """One of a fixed set of names."""
+
+    def __init__(self, options: tuple[str, ...] | list[str]):
+        self.options = tuple(options)
+        self.what = f"one of {', '.join(self.options)}"
+        self.type_name = "{" + ", ".join(f'"{o}"' for o in self.options) + "}"
+
+    def __call__(self, name: str, value: Any) -> str:
+        if not isinstance(value, str) or value not in self.options:
+            _fail(name, self.what, value)
+        return value
+
+
+class Flag(Check):
+    what = "true or false"
+    type_name = "bool"
+
+    def __call__(self, name: str, value: Any) -> bool:
+        if not isinstance(value, bool):
+            _fail(name, self.what, value)
+        return value
+
+
+class Text(Check):
+    """Non-empty text (paths are accepted and stored as text); ``pattern`` restricts it further."""
+
+    def __init__(self, optional: bool = False, pattern: re.Pattern | None = None, what: str = "a non-empty text"):
+        self.optional, self.pattern, self.what = optional, pattern, what
+        self.type_name = "str or None" if optional else "str"
+
+    def __call__(self, name: str, value: Any) -> str | None:
+        if value is None and self.optional:
+            return None
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        if not isinstance(value, str) or not value.strip() or (self.pattern is not None and not self.pattern.fullmatch(value)):
+            _fail(name, self.what, value)
+        return value
+
+
+class Device(Text):
+    def __init__(self):
+        super().__init__(pattern=DEVICE_PATTERN, what="cpu, cuda, cuda:N or mps")
+
+
+class IntList(Check):
+    """A non-empty list of integers in ``lo..hi``, stored as a tuple."""
+
+    def __init__(self, lo: int, hi: int, noun: str):
+        self.lo, self.hi, self.noun = lo, hi, noun
+        self.what = f"a list of integers in {lo}..{hi}"
+        self.type_name = "list of int"
+
+    def __call__(self, name: str, value: Any) -> tuple[int, ...]:
+        if not isinstance(value, (list, tuple)) or not value or not all(_is_int(v) for v in value):
+            _fail(name, self.what, value)
+        if any(v < self.lo for v in value):
+            _fail(name, self.what, list(value), f" ({self.noun} must be at least {self.lo})")
+        if any(v > self.hi for v in value):
+            _fail(name, self.what, list(value), f" ({self.noun} must be at most {self.hi})")
+        return tuple(int(v) for v in value)
+
+
+class TextList(Check):
+    what = "a non-empty list of names"
+    type_name = "list of str"
+
+    def __call__(self, name: str, value: Any) -> tuple[str, ...]:
+        if isinstance(value, str) or not isinstance(value, (list, tuple)) or not value \
+                or not all(isinstance(v, str) and v.strip() for v in value):
+            _fail(name, self.what, value)
+        return tuple(value)
+
+
+def setting(default: Any, check: Check, doc: str, *, config: bool = True, speed: bool = False) -> Any:
+    """A settings field: its default, its rule, one sentence saying what it does, and whether it is a config key."""
+    return field(default=default, metadata={"check": check, "doc": doc, "config": config, "speed": speed})
+
+
+def check_device(device: str) -> str:
+    """``device`` if this machine has it; otherwise one line (``--device cuda`` without a GPU, ``cuda:3`` of two GPUs)."""
+    Device()("device", device)
+    import torch
+
+    kind, _, index = device.partition(":")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise AtlasError(f"--device {device}: no CUDA GPU is available on this machine (torch sees none); use --device cpu")
+        if index and int(index) >= torch.cuda.device_count():
+            raise AtlasError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0")
+    if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise AtlasError("--device mps: Apple's MPS backend is not available on this machine; use --device cpu")
+    return device
+
+
+def check_out_folder(path: str | os.PathLike, option: str = "--out") -> None:
+    """A run (or output) folder must be a folder or not exist yet: a file there is one line, before anything is created."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise AtlasError(f"{option} {os.fspath(path)} is a file, not a folder; give a folder")
+
+
+def check_port(port: Any) -> int:
+    """A TCP port for ``atlas serve`` (0 picks a free one)."""
+    return Integer(0, PORT_MAX)("serve.port", port)
+
+
+# ----------------------------------------------------------------------------- the settings classes
+
+
+def _default_text(f: Field) -> str:
+    value = f.default
+    if value is MISSING or value is None:
+        return "None"
+    if isinstance(value, tuple):
+        value = list(value)
+    return f'"{value}"' if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _documented(cls):
+    """Append a numpydoc "Parameters" section built from the fields (type, default, allowed values, meaning)."""
+    lines = [cls.__doc__.rstrip(), "", "Parameters", "----------"]
+    for f in fields(cls):
+        check: Check = f.metadata["check"]
+        note = "" if f.metadata["config"] else " Not a config key (stage command only)."
+        lines += [f"{f.name} : {check.type_name}, default {_default_text(f)}",
+                  f"    {f.metadata['doc']} Allowed: {check.what}.{note}"]
+    cls.__doc__ = "\n".join(lines) + "\n"
+    return cls
+
+
+@dataclass(frozen=True)
+class StageSettings:
+    """Base of the per-stage settings: validates every field on construction."""
+
+    TABLE: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = f.metadata["check"](f"{self.TABLE}.{f.name}", getattr(self, f.name))
+            object.__setattr__(self, f.name, value)  # frozen: normalised once, here
+        self._check_together()
+
+    def _check_together(self) -> None:
+        """Rules between fields (none by default)."""
+
+    @classmethod
+    def config_keys(cls) -> list[str]:
+        return [f.name for f in fields(cls) if f.metadata["config"]]
+
+    @classmethod
+    def speed_only(cls) -> set[str]:
+        return {f.name for f in fields(cls) if f.metadata["speed"]}
+
+    @classmethod
+    def option_help(cls, name: str) -> str:
+        """Command-line help of a field: what it does and what is allowed (the option shows its default itself)."""
+        f = next(f for f in fields(cls) if f.name == name)
+        check = f.metadata["check"]
+        if isinstance(check, Text) and not isinstance(check, Device):  # free text: nothing to list
+            return f.metadata["doc"]
+        return f"{f.metadata['doc']} Allowed: {check.what}."
+
+    @classmethod
+    def from_table(cls, table: dict) -> StageSettings:
+        """Settings from a config table (unknown keys are errors; the caller names their source)."""
+        unknown = [k for k in table if k not in cls.config_keys()]
+        if unknown:
+            raise AtlasError(f"unknown setting {cls.TABLE}.{unknown[0]}; known: {', '.join(cls.config_keys())}")
+        return cls(**table)
+
+    def as_table(self) -> dict:
+        """The config keys as a plain dict (lists, not tuples: what TOML and json give back)."""
+        return {name: list(v) if isinstance(v := getattr(self, name), tuple) else v for name in self.config_keys()}
+
+
+@_documented
+@dataclass(frozen=True)
+class RunSettings(StageSettings):
+    """Where a build reads its images and writes its run, and which layers it samples (``[run]`` table)."""
+
+    TABLE: ClassVar[str] = "run"
+    images: str | None = setting(None, Text(optional=True, what="a path"), "Image folder (ImageNet tree or flat) or list file.")
+    labels: str | None = setting(None, Text(optional=True, what="a path"),
+                                 "Labels file for the images ('name label' lines, one label per line, or LOC_val_solution.csv).")
+    out: str | None = setting(None, Text(optional=True, what="a path"), "Run folder (atlas build's default: outputs/MODEL-LAYERS).")
+    layers: tuple[str, ...] = setting(("mixed4c",), TextList(), "Layers to sample and lay out, each a convolutional layer of the model.")
+
+
+@_documented
+@dataclass(frozen=True)
+class SampleSettings(StageSettings):
+    """Sampling activations (and class attributions) from images (``[sample]`` table, ``atlas sample``)."""
+
+    TABLE: ClassVar[str] = "sample"
+    model: str = setting("inceptionv1", Text(what="a model name"), "inceptionv1 or a torchvision classifier name.")
+    weights: str | None = setting(None, Text(optional=True, what="a path"), "Weights file (None: the model's default weights).")
+    max_images: int | None = setting(None, Integer(1, optional=True), "Use the first N images of the deterministic order (None: all).")
+    per_image: int = setting(1, Integer(1), "Random spatial positions sampled per image and layer.")
+    seed: int = setting(0, Integer(0, SEED_MAX), "Seed of the sampled positions.")
+    batch_size: int = setting(32, Integer(1), "Images per forward pass.", speed=True)
+    workers: int = setting(2, Integer(0), "DataLoader worker processes decoding images (0: in the main process).", speed=True)
+    attribution: bool = setting(True, Flag(), "Also store each sample's attribution to every class (about half the speed).")
+    dtype: str = setting("float16", Choice(("float16", "float32")), "Storage type of activations and attributions.")
+    precision: str = setting("auto", Choice(("auto", "float32", "bfloat16")),
+                             "Arithmetic of the forward pass without attribution (auto: bfloat16 where the CPU/GPU has it).")
+    device: str = setting("cpu", Device(), "Where the model runs.", speed=True)
+    shard_size: int = setting(256, Integer(1), "Images per resumable unit of work.", config=False)
+
+
+@_documented
+@dataclass(frozen=True)
+class ProjectSettings(StageSettings):
+    """Laying out a layer's samples in 2-D (``[project]`` table, ``atlas project``)."""
+
+    TABLE: ClassVar[str] = "project"
+    method: str = setting("umap", Choice(PROJECT_METHODS), "Projection method.")
+    n_neighbors: int = setting(50, Integer(2), "UMAP's neighbourhood size (the paper: 50).")
+    min_dist: float = setting(0.05, Number(0.0, 1.0), "UMAP's minimum distance between laid-out points (at most its spread, 1).")
+    metric: str = setting("cosine", Choice(PROJECT_METRICS), "Distance between activation vectors.")
+    pca: int | None = setting(None, Integer(1, optional=True), "Reduce to this many dimensions with PCA first (None: no reduction).")
+    seed: int = setting(0, Integer(0, SEED_MAX), "Seed of the layout (same seed, same layout).")
+    outside: str = setting("edge", Choice(OUTSIDE),
+                           "Points beyond the 1-99th percentile clip: kept at the edge, or dropped from the grids.")
+    knn: str = setting("atlas", Choice(KNN_BACKENDS), "Nearest-neighbour search behind UMAP's and t-SNE's graph.")
+
+
+@_documented
+@dataclass(frozen=True)
+class GridSettings(StageSettings):
+    """Averaging samples over square grids laid on the layout (``[grid]`` table, ``atlas grid``)."""
+
+    TABLE: ClassVar[str] = "grid"
+    sizes: tuple[int, ...] = setting((20, 40, 80, 160), IntList(GRID_MIN, GRID_MAX, "grid sizes"), "Grid sizes (cells per side).")
+    min_count: int = setting(5, Integer(1), "Cells with fewer samples are stored but get no icon (Lucid's recipe: 5).")
+    n_nearest: int = setting(8, Integer(0), "Sample rows kept per cell, nearest its mean.", config=False)
+
+
+@_documented
+@dataclass(frozen=True)
+class RenderSettings(StageSettings):
+    """Rendering one icon per kept grid cell (``[render]`` table, ``atlas render``).
+
+    ``steps``, ``size``, ``attempts`` and ``batch`` override the ``quality`` preset when set.
+    """
+
+    TABLE: ClassVar[str] = "render"
+    quality: str = setting("standard", Choice(tuple(PRESETS)), "Icon preset (docs/render.md).")
+    steps: int | None = setting(None, Integer(1, optional=True), "Optimisation steps per icon (None: the preset's).")
+    size: int | None = setting(None, Integer(8, 1024, optional=True), "Icon size in pixels (None: the preset's).")
+    attempts: int | None = setting(None, Integer(1, optional=True), "Seeds per icon, the best kept (None: the preset's).")
+    batch: int | None = setting(None, Integer(1, optional=True), "Icons optimised together (None: the preset's).", speed=True)
+    p: float = setting(2.0, Number(0.0), "Cosine power of the objective dot * cos^p.")
+    icons: str = setting("optimize", Choice(ICON_MODES), "optimize (feature inversion) or examples (dataset patches).")
+    device: str = setting("cpu", Device(), "Where the optimisation runs.", speed=True)
+    seed: int = setting(0, Integer(0, SEED_MAX), "Seed of the icons' starting images.")
+
+    def preset(self) -> dict[str, int]:
+        """size, steps, attempts and batch after the overrides."""
+        base = PRESETS[self.quality]
+        return {k: getattr(self, k) if getattr(self, k) is not None else base[k] for k in ("size", "steps", "attempts", "batch")}
+
+
+@_documented
+@dataclass(frozen=True)
+class TilesSettings(StageSettings):
+    """Writing the deep-zoom tiles and the viewer (``[tiles]`` table, ``atlas tiles``)."""
+
+    TABLE: ClassVar[str] = "tiles"
+    format: str = setting("jpg", Choice(TILE_FORMATS), "Tile image format.")
+    density_scale: bool = setting(False, Flag(), "Shrink icons of sparse cells, min(1, sqrt(n / mean n)).")
+    examples: bool = setting(True, Flag(), "Write dataset-example patches per cell (needs the images).")
+    icon_size: int | None = setting(None, Integer(1, 1024, optional=True), "Redraw icons at this many pixels (None: as rendered).",
+                                    config=False)
+    tile_size: int = setting(254, Integer(16, 4096), "Deep-zoom tile size in pixels.", config=False)
+    overlap: int = setting(1, Integer(0, 64), "Deep-zoom tile overlap in pixels.", config=False)
+
+    def _check_together(self) -> None:
+        if 2 * self.overlap >= self.tile_size:
+            raise AtlasError(f"tiles.overlap must be less than half of tiles.tile_size ({self.tile_size}); got {self.overlap}")
+
+
+STAGES: dict[str, type[StageSettings]] = {"run": RunSettings, "sample": SampleSettings, "project": ProjectSettings,
+                                          "grid": GridSettings, "render": RenderSettings, "tiles": TilesSettings}
+
+
+def defaults() -> dict[str, dict]:
+    """Every config table with its defaults: ``{table: {key: value}}``."""
+    return {table: cls().as_table() for table, cls in STAGES.items()}
+
+
+def resolve(config: dict) -> dict[str, StageSettings]:
+    """The settings object of every table of ``config`` (a ``{table: {key: value}}`` dict); the first bad value fails."""
+    unknown = [t for t in config if t not in STAGES]
+    if unknown:
+        raise AtlasError(f"unknown table [{unknown[0]}]; tables: {', '.join(STAGES)}")
+    out = {}
+    for table, cls in STAGES.items():
+        values = config.get(table, {})
+        if not isinstance(values, dict):
+            raise AtlasError(f"[{table}] must be a table of settings; got {_shown(values)}")
+        out[table] = cls.from_table(values)
+    return out
