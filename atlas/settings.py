@@ -18,6 +18,7 @@ they agree with ``atlas.layout``, ``atlas.render`` and ``atlas.tiles``).
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 import os
@@ -226,7 +227,7 @@ def _default_text(f: Field) -> str:
     if value is MISSING or value is None:
         return "None"
     if isinstance(value, tuple):
-        value = list(value)
+        return json.dumps(list(value))
     return f'"{value}"' if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else str(value)
 
 
@@ -414,3 +415,18 @@ def resolve(config: dict) -> dict[str, StageSettings]:
             raise AtlasError(f"[{table}] must be a table of settings; got {_shown(values)}")
         out[table] = cls.from_table(values)
     return out
+
+
+def reference() -> str:
+    """Every setting as Markdown tables, one per stage (docs/settings.md is this text; a test keeps them equal)."""
+    lines = []
+    for table, cls in STAGES.items():
+        lines += [f"### `[{table}]` ({cls.__name__})", "", cls.__doc__.split("\n")[0].replace("``", "`"), "",
+                  "| setting | type | default | allowed | meaning |", "|---|---|---|---|---|"]
+        for f in fields(cls):
+            check: Check = f.metadata["check"]
+            name = f"`{f.name}`" + ("" if f.metadata["config"] else " (command only)")
+            allowed = "any" if isinstance(check, Text) and not isinstance(check, Device) else check.what
+            lines.append(f"| {name} | {check.type_name.replace('|', '/')} | {_default_text(f)} | {allowed} | {f.metadata['doc']} |")
+        lines.append("")
+    return "\n".join(lines)

@@ -130,8 +130,8 @@ FAST = [
     (B + ["--config", "{config-not-table}"], "[sample] in {config-not-table} must be a table of settings; got 5"),
     (B + ["--config", "{config-unknown-key}"], "unknown setting grid.size in {config-unknown-key}; known: sizes, min_count"),
     (B + ["--config", "{config-latin1}"], "config file {config-latin1} is not UTF-8 text (byte 0xe9 at offset 5); save it as UTF-8"),
-    (B + ["--config", "{config-bad-toml}"], "config file {config-bad-toml} is not valid TOML: Expected ']' at the end of a table declaration "
-                                            "(at line 1, column 6)"),
+    (B + ["--config", "{config-bad-toml}"],
+     "config file {config-bad-toml} is not valid TOML: Expected ']' at the end of a table declaration (at line 1, column 6)"),
     (B + ["--config", "{fresh}.toml"], "config file not found: {fresh}.toml"),
     # atlas sample: checked before the model is loaded and before the run folder is created
     (S + ["--workers", "-1"], "sample.workers must be an integer >= 0; got -1"),
@@ -274,8 +274,7 @@ def test_each_setting_has_one_default_shared_by_the_stage_functions():
     from atlas.render import PRESETS
     from atlas.render import render as render_fn
     from atlas.sample import sample as sample_fn
-    from atlas.tiles import FORMATS
-    from atlas.tiles import make_tiles
+    from atlas.tiles import FORMATS, make_tiles
 
     pairs = [(settings.SampleSettings, sample_fn, {}), (settings.ProjectSettings, project_fn, {}),
              (settings.GridSettings, grid_fn, {}), (settings.RenderSettings, render_fn, {}),
@@ -323,3 +322,10 @@ def test_settings_are_frozen_normalised_and_documented():
     config = merge(load_config(None), {"grid": {"sizes": [1]}})
     with pytest.raises(AtlasError, match=r"grid sizes must be at least 2"):
         check(config)
+
+
+def test_the_settings_reference_in_docs_is_current():
+    from conftest import REPO
+
+    text = (REPO / "docs" / "settings.md").read_text()
+    assert text.endswith(settings.reference()), "regenerate the tables of docs/settings.md from atlas.settings.reference()"
