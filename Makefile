@@ -56,7 +56,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 pytest: setup
-	$(VENV)/bin/python -m pytest -q
+	ATLAS_CHROMIUM=$(CHROMIUM) $(VENV)/bin/python -m pytest -q
 
 system-python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \

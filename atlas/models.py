@@ -367,6 +367,8 @@ def resolve_weights(weights: str | Path | None) -> Path:
     name = Path(urllib.parse.urlsplit(url).path).name or "weights.pth"
     target = cache_dir() / name
     looked = f"--weights not given, ATLAS_WEIGHTS unset, none of {', '.join(INCEPTION_FILES)} in {cache_dir()}"
+    if target.is_file():  # an earlier checked download from this URL (a name other than INCEPTION_FILES)
+        return target
     unverified = target.with_name(name + ".unverified")
     if not unverified.is_file():
         try:

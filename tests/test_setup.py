@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pytest
 from conftest import WEIGHTS, require_shared
+from PIL import Image
 
 import atlas.models as models
 from atlas.errors import AtlasError
@@ -180,6 +181,7 @@ def test_offline_without_weights_is_one_line(no_weights, tmp_path):
     env = {**os.environ, "ATLAS_WEIGHTS_URL": f"http://127.0.0.1:{_free_port()}/inception5h.pth"}  # as offline: nothing answers
     images = tmp_path / "images"
     images.mkdir()
+    Image.new("RGB", (64, 64), (120, 80, 40)).save(images / "a.jpg")  # a readable image: the weights are the only thing missing
     result = subprocess.run([*ATLAS, "sample", "--images", str(images), "--layer", "mixed4c",
                              "--out", str(tmp_path / "run")], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     line = _one_line_error(result)
