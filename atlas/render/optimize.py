@@ -1,9 +1,11 @@
-"""The optimisation loop shared by ``visualize`` (one-off directions, channels, neurons) and ``render``.
+"""The optimisation loop shared by ``visualize`` (one-off objectives) and ``render``.
 
 Many icons are optimised together: each has its own Fourier parameters, its own random
 transforms (drawn from its own seed) and its own term of the summed loss, and Adam's
 per-parameter step sizes keep them independent, so one batched forward/backward serves
-them all. The forward stops at the layer being visualised.
+them all. The loop knows nothing of particular objectives or parameterisations: it hooks
+the layers the objective declares, stops the forward at the deepest, and steps whatever
+parameters the parameterisation exposes.
 """
 
 from __future__ import annotations
@@ -17,8 +19,11 @@ import torch
 
 from atlas.errors import AtlasError
 from atlas.models import Network, StopForward, autocast_dtype
-from atlas.render.objectives import Channel, Direction, Neuron
-from atlas.render.param import FFTImage, init_spectra
+from atlas.render.objectives import Objective, State
+from atlas.render.objectives import channel as make_channel
+from atlas.render.objectives import direction as make_direction
+from atlas.render.objectives import neuron as make_neuron
+from atlas.render.param import Parameterization, default_param
 from atlas.render.transforms import Transforms, apply, draw
 
 
@@ -26,9 +31,27 @@ from atlas.render.transforms import Transforms, apply, draw
 class Settings:
     """Everything that decides what an icon looks like (and so goes into its cache key), plus speed switches.
 
-    ``precision``: "auto" runs the network in bf16 on CPUs with native bf16
-    (AVX512-BF16/AMX) and on CUDA, else float32; "bf16" or "fp32" force it.
-    ``channels_last``: NHWC convolutions (faster with oneDNN on CPU).
+    Parameters
+    ----------
+    size : int, default 80, >= 1
+        Icon side in pixels.
+    steps : int, default 256, >= 1
+        Optimisation steps.
+    attempts : int, default 1, >= 1
+        Seeds per icon (the caller keeps the best; see ``best_of``).
+    lr : float, default 0.05, > 0
+        Adam's learning rate on the parameterisation's parameters.
+    p : float, default 2.0, >= 0
+        Cosine exponent of the direction objective.
+    transforms : Transforms, default Transforms()
+        Ranges of the random pad, jitter, scale and rotation applied every step.
+    precision : {"auto", "bf16", "bfloat16", "fp32", "float32"}, default "auto"
+        "auto" runs the network in bf16 on CPUs with native bf16 (AVX512-BF16/AMX) and on CUDA,
+        else float32; the others force it.
+    channels_last : bool, default True
+        NHWC convolutions (faster with oneDNN on CPU); speed only.
+    redirect_relu : bool, default True
+        Lucid's redirected ReLU gradient in the objective's layers, so dead units still get a gradient.
     """
 
     size: int = 80
@@ -50,7 +73,12 @@ class Settings:
 
 @dataclass
 class Result:
-    """Icons (n, P, P, 3) float32 in [0, 1], final objective and cos(h, v) per icon, and the loss trace."""
+    """What an optimisation returns.
+
+    ``images`` (n, P, P, 3) float32 in [0, 1]; ``cosine`` (n,) cos(h, target) of the objective's
+    target term on the finished icon (NaN when it has none); ``objective`` (n,) the objective's
+    final score on the finished icon; ``trace`` (steps, n) its score under the random transforms, per step.
+    """
 
     images: np.ndarray
     cosine: np.ndarray
@@ -58,17 +86,22 @@ class Result:
     trace: np.ndarray  # (steps, n) objective under the random transforms, per step
 
 
-def layer_output(net: Network, layer: str, images: torch.Tensor) -> torch.Tensor:
-    """Activations of one layer, computing nothing past it."""
-    with net.hooks([layer]) as captured:
+def layer_outputs(net: Network, layers: Sequence[str], images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Activations of ``layers``, computing nothing past the deepest."""
+    with net.hooks(layers) as captured:
         try:
             net.module(images)
         except StopForward:
             pass
-    out = captured[layer]
-    if not isinstance(out, torch.Tensor):
-        raise AtlasError(f"layer '{layer}' does not output a single tensor; pick another layer")
-    return out
+    for layer in layers:
+        if not isinstance(captured.get(layer), torch.Tensor):
+            raise AtlasError(f"layer '{layer}' does not output a single tensor; pick another layer")
+    return dict(captured)
+
+
+def layer_output(net: Network, layer: str, images: torch.Tensor) -> torch.Tensor:
+    """Activations of one layer, computing nothing past it."""
+    return layer_outputs(net, [layer], images)[layer]
 
 
 class _RedirectedReLU(torch.autograd.Function):
@@ -145,19 +178,32 @@ def prepared(net: Network, device: torch.device, channels_last: bool, dtype: tor
 class Optimization:
     """A batch of images being optimised, advanced in slices of steps (so benchmarks can interleave runs).
 
-    Row i of ``objective`` belongs to image i, which starts from, and draws its
-    transforms from, its own seed tuple ``seeds[i]``.
+    Row i of the objective's score belongs to image i, which starts from, and draws its
+    transforms from, its own seed tuple ``seeds[i]``. The layers to hook come from
+    ``objective.layers`` (terms that name none read ``layer``, the default layer); the
+    forward stops at the deepest of them, and with no layer at all (pure image terms)
+    the network is not run. ``param`` is any :class:`~atlas.render.param.Parameterization`
+    producing ``len(seeds)`` images of ``settings.size`` px; None: ``default_param(seeds, size)``.
     """
 
-    def __init__(self, net: Network, layer: str, objective: Direction, seeds: Sequence[tuple[int, ...]], settings: Settings,
-                 device: torch.device | str = "cpu"):
+    def __init__(self, net: Network, layer: str | None, objective: Objective, seeds: Sequence[tuple[int, ...]],
+                 settings: Settings, device: torch.device | str = "cpu", param: Parameterization | None = None):
+        if not isinstance(objective, Objective):
+            raise AtlasError(f"objective must be an atlas.render.objectives.Objective (got {type(objective).__name__})")
         self.net, self.layer, self.settings = net, layer, settings
         self.device = torch.device(device)
-        self.objective = objective.to(self.device)
         n, size, t = len(seeds), settings.size, settings.transforms
+        if objective.batch not in (None, n):
+            raise AtlasError(f"the objective is defined for {objective.batch} images but {n} seeds were given ({objective.description})")
+        if None in objective.layers and layer is None:
+            raise AtlasError(f"a term of {objective.description} names no layer and no default layer was given")
+        self.layers = list(dict.fromkeys(name or layer for name in objective.layers))
+        for name in self.layers:
+            net.resolve(name)  # an unknown layer fails here, in one line naming the known ones
+        self.objective = objective.to(self.device)
         self.dtype = autocast_dtype(settings.precision, self.device)  # the network's precision; None: float32
         self.fmt = torch.channels_last if settings.channels_last else torch.contiguous_format
-        self.param = FFTImage(n, size, init=init_spectra(list(seeds), size)).to(self.device)
+        self.param = (param if param is not None else default_param(list(seeds), size)).to(self.device)
         self.optimizer = torch.optim.Adam(self.param.parameters(), lr=settings.lr)
         draws = torch.from_numpy(np.stack([draw(t, settings.steps, np.random.default_rng(list(s))) for s in seeds], 1))
         self.draws = draws if t.per_sample else draws[:, :1].expand(-1, n, -1)
@@ -167,21 +213,28 @@ class Optimization:
 
     @contextlib.contextmanager
     def _model(self, dtype: torch.dtype | None = None):
-        redirect = redirected_relus(self.net.module_of(self.layer)) if self.settings.redirect_relu else contextlib.nullcontext()
-        with prepared(self.net, self.device, self.settings.channels_last, dtype), redirect:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(prepared(self.net, self.device, self.settings.channels_last, dtype))
+            if self.settings.redirect_relu:
+                for name in self.layers:
+                    stack.enter_context(redirected_relus(self.net.module_of(name)))
             yield
 
-    def step(self, k: int | None = None, on_step: Callable[[int, FFTImage], None] | None = None) -> None:
+    def _state(self, images: torch.Tensor, view: torch.Tensor) -> State:
+        acts = layer_outputs(self.net, self.layers, view) if self.layers else {}
+        return State({k: v.float() for k, v in acts.items()}, images, self.layer)
+
+    def step(self, k: int | None = None, on_step: Callable[[int, Parameterization], None] | None = None) -> None:
         """Run ``k`` more steps (default: all that remain)."""
         t = self.settings.transforms
         last = self.settings.steps if k is None else min(self.settings.steps, self.done + k)
         with self._model(self.dtype):
             for step in range(self.done, last):
                 self.optimizer.zero_grad(set_to_none=True)
-                view = apply(self.param(), self.draws[step], self.out_size, t.zoom, t.fill)
+                images = self.param()
+                view = apply(images, self.draws[step], self.out_size, t.zoom, t.fill)
                 view = view.to(self.dtype or view.dtype).contiguous(memory_format=self.fmt)
-                acts = layer_output(self.net, self.layer, view)
-                values = self.objective(acts.float())
+                values = self.objective.fn(self._state(images, view))
                 (-values.sum()).backward()
                 self.optimizer.step()
                 self.trace[step] = values.detach().cpu().numpy()
@@ -190,25 +243,32 @@ class Optimization:
                     on_step(step, self.param)
 
     def measure(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(images, objective, cos(h, v)) of the current icons: ``size`` px, no padding or transforms, float32."""
+        """(images, objective, cos(h, target)) of the current icons: ``size`` px, no padding or transforms, float32.
+
+        The cosine is the first target term's (NaN for objectives without one)."""
         with torch.no_grad(), self._model():
             images = self.param()
-            acts = layer_output(self.net, self.layer, images.contiguous(memory_format=self.fmt)).float()
-            return images, self.objective(acts), self.objective.cosine(acts)
+            state = self._state(images, images.contiguous(memory_format=self.fmt))
+            values = self.objective.fn(state)
+            cosine = self.objective.cosine(state)
+            if cosine is None:
+                cosine = torch.full_like(values, float("nan"))
+            return images, values, cosine
 
     def result(self) -> Result:
         images, final, cosine = self.measure()
         return Result(images.permute(0, 2, 3, 1).cpu().numpy(), cosine.cpu().numpy(), final.cpu().numpy(), self.trace[: self.done])
 
 
-def optimize(net: Network, layer: str, objective: Direction, seeds: Sequence[tuple[int, ...]], settings: Settings,
-             device: torch.device | str = "cpu", on_step: Callable[[int, FFTImage], None] | None = None) -> Result:
+def optimize(net: Network, layer: str | None, objective: Objective, seeds: Sequence[tuple[int, ...]], settings: Settings,
+             device: torch.device | str = "cpu", on_step: Callable[[int, Parameterization], None] | None = None,
+             param: Parameterization | None = None) -> Result:
     """Optimise one image per seed tuple for ``settings.steps`` steps; see :class:`Optimization`.
 
     ``on_step(step, param)`` is called after every step (progress bars). The returned
     cosine and objective are measured on the finished icons themselves.
     """
-    run = Optimization(net, layer, objective, seeds, settings, device)
+    run = Optimization(net, layer, objective, seeds, settings, device, param)
     run.step(on_step=on_step)
     return run.result()
 
@@ -224,19 +284,63 @@ def best_of(result: Result, attempts: int) -> Result:
 
 def visualize(net: Network, layer: str, directions: torch.Tensor | np.ndarray | None = None, *,
               channel: int | Sequence[int] | None = None, neuron: int | Sequence[int] | None = None,
-              size: int = 80, steps: int = 256, attempts: int = 1, seed: int = 0,
+              objective: Objective | None = None, size: int = 80, steps: int = 256, attempts: int = 1, seed: int = 0,
               whitening: torch.Tensor | np.ndarray | None = None, p: float = 2.0, device: str = "cpu",
-              settings: Settings | None = None, on_step: Callable[[int, FFTImage], None] | None = None) -> Result:
-    """Feature visualisations of ``layer``: one icon per direction (rows of (n, C)), channel or neuron.
+              settings: Settings | None = None, on_step: Callable[[int, Parameterization], None] | None = None,
+              param: Parameterization | None = None) -> Result:
+    """Feature visualisations of ``layer``: one icon per direction, channel or neuron, or for any objective.
 
-    Directions use dot(h, S v) * cos(h, S v)^p at the centre position (S = ``whitening``);
-    a channel maximises its mean over all positions, a neuron its centre value. With
-    ``attempts`` > 1 each icon keeps the best of that many seeds. Returns images
-    (n, size, size, 3) in [0, 1], cos(h, target) and the final objective per icon.
+    Give exactly one of ``directions``, ``channel``, ``neuron`` or ``objective``.
+
+    Parameters
+    ----------
+    net : atlas.models.Network
+        The model (e.g. ``atlas.models.load_model("inceptionv1")``).
+    layer : str
+        Layer visualised (e.g. ``"mixed4c"``); objective terms that name no layer read it.
+    directions : array-like, shape (n, C) or (C,), or None, default None
+        Target directions v: dot(h, S v) * max(cos(h, S v), 0.1) ** p at the centre position.
+    channel : int or sequence of int, in [0, C), or None, default None
+        Channels whose mean activation over all positions is maximised, one icon each.
+    neuron : int or sequence of int, in [0, C), or None, default None
+        Channels whose activation at the centre position is maximised, one icon each.
+    objective : Objective or None, default None
+        Any composed objective (:mod:`atlas.render.objectives`), e.g.
+        ``direction("mixed4c", v) - 0.1 * l2()``; its ``batch`` (or 1) is the number of icons.
+    size : int, default 80, >= 1
+        Icon side in pixels.
+    steps : int, default 256, >= 1
+        Optimisation steps.
+    attempts : int, default 1, >= 1
+        Seeds per icon; the one with the highest final objective is kept.
+    seed : int, default 0, >= 0
+        Image i, attempt a starts from, and draws its transforms from, seed tuple (seed, i, a).
+    whitening : array-like, shape (C, C), or None, default None
+        S for ``directions``; None: identity.
+    p : float, default 2.0, >= 0
+        Cosine exponent for ``directions``.
+    device : str, default "cpu"
+        "cpu", "cuda" or "cuda:N".
+    settings : Settings or None, default None
+        Source of lr, transforms, precision, channels_last and redirect_relu (its size, steps,
+        attempts and p are replaced by the arguments above); None: ``Settings()``.
+    on_step : callable (step, param) -> None, or None, default None
+        Called after every step (progress bars, live previews).
+    param : Parameterization or None, default None
+        The images to optimise, n * attempts of them, ``size`` px; None: ``decorrelated(fft_image(seeds, size))``.
+
+    Returns
+    -------
+    Result
+        ``images`` (n, size, size, 3) float32 in [0, 1]; ``cosine`` (n,) cos(h, target) of the
+        target term (NaN without one); ``objective`` (n,) final score; ``trace`` (steps, n * attempts).
     """
-    given = [x is not None for x in (directions, channel, neuron)]
+    given = [x is not None for x in (directions, channel, neuron, objective)]
     if sum(given) != 1:
-        raise AtlasError("give exactly one of directions, channel or neuron")
+        raise AtlasError("give exactly one of directions, channel, neuron or objective")
+    for name, value in (("size", size), ("steps", steps), ("attempts", attempts)):
+        if int(value) < 1:
+            raise AtlasError(f"{name} must be at least 1 (got {value})")
     base = settings or Settings()
     settings = Settings(size=size, steps=steps, attempts=attempts, lr=base.lr, p=p, transforms=base.transforms,
                         precision=base.precision, channels_last=base.channels_last, redirect_relu=base.redirect_relu)
@@ -245,13 +349,17 @@ def visualize(net: Network, layer: str, directions: torch.Tensor | np.ndarray | 
         d = d[None] if d.dim() == 1 else d
         n = d.shape[0]
         s = None if whitening is None else torch.as_tensor(np.asarray(whitening), dtype=torch.float32)
-        objective: Direction = Direction(d.repeat_interleave(attempts, 0), s, p)
+        # repeat the raw rows, then build: the whitening product then sees the same matrix shape as a render batch
+        goal: Objective = make_direction(layer, d.repeat_interleave(attempts, 0), s, p)
+    elif objective is not None:
+        if not isinstance(objective, Objective):
+            raise AtlasError(f"objective must be an atlas.render.objectives.Objective (got {type(objective).__name__})")
+        n = objective.batch or 1
+        goal = objective.repeat_interleave(attempts)
     else:
         chosen = channel if channel is not None else neuron
-        ids = torch.as_tensor(np.atleast_1d(np.asarray(chosen)), dtype=torch.long)
+        ids = torch.as_tensor(np.atleast_1d(np.asarray(chosen)))
         n = ids.numel()
-        n_channels = layer_output(net, layer, torch.zeros(1, 3, size, size, device=device)).shape[1]
-        kind = Channel if channel is not None else Neuron
-        objective = kind(ids.repeat_interleave(attempts, 0), n_channels)
+        goal = (make_channel if channel is not None else make_neuron)(layer, ids.repeat_interleave(attempts, 0))
     seeds = [(seed, i, a) for i in range(n) for a in range(attempts)]
-    return best_of(optimize(net, layer, objective, seeds, settings, device, on_step), attempts)
+    return best_of(optimize(net, layer, goal, seeds, settings, device, on_step, param), attempts)

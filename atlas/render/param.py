@@ -1,4 +1,4 @@
-"""Image parameterisations: a batch of images held as scaled Fourier coefficients.
+"""Image parameterisations: small modules that hold a batch of images, composed, e.g. ``decorrelated(fft_image(...))``.
 
 Optimising pixels directly lets high frequencies win (the network's gradients are
 noisy there), which gives adversarial static. Scaling each frequency by 1/f makes all
@@ -7,6 +7,9 @@ three channels; a sigmoid keeps the result in [0, 1] without clipping the gradie
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -25,11 +28,28 @@ def frequency_scale(h: int, w: int, decay_power: float = 1.0) -> torch.Tensor:
     return 1.0 / f.clamp(min=1.0 / max(h, w)) ** decay_power
 
 
-class FFTImage(torch.nn.Module):
-    """``n`` images of ``h`` x ``w``: spectrum -> orthonormal inverse FFT -> colour decorrelation -> sigmoid.
+@runtime_checkable
+class Parameterization(Protocol):
+    """What the optimiser needs of an image parameterisation (any ``torch.nn.Module`` with a no-argument forward fits).
 
-    The spectrum is a plain real tensor (real and imaginary parts in the last dim), so any
-    optimiser works on it; each image has its own coefficients and they never interact.
+    ``parameters()`` are what Adam steps; calling it returns the current images,
+    (n, 3, h, w) float32 in [0, 1]; ``to(device)`` moves it. A pixel or an alpha
+    parameterisation is added by writing such an object, not by editing the optimiser.
+    """
+
+    def parameters(self) -> Iterator[torch.nn.Parameter]: ...
+
+    def __call__(self) -> torch.Tensor: ...
+
+    def to(self, device: torch.device | str) -> Parameterization: ...
+
+
+class FFTImage(torch.nn.Module):
+    """``n`` images of ``h`` x ``w`` as 1/f-scaled Fourier coefficients -> orthonormal inverse FFT (see :func:`fft_image`).
+
+    Its output is unbounded and in decorrelated colour space: wrap it in :class:`Decorrelated`
+    for an image. The spectrum is a plain real tensor (real and imaginary parts in the last dim),
+    so any optimiser works on it; each image has its own coefficients and they never interact.
     """
 
     def __init__(self, n: int, h: int, w: int | None = None, sd: float = 0.01, decay_power: float = 1.0,
@@ -44,17 +64,80 @@ class FFTImage(torch.nn.Module):
             raise ValueError(f"init has shape {tuple(init.shape)}, expected {shape}")
         self.spectrum = torch.nn.Parameter(init.clone())
         self.register_buffer("scale", frequency_scale(h, w, decay_power), persistent=False)
+
+    def forward(self) -> torch.Tensor:
+        """(n, 3, h, w) float32, unbounded (about 0 +- 0.1 at the start)."""
+        spectrum = torch.view_as_complex(self.spectrum) * self.scale
+        return torch.fft.irfft2(spectrum, s=(self.h, self.w), norm="ortho") / FFT_DIVISOR
+
+
+class Decorrelated(torch.nn.Module):
+    """Colour decorrelation and a sigmoid over an unbounded 3-channel parameterisation (see :func:`decorrelated`)."""
+
+    def __init__(self, inner: torch.nn.Module, decorrelate: bool = True):
+        super().__init__()
+        self.inner, self.decorrelate = inner, decorrelate
         self.register_buffer("color", COLOR_MATRIX.clone(), persistent=False)
 
     def forward(self) -> torch.Tensor:
         """(n, 3, h, w) float32 in (0, 1)."""
-        spectrum = torch.view_as_complex(self.spectrum) * self.scale
-        x = torch.fft.irfft2(spectrum, s=(self.h, self.w), norm="ortho") / FFT_DIVISOR
-        x = (self.color @ x.flatten(2)).view_as(x)  # colour mixing per pixel, as a matrix product (faster than einsum)
+        x = self.inner()
+        if self.decorrelate:
+            x = (self.color @ x.flatten(2)).view_as(x)  # colour mixing per pixel, as a matrix product (faster than einsum)
         return torch.sigmoid(x)
 
 
-def init_spectra(seeds: list[tuple[int, ...]], h: int, w: int | None = None, sd: float = 0.01) -> torch.Tensor:
+def fft_image(seeds: Sequence[tuple[int, ...]], size: int, width: int | None = None, sd: float = 0.01,
+              decay_power: float = 1.0) -> FFTImage:
+    """Fourier parameterisation of one image per seed tuple, started from the seed's own random spectrum.
+
+    Parameters
+    ----------
+    seeds : sequence of tuple of int
+        One seed tuple per image; an image's start depends only on its tuple, not on its batch.
+    size : int, >= 1
+        Image height in pixels (and width unless ``width`` is given).
+    width : int or None, default None
+        Image width in pixels; None: ``size``.
+    sd : float, default 0.01, >= 0
+        Standard deviation of the initial coefficients (before 1/f scaling).
+    decay_power : float, default 1.0, >= 0
+        Coefficients are scaled by 1 / f ** decay_power; 0 weights all frequencies alike.
+
+    Returns
+    -------
+    FFTImage
+        A module whose output is unbounded (wrap it in :func:`decorrelated` for images in (0, 1)).
+    """
+    if size < 1 or (width is not None and width < 1):
+        raise ValueError(f"image size must be at least 1 px (got {size} x {width or size})")
+    return FFTImage(len(seeds), size, width, sd=sd, decay_power=decay_power, init=init_spectra(list(seeds), size, width, sd))
+
+
+def decorrelated(inner: torch.nn.Module, decorrelate: bool = True) -> Decorrelated:
+    """Images in (0, 1) from an unbounded 3-channel parameterisation: ImageNet colour decorrelation, then a sigmoid.
+
+    Parameters
+    ----------
+    inner : torch.nn.Module
+        Its forward() returns (n, 3, h, w), e.g. :func:`fft_image`.
+    decorrelate : bool, default True
+        Mix the channels by the square root of ImageNet's colour correlation first; False: a sigmoid only.
+
+    Returns
+    -------
+    Decorrelated
+        A :class:`Parameterization` whose call returns (n, 3, h, w) float32 in (0, 1).
+    """
+    return Decorrelated(inner, decorrelate)
+
+
+def default_param(seeds: Sequence[tuple[int, ...]], size: int) -> Decorrelated:
+    """The renderer's parameterisation: ``decorrelated(fft_image(seeds, size))``."""
+    return decorrelated(fft_image(seeds, size))
+
+
+def init_spectra(seeds: Sequence[tuple[int, ...]], h: int, w: int | None = None, sd: float = 0.01) -> torch.Tensor:
     """Initial spectra, one per seed tuple, so an image does not depend on the batch it lands in."""
     w = w or h
     out = torch.empty(len(seeds), 3, h, w // 2 + 1, 2)

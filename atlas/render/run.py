@@ -26,7 +26,7 @@ from atlas import store
 from atlas.errors import AtlasError
 from atlas.models import Network, autocast_dtype, load_model
 from atlas.render.examples import compose, sample_patches
-from atlas.render.objectives import Direction
+from atlas.render.objectives import direction
 from atlas.render.optimize import Settings, best_of, optimize
 from atlas.render.transforms import Transforms
 from atlas.settings import PRESETS, RenderSettings, check_device
@@ -109,12 +109,51 @@ def render(run_dir: str | Path, layer: str, sizes: Sequence[int] | int, atlas: s
            whiten: bool = True, network: Network | None = None) -> dict:
     """Render the icons of the cells with ``render`` set in ``grids/{layer}/{atlas}/{size}``, for each grid size.
 
-    ``icons="optimize"`` runs the feature inversion (whitened by ``whitening/{layer}/matrix``
-    when the run has one and ``whiten``); ``icons="examples"`` composes the dataset patches
-    of each cell's nearest samples. Returns a summary per grid size, also stored as the
-    group's ``summary`` attribute. ``network`` skips loading the run's model (it must be
-    the same model; used by tests and notebooks that already hold it). The settings and their
-    ranges are :class:`atlas.settings.RenderSettings`' (checked first, before anything is loaded).
+    The settings and their ranges are :class:`atlas.settings.RenderSettings`' (checked first,
+    before anything is loaded); a bad value is one :class:`~atlas.errors.AtlasError` line.
+
+    Parameters
+    ----------
+    run_dir : str or Path
+        The run folder (holding ``store.zarr``), after ``atlas grid``.
+    layer : str
+        Layer of the grid, e.g. ``"mixed4c"``.
+    sizes : int or sequence of int
+        Grid sizes to render; each ``grids/{layer}/{atlas}/{size}`` must exist.
+    atlas : str, default "full"
+        Which atlas of the layer (``"full"`` or a class atlas's name).
+    quality : {"draft", "standard", "paper"}, default ``RenderSettings.quality``
+        Preset of size, steps, attempts and batch (table in docs/render.md).
+    steps : int or None, default None, >= 1
+        Optimisation steps per icon; None: the preset's.
+    size : int or None, default None, in [8, 1024]
+        Icon side in pixels; None: the preset's.
+    attempts : int or None, default None, >= 1
+        Seeds per icon, the one with the highest final objective kept; None: the preset's.
+    batch : int or None, default None, >= 1
+        Icons optimised together (speed only); None: the preset's.
+    p : float, default 2.0, >= 0
+        Cosine exponent of the objective dot(h, S v) * max(cos(h, S v), 0.1) ** p.
+    device : str, default "cpu"
+        "cpu", "cuda" or "cuda:N" (speed only).
+    icons : {"optimize", "examples"}, default "optimize"
+        "optimize": feature inversion of each cell's mean activation v; "examples": a mosaic of
+        the dataset patches of the cell's nearest samples (no optimisation).
+    seed : int, default 0, >= 0
+        Each icon starts from, and draws its transforms from, (seed, hash of its v, attempt).
+    progress : bool, default True
+        Show a progress bar.
+    whiten : bool, default True
+        Use the run's ``whitening/{layer}/matrix`` as S when it has one (else S is the identity).
+    network : Network or None, default None
+        The run's model, already loaded (tests, notebooks); None: load it from the run's attributes.
+
+    Returns
+    -------
+    dict
+        ``{grid size: summary}``, the summary (also the icons group's ``summary`` attribute) with
+        ``n_render``, ``n_done``, ``rendered_now``, ``seconds``, ``icons_per_s``,
+        ``image_steps_per_s`` and ``mean_cosine``. Icons are written to ``icons/{layer}/{atlas}/{size}``.
     """
     RenderSettings(quality=quality, steps=steps, size=size, attempts=attempts, batch=batch, p=p, icons=icons, device=device, seed=seed)
     check_device(device)
@@ -190,7 +229,7 @@ def _render_optimize(root: zarr.Group, grid: zarr.Group, net: Network, layer: st
         for lo in range(0, len(todo), batch):
             idx = np.asarray(todo[lo : lo + batch])
             n, a = len(idx), settings.attempts
-            objective = Direction(torch.from_numpy(vectors[idx]).repeat_interleave(a, 0), s, settings.p)
+            objective = direction(layer, torch.from_numpy(vectors[idx]).repeat_interleave(a, 0), s, settings.p)
             seeds = [(seed, int(digests[i]), k) for i in idx for k in range(a)]
             base = bar.n
 
