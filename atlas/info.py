@@ -28,6 +28,7 @@ def info(run_dir: str | Path) -> dict:
     """Everything ``atlas info`` reports, read from the store (nothing is computed)."""
     run_dir = Path(run_dir)
     root = store.open_store(run_dir)
+    store.check_metadata(root)  # a garbage zarr.json anywhere is one line, not a traceback halfway through
     meta = store.attrs(root)
     ok = root["images/ok"][:] if "images/ok" in root else None
     flags = root["images/shard_done"][:] if "images/shard_done" in root else None

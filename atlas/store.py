@@ -47,7 +47,7 @@ The ledger lives in ``store.zarr/ledger/zarr.json`` (a zarr group's attributes, 
 atomically here: temporary file, then ``os.replace``). Stores without one (older runs,
 synthetic test stores) are read without chunk checks.
 
-Every command that writes takes :func:`take_lock`, an advisory ``fcntl.flock`` on
+Every command that writes takes :func:`take_lock`, an advisory lock (``fcntl.lockf``) on
 ``RUN/.lock`` holding the holder's pid; a second writer gets one line naming it. Taking the
 lock also removes stray ``*.partial`` leftovers of killed writers (:func:`cleanup_partials`).
 :func:`writer` (a decorator) releases the locks its call took and turns a read-only folder
@@ -449,6 +449,12 @@ def verify(where: str | Path | zarr.Group, paths: Iterable[str]) -> None:
                 raise AtlasError(f"{store_dir / rel} is damaged ({found[0]}); {_hint(rel)}")
 
 
+def check_metadata(where: str | Path | zarr.Group) -> None:
+    """Every zarr.json of the store parses (no chunk checks: cheap enough for readers such as ``atlas info``)."""
+    for _ in _arrays_under(_store_dir(where), ""):
+        pass
+
+
 def damaged(where: str | Path | zarr.Group, path: str) -> dict[str, list[tuple[int, ...]] | None]:
     """Arrays under ``path`` that fail verification -> coordinates of their bad chunks, or None for a node whose
     zarr.json cannot be read (for stages that repair their own output before rewriting it)."""
@@ -493,11 +499,13 @@ def take_lock(run_dir: str | Path, create: bool = False) -> None:
     except OSError as exc:
         raise AtlasError(describe_fault(exc, run)) from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # A POSIX record lock rather than flock: forked children (DataLoader workers) do not inherit it, so a killed
+        # writer's lock is gone at once, not only when its last orphaned worker exits.
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
         holder = os.pread(fd, 256, 0).decode(errors="replace").strip()
         os.close(fd)
-        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             raise AtlasError(describe_fault(exc, run)) from None
         raise AtlasError(f"{run} is being written by another atlas process ({holder or 'pid unknown'}); "
                          "wait for it to finish, or use another folder") from None
@@ -515,7 +523,7 @@ def take_lock(run_dir: str | Path, create: bool = False) -> None:
 def release_lock(run_dir: str | Path) -> None:
     held = _HELD.pop(os.path.realpath(Path(run_dir)), None)
     if held is not None:
-        os.close(held[0])  # closing the descriptor releases the flock
+        os.close(held[0])  # closing the descriptor releases the lock
 
 
 def describe_fault(exc: OSError, run_dir: str | Path | None = None) -> str:
