@@ -629,8 +629,15 @@ def _weights_file(path: Path, model: str) -> Iterator[None]:
     except AtlasError:
         raise
     except Exception as exc:  # noqa: BLE001 - pickle, safetensors, zip and shape errors all mean "not this model's weights"
-        text = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
-        reason = f"{type(exc).__name__}: {text[:160]}" if text else type(exc).__name__
+        text = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")[:160]
+        if isinstance(exc, KeyError):
+            reason = f"it has no tensor {exc.args[0]!r}"
+        elif type(exc).__name__ == "SafetensorError":
+            reason = f"not a safetensors file: {text}"
+        elif "state_dict" in text:
+            reason = f"its tensors do not fit: {text}"
+        else:  # torch.load's own first line (e.g. "Weights only load failed ...") says nothing about the file
+            reason = f"not a PyTorch state dict that torch.load can read: {type(exc).__name__}"
         raise AtlasError(f"weights file {path} is not readable {model} weights ({reason}); pass --weights PATH to a valid file") from None
 
 
