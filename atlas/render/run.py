@@ -182,6 +182,14 @@ def render(run_dir: str | Path, layer: str, sizes: Sequence[int] | int, atlas: s
     return summaries
 
 
+def _readable(root: zarr.Group, rel: str) -> bool:
+    try:
+        root[rel][...]
+    except Exception:  # noqa: BLE001 - any decoding error means the flags are gone
+        return False
+    return True
+
+
 def _begin_icons(run_dir: str | Path, root: zarr.Group, layer: str, atlas: str, grid_size: int) -> str:
     """Repair damaged icons before resuming (cells of a lost image row are redone; lost flags redo the grid), then mark
     the icons as being written. Returns their store path."""
@@ -189,8 +197,10 @@ def _begin_icons(run_dir: str | Path, root: zarr.Group, layer: str, atlas: str, 
     bad = store.damaged(root, path)
     if bad:
         image_rows = {int(c[0]) for rel, coords in bad.items() if rel.endswith("/images") and coords for c in coords if c}
-        if any(not rel.endswith("/images") or coords is None for rel, coords in bad.items()):
-            store.remove_node(root, path)  # the flags themselves are lost: start this grid's icons afresh
+        # Flags that still read are trusted as they are (a lost chunk reads as "not done", which redoes those cells);
+        # only unreadable ones restart this grid's icons.
+        if not all(coords is not None and _readable(root, rel) for rel, coords in bad.items() if not rel.endswith("/images")):
+            store.remove_node(root, path)
         elif image_rows:
             done = root[f"{path}/done"][...]
             done[sorted(image_rows)] = False
