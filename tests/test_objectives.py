@@ -299,6 +299,10 @@ def test_diversity_makes_a_batch_of_one_channel_less_alike(onet):
 def test_image_only_objective_runs_without_the_network_and_bad_input_is_one_line(onet):
     r = visualize(onet, LAYER, objective=l2(), size=16, steps=4)  # no layer: the network is not run at all
     assert r.images.shape == (1, 16, 16, 3) and r.trace[-1, 0] > 2 * r.trace[0, 0] and np.isnan(r.cosine).all()
+    with pytest.raises(AtlasError, match="seed must be >= 0"):
+        visualize(onet, LAYER, channel=3, seed=-1)
+    with pytest.raises(AtlasError, match="steps must be at least 1"):
+        visualize(onet, LAYER, channel=3, steps=0)
     with pytest.raises(AtlasError, match="exactly one of"):
         visualize(onet, LAYER, channel=3, objective=l2())
     with pytest.raises(AtlasError, match="must be an atlas.render.objectives.Objective"):

@@ -341,6 +341,8 @@ def visualize(net: Network, layer: str, directions: torch.Tensor | np.ndarray | 
     for name, value in (("size", size), ("steps", steps), ("attempts", attempts)):
         if int(value) < 1:
             raise AtlasError(f"{name} must be at least 1 (got {value})")
+    if int(seed) < 0:
+        raise AtlasError(f"seed must be >= 0 (got {seed})")
     base = settings or Settings()
     settings = Settings(size=size, steps=steps, attempts=attempts, lr=base.lr, p=p, transforms=base.transforms,
                         precision=base.precision, channels_last=base.channels_last, redirect_relu=base.redirect_relu)
