@@ -29,8 +29,9 @@ Every stage brackets its writes with :func:`begin_stage` and :func:`finish_stage
 
 - ``begin_stage(run, stage, paths)`` marks the nodes under ``paths`` as being written (a reader
   then gets "incomplete: re-run `atlas STAGE`", never half-written data), forgets their seals,
-  and drops the completion records of ``stage`` and of every later stage (for the whole-layer
-  atlas "full"; sampling drops them all), whichever command is running the stage.
+  and replaces the completion records of ``stage`` and of every later stage by tombstones saying
+  which stage invalidated them (for the whole-layer atlas "full"; sampling drops them all),
+  whichever command is running the stage.
 - ``finish_stage(run, stage, paths)`` *seals* every array under ``paths``: the name, size and
   crc32 of each chunk file, and the array's shape. Chunks zarr never wrote (equal to the fill
   value) are simply not in the seal, so an all-zero chunk is not "missing".
@@ -254,7 +255,8 @@ def begin_stage(run_dir: str | Path, stage: str, paths: Iterable[str], atlas: st
         ledger["writing"][p] = {"stage": stage, "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     if atlas == FULL_ATLAS or stage == "sample":
         for name in _later(stage) if stage != "sample" else STAGE_ORDER:
-            ledger["records"].pop(name, None)
+            if name in ledger["records"] or name == stage:  # a tombstone: the record is gone, and why
+                ledger["records"][name] = {"invalidated_by": stage, "at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     _write_ledger(store_dir, ledger)
 
 
@@ -293,7 +295,12 @@ def stage_status(run_dir: str | Path, stage: str, key: str) -> str | None:
     store_dir = _store_dir(run_dir)
     record = read_ledger(store_dir)["records"].get(stage)
     if record is None:
-        return "not run yet, or invalidated since"
+        return "not run yet"
+    if "key" not in record:
+        by = record.get("invalidated_by")
+        if by == stage:
+            return f"rewritten since the last build (by `atlas {stage}`, or a run of it that did not finish)"
+        return f"its input was rewritten since (by `atlas {by}`)"
     if record.get("key") != key:
         return "settings changed"
     for p in record.get("paths", []):
