@@ -299,8 +299,8 @@ def stage_status(run_dir: str | Path, stage: str, key: str) -> str | None:
     if "key" not in record:
         by = record.get("invalidated_by")
         if by == stage:
-            return f"rewritten since the last build (by `atlas {stage}`, or a run of it that did not finish)"
-        return f"its input was rewritten since (by `atlas {by}`)"
+            return f"rewritten since the last build, by `atlas {stage}` or an unfinished run of it"
+        return f"its input was rewritten since, by `atlas {by}`"
     if record.get("key") != key:
         return "settings changed"
     for p in record.get("paths", []):
@@ -541,7 +541,9 @@ def describe_fault(exc: OSError, run_dir: str | Path | None = None) -> str:
     where = Path(exc.filename).parent if exc.filename else (Path(run_dir) if run_dir else "the run folder")
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return f"{what} while writing into {where}: free some space (or choose another --out) and run the same command again"
-    return f"cannot write to {where} ({what}); make the run folder writable or choose another --out"
+    if exc.errno == errno.EROFS:
+        return f"cannot write to {where} ({what}); make the run folder writable or choose another --out"
+    return f"{what}: {exc.filename or where}; check its permissions (or choose another --out)"
 
 
 def writer(fn):

@@ -238,7 +238,7 @@ def test_stage_command_invalidates_build_records(run, cfg, photo_list):
     lines: list[str] = []
     result = build(_config(cfg, photo_list, run), echo=lines.append)
     assert result.skipped == ["sample"] and result.ran == ["project", "grid", "render", "tiles"], lines
-    assert any(line.startswith("[3/5] grid (its input was rewritten since (by `atlas project`)") for line in lines), lines
+    assert any(line.startswith("[3/5] grid (its input was rewritten since, by `atlas project`;") for line in lines), lines
     root = zarr.open_group(run / store.STORE_NAME, mode="r")
     layout = root[f"layouts/{LAYER}/full"].attrs
     assert layout["method"] == "tsne"
@@ -448,3 +448,13 @@ def test_full_disk_is_one_line_saying_which_folder(base, tmp_path, photo_list):
         assert not (disk / "new" / store.STORE_NAME).exists() and not list((disk / "new").glob(store.PARTIAL_STORE + "*"))
     finally:
         subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+def test_fault_lines_name_the_folder_or_file():
+    """Permission errors cannot be provoked as root (tests run as root here), so their line is checked directly."""
+    import errno
+
+    assert store.describe_fault(PermissionError(errno.EACCES, "Permission denied", "/runs/a/store.zarr/x")) == \
+        "permission denied: /runs/a/store.zarr/x; check its permissions (or choose another --out)"
+    assert "while writing into /runs/a/tiles:" in store.describe_fault(OSError(errno.ENOSPC, "No space", "/runs/a/tiles/t.jpg"))
+    assert "cannot write to /runs/b (read-only" in store.describe_fault(OSError(errno.EROFS, "Read-only"), "/runs/b")

@@ -191,8 +191,8 @@ def _readable(root: zarr.Group, rel: str) -> bool:
 
 
 def _begin_icons(run_dir: str | Path, root: zarr.Group, layer: str, atlas: str, grid_size: int) -> str:
-    """Repair damaged icons before resuming (cells of a lost image row are redone; lost flags redo the grid), then mark
-    the icons as being written. Returns their store path."""
+    """Repair damaged icons before resuming (cells of a lost image row are redone; unreadable flags redo the grid), then
+    mark the icons as being written. Returns their store path."""
     path = f"icons/{layer}/{atlas}/{grid_size}"
     bad = store.damaged(root, path)
     if bad:
