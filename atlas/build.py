@@ -6,6 +6,10 @@ settings are hashed together with the key of the stage before it; the key is rec
 the store when the stage finishes. Running ``build`` again skips every stage whose key is
 unchanged, so changing ``grid.sizes`` redoes grid, render and tiles but neither sampling
 nor projection. A killed build resumes: each stage is itself resumable.
+
+Freshness is the store's (``atlas.store``): a stage's record is invalidated the moment that
+stage, or any earlier one, starts rewriting data (whether run by ``build`` or by its own
+command), and a record only counts when every array it names is still intact.
 """
 
 from __future__ import annotations
