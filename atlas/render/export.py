@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 
 from atlas.errors import AtlasError
-from atlas.store import open_store
+from atlas.store import open_store, verify
 
 
 def sheet(images: np.ndarray, cols: int | None = None, gap: int = 0, background: int = 255) -> Image.Image:
@@ -31,6 +31,7 @@ def export_icons(run_dir: str | Path, layer: str, grid: int, out: str | Path, at
     """Write ``{gy}_{gx}.png`` for every finished icon and ``sheet.png`` (unfinished cells white); returns the paths."""
     root = open_store(run_dir)
     path = f"icons/{layer}/{atlas}/{grid}"
+    verify(root, [path])  # damaged or half-written icons are one line, not black squares
     if path not in root:
         raise AtlasError(f"no icons {path} in this run; run `atlas render {run_dir} --layer {layer} --grid {grid}` first")
     group = root[path]
