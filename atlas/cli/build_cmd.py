@@ -25,7 +25,7 @@ def build_command(
     max_images: Annotated[int | None, typer.Option(help="first N images")] = None,
     per_image: Annotated[int | None, typer.Option(help="positions sampled per image")] = None,
     method: Annotated[str | None, typer.Option(help=ProjectSettings.option_help("method"))] = None,
-    knn: Annotated[str | None, typer.Option("--knn", help="nearest-neighbour search of the layout: atlas or faiss")] = None,
+    knn: Annotated[str | None, typer.Option("--knn", help=ProjectSettings.option_help("knn"))] = None,
     quality: Annotated[str | None, typer.Option(help=RenderSettings.option_help("quality"))] = None,
     icons: Annotated[str | None, typer.Option(help=RenderSettings.option_help("icons"))] = None,
     seed: Annotated[int | None, typer.Option(help="seed of every stage")] = None,

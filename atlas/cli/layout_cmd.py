@@ -24,17 +24,16 @@ def project_cmd(
     pca: Annotated[int | None, typer.Option("--pca", help=P.option_help("pca"))] = P.pca,
     seed: Annotated[int, typer.Option("--seed", help=P.option_help("seed"))] = P.seed,
     outside: Annotated[str, typer.Option("--outside", help=P.option_help("outside"))] = P.outside,
-    knn: Annotated[str | None, typer.Option("--knn", help="Nearest-neighbour search: atlas (its own) or faiss (default: atlas.layout's).")
-                   ] = None,
+    knn: Annotated[str, typer.Option("--knn", help=P.option_help("knn"))] = P.knn,
 ) -> None:
     """Project a layer's sampled activations to 2-D and store the normalised layout."""
     # Checked before the stage (and torch) is imported: a bad option fails at once.
     P(method=method, n_neighbors=neighbors, min_dist=min_dist, metric=metric, pca=pca, seed=seed, outside=outside,
-      knn=P.knn if knn is None else knn)
-    from atlas.layout import DEFAULT_BACKEND, project
+      knn=knn)
+    from atlas.layout import project
 
     attrs = project(run_dir, layer, method=method, atlas=atlas, n_neighbors=neighbors, min_dist=min_dist, metric=metric, pca=pca,
-                    seed=seed, outside=outside, progress=True, knn=DEFAULT_BACKEND if knn is None else knn)
+                    seed=seed, outside=outside, progress=True, knn=knn)
     s = attrs["summary"]
     recall = "n/a" if s["knn_recall_10"] is None else f"{s['knn_recall_10']:.3f}"
     trust = "n/a" if s.get("trustworthiness") is None else f"{s['trustworthiness']:.3f}"

@@ -32,7 +32,8 @@ NPROBE = 10
 QUERY_BLOCK = 4096  # rows of a list compared at once (bounds the score matrix's memory)
 # faiss IVF settings. Lists: 4 sqrt(N), the low end of faiss's guideline. Training: as atlas's own k-means
 # (16 points per list, 8 iterations): faiss's default 256 points x 25 iterations cost more than the whole
-# search for rough lists. nprobe 10 finds about as many of the exact neighbours as atlas's search (bench/layout.py).
+# search for rough lists. With nprobe 10 it keeps 0.988 of the exact 50 neighbours at 100k and 0.987 at 1M
+# (atlas's search: 0.976 and 0.862) at 0.9x and 2.1x atlas's time (bench/layout.py, docs/layout.md).
 FAISS_NPROBE = 10
 FAISS_TRAIN_PER_LIST = 16
 FAISS_KMEANS_ITERS = 8
@@ -206,14 +207,31 @@ def _faiss_search(vecs: torch.Tensor, inner: bool, k: int, seed: int, exact: boo
         index.cp.min_points_per_centroid = 1  # rough lists are enough; no warning about the small training set
         index.cp.spherical = inner  # unit centroids for inner-product lists, as atlas's own k-means
         index.train(data)
-        index.nprobe = min(nprobe, n_lists)
+        index.nprobe = probe = min(nprobe, n_lists)
     block = 65536
-    for a in range(0, n, block):
-        index.add(data[a : a + block])
     dists = np.empty((n, k), np.float32)
     idx = np.empty((n, k), np.int64)
-    for a in tqdm(range(0, n, block), desc="kNN graph (faiss)", unit="block", disable=not progress):
-        dists[a : a + block], idx[a : a + block] = index.search(data[a : a + block], k)
+    bar = tqdm(total=n, desc="kNN graph (faiss)", unit="row", unit_scale=True, disable=not progress)
+    if exact:
+        index.add(data)
+        for a in range(0, n, block):
+            dists[a : a + block], idx[a : a + block] = index.search(data[a : a + block], k)
+            bar.update(len(idx[a : a + block]))
+    else:
+        # The queries are the indexed rows themselves, so one coarse search gives each row both its own list
+        # (the nearest centroid, where add() would put it) and its probed lists; add() and search() would
+        # each run that O(N sqrt(N) d) pass, the largest single cost at 1M points.
+        coarse_d = np.empty((n, probe), np.float32)
+        coarse_i = np.empty((n, probe), np.int64)
+        for a in range(0, n, block):
+            coarse_d[a : a + block], coarse_i[a : a + block] = quantizer.search(data[a : a + block], probe)
+        own = np.ascontiguousarray(coarse_i[:, 0])
+        index.add_core(n, faiss.swig_ptr(data), None, faiss.swig_ptr(own))
+        for a in range(0, n, block):
+            dists[a : a + block], idx[a : a + block] = index.search_preassigned(data[a : a + block], k, coarse_i[a : a + block],
+                                                                               coarse_d[a : a + block])
+            bar.update(len(idx[a : a + block]))
+    bar.close()
     found = idx >= 0
     if inner:
         dists = np.where(found, 1.0 - dists, 0.0)
