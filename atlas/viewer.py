@@ -73,7 +73,8 @@ def find_openseadragon() -> Path:
             if (folder / "openseadragon.min.js").is_file():
                 return folder
         raise AtlasError(f"ATLAS_OPENSEADRAGON={env} holds no openseadragon.min.js; point it at OpenSeadragon's build folder "
-                         f"(node_modules/openseadragon/build/openseadragon) or unset it")
+                         f"(node_modules/openseadragon/build/openseadragon, from `npm ci` in the atlas checkout or "
+                         f"`npm install openseadragon@{OSD_VERSION}`) or unset it")
     # the copy a built wheel carries (setup.py puts it there from npm), then node_modules of a checkout (editable install)
     candidates = [STATIC / "openseadragon", REPO / OSD_SUBDIR, Path.cwd() / OSD_SUBDIR]
     for folder in candidates:
