@@ -40,7 +40,7 @@ import numpy as np
 from PIL import Image
 
 from atlas import store
-from atlas.classes import resolve_class
+from atlas.classnames import resolve_class
 from atlas.errors import AtlasError
 from atlas.store import FULL_ATLAS, attrs, log, open_store
 

@@ -14,9 +14,10 @@ import warnings
 
 import typer
 
+from atlas.cli.commands import app
 from atlas.errors import AtlasError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Activation Atlases for PyTorch vision models.")
+__all__ = ["app", "main"]
 
 
 def main() -> None:

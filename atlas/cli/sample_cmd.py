@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from atlas.cli import app
+from atlas.cli.commands import app
 from atlas.errors import AtlasError
 from atlas.settings import SampleSettings as S
 from atlas.settings import check_out_folder

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from atlas.cli import app
+from atlas.cli.commands import app
 from atlas.settings import GridSettings, check_port
 from atlas.settings import TilesSettings as T
 
