@@ -435,7 +435,15 @@ def synset_words(weights: str | Path | None = None) -> list[tuple[str, str]]:
 
 
 def synset_words_file(weights: str | Path | None = None) -> Path | None:
-    """The ``synset_words.txt`` :func:`synset_words` reads: beside the weights file, else in the user cache; None if neither."""
+    """The ``synset_words.txt`` :func:`synset_words` reads, or None.
+
+    Looked for beside the weights file (by default the one :func:`local_weights` finds), then in the user cache.
+    """
+    if weights is None:  # the default weights (ATLAS_WEIGHTS or the cache) carry their class list beside them
+        try:
+            weights = local_weights(None)
+        except AtlasError:
+            weights = None
     places = [Path(weights).expanduser().parent] if weights and not str(weights).startswith("torchvision:") else []
     places.append(cache_dir())
     for place in places:
