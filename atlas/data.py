@@ -211,6 +211,16 @@ class Classes:
             raise _BadLabel(f"class name '{text}' names several classes ({choices}); give the synset or index")
         return None
 
+    def label(self, text: str, where: str) -> int:
+        """The class index ``text`` names, or a one-line AtlasError starting with ``where`` (e.g. "list file F line 3")."""
+        try:
+            parsed = self.parse(text)
+        except _BadLabel as exc:
+            raise AtlasError(f"{where}: {exc}") from None
+        if parsed is None:
+            raise AtlasError(f"{where}: {self.unknown(text)}")
+        return parsed
+
     def unknown(self, text: str) -> str:
         """A one-line explanation of why ``text`` is not a label, with the closest class names."""
         if not self.n:
@@ -468,14 +478,7 @@ def _parse_csv(path: Path, lines: list[tuple[int, str]], delimiter: str, header:
                              f"{max(path_col, label_col or 0) + 1}")
         label = -1
         if label_col is not None and row[label_col].strip():
-            text = _label_field(column, row[label_col])
-            try:
-                parsed = classes.parse(text)
-            except _BadLabel as exc:
-                raise AtlasError(f"list file {printable(str(path))} line {number}: {exc}") from None
-            if parsed is None:
-                raise AtlasError(f"list file {printable(str(path))} line {number}: {classes.unknown(text)}")
-            label = parsed
+            label = classes.label(_label_field(column, row[label_col]), f"list file {printable(str(path))} line {number}")
         entries.append((resolver(row[path_col].strip()), label))
     return entries
 
@@ -606,13 +609,7 @@ def _apply_labels(paths: list[str], labels: list[int], base: Path, labels_file: 
     if any(_is_label(classes, line) for _, line in lines[:10]):  # one label per line, in image order
         values = []
         for number, line in lines:
-            try:
-                label = classes.parse(line)
-            except _BadLabel as exc:
-                raise AtlasError(f"labels file {name} line {number}: {exc}") from None
-            if label is None:
-                raise AtlasError(f"labels file {name} line {number}: {classes.unknown(line)}")
-            values.append(label)
+            values.append(classes.label(line, f"labels file {name} line {number}"))
         return _in_order(paths, values, name), f"labels from {name}, one per line"
     entries = _parse_list(labels_file, classes, _Resolver(base), what="labels file")
     if any(p is None for p, _ in entries):
