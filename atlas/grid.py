@@ -19,9 +19,8 @@ import numpy as np
 
 from atlas import store
 from atlas.errors import AtlasError
-from atlas.layout import open_for_update
 from atlas.settings import GRID_MAX, GridSettings
-from atlas.store import FULL_ATLAS, log, require_layer, valid_rows, write_array
+from atlas.store import FULL_ATLAS, log, open_for_update, require_layer, valid_rows, write_array
 
 MIN_COUNT = GridSettings.min_count  # 5: Lucid's activation-atlas recipe discards cells with fewer samples
 TOP = 5

@@ -620,3 +620,9 @@ def new_store(run_dir: str | Path):
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
+
+
+def open_for_update(run_dir: str | Path) -> zarr.Group:
+    """The run's store opened read-write, or the clear "no atlas run" error (never a new empty store)."""
+    open_store(run_dir)
+    return open_store(run_dir, mode="r+")

@@ -323,7 +323,7 @@ def highlight_veil(values: np.ndarray, draw: np.ndarray) -> np.ndarray:
 def _sample_patches():
     """The example-patch function of the render stage, or None while it does not exist."""
     try:
-        from atlas.render.examples import sample_patches
+        from atlas.render import sample_patches
     except ImportError:
         return None
     return sample_patches

@@ -120,3 +120,106 @@ def test_class_resolution_has_one_home_reexported_by_classes():
     from atlas import classes, classnames
 
     assert classes.resolve_class is classnames.resolve_class and classes.ClassRef is classnames.ClassRef
+
+
+# ----------------------------------------------------------------------------- stages
+# The rule: a stage module (any module of the stages below, subpackages included) uses another stage
+# only through that stage's top module and only by the names listed here, its public entry functions
+# (``from atlas import layout`` then ``layout.project(...)``, or ``from atlas.render import sample_patches``);
+# never a submodule (``atlas.render.examples``, ``atlas.layout.neighbors``) nor any other name. Helpers
+# two stages share live outside the stages: ``atlas.store``, ``atlas.classnames``, ``atlas.models``, ...
+# The orchestrator ``atlas.build``, ``atlas.info`` and the CLI are not stages and are not held to it.
+STAGE_ENTRIES: dict[str, set[str]] = {
+    "atlas.sample": {"sample"},
+    "atlas.layout": {"project", "embed", "save_layout"},
+    "atlas.grid": {"grid"},
+    "atlas.render": {"render", "visualize", "sample_patches"},
+    "atlas.tiles": {"make_tiles"},
+    "atlas.classes": {"class_atlas", "compare_atlas"},
+}
+
+
+def _stage(module: str, entries: dict[str, set[str]]) -> str | None:
+    return next((s for s in entries if module == s or module.startswith(s + ".")), None)
+
+
+def _dotted(node: ast.AST) -> str | None:
+    """``a.b.c`` for an attribute chain on a name, else None."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if isinstance(node, ast.Name):
+        return ".".join([node.id, *reversed(parts)])
+    return None
+
+
+def stage_violations(package: Path, entries: dict[str, set[str]]) -> list[str]:
+    """Every use of another stage that breaks the rule above, as "module:line: what"."""
+    mods = modules(package)
+    bad = []
+    for name, path in mods.items():
+        own = _stage(name, entries)
+        if own is None:
+            continue
+        here = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        tree = ast.parse(path.read_text(), str(path))
+        bound: dict[str, str] = {}  # local name -> the other stage's top module it stands for
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    other = _stage(alias.name, entries)
+                    if other and other != own:
+                        if alias.name != other:
+                            bad.append(f"{name}:{node.lineno}: imports {alias.name}, inside stage {other}")
+                        else:  # `import atlas.layout [as x]`: used as atlas.layout.X or x.X
+                            bound[alias.asname or alias.name] = other
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = here.split(".")[: len(here.split(".")) - node.level + 1]
+                    base = ".".join([*parts, base] if base else parts)
+                for alias in node.names:
+                    full = f"{base}.{alias.name}"
+                    target = full if full in mods else base
+                    other = _stage(target, entries)
+                    if not other or other == own:
+                        continue
+                    if target == full == other:  # from atlas import layout
+                        bound[alias.asname or alias.name] = other
+                    elif target != other:
+                        bad.append(f"{name}:{node.lineno}: imports {target}, inside stage {other}")
+                    elif alias.name not in entries[other]:
+                        bad.append(f"{name}:{node.lineno}: imports {other}.{alias.name}, not an entry function of {other}")
+        for node in ast.walk(tree):
+            dotted = _dotted(node) if isinstance(node, ast.Attribute) else None
+            if dotted is None:
+                continue
+            for local, other in bound.items():
+                if dotted.startswith(local + "."):
+                    attr = dotted[len(local) + 1 :].split(".")[0]
+                    if attr not in entries[other]:
+                        bad.append(f"{name}:{node.lineno}: uses {other}.{attr}, not an entry function of {other}")
+    return sorted(set(bad))
+
+
+def test_stages_use_each_other_only_through_their_entry_functions():
+    assert set(STAGE_ENTRIES) <= set(modules(PACKAGE))
+    violations = stage_violations(PACKAGE, STAGE_ENTRIES)
+    assert not violations, "stage internals used across stages:\n" + "\n".join(violations)
+
+
+def test_the_stage_rule_can_fail(tmp_path):
+    """The check above can fail: a submodule import, a non-entry attribute and a non-entry name are each found."""
+    pkg = tmp_path / "pkg"
+    (pkg / "b").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "b" / "__init__.py").write_text("from pkg.b.inner import run, helper\n")
+    (pkg / "b" / "inner.py").write_text("def run():\n    pass\n\n\ndef helper():\n    pass\n")
+    (pkg / "a.py").write_text("from pkg import b\nfrom pkg.b import run\n\n\n"
+                              "def f():\n    from pkg.b.inner import helper\n    return b.run(), b.helper(), run, helper\n\n\n"
+                              "def g():\n    from pkg.b import helper\n    return helper\n")
+    entries = {"pkg.a": set(), "pkg.b": {"run"}}
+    assert set(stage_violations(pkg, entries)) == {"pkg.a:6: imports pkg.b.inner, inside stage pkg.b",
+                                                   "pkg.a:7: uses pkg.b.helper, not an entry function of pkg.b",
+                                                   "pkg.a:11: imports pkg.b.helper, not an entry function of pkg.b"}

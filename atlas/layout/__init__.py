@@ -27,7 +27,7 @@ from atlas.errors import AtlasError
 from atlas.layout.neighbors import DEFAULT_BACKEND, METRICS, as_float32, check_backend, knn_graph, others_first
 from atlas.layout.optimize import optimize_layout
 from atlas.settings import ProjectSettings
-from atlas.store import FULL_ATLAS, log, open_store, read_rows, require_layer, write_array
+from atlas.store import FULL_ATLAS, log, open_for_update, open_store, read_rows, require_layer, write_array
 
 METHODS = ("umap", "tsne", "pca")
 OUTSIDE = ("edge", "drop")
@@ -291,12 +291,6 @@ def layout_quality(x: np.ndarray, y: np.ndarray, metric: str = "cosine", seed: i
 
 
 # ----------------------------------------------------------------------------- store
-
-
-def open_for_update(run_dir: str | Path):
-    """The run's store opened read-write, or the clear "no atlas run" error (never a new empty store)."""
-    open_store(run_dir)
-    return open_store(run_dir, mode="r+")
 
 
 def _check_atlas_name(atlas: str) -> None:

@@ -160,7 +160,7 @@ def render(run_dir: str | Path, layer: str, sizes: Sequence[int] | int, atlas: s
     sizes = [sizes] if isinstance(sizes, int) else list(sizes)
     open_store(run_dir)  # clear error when there is no run
     store.take_lock(run_dir)
-    root = zarr.open_group(str(Path(run_dir) / "store.zarr"), mode="a")
+    root = open_store(run_dir, mode="a")
     settings, batch = _settings(quality, steps, size, attempts, batch, p)
     summaries = {}
     net = network
