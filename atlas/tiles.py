@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shutil
 import threading
 from collections.abc import Iterator
@@ -321,11 +320,9 @@ def highlight_veil(values: np.ndarray, draw: np.ndarray) -> np.ndarray:
 
 
 def _sample_patches():
-    """The example-patch function of the render stage, or None while it does not exist."""
-    try:
-        from atlas.render import sample_patches
-    except ImportError:
-        return None
+    """The render stage's example-patch function, looked up when tiles are written (render imports torch)."""
+    from atlas.render import sample_patches
+
     return sample_patches
 
 
@@ -348,8 +345,8 @@ def write_cells(run_dir: Path, layer: str, grid, icons, draw: np.ndarray, names:
     focus = [int(c) for c in (focus or []) if isinstance(c, int) and "mean_attribution" in grid]
     focus_att = grid["mean_attribution"].oindex[:, :, focus] if focus else None
     sample = _sample_patches() if examples else None
-    if examples and sample is None:
-        raise AtlasError("example patches need atlas.render.examples.sample_patches (not installed yet); run with --no-examples")
+    if examples and sample is None:  # only a substitute of _sample_patches (tests/test_tiles.py) returns None
+        raise AtlasError("example patches are not available (no atlas.render.sample_patches); run with --no-examples")
     meta_dir, sprite_dir, ex_dir = out_dir / "meta" / str(s), out_dir / "icons" / str(s), out_dir / "examples" / str(s)
     meta_dir.mkdir(parents=True, exist_ok=True)
     sprite_dir.mkdir(parents=True, exist_ok=True)
@@ -428,10 +425,6 @@ def update_manifest(tiles_dir: Path, entry: dict) -> list[dict]:
     tmp.write_text(json.dumps({"version": 1, "atlases": atlases}, indent=1))
     os.replace(tmp, path)
     return atlases
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
 
 
 # --------------------------------------------------------------------------------------
