@@ -13,6 +13,7 @@ once, for the renderer's objective.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -87,17 +88,28 @@ def whitening(run_dir: str | Path, layer: str, eps: float = WHITEN_EPS, force: b
     return {**info, "skipped": False}
 
 
-@store.writer
-def grid(run_dir: str | Path, layer: str, sizes, atlas: str = FULL_ATLAS, min_count: int = MIN_COUNT, n_nearest: int = 8,
-         top: int = TOP, whiten: bool = True) -> dict:
-    """Write ``grids/{layer}/{atlas}/{size}/*`` for every size (and the layer's whitening matrix).
+@dataclass(frozen=True)
+class Cells:
+    """One ``size`` x ``size`` grid over a layout, as :func:`grid` stores it at ``grids/{layer}/{atlas}/{size}``.
 
-    Per non-empty cell: count, float64-accumulated mean activation and mean attribution, the
-    top classes by mean attribution, and the ``n_nearest`` samples of the cell closest in cosine
-    to its mean activation (ties by row). Cells with fewer than ``min_count`` samples are kept
-    but get ``render`` False. If the run has no attributions (``--no-attribution``) the
-    attribution arrays are simply not written. Returns ``{size: summary}``.
+    Cell arrays are indexed ``[gy, gx]``, gy from the top; ``cell`` and ``nearest`` refer to
+    points by the ``rows`` given to :func:`bin_cells` (by position in ``xy`` when none were).
     """
+
+    size: int
+    cell: np.ndarray  # (M,) int32: flat cell gy * size + gx of each point, -1 if dropped
+    count: np.ndarray  # (S, S) int32
+    render: np.ndarray  # (S, S) bool: count >= min_count
+    mean_activation: np.ndarray  # (S, S, C) float32 (accumulated in float64)
+    mean_attribution: np.ndarray | None  # (S, S, K) float32; None without attributions
+    top_classes: np.ndarray | None  # (S, S, top) int32, best first, -1 pads (and empty cells)
+    top_attribution: np.ndarray | None  # (S, S, top) float32, the mean attribution of those classes
+    nearest: np.ndarray  # (S, S, n_nearest) int64: rows closest in cosine to the cell's mean activation, -1 pads
+    summary: dict  # size, min_count, n_kept, n_cells, n_render, n_dropped, has_attribution
+
+
+def _check_grid_args(sizes, min_count: int, n_nearest: int, top: int) -> list[int]:
+    """The sorted distinct sizes, or one clear line about the first bad argument."""
     sizes = sorted({int(s) for s in sizes})
     if not sizes:
         raise AtlasError("give at least one grid size, e.g. --grid 20 --grid 40")
@@ -106,18 +118,52 @@ def grid(run_dir: str | Path, layer: str, sizes, atlas: str = FULL_ATLAS, min_co
         raise AtlasError(f"grid sizes must be between 1 and {GRID_MAX}, got {sizes}")
     if min_count < 1 or n_nearest < 0 or top < 1:
         raise AtlasError("min_count and top must be at least 1, n_nearest at least 0")
-    started = time.perf_counter()
-    root = open_for_update(run_dir)
-    store.take_lock(run_dir)
-    samples = require_layer(root, layer)
-    store.verify(root, [f"samples/{layer}", f"layouts/{layer}/{atlas}"])
-    rows, xy, inside, layout_attrs = _load_layout(root, layer, atlas)
-    drop = layout_attrs.get("outside", "edge") == "drop"
-    kept = inside if drop else np.ones(rows.size, dtype=bool)
-    activations = samples["activations"]
-    attributions = samples.get("attributions") if "attributions" in samples else None
-    c = activations.shape[1]
-    k = attributions.shape[1] if attributions is not None else 0
+    return sizes
+
+
+def bin_cells(xy: np.ndarray, acts, attrs=None, sizes=(20,), *, rows: np.ndarray | None = None, kept: np.ndarray | None = None,
+              min_count: int = MIN_COUNT, n_nearest: int = 8, top: int = TOP) -> dict[int, Cells]:
+    """The pure core of the grid stage: bin laid-out points into square grids and average each cell.
+
+    Parameters
+    ----------
+    xy : (M, 2) array
+        Layout positions in [0, 1]^2 (x to the right, y downwards); 1.0 falls in the last cell.
+    acts : (N, C) array-like
+        Activations; point ``i`` is row ``rows[i]``. A numpy array or anything sliced like one
+        (a zarr array): it is read ``BLOCK`` rows at a time, so it need not fit in memory.
+    attrs : (N, K) array-like or None
+        Class attributions, rows as ``acts``; None for a run sampled without attribution
+        (then ``mean_attribution``, ``top_classes`` and ``top_attribution`` are None).
+    sizes : iterable of int
+        Grid sizes S, each 1..GRID_MAX; duplicates are merged.
+    rows : (M,) int array, ascending, optional
+        The row of ``acts`` behind each point (default ``arange(M)``); ``nearest`` lists these.
+    kept : (M,) bool array, optional
+        Points to bin (default all); the others get cell -1.
+    min_count : int, >= 1
+        Cells with fewer points are kept but get ``render`` False.
+    n_nearest : int, >= 0
+        How many points closest in cosine to each cell's mean activation to list (ties by row).
+    top : int, >= 1
+        How many classes by mean attribution to list per cell.
+
+    Returns
+    -------
+    dict[int, Cells]
+        One :class:`Cells` per size, ascending.
+    """
+    sizes = _check_grid_args(sizes, min_count, n_nearest, top)
+    xy = np.asarray(xy)
+    m = xy.shape[0]
+    rows = np.arange(m, dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
+    kept = np.ones(m, dtype=bool) if kept is None else np.asarray(kept, dtype=bool)
+    if xy.ndim != 2 or xy.shape[1] != 2 or rows.shape != (m,) or kept.shape != (m,):
+        raise AtlasError(f"bin_cells needs xy (M, 2) with rows and kept (M,), got {xy.shape}, {rows.shape}, {kept.shape}")
+    if m and (np.any(np.diff(rows) <= 0) or rows[0] < 0 or rows[-1] >= acts.shape[0]):
+        raise AtlasError(f"bin_cells needs ascending distinct rows within the {acts.shape[0]} rows of acts")
+    c = acts.shape[1]
+    k = attrs.shape[1] if attrs is not None else 0
 
     cells = {}
     for s in sizes:
@@ -129,25 +175,54 @@ def grid(run_dir: str | Path, layer: str, sizes, atlas: str = FULL_ATLAS, min_co
     sum_att = {s: np.zeros((s * s, k), dtype=np.float64) for s in sizes}
 
     # Pass 1: sums per cell, one streamed read of the laid-out rows for all sizes at once.
-    for a, b, acts, atts in _blocks(activations, attributions, rows):
+    for a, b, block_acts, block_atts in _blocks(acts, attrs, rows):
         for s in sizes:
-            _accumulate(sum_act[s], cells[s][a:b], acts)
-            if atts is not None:
-                _accumulate(sum_att[s], cells[s][a:b], atts)
+            _accumulate(sum_act[s], cells[s][a:b], block_acts)
+            if block_atts is not None:
+                _accumulate(sum_att[s], cells[s][a:b], block_atts)
     counts = {s: np.bincount(cells[s][cells[s] >= 0], minlength=s * s).astype(np.int64) for s in sizes}
     means = {s: sum_act[s] / np.maximum(counts[s], 1)[:, None] for s in sizes}
     del sum_act
 
     # Pass 2: cosine of each sample to its cell's mean, for the nearest-sample lists.
-    scores = {s: np.full(rows.size, -np.inf, dtype=np.float64) for s in sizes}
+    scores = {s: np.full(m, -np.inf, dtype=np.float64) for s in sizes}
     if n_nearest:
         unit = {s: means[s] / np.maximum(np.linalg.norm(means[s], axis=1, keepdims=True), 1e-30) for s in sizes}
-        for a, b, acts, _ in _blocks(activations, None, rows):
-            norms = np.maximum(np.linalg.norm(acts, axis=1), 1e-30)
+        for a, b, block_acts, _ in _blocks(acts, None, rows):
+            norms = np.maximum(np.linalg.norm(block_acts, axis=1), 1e-30)
             for s in sizes:
                 cl = cells[s][a:b]
                 ok = cl >= 0
-                scores[s][a:b][ok] = np.einsum("ij,ij->i", acts[ok], unit[s][cl[ok]]) / norms[ok]
+                scores[s][a:b][ok] = np.einsum("ij,ij->i", block_acts[ok], unit[s][cl[ok]]) / norms[ok]
+
+    return {s: _cells(s, cells[s], counts[s], means[s], sum_att[s] if attrs is not None else None, scores[s], rows, min_count,
+                      n_nearest, top) for s in sizes}
+
+
+@store.writer
+def grid(run_dir: str | Path, layer: str, sizes, atlas: str = FULL_ATLAS, min_count: int = MIN_COUNT, n_nearest: int = 8,
+         top: int = TOP, whiten: bool = True) -> dict:
+    """Write ``grids/{layer}/{atlas}/{size}/*`` for every size (and the layer's whitening matrix).
+
+    Per non-empty cell: count, float64-accumulated mean activation and mean attribution, the
+    top classes by mean attribution, and the ``n_nearest`` samples of the cell closest in cosine
+    to its mean activation (ties by row). Cells with fewer than ``min_count`` samples are kept
+    but get ``render`` False. If the run has no attributions (``--no-attribution``) the
+    attribution arrays are simply not written. Returns ``{size: summary}``. The arrays are
+    computed by :func:`bin_cells`; this function only reads and writes the store.
+    """
+    sizes = _check_grid_args(sizes, min_count, n_nearest, top)
+    started = time.perf_counter()
+    root = open_for_update(run_dir)
+    store.take_lock(run_dir)
+    samples = require_layer(root, layer)
+    store.verify(root, [f"samples/{layer}", f"layouts/{layer}/{atlas}"])
+    rows, xy, inside, layout_attrs = _load_layout(root, layer, atlas)
+    drop = layout_attrs.get("outside", "edge") == "drop"
+    kept = inside if drop else np.ones(rows.size, dtype=bool)
+    attributions = samples.get("attributions") if "attributions" in samples else None
+    cells = bin_cells(xy, samples["activations"], attributions, sizes, rows=rows, kept=kept, min_count=min_count,
+                      n_nearest=n_nearest, top=top)
 
     written = [f"grids/{layer}/{atlas}/{s}" for s in sizes] + ([f"whitening/{layer}"] if whiten else [])
     for node in written:  # damaged output of an earlier grid is rewritten from scratch
@@ -155,10 +230,7 @@ def grid(run_dir: str | Path, layer: str, sizes, atlas: str = FULL_ATLAS, min_co
             store.remove_node(root, node)
     store.begin_stage(run_dir, "grid", written, atlas)
     group = root.require_group("grids").require_group(layer).require_group(atlas)
-    out = {}
-    for s in sizes:
-        out[s] = _write_size(group, s, cells[s], counts[s], means[s], sum_att[s] if attributions is not None else None,
-                             scores[s], rows, min_count, n_nearest, top, layout_attrs)
+    out = {s: _write_cells(group, cells[s], layout_attrs) for s in sizes}
     group.attrs.update({"sizes": sorted({*group.attrs.get("sizes", []), *sizes}), "layout_id": layout_attrs.get("layout_id")})
     white = whitening(run_dir, layer) if whiten else None
     store.finish_stage(run_dir, "grid", written)
@@ -189,20 +261,15 @@ def _accumulate(total: np.ndarray, cell: np.ndarray, values: np.ndarray) -> None
     total[sorted_cells[starts]] += np.add.reduceat(values[order], starts, axis=0)
 
 
-def _write_size(group, s: int, cell: np.ndarray, count: np.ndarray, mean: np.ndarray, sum_att: np.ndarray | None, score: np.ndarray,
-                rows: np.ndarray, min_count: int, n_nearest: int, top: int, layout_attrs: dict) -> dict:
-    node = group.require_group(str(s))
-    for name in list(node.array_keys()):
-        del node[name]
+def _cells(s: int, cell: np.ndarray, count: np.ndarray, mean: np.ndarray, sum_att: np.ndarray | None, score: np.ndarray,
+           rows: np.ndarray, min_count: int, n_nearest: int, top: int) -> Cells:
+    """The :class:`Cells` of one size from its per-point cells, per-cell counts, means and attribution sums."""
     c = mean.shape[1]
-    write_array(node, "count", count.reshape(s, s).astype(np.int32))
     render = (count >= min_count).reshape(s, s)
-    write_array(node, "render", render)
-    write_array(node, "mean_activation", mean.reshape(s, s, c).astype(np.float32))
+    mean_att = top_classes = top_values = None
     if sum_att is not None:
         k = sum_att.shape[1]
         mean_att = sum_att / np.maximum(count, 1)[:, None]
-        write_array(node, "mean_attribution", mean_att.reshape(s, s, k).astype(np.float32))
         n_top = min(top, k)
         order = np.argsort(-mean_att, axis=1, kind="stable")[:, :n_top]
         top_classes = np.full((s * s, top), -1, dtype=np.int32)
@@ -211,8 +278,8 @@ def _write_size(group, s: int, cell: np.ndarray, count: np.ndarray, mean: np.nda
         top_values[:, :n_top] = np.take_along_axis(mean_att, order, axis=1)
         empty = count == 0
         top_classes[empty], top_values[empty] = -1, 0.0
-        write_array(node, "top_classes", top_classes.reshape(s, s, top))
-        write_array(node, "top_attribution", top_values.reshape(s, s, top))
+        mean_att = mean_att.reshape(s, s, k).astype(np.float32)
+        top_classes, top_values = top_classes.reshape(s, s, top), top_values.reshape(s, s, top)
     nearest = np.full((s * s, n_nearest), -1, dtype=np.int64)
     if n_nearest:
         members = np.flatnonzero(cell >= 0)
@@ -223,11 +290,27 @@ def _write_size(group, s: int, cell: np.ndarray, count: np.ndarray, mean: np.nda
         rank = np.arange(order.size) - starts[sorted_cells]
         take = rank < n_nearest
         nearest[sorted_cells[take], rank[take]] = rows[order[take]]
-    write_array(node, "nearest", nearest.reshape(s, s, n_nearest))
-    write_array(node, "cell", cell.astype(np.int32))
-    n_kept = int((cell >= 0).sum())
-    summary = {"size": s, "min_count": min_count, "n_kept": n_kept, "n_cells": int((count > 0).sum()), "n_render": int(render.sum()),
-               "n_dropped": int((cell < 0).sum()), "has_attribution": sum_att is not None}
-    node.attrs.update({**summary, "layout_id": layout_attrs.get("layout_id"), "nearest_metric": "cosine to cell mean",
-                       "summary": summary})
-    return summary
+    summary = {"size": s, "min_count": min_count, "n_kept": int((cell >= 0).sum()), "n_cells": int((count > 0).sum()),
+               "n_render": int(render.sum()), "n_dropped": int((cell < 0).sum()), "has_attribution": sum_att is not None}
+    return Cells(size=s, cell=cell.astype(np.int32), count=count.reshape(s, s).astype(np.int32), render=render,
+                 mean_activation=mean.reshape(s, s, c).astype(np.float32), mean_attribution=mean_att, top_classes=top_classes,
+                 top_attribution=top_values, nearest=nearest.reshape(s, s, n_nearest), summary=summary)
+
+
+def _write_cells(group, cells: Cells, layout_attrs: dict) -> dict:
+    """Replace ``group/{size}`` with the arrays of ``cells``; returns its summary."""
+    node = group.require_group(str(cells.size))
+    for name in list(node.array_keys()):
+        del node[name]
+    write_array(node, "count", cells.count)
+    write_array(node, "render", cells.render)
+    write_array(node, "mean_activation", cells.mean_activation)
+    if cells.mean_attribution is not None:
+        write_array(node, "mean_attribution", cells.mean_attribution)
+        write_array(node, "top_classes", cells.top_classes)
+        write_array(node, "top_attribution", cells.top_attribution)
+    write_array(node, "nearest", cells.nearest)
+    write_array(node, "cell", cells.cell)
+    node.attrs.update({**cells.summary, "layout_id": layout_attrs.get("layout_id"), "nearest_metric": "cosine to cell mean",
+                       "summary": cells.summary})
+    return cells.summary
