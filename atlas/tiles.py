@@ -92,6 +92,54 @@ def plan_levels(grids: list[GridPlan]) -> tuple[int, list[tuple[int, int]], list
     return full, levels, [owned[k] for k in sorted(owned, reverse=True)]
 
 
+def level_ranges(owned: list[int]) -> dict[int, tuple[int, int]]:
+    """The semantic-zoom plan: owned level -> (coarsest, finest) level drawn from that grid.
+
+    A grid draws its own level and every coarser level down to just above the next owned
+    one; the coarsest grid draws every level down to 0 (1x1).
+    """
+    ranges, below = {}, -1
+    for lvl in sorted(set(owned)):
+        ranges[lvl] = (below + 1, lvl)
+        below = lvl
+    return ranges
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """Which grid draws which pyramid level, at which canvas size: the outcome of :func:`plan_tiles`."""
+
+    full: int  # width (== height) of the full image in pixels
+    levels: list[tuple[int, int]]  # (width, height) of every level, level 0 first
+    grids: list[GridPlan]  # every grid, smallest first; level -1 when a finer grid owns its level
+    owners: list[GridPlan]  # the grids that own a level, finest first
+
+    @property
+    def skipped(self) -> list[int]:
+        """Sizes of the grids not drawn (their level went to a finer grid)."""
+        return [g.size for g in self.grids if g.level < 0]
+
+    @property
+    def ranges(self) -> dict[int, tuple[int, int]]:
+        """Owned level -> (coarsest, finest) level that grid draws (see :func:`level_ranges`)."""
+        return level_ranges([g.level for g in self.owners])
+
+
+def plan_tiles(icon_sizes: dict[int, int], icon_size: int | None = None) -> TilePlan:
+    """Plan the pyramid of one atlas from ``{grid size: stored icon size}``.
+
+    Each grid's canvas is ``size * (icon_size or its stored icon size)`` pixels; the grids
+    then claim levels as :func:`plan_levels` says. Pure: nothing is read or written.
+    """
+    if not icon_sizes:
+        raise AtlasError("no grids to tile")
+    if icon_size is not None and icon_size < 1:
+        raise AtlasError(f"icon size must be positive (got {icon_size})")
+    grids = [GridPlan(size=s, icon=p, canvas=s * (icon_size or p)) for s, p in sorted(icon_sizes.items())]
+    full, levels, owners = plan_levels(grids)
+    return TilePlan(full=full, levels=levels, grids=grids, owners=owners)
+
+
 # --------------------------------------------------------------------------------------
 # Streaming pyramid writer
 # --------------------------------------------------------------------------------------
@@ -276,10 +324,9 @@ def write_pyramid(sources: list[tuple[GridPlan, object, np.ndarray, np.ndarray |
     files.mkdir(parents=True, exist_ok=True)
     saver = _TileSaver(fmt, quality, threads or min(4, os.cpu_count() or 1))
     try:
-        owned = sorted(plan.level for plan, *_ in sources)
+        ranges = level_ranges([plan.level for plan, *_ in sources])
         for plan, icons, draw, scale in sources:
-            coarser = [lvl for lvl in owned if lvl < plan.level]
-            stop = coarser[-1] + 1 if coarser else 0
+            stop = ranges[plan.level][0]
             top = _chain(plan.level, stop, levels, files, saver, tile_size, overlap, fmt)
             for band in grid_bands(icons, draw, plan.dim, scale, background):
                 top.push(band)
@@ -326,13 +373,61 @@ def _sample_patches():
     return sample_patches
 
 
+def example_rows(nearest: np.ndarray, draw: np.ndarray) -> dict[tuple[int, int], list[int]]:
+    """(gx, gy) -> the dataset rows of a drawn cell's example strip, nearest first (the -1 padding dropped).
+
+    ``nearest`` is the grid's (S, S, K) array of sample rows; cells not drawn get no strip.
+    """
+    out = {}
+    for gy, gx in zip(*np.nonzero(draw), strict=True):
+        rows = [r for r in nearest[gy, gx].tolist() if r >= 0]
+        if rows:
+            out[int(gx), int(gy)] = rows
+    return out
+
+
+def cell_records(count: np.ndarray, draw: np.ndarray, top_classes: np.ndarray, top_attribution: np.ndarray, names: list[str],
+                 examples: dict[tuple[int, int], list[int]] | None = None, highlight: np.ndarray | None = None,
+                 focus: list[int] | None = None, focus_attribution: np.ndarray | None = None) -> dict[tuple[int, int], list[dict]]:
+    """The metadata records of a grid's cells with samples, grouped by BLOCK x BLOCK block: ``{(bx, by): [cell, ...]}``.
+
+    Arrays are (S, S) ``count`` and ``draw``, (S, S, T) ``top_classes`` (-1 = none) and
+    ``top_attribution``; ``examples`` as from :func:`example_rows` (its lengths become ``ex``);
+    ``highlight`` (S, S) values become ``hl``; ``focus`` class indices with their (S, S, F)
+    ``focus_attribution`` become ``cls``. Within a block cells are in row-major order. Pure.
+    """
+    examples = examples or {}
+    blocks: dict[tuple[int, int], list[dict]] = {}
+    for gy in range(count.shape[0]):
+        for gx in np.flatnonzero(count[gy] > 0):
+            cell = {
+                "x": int(gx), "y": int(gy), "n": int(count[gy, gx]), "drawn": bool(draw[gy, gx]),
+                "top": [[names[c], round(float(a), 4)]
+                        for c, a in zip(top_classes[gy, gx], top_attribution[gy, gx], strict=True) if c >= 0],
+                "ex": len(examples.get((int(gx), gy), ())),
+            }
+            if highlight is not None:
+                cell["hl"] = round(float(highlight[gy, gx]), 4)
+            if focus_attribution is not None:
+                cell["cls"] = [[names[c], round(float(a), 4)] for c, a in zip(focus or [], focus_attribution[gy, gx], strict=True)]
+            blocks.setdefault((int(gx) // BLOCK, gy // BLOCK), []).append(cell)
+    return blocks
+
+
+def grid_record(plan: GridPlan, render: np.ndarray, draw: np.ndarray) -> dict:
+    """A grid's entry in the manifest: its plan, the cells drawn and the cells still without icons."""
+    return {"size": plan.size, "icon": plan.icon, "canvas": plan.dim, "level": plan.level, "cells": int(draw.sum()),
+            "not_done": int((render & ~draw).sum())}
+
+
 def write_cells(run_dir: Path, layer: str, grid, icons, draw: np.ndarray, names: list[str], out_dir: Path,
                 examples: bool, highlight: int | None, threads: int | None = None, focus: list[int] | None = None) -> dict:
     """Metadata blocks, icon sprites per block and example strips per cell for one grid.
 
-    Blocks hold only cells with samples. Icons at full size go in one sprite per block (a
-    click fetches its block once; a file per cell would mean tens of thousands of files per
-    grid). Example patches, when available, go in one strip per drawn cell.
+    Blocks hold only cells with samples (records from :func:`cell_records`). Icons at full
+    size go in one sprite per block (a click fetches its block once; a file per cell would
+    mean tens of thousands of files per grid). Example patches, when available, go in one
+    strip per drawn cell, fetched one band of blocks at a time to bound memory.
     """
     s, p = icons.shape[0], icons.shape[2]
     count = grid["count"][:]
@@ -347,6 +442,8 @@ def write_cells(run_dir: Path, layer: str, grid, icons, draw: np.ndarray, names:
     sample = _sample_patches() if examples else None
     if examples and sample is None:  # only a substitute of _sample_patches (tests/test_tiles.py) returns None
         raise AtlasError("example patches are not available (no atlas.render.sample_patches); run with --no-examples")
+    strips = example_rows(nearest, draw) if sample is not None else {}
+    blocks = cell_records(count, draw, top_c, top_a, names, strips, hl, focus, focus_att)
     meta_dir, sprite_dir, ex_dir = out_dir / "meta" / str(s), out_dir / "icons" / str(s), out_dir / "examples" / str(s)
     meta_dir.mkdir(parents=True, exist_ok=True)
     sprite_dir.mkdir(parents=True, exist_ok=True)
@@ -373,29 +470,17 @@ def write_cells(run_dir: Path, layer: str, grid, icons, draw: np.ndarray, names:
                 h, w = block_draw.shape
                 saver.submit(np.ascontiguousarray(sprite.transpose(0, 2, 1, 3, 4)).reshape(h * p, w * p, 3),
                              sprite_dir / f"{bx // BLOCK}_{by // BLOCK}.jpg")
-            blocks: dict[int, list] = {}
-            for gy in range(by, min(by + BLOCK, s)):
-                for gx in np.flatnonzero(count[gy] > 0):
-                    ex = [r for r in nearest[gy, gx].tolist() if r in patches] if draw[gy, gx] else []
-                    cell = {
-                        "x": int(gx), "y": int(gy), "n": int(count[gy, gx]), "drawn": bool(draw[gy, gx]),
-                        "top": [[names[c], round(float(a), 4)] for c, a in zip(top_c[gy, gx], top_a[gy, gx], strict=True) if c >= 0],
-                        "ex": len(ex),
-                    }
-                    if hl is not None:
-                        cell["hl"] = round(float(hl[gy, gx]), 4)
-                    if focus_att is not None:
-                        cell["cls"] = [[names[c], round(float(a), 4)] for c, a in zip(focus, focus_att[gy, gx], strict=True)]
-                    blocks.setdefault(int(gx) // BLOCK, []).append(cell)
-                    if ex:
-                        path = ex_dir / str(gy) / f"{gx}.jpg"
-                        if not path.parent.is_dir():
-                            path.parent.mkdir(parents=True, exist_ok=True)
+            for (bx, bby), cells in blocks.items():
+                if bby != by // BLOCK:
+                    continue
+                for cell in cells:
+                    ex = strips.get((cell["x"], cell["y"]))
+                    if cell["ex"] and ex:
+                        path = ex_dir / str(cell["y"]) / f"{cell['x']}.jpg"
+                        path.parent.mkdir(parents=True, exist_ok=True)
                         saver.submit(np.concatenate([patches[r] for r in ex], axis=1), path)
                         n_strips += 1
-            for bx, cells in blocks.items():
-                (meta_dir / f"{bx}_{by // BLOCK}.json").write_text(json.dumps({"size": s, "block": BLOCK, "cells": cells},
-                                                                              separators=(",", ":")))
+                (meta_dir / f"{bx}_{bby}.json").write_text(json.dumps({"size": s, "block": BLOCK, "cells": cells}, separators=(",", ":")))
     finally:
         saver.close()
     info = {"strips": n_strips, "examples": sample is not None}
@@ -428,28 +513,20 @@ def update_manifest(tiles_dir: Path, entry: dict) -> list[dict]:
 
 
 # --------------------------------------------------------------------------------------
-# Entry point
+# The steps of make_tiles: validation, inputs, class names, the manifest entry, publishing
 # --------------------------------------------------------------------------------------
-@store.writer
-def make_tiles(run_dir: str | Path, layer: str, atlas: str = FULL_ATLAS, sizes: list[int] | None = None, icon_size: int | None = None,
-               fmt: str = "jpg", tile_size: int = 254, overlap: int = 1, density_scale: bool = False, highlight: str | int | None = None,
-               examples: bool = True, viewer: bool = True, quality: int = 75, threads: int | None = None) -> dict:
-    """Write the deep-zoom pyramid, cell metadata and cell strips of one atlas and list it in atlases.json.
-
-    ``sizes`` defaults to every grid that has icons; ``icon_size`` redraws all icons at that
-    size (default: their stored size). ``viewer`` also installs the browser viewer beside the
-    tiles (it needs OpenSeadragon from npm; checked first so a missing install fails fast).
-    Returns the manifest entry of the atlas.
-    """
-    run_dir = Path(run_dir)
+def _check_options(fmt: str, viewer: bool) -> None:
+    """Fail fast on what needs no store: the tile format, and the viewer's assets when it is to be installed."""
     if fmt not in FORMATS:
         raise AtlasError(f"unknown tile format '{fmt}'; use one of {', '.join(FORMATS)}")
     if viewer:
         from atlas.viewer import require_viewer_assets
 
         require_viewer_assets()
-    root = open_store(run_dir)
-    store.take_lock(run_dir)
+
+
+def _select_grids(root, layer: str, atlas: str, sizes: list[int] | None, icon_size: int | None) -> tuple[object, object, list[int]]:
+    """The atlas's grids and icons groups and the grid sizes to tile (default: every size with icons), checked."""
     grids_root, icons_root = root.get(f"grids/{layer}"), root.get(f"icons/{layer}")
     if grids_root is None or icons_root is None:
         raise AtlasError(f"no rendered icons for layer '{layer}'; run `atlas grid` and `atlas render` first")
@@ -466,56 +543,39 @@ def make_tiles(run_dir: str | Path, layer: str, atlas: str = FULL_ATLAS, sizes: 
                          f"{', '.join(map(str, available)) or 'none'}")
     if icon_size is not None and icon_size < 1:
         raise AtlasError(f"icon size must be positive (got {icon_size})")
+    return grid_group, icon_group, sizes
 
-    store.verify(root, [f"{kind}/{layer}/{atlas}/{s}" for kind in ("grids", "icons") for s in sizes]
-                 + ([f"samples/{layer}", "images"] if examples else []))
-    plans, inputs = [], {}
+
+def _read_inputs(grid_group, icon_group, layer: str, atlas: str, sizes: list[int]) -> dict[int, tuple[object, object, np.ndarray]]:
+    """size -> (grid group, icons array, draw mask) with the icons' shape checked; smallest grid first."""
+    inputs = {}
     for s in sorted(set(sizes)):
         g, ic = grid_group[str(s)], icon_group[str(s)]
         images = ic["images"]
         if images.shape[:2] != (s, s) or images.ndim != 5:
             raise AtlasError(f"icons/{layer}/{atlas}/{s}/images has shape {images.shape}, expected ({s}, {s}, P, P, 3)")
-        draw = g["render"][:] & ic["done"][:]
-        plans.append(GridPlan(size=s, icon=images.shape[2], canvas=s * (icon_size or images.shape[2])))
-        inputs[s] = (g, images, draw)
-    full, levels, owners = plan_levels(plans)
-    skipped = [p.size for p in plans if p.level < 0]
+        inputs[s] = (g, images, g["render"][:] & ic["done"][:])
+    return inputs
 
-    first = next(iter(inputs.values()))[0]
+
+def _class_names(root, layer: str, first, highlight: str | int | None) -> tuple[list[str], int | None]:
+    """The class names of the run and the index of the highlighted class (None without ``highlight``)."""
     n_classes = first["mean_attribution"].shape[-1] if "mean_attribution" in first else len(root.attrs.get("classes", []))
     names = class_names(root, n_classes)
     if highlight is not None and "mean_attribution" not in first:
         raise AtlasError(f"--highlight needs attributions, but layer '{layer}' was sampled with --no-attribution")
-    layout = root.get(f"layouts/{layer}/{atlas}")
-    layout_attrs = attrs(layout) if layout is not None else {}
     hl_index = resolve_class(highlight, names, root.attrs.get("weights")).index if highlight is not None else None
+    return names, hl_index
 
-    tiles_dir = run_dir / "tiles"
-    final = tiles_dir / layer / atlas
-    work = final.with_name(final.name + ".partial")
-    store.begin_stage(run_dir, "tiles", [], atlas)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    grids_info, sources, any_examples = [], [], False
-    for plan in owners:
-        g, images, draw = inputs[plan.size]
-        scale = density_scales(g["count"][:], draw) if density_scale else None
-        sources.append((plan, images, draw, scale))
-        info = write_cells(run_dir, layer, g, images, draw, names, work, examples, hl_index, threads, layout_attrs.get("classes"))
-        any_examples |= info["examples"]
-        n_drawn = int(draw.sum())
-        not_done = int((g["render"][:] & ~draw).sum())
-        if not_done:
-            log(run_dir, f"tiles {layer}/{atlas}: grid {plan.size} has {not_done} cells without icons yet (drawn empty)")
-        grids_info.append({"size": plan.size, "icon": plan.icon, "canvas": plan.dim, "level": plan.level, "cells": n_drawn,
-                           "not_done": not_done})
-    pyramid = write_pyramid(sources, work, fmt, tile_size, overlap, quality, threads)
 
-    entry = {
+def atlas_entry(layer: str, atlas: str, model: str, layout_attrs: dict, pyramid: dict, grids: list[dict], *, tile_size: int,
+                overlap: int, fmt: str, density_scale: bool, examples: bool, highlight: tuple[str, int] | None) -> dict:
+    """The manifest entry of one atlas (``atlas.json`` and its line in ``atlases.json``); ``highlight`` is (class, index). Pure."""
+    return {
         "id": f"{layer}/{atlas}",
         "layer": layer,
         "atlas": atlas,
-        "model": str(root.attrs.get("model", "unknown")),
+        "model": model,
         "kind": layout_attrs.get("kind", "full" if atlas == FULL_ATLAS else "custom"),
         "classes": layout_attrs.get("classes"),
         "axis_labels": layout_attrs.get("axis_labels"),
@@ -528,13 +588,20 @@ def make_tiles(run_dir: str | Path, layer: str, atlas: str = FULL_ATLAS, sizes: 
         "tile_size": tile_size,
         "overlap": overlap,
         "format": fmt,
-        "grids": sorted(grids_info, key=lambda g: g["size"]),
+        "grids": sorted(grids, key=lambda g: g["size"]),
         "block": BLOCK,
         "density_scale": density_scale,
-        "examples": any_examples,
+        "examples": examples,
         "background": "#{:02x}{:02x}{:02x}".format(*BACKGROUND),
-        "highlight": None if hl_index is None else {"class": names[hl_index], "index": hl_index, "dir": "highlight"},
+        "highlight": None if highlight is None else {"class": highlight[0], "index": highlight[1], "dir": "highlight"},
     }
+
+
+def _publish(tiles_dir: Path, work: Path, final: Path, entry: dict) -> None:
+    """Write ``atlas.json``, swap the finished folder in for the old one and list the atlas in the manifest.
+
+    The old tiles stay in place until the new ones are complete: a failed run leaves only a ``.partial`` folder.
+    """
     (work / "atlas.json").write_text(json.dumps(entry, indent=1))
     old = final.with_name(final.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
@@ -543,14 +610,73 @@ def make_tiles(run_dir: str | Path, layer: str, atlas: str = FULL_ATLAS, sizes: 
     os.replace(work, final)
     shutil.rmtree(old, ignore_errors=True)
     update_manifest(tiles_dir, entry)
-    if viewer:
-        from atlas.viewer import install_viewer
 
-        install_viewer(tiles_dir)
-    msg = (f"tiles {layer}/{atlas}: {full}x{full} px, {pyramid['levels']} levels, {pyramid['tiles']} tiles; grids "
+
+def _install_viewer(tiles_dir: Path) -> None:
+    """Copy the browser viewer beside the tiles (its assets were checked by :func:`_check_options`)."""
+    from atlas.viewer import install_viewer
+
+    install_viewer(tiles_dir)
+
+
+def _summary(layer: str, atlas: str, entry: dict, tiles: int, skipped: list[int]) -> str:
+    """The run-log line of one tiled atlas."""
+    msg = (f"tiles {layer}/{atlas}: {entry['width']}x{entry['height']} px, {entry['levels']} levels, {tiles} tiles; grids "
            + ", ".join(f"{g['size']}@level{g['level']}" for g in entry["grids"]))
     if skipped:
         msg += f"; grids {skipped} share a level with a finer grid and were not drawn"
-    log(run_dir, msg)
-    entry["skipped"] = skipped
+    return msg
+
+
+# --------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------
+@store.writer
+def make_tiles(run_dir: str | Path, layer: str, atlas: str = FULL_ATLAS, sizes: list[int] | None = None, icon_size: int | None = None,
+               fmt: str = "jpg", tile_size: int = 254, overlap: int = 1, density_scale: bool = False, highlight: str | int | None = None,
+               examples: bool = True, viewer: bool = True, quality: int = 75, threads: int | None = None) -> dict:
+    """Write the deep-zoom pyramid, cell metadata and cell strips of one atlas and list it in atlases.json.
+
+    ``sizes`` defaults to every grid that has icons; ``icon_size`` redraws all icons at that
+    size (default: their stored size). ``viewer`` also installs the browser viewer beside the
+    tiles (it needs OpenSeadragon from npm; checked first so a missing install fails fast).
+    Returns the manifest entry of the atlas.
+    """
+    run_dir = Path(run_dir)
+    _check_options(fmt, viewer)
+    root = open_store(run_dir)
+    store.take_lock(run_dir)
+    grid_group, icon_group, sizes = _select_grids(root, layer, atlas, sizes, icon_size)
+    store.verify(root, [f"{kind}/{layer}/{atlas}/{s}" for kind in ("grids", "icons") for s in sizes]
+                 + ([f"samples/{layer}", "images"] if examples else []))
+    inputs = _read_inputs(grid_group, icon_group, layer, atlas, sizes)
+    plan = plan_tiles({s: images.shape[2] for s, (_, images, _) in inputs.items()}, icon_size)
+    names, hl_index = _class_names(root, layer, next(iter(inputs.values()))[0], highlight)
+    layout = root.get(f"layouts/{layer}/{atlas}")
+    layout_attrs = attrs(layout) if layout is not None else {}
+
+    tiles_dir = run_dir / "tiles"
+    final = tiles_dir / layer / atlas
+    work = final.with_name(final.name + ".partial")
+    store.begin_stage(run_dir, "tiles", [], atlas)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    grids_info, sources, any_examples = [], [], False
+    for owner in plan.owners:
+        g, images, draw = inputs[owner.size]
+        sources.append((owner, images, draw, density_scales(g["count"][:], draw) if density_scale else None))
+        info = write_cells(run_dir, layer, g, images, draw, names, work, examples, hl_index, threads, layout_attrs.get("classes"))
+        any_examples |= info["examples"]
+        grids_info.append(grid_record(owner, g["render"][:], draw))
+        if grids_info[-1]["not_done"]:
+            log(run_dir, f"tiles {layer}/{atlas}: grid {owner.size} has {grids_info[-1]['not_done']} cells without icons yet (drawn empty)")
+    pyramid = write_pyramid(sources, work, fmt, tile_size, overlap, quality, threads)
+    entry = atlas_entry(layer, atlas, str(root.attrs.get("model", "unknown")), layout_attrs, pyramid, grids_info, tile_size=tile_size,
+                        overlap=overlap, fmt=fmt, density_scale=density_scale, examples=any_examples,
+                        highlight=None if hl_index is None else (names[hl_index], hl_index))
+    _publish(tiles_dir, work, final, entry)
+    if viewer:
+        _install_viewer(tiles_dir)
+    log(run_dir, _summary(layer, atlas, entry, pyramid["tiles"], plan.skipped))
+    entry["skipped"] = plan.skipped
     return entry
