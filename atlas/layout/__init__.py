@@ -82,16 +82,62 @@ def embed(x: np.ndarray, method: str = "umap", n_components: int = 2, *, n_neigh
           progress: bool = False, timings: dict | None = None, knn_backend: str = DEFAULT_BACKEND) -> np.ndarray:
     """Embed rows of ``x`` in ``n_components`` dimensions (1 or 2); seeded and reproducible.
 
-    ``n_epochs`` None means umap-learn's default (500) up to ``LARGE_N`` points and
-    ``LARGE_N_EPOCHS`` above. ``pca`` reduces ``x`` to that many dimensions first (uncentred
-    for cosine, so angles are kept). ``knn`` may pass a precomputed ``knn_graph`` of ``x``;
-    ``timings`` (a dict) receives seconds per step. ``init`` is "pca" or "random" (UMAP).
-    ``knn_backend`` ("atlas" or "faiss") is the search that builds the kNN graph when ``knn`` is None.
-    ``progress`` shows bars for UMAP's kNN search and epochs; ``verbose`` also lets
-    openTSNE print its log.
-    Duplicate points are handled: if the graph or the optimisation fails on them
-    (RecursionError and friends, non-finite coordinates) the data is jittered by a tiny
-    seeded amount and the fit retried.
+    The pure core of the project stage: no store, no files. Ranges shared with the ``[project]`` table are
+    :class:`atlas.settings.ProjectSettings`' (they are checked there when called through :func:`project`).
+
+    Parameters
+    ----------
+    x : array of shape (n, d)
+        The rows to embed (any float type; computed in float32). At least one row. With ``n <= n_components + 2``
+        rows, or all rows identical, the result is a centred PCA whatever ``method`` says.
+    method : str, default "umap"
+        "umap", "tsne" or "pca" (``ProjectSettings.method``).
+    n_components : int, default 2
+        1 or 2.
+    n_neighbors : int, default 50
+        UMAP's neighbourhood size, at least 2 (``ProjectSettings.n_neighbors``); UMAP only.
+    min_dist : float, default 0.05
+        UMAP's minimum distance between embedded points, 0 to 1 (``ProjectSettings.min_dist``); UMAP only.
+    metric : str, default "cosine"
+        Distance between rows: "cosine", "euclidean", "l2", "manhattan" or "correlation" (``ProjectSettings.metric``).
+    pca : int or None, default None
+        Reduce ``x`` to this many dimensions with PCA first (uncentred for cosine and correlation, so angles are
+        kept); at least 1 (``ProjectSettings.pca``). None, or a value of at least ``d``, means no reduction. A
+        reduction discards ``knn``, which no longer matches the reduced data.
+    seed : int, default 0
+        Seed of the embedding, 0 to 2**32 - 1 (``ProjectSettings.seed``); same seed and data, same result.
+    n_epochs : int or None, default None
+        UMAP's optimisation epochs. None means umap-learn's default (500) up to ``LARGE_N`` (10,000) rows and
+        ``LARGE_N_EPOCHS`` (100) above.
+    init : str, default "pca"
+        UMAP's starting layout: "pca" or "random".
+    perplexity : float, default 30.0
+        t-SNE's perplexity, greater than 0; lowered to ``(n - 1) / 3`` (and at least 1) for small ``n``. t-SNE only.
+    knn : (indices, distances) or None, default None
+        A precomputed ``knn_graph`` of ``x`` (UMAP and t-SNE), so a caller embedding the same rows twice searches once.
+        None: the graph is searched with ``knn_backend``.
+    verbose : bool, default False
+        Let umap-learn and openTSNE print their logs.
+    progress : bool, default False
+        Show progress bars for UMAP's kNN search and epochs.
+    timings : dict or None, default None
+        If given, receives seconds per step (kNN search, epochs, ...).
+    knn_backend : str, default "atlas"
+        The search that builds the kNN graph when ``knn`` is None: "atlas" (its own) or "faiss"
+        (``ProjectSettings.knn``; docs/layout.md compares them).
+
+    Returns
+    -------
+    array of shape (n, n_components), float32
+        The embedding, in the method's own units (:func:`normalize_layout` maps it to [0, 1]).
+
+    Raises
+    ------
+    AtlasError
+        For an unknown ``method``, ``init`` or ``knn_backend``, ``n_components`` other than 1 or 2, or no rows.
+
+    Duplicate points are handled: if the graph or the optimisation fails on them (RecursionError and friends,
+    non-finite coordinates) the data is jittered by a tiny seeded amount and the fit retried.
     """
     if method not in METHODS:
         raise AtlasError(f"unknown projection method '{method}'; choose one of {', '.join(METHODS)}")
@@ -303,9 +349,42 @@ def save_layout(run_dir: str | Path, layer: str, atlas: str, rows: np.ndarray, r
                 attrs: dict) -> dict:
     """Store a layout at ``layouts/{layer}/{atlas}`` (replacing any old one), sorted by row.
 
-    Grids and icons derived from an older layout of the same atlas are deleted, since their
-    cells no longer match. ``attrs`` (JSON-able) are stored as given, plus ``n``, ``n_outside``
-    and a ``layout_id`` that later stages copy to tell which layout they were built from.
+    The project stage's store writer, also for layouts computed elsewhere (a notebook, another projection).
+    Grids and icons built on an older layout of the same atlas are deleted with it, as their cells no longer
+    match; the store's ledger marks the three paths as being rewritten (``store.begin_stage``) until the write is
+    finished, and drops the build records of this and later stages when the atlas is "full".
+
+    Parameters
+    ----------
+    run_dir : str or Path
+        The run folder; its store must hold ``samples/{layer}``.
+    layer : str
+        A sampled layer.
+    atlas : str
+        Name of the layout ("full" for the whole layer); a plain name, no "/".
+    rows : int array of shape (m,)
+        Distinct row indices into ``samples/{layer}``, each in 0..n_rows - 1 (any order; stored sorted).
+    raw : float array of shape (m,) or (m, k)
+        The embedding in its own units (stored float32).
+    xy : float array, same shape as ``raw``
+        The embedding mapped to [0, 1] (:func:`normalize_layout`).
+    inside : bool array of shape (m,)
+        False for points clipped to the edge of the box.
+    attrs : dict
+        JSON-able attributes stored as given (``outside`` defaults to "edge").
+
+    Returns
+    -------
+    dict
+        ``attrs`` plus ``n`` (rows), ``n_outside`` (points not inside) and ``layout_id`` (a digest of rows and
+        ``raw``), as stored.
+
+    Raises
+    ------
+    ValueError
+        If the arrays disagree in length or ``rows`` repeat (a caller's bug).
+    AtlasError
+        If rows are out of range for the layer, the layer has no samples or ``atlas`` is not a plain name.
     """
     _check_atlas_name(atlas)
     rows = np.asarray(rows, dtype=np.int64)
@@ -380,13 +459,63 @@ def project(run_dir: str | Path, layer: str, method: str = "umap", atlas: str = 
             min_dist: float = 0.05, metric: str = "cosine", pca: int | None = None, seed: int = 0, outside: str = "edge",
             n_epochs: int | None = None, perplexity: float = 30.0, margin: float = 0.1, verbose: bool = False,
             progress: bool = False, knn: str = DEFAULT_BACKEND) -> dict:
-    """Lay out a layer's samples and store the result; returns the layout's attrs (incl. ``summary``).
+    """Lay out a layer's samples and store the layout at ``layouts/{layer}/{atlas}``: the project stage.
 
-    ``rows`` selects a subset (boolean mask over all rows or integer indices); invalid rows
-    in it are skipped. ``outside`` says what the grid does with points beyond the clip box:
-    "edge" keeps them in the edge cells, "drop" leaves them out (the layout keeps them, flagged).
-    ``progress`` shows progress bars (the command line and ``atlas build`` turn them on).
-    ``knn`` picks the search behind UMAP's and t-SNE's neighbour graph: "atlas" (its own) or "faiss".
+    Reads ``samples/{layer}/activations`` of the chosen valid rows, embeds them with :func:`embed`, maps the result
+    to [0, 1] with :func:`normalize_layout`, measures its quality and writes it with :func:`save_layout`. The
+    settings shared with the ``[project]`` table take their defaults and ranges from
+    :class:`atlas.settings.ProjectSettings` (a value out of range fails in one line before any work).
+
+    Parameters
+    ----------
+    run_dir : str or Path
+        The run folder; its store must hold ``samples/{layer}`` (``atlas sample``).
+    layer : str
+        A sampled layer, e.g. "mixed4c".
+    method : str, default "umap"
+        "umap", "tsne" or "pca" (``ProjectSettings.method``).
+    atlas : str, default "full"
+        Name of the layout (``FULL_ATLAS``; class atlases use their own names). A plain name, no "/".
+    rows : bool mask of length n_rows, integer indices, or None, default None
+        The rows to lay out; None means every valid row. Invalid rows among them are skipped and counted
+        (``summary["invalid_rows_skipped"]``).
+    n_neighbors : int, default 50
+        UMAP's neighbourhood size, at least 2 (``ProjectSettings.n_neighbors``).
+    min_dist : float, default 0.05
+        UMAP's minimum distance, 0 to 1 (``ProjectSettings.min_dist``).
+    metric : str, default "cosine"
+        "cosine", "euclidean", "l2", "manhattan" or "correlation" (``ProjectSettings.metric``).
+    pca : int or None, default None
+        PCA dimensions before the embedding, at least 1; None: no reduction (``ProjectSettings.pca``).
+    seed : int, default 0
+        Seed of the layout, 0 to 2**32 - 1 (``ProjectSettings.seed``).
+    outside : str, default "edge"
+        What the grid does with points beyond the 1-99th percentile clip box: "edge" keeps them in the edge cells,
+        "drop" leaves them out (the layout keeps them, flagged in ``inside``) (``ProjectSettings.outside``).
+    n_epochs : int or None, default None
+        UMAP's epochs; None: :func:`embed`'s default.
+    perplexity : float, default 30.0
+        t-SNE's perplexity (positive).
+    margin : float, default 0.1
+        Widening of the clip box on each side, as a fraction of its width (:func:`normalize_layout`).
+    verbose : bool, default False
+        Let umap-learn and openTSNE print their logs.
+    progress : bool, default False
+        Show progress bars (the command line and ``atlas build`` turn them on).
+    knn : str, default "atlas"
+        The search behind UMAP's and t-SNE's neighbour graph: "atlas" (its own) or "faiss" (``ProjectSettings.knn``).
+
+    Returns
+    -------
+    dict
+        The layout's stored attributes (:func:`save_layout`): ``method``, ``params``, ``seed``, ``quality``
+        (kNN recall@10, trustworthiness), ``outside``, ``kind`` ("full" or "subset"), ``n``, ``n_outside``,
+        ``layout_id`` and ``summary`` (counts, seconds and timings per step).
+
+    Raises
+    ------
+    AtlasError
+        For a setting out of range, a missing layer or store, no valid rows, or rows out of range.
     """
     if method not in METHODS:
         raise AtlasError(f"unknown projection method '{method}'; choose one of {', '.join(METHODS)}")
