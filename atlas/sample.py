@@ -151,12 +151,72 @@ def sample(images: str | Path | ImageList, layers: Sequence[str], out: str | Pat
            resize: int = 256, crop: int = 224, device: str = "cpu", progress: bool = True,
            shard_size: int = SHARD, precision: str = "auto", net: Network | None = None,
            labels: str | Path | None = None) -> SampleResult:
-    """Sample ``per_image`` activations per image at each layer into ``out``/store.zarr.
+    """Sample ``per_image`` activations per image at each layer into ``out``/store.zarr: the sample stage.
 
-    Resumes an interrupted run with the same settings; a folder holding a run with other
-    settings is an error (nothing is overwritten). ``labels`` is a labels file for the images
-    (see ``atlas.data``). Stops with an AtlasError when the images cannot be read (see
-    ``MIN_READABLE``); the shards finished before are kept, the one that tipped it is redone on resume.
+    Each image is resized and centre-cropped, run through the model once, and at ``per_image`` random spatial
+    positions per layer (a function of ``seed`` and the image only) the activation vector is stored, with its
+    attribution to every class when ``attribution`` is on. Work goes in shards of ``shard_size`` images, so an
+    interrupted run resumes with the same settings; a folder holding a run with other settings is an error
+    (nothing is overwritten). Defaults and ranges of the settings are :class:`atlas.settings.SampleSettings`';
+    every one is checked before anything is loaded or created.
+
+    Parameters
+    ----------
+    images : str, Path or ImageList
+        An image folder (ImageNet tree or flat), a list file (one path per line, optionally a label), or an
+        :class:`atlas.data.ImageList` already listed.
+    layers : sequence of str
+        At least one convolutional layer of the model, e.g. ["mixed4c"]; repeats are dropped.
+    out : str or Path
+        The run folder (created if missing).
+    model : str, default "inceptionv1"
+        "inceptionv1" or a torchvision classifier name (``SampleSettings.model``); ignored when ``net`` is given.
+    weights : str, Path or None, default None
+        Weights file; None: the model's default weights (ATLAS_WEIGHTS or the cache). Ignored when ``net`` is given.
+    max_images : int or None, default None
+        Use the first N images of the deterministic order, at least 1; None: all (``SampleSettings.max_images``).
+    per_image : int, default 1
+        Positions sampled per image and layer, at least 1 (``SampleSettings.per_image``).
+    seed : int, default 0
+        Seed of the positions, 0 to 2**32 - 1 (``SampleSettings.seed``).
+    batch_size : int, default 32
+        Images per forward pass, at least 1 (speed only).
+    workers : int, default 2
+        DataLoader worker processes decoding images, at least 0 (0: the main process; speed only).
+    attribution : bool, default True
+        Also store each sample's attribution to every class (about half the speed; class atlases need it).
+    dtype : str, default "float16"
+        Storage type of activations and attributions: "float16" or "float32".
+    resize : int, default 256
+        Shorter side, in pixels, before the crop.
+    crop : int, default 224
+        Side of the centre crop fed to the model.
+    device : str, default "cpu"
+        Where the model runs: "cpu", "cuda" or "cuda:N" (speed only).
+    progress : bool, default True
+        Show a progress bar (only on a terminal).
+    shard_size : int, default 256
+        Images per resumable unit of work, at least 1 (``SampleSettings.shard_size``).
+    precision : str, default "auto"
+        Arithmetic of the forward pass without attribution: "auto" (bfloat16 where the CPU/GPU has it), "float32"
+        or "bfloat16"; with attribution it is always float32.
+    net : Network or None, default None
+        An already loaded model (``atlas.models.load_model``), to skip loading it again.
+    labels : str, Path or None, default None
+        A labels file for the images (docs/images.md, ``atlas.data``).
+
+    Returns
+    -------
+    SampleResult
+        ``run_dir``, ``n_images`` (listed), ``n_skipped`` (unreadable), ``n_samples`` (valid samples per layer),
+        ``seconds``, ``images_per_second`` (of this call) and ``images_summary`` (how the images were found).
+
+    Raises
+    ------
+    AtlasError
+        For a setting out of range, an unknown layer, a folder holding another run, or when the images cannot be
+        read (none of the first shard, or fewer than ``MIN_READABLE``, half, of those tried once ``MIN_TRIED`` were
+        tried): the shards finished before are kept, the one that tipped it is redone on resume.
     """
     if not layers:
         raise AtlasError("give at least one --layer")
