@@ -637,10 +637,58 @@ def make_tiles(run_dir: str | Path, layer: str, atlas: str = FULL_ATLAS, sizes: 
                examples: bool = True, viewer: bool = True, quality: int = 75, threads: int | None = None) -> dict:
     """Write the deep-zoom pyramid, cell metadata and cell strips of one atlas and list it in atlases.json.
 
-    ``sizes`` defaults to every grid that has icons; ``icon_size`` redraws all icons at that
-    size (default: their stored size). ``viewer`` also installs the browser viewer beside the
-    tiles (it needs OpenSeadragon from npm; checked first so a missing install fails fast).
-    Returns the manifest entry of the atlas.
+    The tiles stage. Everything is written to ``tiles/{layer}/{atlas}.partial`` and swapped into place when
+    complete, so a failed or interrupted call leaves the previous tiles as they were. The settings of the
+    ``[tiles]`` table take their defaults and ranges from :class:`atlas.settings.TilesSettings` (the CLI and
+    ``atlas build`` check them there; this function itself refuses only what it cannot draw, noted below).
+
+    Parameters
+    ----------
+    run_dir : str or Path
+        The run folder; its store must hold grids and rendered icons of the atlas (``atlas grid``, ``atlas render``).
+    layer : str
+        The layer, e.g. "mixed4c".
+    atlas : str, default "full"
+        Which atlas of the layer (``FULL_ATLAS``; class and comparison atlases have their own names).
+    sizes : list of int or None, default None
+        Grid sizes to tile, each with rendered icons; None: every grid of the atlas that has icons.
+    icon_size : int or None, default None
+        Redraw every icon at this many pixels, 1 to 1024 (``TilesSettings.icon_size``; here: at least 1);
+        None: each grid's stored icon size.
+    fmt : str, default "jpg"
+        Tile image format: "jpg", "png" or "webp" (``TilesSettings.format``).
+    tile_size : int, default 254
+        Deep-zoom tile size in pixels, 16 to 4096 (``TilesSettings.tile_size``; here: at least 1).
+    overlap : int, default 1
+        Deep-zoom tile overlap in pixels, 0 to 64 (``TilesSettings.overlap``; here: at least 0).
+    density_scale : bool, default False
+        Shrink icons of sparse cells by min(1, sqrt(n / mean n)), as the paper does (``TilesSettings.density_scale``).
+    highlight : str, int or None, default None
+        A class (name, synset id or index) to highlight: each cell's mean attribution to it goes in the cell
+        metadata and a veil per grid (``highlight/{size}.png``) darkens the cells that attribute little to it.
+        Needs a run sampled with attribution. None: no highlight.
+    examples : bool, default True
+        Write dataset-example patches per cell (needs the sampled images still readable) (``TilesSettings.examples``).
+    viewer : bool, default True
+        Also install the browser viewer beside the tiles; it needs OpenSeadragon from npm, checked first so a
+        missing install fails before any work.
+    quality : int, default 75
+        JPEG and WebP quality of the tiles (Pillow's scale, 1 to 95 useful); PNG tiles ignore it.
+    threads : int or None, default None
+        Threads encoding tiles; None: min(4, CPU count).
+
+    Returns
+    -------
+    dict
+        The manifest entry of the atlas, as written to ``tiles/{layer}/{atlas}/atlas.json`` and listed in
+        ``tiles/atlases.json``: id, layer, atlas, model, kind, classes, method, the deep-zoom file and size, tile
+        settings and one record per grid (size, icon and canvas pixels, level, cells drawn, cells not yet rendered).
+
+    Raises
+    ------
+    AtlasError
+        For an unknown format, missing OpenSeadragon (with ``viewer``), no rendered icons for the layer, atlas or
+        sizes, a ``highlight`` without attributions or not a class, or icon and tile sizes out of range.
     """
     run_dir = Path(run_dir)
     _check_options(fmt, viewer)
