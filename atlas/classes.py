@@ -86,7 +86,52 @@ def _finish(run_dir, layer: str, atlas: str, sizes, quality: str, render_kwargs:
 def class_atlas(run_dir: str | Path, layer: str, cls: str | int, top_k: int = 2000, method: str = "tsne",
                 sizes: tuple[int, ...] = (8,), quality: str = "draft", seed: int = 0, tiles: bool = True,
                 render_kwargs: dict | None = None) -> str:
-    """Build the atlas of the activations that matter for one class; returns its atlas name."""
+    """Build the atlas of the activations that matter for one class; returns its atlas name.
+
+    The selection is the samples whose highest attribution goes to the class plus the ``top_k`` of highest positive
+    attribution to it (:func:`select_class`). It is laid out with ``method`` (``n_neighbors`` = a quarter of the
+    selection, 2 to 50) as atlas ``class-{slug of the class name}`` of ``layer``, then gridded, rendered and,
+    with ``tiles``, tiled with the class highlighted. Needs a run sampled with attribution.
+
+    Parameters
+    ----------
+    run_dir : str or Path
+        The run folder, sampled (``atlas sample``) with attribution at ``layer``.
+    layer : str
+        A sampled layer, e.g. "mixed4c".
+    cls : str or int
+        The class: a name ("scuba diver", any synonym, case and spaces ignored), a synset ("n10565667") or an
+        index ("983" or 983) (:func:`atlas.classnames.resolve_class`).
+    top_k : int, default 2000
+        Samples of highest positive attribution added to the winners, at least 0.
+    method : str, default "tsne"
+        Layout method: "umap", "tsne" or "pca" (``ProjectSettings.method``).
+    sizes : tuple of int, default (8,)
+        Grid sizes, each 2 to 2048 (the range of ``GridSettings.sizes``). Every cell with a sample gets an icon
+        (``min_count`` 1: a class selection is small).
+    quality : str, default "draft"
+        Icon preset: "draft", "standard" or "paper" (``RenderSettings.quality``, ``atlas.settings.PRESETS``).
+    seed : int, default 0
+        Seed of the layout, 0 to 2**32 - 1 (``ProjectSettings.seed``). The icons' seed is ``render_kwargs["seed"]``.
+    tiles : bool, default True
+        Also write the tiles and viewer (:func:`atlas.tiles.make_tiles`); OpenSeadragon is checked first, so a
+        missing install fails before any layout or icon work.
+    render_kwargs : dict or None, default None
+        Further keyword arguments of :func:`atlas.render.render` (``steps``, ``size``, ``attempts``, ``batch``, ``p``,
+        ``device``, ``icons``, ``seed``, ``network``, ...), with :class:`atlas.settings.RenderSettings`' ranges.
+
+    Returns
+    -------
+    str
+        The atlas name, ``class-{slug}`` (its layout, grids and icons are stored under that name; its tiles at
+        ``tiles/{layer}/{name}``).
+
+    Raises
+    ------
+    AtlasError
+        For an unknown or ambiguous class, a run without attributions, fewer than 4 selected samples, a missing
+        OpenSeadragon (with ``tiles``) or a render setting out of range.
+    """
     _require_viewer(tiles)
     classes, weights = _run_classes(run_dir)
     ref = resolve_class(cls, classes, weights)
@@ -115,7 +160,50 @@ def difference_layout(diff: np.ndarray, activations: np.ndarray, seed: int = 0) 
 def compare_atlas(run_dir: str | Path, layer: str, first: str | int, second: str | int, top_k: int = 2000,
                   sizes: tuple[int, ...] = (8,), quality: str = "draft", seed: int = 0, tiles: bool = True,
                   render_kwargs: dict | None = None) -> str:
-    """Build the class-difference atlas of two classes; returns its atlas name."""
+    """Build the class-difference atlas of two classes; returns its atlas name.
+
+    The union of both classes' selections (as in :func:`class_atlas`) is laid out with x = attribution to
+    ``second`` minus attribution to ``first`` (normalised by its 99th percentile of absolute value, clipped to
+    [-1, 1]) and y = a 1-D t-SNE of the activations (:func:`difference_layout`), stored as atlas
+    ``compare-{first}-vs-{second}``, then gridded, rendered and, with ``tiles``, tiled with ``second``
+    highlighted. Needs a run sampled with attribution.
+
+    Parameters
+    ----------
+    run_dir : str or Path
+        The run folder, sampled with attribution at ``layer``.
+    layer : str
+        A sampled layer, e.g. "mixed4c".
+    first, second : str or int
+        Two different classes, each a name, synset or index (:func:`atlas.classnames.resolve_class`); ``first``
+        is drawn on the left, ``second`` on the right.
+    top_k : int, default 2000
+        Samples of highest positive attribution added to each class's winners, at least 0.
+    sizes : tuple of int, default (8,)
+        Grid sizes, each 2 to 2048 (the range of ``GridSettings.sizes``). Every cell with a sample gets an icon
+        (``min_count`` 1: a class selection is small).
+    quality : str, default "draft"
+        Icon preset: "draft", "standard" or "paper" (``RenderSettings.quality``, ``atlas.settings.PRESETS``).
+    seed : int, default 0
+        Seed of the layout, 0 to 2**32 - 1 (``ProjectSettings.seed``). The icons' seed is ``render_kwargs["seed"]``.
+    tiles : bool, default True
+        Also write the tiles and viewer (:func:`atlas.tiles.make_tiles`); OpenSeadragon is checked first, so a
+        missing install fails before any layout or icon work.
+    render_kwargs : dict or None, default None
+        Further keyword arguments of :func:`atlas.render.render` (``steps``, ``size``, ``attempts``, ``batch``, ``p``,
+        ``device``, ``icons``, ``seed``, ``network``, ...), with :class:`atlas.settings.RenderSettings`' ranges.
+
+    Returns
+    -------
+    str
+        The atlas name, ``compare-{slug of first}-vs-{slug of second}``.
+
+    Raises
+    ------
+    AtlasError
+        For an unknown or ambiguous class, the same class twice, a run without attributions, fewer than 4
+        selected samples, a missing OpenSeadragon (with ``tiles``) or a render setting out of range.
+    """
     _require_viewer(tiles)
     classes, weights = _run_classes(run_dir)
     a, b = resolve_class(first, classes, weights), resolve_class(second, classes, weights)
