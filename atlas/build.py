@@ -179,7 +179,41 @@ def _fmt(seconds: float) -> str:
 
 @store.writer
 def build(config: dict, dry_run: bool = False, echo=print) -> BuildResult:
-    """Run (or, with ``dry_run``, describe) every stage of the pipeline for the resolved ``config``."""
+    """Run (or, with ``dry_run``, describe) every stage of the pipeline for the resolved ``config``.
+
+    The stages sample -> project -> grid -> render -> tiles run in order, each for every layer of ``run.layers``.
+    A stage whose key (its settings and everything upstream of it) matches what the store recorded for a finished
+    run of it is skipped as up to date; the store's ledger owns that record, so an interrupted or changed build
+    redoes only what no longer matches and says why.
+
+    Parameters
+    ----------
+    config : dict
+        ``{table: {setting: value}}`` with the tables ``run``, ``sample``, ``project``, ``grid``, ``render`` and
+        ``tiles`` (as :func:`load_config` returns them; missing settings take their defaults). Each table's settings,
+        defaults and ranges are those of :class:`atlas.settings.RunSettings`, ``SampleSettings``,
+        ``ProjectSettings``, ``GridSettings``, ``RenderSettings`` and ``TilesSettings`` (docs/settings.md lists
+        them). ``run.images`` and ``run.out`` are required.
+    dry_run : bool, default False
+        Only print the resolved settings, what images were found and each stage's estimated cost on a 2-core CPU;
+        nothing is written.
+    echo : callable, default print
+        Receives each progress line (a stage starting or skipped, and why).
+
+    Returns
+    -------
+    BuildResult
+        ``run_dir``; ``ran`` and ``skipped`` (stage names); ``seconds`` per stage that ran; ``summary`` (total and
+        stage seconds, and per layer the samples, kept cells and icons per grid size). With ``dry_run`` only
+        ``run_dir`` is set.
+
+    Raises
+    ------
+    AtlasError
+        Before any work, for an unknown table or setting, a value out of range, no ``images`` or ``out``, a device
+        this machine lacks, a missing OpenSeadragon, an unknown model or layer, images not found, or a run folder
+        holding another run; during a stage, as that stage says.
+    """
     config = check(config)  # every value checked and normalised before the stages (and torch) are imported
     net, images = validate(config)
     from atlas import grid, layout, render, sample

@@ -107,7 +107,7 @@ def class_atlas(run_dir: str | Path, layer: str, cls: str | int, top_k: int = 20
     method : str, default "tsne"
         Layout method: "umap", "tsne" or "pca" (``ProjectSettings.method``).
     sizes : tuple of int, default (8,)
-        Grid sizes, each 2 to 2048 (the range of ``GridSettings.sizes``). Every cell with a sample gets an icon
+        Grid sizes, 1 to 2048 (``GridSettings.sizes``, 2 to 2048, is what the CLI asks). Every cell with a sample gets an icon
         (``min_count`` 1: a class selection is small).
     quality : str, default "draft"
         Icon preset: "draft", "standard" or "paper" (``RenderSettings.quality``, ``atlas.settings.PRESETS``).
@@ -180,7 +180,7 @@ def compare_atlas(run_dir: str | Path, layer: str, first: str | int, second: str
     top_k : int, default 2000
         Samples of highest positive attribution added to each class's winners, at least 0.
     sizes : tuple of int, default (8,)
-        Grid sizes, each 2 to 2048 (the range of ``GridSettings.sizes``). Every cell with a sample gets an icon
+        Grid sizes, 1 to 2048 (``GridSettings.sizes``, 2 to 2048, is what the CLI asks). Every cell with a sample gets an icon
         (``min_count`` 1: a class selection is small).
     quality : str, default "draft"
         Icon preset: "draft", "standard" or "paper" (``RenderSettings.quality``, ``atlas.settings.PRESETS``).
