@@ -25,7 +25,29 @@ def _summary(node) -> dict:
 
 
 def info(run_dir: str | Path) -> dict:
-    """Everything ``atlas info`` reports, read from the store (nothing is computed)."""
+    """Everything ``atlas info`` reports, read from the store (nothing is computed, nothing is written).
+
+    Parameters
+    ----------
+    run_dir : str or Path
+        A run folder (one holding ``store.zarr``), complete or not: a run interrupted in any stage reports what it
+        has (``complete`` says whether sampling finished).
+
+    Returns
+    -------
+    dict
+        JSON-able, schema 1 (the module docstring): the run's model, weights and their sha256, sampling seed and
+        ``per_image``, ``n_images``, ``n_skipped`` (unreadable images in finished shards) and ``complete``; per
+        sampled layer its channels, ``grid_hw`` (positions), valid ``samples``, whether it has attributions and a
+        whitening matrix, and per atlas the ``summary`` each stage stored with its layout, grids and icons (by grid
+        size, as strings); ``tiles``, the entries of ``tiles/atlases.json`` (empty before the tiles stage).
+        :func:`format_info` turns it into the short text of ``atlas info``.
+
+    Raises
+    ------
+    AtlasError
+        If ``run_dir`` holds no store, or a metadata file in it is unreadable (one line naming it).
+    """
     run_dir = Path(run_dir)
     root = store.open_store(run_dir)
     store.check_metadata(root)  # a garbage zarr.json anywhere is one line, not a traceback halfway through
