@@ -5,7 +5,9 @@ file (``configs/*.toml``, one table per stage) and explicit arguments. Each stag
 settings are hashed together with the key of the stage before it; the key is recorded in
 the store when the stage finishes. Running ``build`` again skips every stage whose key is
 unchanged, so changing ``grid.sizes`` redoes grid, render and tiles but neither sampling
-nor projection. A killed build resumes: each stage is itself resumable.
+nor projection. A killed build resumes: each stage is itself resumable. The loop itself (run in order, skip
+what is current, record what finished, one progress line per stage) is :func:`atlas.runner.run_stages`,
+which ``atlas class`` and ``atlas compare`` use too; ``build`` only makes the five steps.
 
 Freshness is the store's (``atlas.store``): a stage's record is invalidated the moment that
 stage, or any earlier one, starts rewriting data (whether run by ``build`` or by its own
@@ -24,6 +26,7 @@ from pathlib import Path
 
 from atlas import store
 from atlas.errors import AtlasError
+from atlas.runner import Step, fmt_seconds, run_stages
 from atlas.settings import STAGES as SETTINGS
 from atlas.settings import check_device, check_out_folder, defaults, resolve
 
@@ -172,11 +175,6 @@ def estimate(config: dict, n_images: int) -> dict[str, float]:
     }
 
 
-def _fmt(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
 @store.writer
 def build(config: dict, dry_run: bool = False, echo=print) -> BuildResult:
     """Run (or, with ``dry_run``, describe) every stage of the pipeline for the resolved ``config``.
@@ -226,54 +224,48 @@ def build(config: dict, dry_run: bool = False, echo=print) -> BuildResult:
         echo(json.dumps(config, indent=2, default=str))
         echo(f"{images.summary} -> {out}")
         for stage in STAGES:
-            echo(f"  {stage:8s} estimated {_fmt(costs[stage])} on a 2-core CPU")
-        echo(f"  total    estimated {_fmt(sum(costs.values()))}")
+            echo(f"  {stage:8s} estimated {fmt_seconds(costs[stage])} on a 2-core CPU")
+        echo(f"  total    estimated {fmt_seconds(sum(costs.values()))}")
         return BuildResult(out)
 
     echo(images.summary)  # what was found where, before any work
     store.take_lock(out, create=True)  # one writer per run folder, for the whole build
-    result = BuildResult(out)
+    layers, sizes = run["layers"], list(config["grid"]["sizes"])
+
+    def run_sample() -> None:  # one pass samples every layer
+        s = config["sample"]
+        sample.sample(images, layers, out, net=net, per_image=s["per_image"], seed=s["seed"], batch_size=s["batch_size"],
+                      workers=s["workers"], attribution=s["attribution"], dtype=s["dtype"], precision=s["precision"],
+                      device=s["device"])
+
+    def run_project() -> None:
+        s = config["project"]
+        for layer in layers:
+            layout.project(out, layer, method=s["method"], n_neighbors=s["n_neighbors"], min_dist=s["min_dist"], metric=s["metric"],
+                           pca=s["pca"], seed=s["seed"], outside=s["outside"], progress=True, knn=s["knn"])
+
+    def run_grid() -> None:
+        for layer in layers:
+            grid.grid(out, layer, list(sizes), min_count=config["grid"]["min_count"])
+
+    def run_render() -> None:
+        s = config["render"]
+        for layer in layers:
+            render.render(out, layer, list(sizes), quality=s["quality"], steps=s["steps"], size=s["size"], attempts=s["attempts"],
+                          batch=s["batch"], p=s["p"], device=s["device"], icons=s["icons"], seed=s["seed"], network=net)
+
+    def run_tiles() -> None:
+        s = config["tiles"]
+        for layer in layers:
+            tiles_stage.make_tiles(out, layer, sizes=list(sizes), fmt=s["format"], density_scale=s["density_scale"], examples=s["examples"])
+
+    work = {"sample": run_sample, "project": run_project, "grid": run_grid, "render": run_render, "tiles": run_tiles}
+    steps = [Step(stage, keys[stage], work[stage], costs[stage], *_outputs(stage, layers, sizes)) for stage in STAGES]
     start = time.perf_counter()
-    remaining = sum(costs.values())
-    for number, stage in enumerate(STAGES, 1):
-        # Asked stage by stage: a stage that runs invalidates the records of every later one as it starts writing.
-        why = _recorded(out, stage, keys[stage])
-        if why is None:
-            result.skipped.append(stage)
-            remaining -= costs[stage]
-            echo(f"[{number}/{len(STAGES)}] {stage}: up to date, skipped")
-            continue
-        echo(f"[{number}/{len(STAGES)}] {stage} ({why}; overall ETA {_fmt(remaining)})")
-        t0 = time.perf_counter()
-        s = config[stage]
-        if stage == "sample":  # one pass samples every layer
-            sample.sample(images, run["layers"], out, net=net, per_image=s["per_image"], seed=s["seed"], batch_size=s["batch_size"],
-                          workers=s["workers"], attribution=s["attribution"], dtype=s["dtype"], precision=s["precision"],
-                          device=s["device"])
-        for layer in run["layers"] if stage != "sample" else []:
-            if stage == "project":
-                layout.project(out, layer, method=s["method"], n_neighbors=s["n_neighbors"], min_dist=s["min_dist"], metric=s["metric"],
-                               pca=s["pca"], seed=s["seed"], outside=s["outside"], progress=True, knn=s["knn"])
-            elif stage == "grid":
-                grid.grid(out, layer, list(s["sizes"]), min_count=s["min_count"])
-            elif stage == "render":
-                render.render(out, layer, list(config["grid"]["sizes"]), quality=s["quality"], steps=s["steps"], size=s["size"],
-                              attempts=s["attempts"], batch=s["batch"], p=s["p"], device=s["device"], icons=s["icons"], seed=s["seed"],
-                              network=net)
-            else:
-                tiles_stage.make_tiles(out, layer, sizes=list(config["grid"]["sizes"]), fmt=s["format"],
-                                       density_scale=s["density_scale"], examples=s["examples"])
-        result.seconds[stage] = time.perf_counter() - t0
-        result.ran.append(stage)
-        remaining = max(remaining - costs[stage], 0.0)
-        _record(out, stage, keys[stage], run["layers"], list(config["grid"]["sizes"]))
-    result.summary = _summary(out, run["layers"], time.perf_counter() - start, result)
+    report = run_stages(out, steps, echo)
+    result = BuildResult(out, report.ran, report.skipped, report.seconds)
+    result.summary = _summary(out, layers, time.perf_counter() - start, result)
     return result
-
-
-def _recorded(out: Path, stage: str, key: str) -> str | None:
-    """None when ``stage`` finished under ``key`` and what it wrote is intact in the store, else why it must run."""
-    return store.stage_status(out, stage, key)
 
 
 def _outputs(stage: str, layers: list[str], sizes: list[int]) -> tuple[list[str], list[str]]:
@@ -287,13 +279,6 @@ def _outputs(stage: str, layers: list[str], sizes: list[int]) -> tuple[list[str]
     }.get(stage, [])
     files = [f"tiles/{layer}/{full}/atlas.json" for layer in layers] if stage == "tiles" else []
     return nodes, files
-
-
-def _record(out: Path, stage: str, key: str, layers: list[str], sizes: list[int]) -> None:
-    """Record a finished stage's key with what it wrote. Keys are chained, so a redone stage changes every later key by
-    itself; and a stage that starts writing drops the records of every later one (atlas.store.begin_stage)."""
-    nodes, files = _outputs(stage, layers, sizes)
-    store.record_stage(out, stage, key, nodes, files)
 
 
 def _summary(out: Path, layers: list[str], seconds: float, result: BuildResult) -> dict:

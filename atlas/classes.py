@@ -18,6 +18,7 @@ import numpy as np
 from atlas import layout, store
 from atlas.classnames import ClassRef, resolve_class
 from atlas.errors import AtlasError
+from atlas.runner import Step, run_stages
 
 __all__ = ["ClassRef", "class_atlas", "compare_atlas", "difference_layout", "resolve_class", "select_class", "slug"]
 
@@ -71,15 +72,22 @@ def _require_viewer(tiles: bool) -> None:
         require_viewer_assets()
 
 
-def _finish(run_dir, layer: str, atlas: str, sizes, quality: str, render_kwargs: dict, tiles: bool, highlight: str | None) -> str:
-    """Grid, render and tile an atlas whose layout is stored: the same path as the full atlas."""
+def _run(run_dir, layer: str, atlas: str, lay_out, sizes, quality: str, render_kwargs: dict, tiles: bool,
+         highlight: str | None) -> str:
+    """Lay out (``lay_out``), grid, render and tile an atlas through the stage runner: the same stages as the full atlas.
+
+    The steps have no key: a class or compare atlas is not recorded in the store's ledger (its records are those of
+    the whole-layer atlas), so every step runs; render resumes its icons by their own per-cell digest.
+    """
     from atlas import grid, render
     from atlas import tiles as tiles_stage
 
-    grid.grid(run_dir, layer, list(sizes), atlas=atlas, min_count=1)
-    render.render(run_dir, layer, list(sizes), atlas=atlas, quality=quality, **render_kwargs)
+    steps = [Step("project", None, lay_out),
+             Step("grid", None, lambda: grid.grid(run_dir, layer, list(sizes), atlas=atlas, min_count=1)),
+             Step("render", None, lambda: render.render(run_dir, layer, list(sizes), atlas=atlas, quality=quality, **render_kwargs))]
     if tiles:
-        tiles_stage.make_tiles(run_dir, layer, atlas=atlas, highlight=highlight)
+        steps.append(Step("tiles", None, lambda: tiles_stage.make_tiles(run_dir, layer, atlas=atlas, highlight=highlight)))
+    run_stages(run_dir, steps)
     return atlas
 
 
@@ -139,10 +147,13 @@ def class_atlas(run_dir: str | Path, layer: str, cls: str | int, top_k: int = 20
     if rows.size < 4:
         raise AtlasError(f"only {rows.size} samples matter for '{ref.name}' at {layer}; sample more images or positions")
     name = f"class-{slug(ref.name)}"
-    layout.project(run_dir, layer, method=method, atlas=name, rows=rows, seed=seed,
-                   n_neighbors=min(50, max(2, rows.size // 4)))
-    _annotate(run_dir, layer, name, {"kind": "class", "classes": [ref.index], "class_names": [ref.name], "top_k": top_k})
-    return _finish(run_dir, layer, name, sizes, quality, render_kwargs or {}, tiles, highlight=ref.name)
+
+    def lay_out() -> None:
+        layout.project(run_dir, layer, method=method, atlas=name, rows=rows, seed=seed,
+                       n_neighbors=min(50, max(2, rows.size // 4)))
+        _annotate(run_dir, layer, name, {"kind": "class", "classes": [ref.index], "class_names": [ref.name], "top_k": top_k})
+
+    return _run(run_dir, layer, name, lay_out, sizes, quality, render_kwargs or {}, tiles, highlight=ref.name)
 
 
 def difference_layout(diff: np.ndarray, activations: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -224,8 +235,8 @@ def compare_atlas(run_dir: str | Path, layer: str, first: str | int, second: str
     attrs = {"kind": "compare", "method": "attribution-difference x, 1-D t-SNE y", "seed": seed, "classes": [a.index, b.index],
              "class_names": [a.name, b.name], "axis_labels": [a.name, b.name], "top_k": top_k,
              "summary": {"method": "compare", "n": int(rows.size), "classes": [a.name, b.name]}}
-    layout.save_layout(run_dir, layer, name, rows, raw, xy, np.ones(rows.size, bool), attrs)
-    return _finish(run_dir, layer, name, sizes, quality, render_kwargs or {}, tiles, highlight=b.name)
+    return _run(run_dir, layer, name, lambda: layout.save_layout(run_dir, layer, name, rows, raw, xy, np.ones(rows.size, bool), attrs),
+                sizes, quality, render_kwargs or {}, tiles, highlight=b.name)
 
 
 def _annotate(run_dir, layer: str, atlas: str, extra: dict) -> None:
