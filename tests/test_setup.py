@@ -76,6 +76,8 @@ def _undeclared(folder: Path, declared: set[str], local: set[str], optional: dic
         if module in sys.stdlib_module_names or module in local or module in optional:
             continue
         dists = {_norm(d) for d in providers.get(module, [])}
+        if not dists and _norm(module) in declared:
+            continue  # declared under its own name but not installed here (e.g. the bench extra in a dev-only venv)
         if not dists:
             problems.append(f"{module} (imported in {where}) is not installed, so not declared by any installed distribution")
         elif not dists & declared:
