@@ -12,6 +12,8 @@ once, for the renderer's objective.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -311,6 +313,12 @@ def _write_cells(group, cells: Cells, layout_attrs: dict) -> dict:
         write_array(node, "top_attribution", cells.top_attribution)
     write_array(node, "nearest", cells.nearest)
     write_array(node, "cell", cells.cell)
-    node.attrs.update({**cells.summary, "layout_id": layout_attrs.get("layout_id"), "nearest_metric": "cosine to cell mean",
-                       "summary": cells.summary})
+    # The lineage store.verify checks: this grid was binned from the layout with ``layout_id``, and its own content
+    # is ``grid_id``, which render records on the icons it draws from it (tiles then refuse icons of an older grid).
+    h = hashlib.sha256(json.dumps([layout_attrs.get("layout_id"), cells.summary], sort_keys=True).encode())
+    for part in (cells.count, cells.render, cells.mean_activation, cells.nearest, cells.mean_attribution, cells.top_classes):
+        if part is not None:
+            h.update(np.ascontiguousarray(part).tobytes())
+    node.attrs.update({**cells.summary, "layout_id": layout_attrs.get("layout_id"), "grid_id": h.hexdigest()[:16],
+                       "nearest_metric": "cosine to cell mean", "summary": cells.summary})
     return cells.summary

@@ -40,6 +40,10 @@ Every stage brackets its writes with :func:`begin_stage` and :func:`finish_stage
   mtimes are those already checked in this process). A missing, truncated, changed or extra
   chunk, an unreadable ``zarr.json`` or an unsealed half-written node is one
   :class:`AtlasError` naming the array and the stage to re-run.
+- :func:`verify` also checks lineage (:func:`check_lineage`): a grid records the ``layout_id`` of its
+  layout and its own ``grid_id``, icons the ``grid_id`` of their grid; a grid or icons node whose input
+  has changed since is one line saying which stage to re-run. No stage deletes another stage's data to
+  signal this.
 - ``atlas build`` records a stage's key with :func:`record_stage` once the stage has finished and
   skips it later only when :func:`stage_status` finds the record, the same key and every
   recorded array intact.
@@ -436,11 +440,13 @@ def verify(where: str | Path | zarr.Group, paths: Iterable[str]) -> None:
     """Check every node under ``paths`` before a stage reads it; raise one line naming a damaged or incomplete array.
 
     ``where`` is the run folder or an open group of its store. Nodes that do not exist are
-    left to the caller's own "run `atlas ...` first" message.
+    left to the caller's own "run `atlas ...` first" message. Grids and icons are also refused when their
+    input changed after they were computed (:func:`check_lineage`), so nothing downstream of a rewrite is used.
     """
     store_dir = _store_dir(where)
     ledger = read_ledger(store_dir)
-    for p in [p.strip("/") for p in paths]:
+    paths = [p.strip("/") for p in paths]
+    for p in paths:
         for marked, info in ledger["writing"].items():
             if _under(p, marked) or _under(marked, p):
                 stage = info.get("stage")
@@ -454,6 +460,63 @@ def verify(where: str | Path | zarr.Group, paths: Iterable[str]) -> None:
             found = _problem(store_dir / rel, seal, meta)
             if found is not None:
                 raise AtlasError(f"{store_dir / rel} is damaged ({found[0]}); {_hint(rel)}")
+    check_lineage(store_dir, paths)
+
+
+# Lineage: a node records the identity of the node it was computed from, and a reader refuses it when that node has
+# changed since. kind -> (the input's kind, the depth of the input's path, the attribute naming the input's content).
+# A grid (grids/L/A/S) records its layout's ``layout_id``; icons (icons/L/A/S) their grid's ``grid_id``.
+LINEAGE = {"grids": ("layouts", 3, "layout_id"), "icons": ("grids", 4, "grid_id")}
+
+
+def _node_attrs(store_dir: Path, rel: str) -> dict | None:
+    """The attributes in a node's zarr.json, or None when it has none (or is not there)."""
+    try:
+        doc = json.loads((store_dir / rel / "zarr.json").read_bytes())
+    except (OSError, ValueError):
+        return None
+    found = doc.get("attributes") if isinstance(doc, dict) else None
+    return found if isinstance(found, dict) else None
+
+
+def stale(where: str | Path | zarr.Group, path: str) -> str | None:
+    """Why the grid or icons node ``path`` (``grids/L/A/S``, ``icons/L/A/S``) no longer matches its input, or None.
+
+    None also when either side records no identity (stores written before lineage existed) or the input
+    is missing (the caller's own "run `atlas ...` first" applies).
+    """
+    store_dir = _store_dir(where)
+    parts = path.strip("/").split("/")
+    if parts[0] not in LINEAGE or len(parts) != 4:
+        return None
+    kind, depth, key = LINEAGE[parts[0]]
+    mine, theirs = _node_attrs(store_dir, path.strip("/")), _node_attrs(store_dir, "/".join([kind, *parts[1:depth]]))
+    if not mine or not theirs or mine.get(key) is None or theirs.get(key) is None or mine[key] == theirs[key]:
+        return None
+    layer, atlas = parts[1], parts[2]
+    if atlas != FULL_ATLAS:
+        again = f"re-run the `atlas class` / `atlas compare` command that made atlas '{atlas}'"
+    else:
+        again = f"re-run `atlas {'grid' if parts[0] == 'grids' else 'render'}` (or `atlas build`)"
+    if parts[0] == "grids":
+        return f"grids of {layer}/{atlas} were built from an older layout; {again}"
+    return f"icons of {layer}/{atlas} (grid {parts[3]}) were rendered from an older grid; {again}"
+
+
+def check_lineage(where: str | Path | zarr.Group, paths: Iterable[str]) -> None:
+    """Raise one line for the first grid or icons node under ``paths`` that is :func:`stale`."""
+    store_dir = _store_dir(where)
+    for p in [p.strip("/") for p in paths]:
+        parts = p.split("/")
+        if parts[0] not in LINEAGE or len(parts) > 4 or not (store_dir / p).is_dir():
+            continue
+        nodes = [p] if len(parts) == 4 else sorted(q.relative_to(store_dir).as_posix()
+                                                   for q in (store_dir / p).glob("/".join(["*"] * (4 - len(parts))))
+                                                   if (q / "zarr.json").is_file())
+        for node in nodes:
+            why = stale(store_dir, node)
+            if why is not None:
+                raise AtlasError(why)
 
 
 def check_metadata(where: str | Path | zarr.Group) -> None:

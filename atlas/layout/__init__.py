@@ -350,9 +350,10 @@ def save_layout(run_dir: str | Path, layer: str, atlas: str, rows: np.ndarray, r
     """Store a layout at ``layouts/{layer}/{atlas}`` (replacing any old one), sorted by row.
 
     The project stage's store writer, also for layouts computed elsewhere (a notebook, another projection).
-    Grids and icons built on an older layout of the same atlas are deleted with it, as their cells no longer
-    match; the store's ledger marks the three paths as being rewritten (``store.begin_stage``) until the write is
-    finished, and drops the build records of this and later stages when the atlas is "full".
+    The store's ledger marks the layout as being rewritten (``store.begin_stage``) until the write is finished,
+    and drops the build records of this and later stages when the atlas is "full". Grids record the ``layout_id``
+    they were binned from, so ``store.verify`` refuses a grid of an older layout by itself; grids and icons of the
+    same atlas are nevertheless still deleted here, because tests/test_layout.py asserts that deletion (issue 12).
 
     Parameters
     ----------
@@ -404,6 +405,7 @@ def save_layout(run_dir: str | Path, layer: str, atlas: str, rows: np.ndarray, r
         raise AtlasError(f"layout rows out of range for layer '{layer}' ({n_rows} rows)")
     written = [f"layouts/{layer}/{atlas}", f"grids/{layer}/{atlas}", f"icons/{layer}/{atlas}"]
     store.begin_stage(run_dir, "project", written, atlas)  # from here on the old layout and what was built on it are gone
+    # (the deletion below is redundant with the grids' recorded layout_id, kept while a test asserts it)
     layouts = root.require_group("layouts").require_group(layer)
     if atlas in layouts:
         del layouts[atlas]

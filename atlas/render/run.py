@@ -5,7 +5,10 @@ the mode and every setting that changes pixels, and the ``digest`` array holds a
 each cell's direction. A cell is skipped when it is ``done`` under the same key and
 digest, so re-running renders nothing new, changing the grid re-renders only the cells
 that changed, and a killed run loses at most the batch in flight (results are written,
-then marked done, after every batch).
+then marked done, after every batch). Cells the grid no longer renders are cleared, and the
+finished icons record the grid's ``grid_id``: ``store.verify`` refuses icons of an older grid
+(``atlas tiles`` says to re-run ``atlas render``), and render itself refuses a grid built from
+an older layout.
 """
 
 from __future__ import annotations
@@ -69,6 +72,24 @@ def _open_icons(root: zarr.Group, path: str, shape: tuple[int, int], size: int, 
         create_array(group, "digest", shape, np.int64, chunks=shape, fill_value=-1, overwrite=True)
         group.attrs.update(attrs | {"key": key})
     return group
+
+
+def _drop_outside(group: zarr.Group, mask: np.ndarray) -> None:
+    """Forget the icons of cells this grid does not render (left by an older grid), so icons depend on the grid only."""
+    done = group["done"][...]
+    gone = done & ~mask
+    if not gone.any():
+        return
+    done[gone] = False
+    group["done"][...] = done  # first: an interrupted clean-up leaves cells "not done", never stale ones "done"
+    for gy in np.unique(np.nonzero(gone)[0]):
+        row = group["images"][int(gy)]
+        row[gone[gy]] = 0
+        group["images"][int(gy)] = row
+    for name, fill in (("cosine", np.nan), ("objective", np.nan), ("digest", -1)):
+        arr = group[name][...]
+        arr[gone] = fill
+        group[name][...] = arr
 
 
 def _write(group: zarr.Group, cells: np.ndarray, images: np.ndarray, cosine: np.ndarray, objective: np.ndarray,
@@ -178,6 +199,7 @@ def render(run_dir: str | Path, layer: str, sizes: Sequence[int] | int, atlas: s
                 net = _load_network(root, device)
             summaries[grid_size] = _render_optimize(root, grid, net, layer, atlas, grid_size, settings, batch, device, seed,
                                                     whiten, progress)
+        root[ipath].attrs["grid_id"] = grid.attrs.get("grid_id")  # the lineage: these icons are this grid's (store.stale)
         store.finish_stage(run_dir, "render", [ipath])
     return summaries
 
@@ -225,6 +247,7 @@ def _render_optimize(root: zarr.Group, grid: zarr.Group, net: Network, layer: st
     key = hashlib.sha256(json.dumps(key_source, sort_keys=True).encode()).hexdigest()
     group = _open_icons(root, f"icons/{layer}/{atlas}/{grid_size}", mask.shape, settings.size, key,
                         {"mode": "optimize", "settings": settings_attrs})
+    _drop_outside(group, mask)
     cells = np.argwhere(mask)
     vectors = np.stack([np.asarray(means[int(gy), int(gx)], dtype=np.float32) for gy, gx in cells]) if len(cells) else \
         np.zeros((0, 1), np.float32)
@@ -269,6 +292,7 @@ def _render_examples(run_dir: str | Path, root: zarr.Group, grid: zarr.Group, la
     key = hashlib.sha256(json.dumps(key_source, sort_keys=True).encode()).hexdigest()
     group = _open_icons(root, f"icons/{layer}/{atlas}/{grid_size}", mask.shape, size, key,
                         {"mode": "examples", "settings": settings_attrs})
+    _drop_outside(group, mask)
     cells = np.argwhere(mask)
     done, have = group["done"][...], group["digest"][...]
     digests = np.array([_digest(nearest[gy, gx].tobytes()) for gy, gx in cells], dtype=np.int64)
