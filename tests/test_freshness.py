@@ -8,44 +8,20 @@ refuses a grid of an older layout and icons of an older grid in one line, and no
 
 from __future__ import annotations
 
-import contextlib
-import io
 import shutil
 import subprocess
-import sys
-import zlib
 from pathlib import Path
 
 import pytest
 import zarr
-from conftest import WEIGHTS
+from tiny_run import CONFIG, LAYER
+from tiny_run import cli as _cli
+from tiny_run import one_line as _one_line
+from tiny_run import snapshot as _snapshot
 
 from atlas import store
 from atlas.build import build, load_config, merge
 
-LAYER = "mixed4c"
-CONFIG = f"""
-[run]
-layers = ["{LAYER}"]
-[sample]
-weights = "{WEIGHTS}"
-max_images = 8
-per_image = 4
-workers = 0
-batch_size = 8
-attribution = false
-[project]
-method = "tsne"
-[grid]
-sizes = [4]
-min_count = 1
-[render]
-quality = "draft"
-steps = 4
-size = 16
-[tiles]
-examples = false
-"""
 GRID = ["--layer", LAYER, "--grid", "4", "--min-count", "1"]
 RENDER = ["--layer", LAYER, "--grid", "4", "--quality", "draft", "--steps", "4", "--size", "16"]
 TILES = ["--layer", LAYER, "--no-examples"]
@@ -53,38 +29,8 @@ OLD_LAYOUT = "grids of mixed4c/full were built from an older layout; re-run `atl
 OLD_GRID = "icons of mixed4c/full (grid 4) were rendered from an older grid; re-run `atlas render` (or `atlas build`)"
 
 
-def _cli(*args) -> subprocess.CompletedProcess:
-    """The real command line (``atlas.cli.main``) in this process (no second torch start-up)."""
-    from atlas.cli import main
-
-    out, err, argv = io.StringIO(), io.StringIO(), sys.argv
-    sys.argv = ["atlas", *map(str, args)]
-    code = 0
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            main()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    finally:
-        sys.argv = argv
-    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
-
-
-def _one_line(result: subprocess.CompletedProcess, needle: str) -> None:
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("atlas: error:"), result.stderr
-    assert needle in lines[0], lines[0]
-
-
 def _ok(result: subprocess.CompletedProcess) -> None:
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
-
-
-def _snapshot(folder: Path) -> dict[str, int]:
-    """crc32 of every file under ``folder`` (the lock file aside)."""
-    return {p.relative_to(folder).as_posix(): zlib.crc32(p.read_bytes()) for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != store.LOCK_NAME}
 
 
 @pytest.fixture(scope="module")

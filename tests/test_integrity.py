@@ -8,7 +8,6 @@ and copied for every test that damages or interrupts it.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import random
@@ -17,41 +16,20 @@ import signal
 import subprocess
 import sys
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import zarr
 from conftest import WEIGHTS
+from tiny_run import CONFIG, LAYER
+from tiny_run import cli as _cli
+from tiny_run import one_line as _one_line
+from tiny_run import snapshot as _snapshot
 
 from atlas import store
 from atlas.build import build, load_config, merge
 from atlas.errors import AtlasError
-
-LAYER = "mixed4c"
-CONFIG = f"""
-[run]
-layers = ["{LAYER}"]
-[sample]
-weights = "{WEIGHTS}"
-max_images = 8
-per_image = 4
-workers = 0
-batch_size = 8
-attribution = false
-[project]
-method = "tsne"
-[grid]
-sizes = [4]
-min_count = 1
-[render]
-quality = "draft"
-steps = 4
-size = 16
-[tiles]
-examples = false
-"""
 
 
 def _atlas(*args: str, **kwargs) -> subprocess.CompletedProcess:
@@ -59,43 +37,9 @@ def _atlas(*args: str, **kwargs) -> subprocess.CompletedProcess:
                           text=True, timeout=300, **kwargs)
 
 
-def _cli(*args) -> subprocess.CompletedProcess:
-    """The real command line (``atlas.cli.main``) run in this process: the same code path as the entry point without
-    a second torch start-up; used where another process is not the point of the test."""
-    from atlas.cli import main
-
-    out, err, argv = io.StringIO(), io.StringIO(), sys.argv
-    sys.argv = ["atlas", *map(str, args)]
-    code = 0
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            main()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    finally:
-        sys.argv = argv
-    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
-
-
 def _popen(*args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", "from atlas.cli import main; main()", *map(str, args)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def _one_line(result: subprocess.CompletedProcess, *needles: str) -> str:
-    """The command failed with exit 2 and exactly one `atlas: error:` line holding every needle."""
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("atlas: error:"), result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
-
-
-def _snapshot(folder: Path) -> dict[str, int]:
-    """crc32 of every file under ``folder`` (the lock file's pid aside)."""
-    return {p.relative_to(folder).as_posix(): zlib.crc32(p.read_bytes()) for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != store.LOCK_NAME}
 
 
 def _config(cfg: Path, images: Path, out: Path, **tables) -> dict:

@@ -1,0 +1,76 @@
+"""What the store tests share: one tiny build's config and the in-process command line with its one-line check.
+
+The tiny run is 8 photos x 4 positions, no attribution, a t-SNE layout, one 4x4 grid and 16 px draft icons:
+every stage runs in seconds, so tests can damage, interrupt or re-run copies of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+from conftest import WEIGHTS
+
+from atlas import store
+
+LAYER = "mixed4c"
+CONFIG = f"""
+[run]
+layers = ["{LAYER}"]
+[sample]
+weights = "{WEIGHTS}"
+max_images = 8
+per_image = 4
+workers = 0
+batch_size = 8
+attribution = false
+[project]
+method = "tsne"
+[grid]
+sizes = [4]
+min_count = 1
+[render]
+quality = "draft"
+steps = 4
+size = 16
+[tiles]
+examples = false
+"""
+
+
+def cli(*args) -> subprocess.CompletedProcess:
+    """The real command line (``atlas.cli.main``) run in this process: the same code path as the entry point without
+    a second torch start-up; used where another process is not the point of the test."""
+    from atlas.cli import main
+
+    out, err, argv = io.StringIO(), io.StringIO(), sys.argv
+    sys.argv = ["atlas", *map(str, args)]
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        sys.argv = argv
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+def one_line(result: subprocess.CompletedProcess, *needles: str) -> str:
+    """The command failed with exit 2 and exactly one `atlas: error:` line holding every needle."""
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("atlas: error:"), result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def snapshot(folder: Path) -> dict[str, int]:
+    """crc32 of every file under ``folder`` (the lock file's pid aside)."""
+    return {p.relative_to(folder).as_posix(): zlib.crc32(p.read_bytes()) for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != store.LOCK_NAME}
