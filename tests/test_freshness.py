@@ -14,13 +14,12 @@ from pathlib import Path
 
 import pytest
 import zarr
-from tiny_run import CONFIG, LAYER
+from tiny_run import LAYER, build_tiny, copy_run
 from tiny_run import cli as _cli
 from tiny_run import one_line as _one_line
 from tiny_run import snapshot as _snapshot
 
 from atlas import store
-from atlas.build import build, load_config, merge
 
 GRID = ["--layer", LAYER, "--grid", "4", "--min-count", "1"]
 RENDER = ["--layer", LAYER, "--grid", "4", "--quality", "draft", "--steps", "4", "--size", "16"]
@@ -35,19 +34,12 @@ def _ok(result: subprocess.CompletedProcess) -> None:
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory, photo_list) -> Path:
-    cfg = tmp_path_factory.mktemp("cfg") / "tiny.toml"
-    cfg.write_text(CONFIG)
-    out = tmp_path_factory.mktemp("base") / "run"
-    config = merge(load_config(cfg), {"run": {"images": str(photo_list), "out": str(out)}})
-    assert build(config, echo=lambda *_: None).ran == ["sample", "project", "grid", "render", "tiles"]
-    return out
+    return build_tiny(tmp_path_factory, photo_list)
 
 
 @pytest.fixture
 def run(base, tmp_path) -> Path:
-    out = tmp_path / "run"
-    shutil.copytree(base, out, symlinks=True)
-    return out
+    return copy_run(base, tmp_path)
 
 
 def test_reproject_then_render_and_tiles_refuse_until_grid_runs(run):

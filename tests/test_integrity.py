@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import zarr
 from conftest import WEIGHTS
-from tiny_run import CONFIG, LAYER
+from tiny_run import CONFIG, LAYER, build_tiny, copy_run
 from tiny_run import cli as _cli
 from tiny_run import one_line as _one_line
 from tiny_run import snapshot as _snapshot
@@ -75,17 +75,12 @@ def cfg(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def base(tmp_path_factory, cfg, photo_list) -> Path:
     """A finished tiny run (every stage recorded), never modified by the tests."""
-    out = tmp_path_factory.mktemp("base") / "run"
-    result = build(_config(cfg, photo_list, out), echo=lambda *_: None)
-    assert result.ran == ["sample", "project", "grid", "render", "tiles"]
-    return out
+    return build_tiny(tmp_path_factory, photo_list, cfg)
 
 
 @pytest.fixture
 def run(base, tmp_path) -> Path:
-    out = tmp_path / "run"
-    shutil.copytree(base, out, symlinks=True)
-    return out
+    return copy_run(base, tmp_path)
 
 
 # ----------------------------------------------------------------------------- integrity

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import shutil
 import subprocess
 import sys
 import zlib
@@ -74,3 +75,23 @@ def snapshot(folder: Path) -> dict[str, int]:
     """crc32 of every file under ``folder`` (the lock file's pid aside)."""
     return {p.relative_to(folder).as_posix(): zlib.crc32(p.read_bytes()) for p in sorted(folder.rglob("*"))
             if p.is_file() and p.name != store.LOCK_NAME}
+
+
+def build_tiny(tmp_path_factory, images: Path, cfg: Path | None = None) -> Path:
+    """A finished tiny run (every stage ran and is recorded) of ``images``, built with ``CONFIG`` (or ``cfg``)."""
+    from atlas.build import build, load_config, merge
+
+    if cfg is None:
+        cfg = tmp_path_factory.mktemp("cfg") / "tiny.toml"
+        cfg.write_text(CONFIG)
+    out = tmp_path_factory.mktemp("base") / "run"
+    config = merge(load_config(cfg), {"run": {"images": str(images), "out": str(out)}})
+    assert build(config, echo=lambda *_: None).ran == ["sample", "project", "grid", "render", "tiles"]
+    return out
+
+
+def copy_run(base: Path, tmp_path: Path) -> Path:
+    """A copy of a finished run for a test to damage, interrupt or re-run."""
+    out = tmp_path / "run"
+    shutil.copytree(base, out, symlinks=True)
+    return out
