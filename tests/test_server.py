@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from tiles_helpers import make_tile_run
+from tiny_run import one_line as assert_one_line
 
 from atlas.errors import AtlasError
 from atlas.tiles import make_tiles
@@ -254,13 +255,6 @@ def test_200_parallel_tile_requests(server, run):
 # ---------------------------------------------------------------------------- CLI: ports
 def cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
-
-
-def assert_one_line(proc: subprocess.CompletedProcess, *words: str) -> str:
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, (proc.returncode, proc.stderr)
-    assert lines[0].startswith("atlas: error: ") and all(w in lines[0] for w in words), lines[0]
-    return lines[0]
 
 
 @pytest.mark.parametrize("port", ["70000", "-1", "65536"])
