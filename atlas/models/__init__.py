@@ -47,11 +47,12 @@ from atlas.models.weights import (
     synset_words,
     synset_words_file,
 )
-from atlas.models.zoo import GOOGLENET_ALIASES, load_model
+from atlas.models.zoo import GOOGLENET_ALIASES, load_model, load_run_model
 
 __all__ = [
     "BVLC_BLOCKS", "DOWNLOAD_TIMEOUT", "GOOGLENET_ALIASES", "INCEPTION_FILES", "INCEPTION_LAYERS", "LUCENT_SHA256", "LUCENT_URL",
     "LUCID_BLOCKS", "InceptionV1", "LocalResponseNorm", "Mixed", "Network", "Preprocess", "SamePad", "SpaceToDepthConv2d",
     "StopForward", "_bvlc_key_map", "_lucid_key_map", "autocast_dtype", "cache_dir", "describe_layers", "imagenet_classes",
-    "inceptionv1", "load_model", "local_weights", "native_bf16", "resolve_weights", "sha256", "synset_words", "synset_words_file",
+    "inceptionv1", "load_model", "load_run_model", "local_weights", "native_bf16", "resolve_weights", "sha256", "synset_words",
+    "synset_words_file",
 ]  # fmt: skip

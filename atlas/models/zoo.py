@@ -130,3 +130,22 @@ def _prefixed(net: Network) -> Network:
     for path in inner:
         net.aliases.setdefault(path[len("net.") :], path)
     return net
+
+
+def load_run_model(attrs: dict, device: str = "cpu") -> Network:
+    """The model a run was sampled with, from its store's root ``attrs`` (``model``, ``weights``, ``weights_sha256``).
+
+    torchvision weights recorded as ``torchvision:NAME`` come from torchvision's cache again; a weights file whose
+    sha256 differs from the recorded one is one line (the run's samples were computed with other weights).
+    """
+    model = attrs.get("model")
+    if not model:
+        raise AtlasError("the run's store has no 'model' attribute; run `atlas sample` first")
+    weights = attrs.get("weights") or None
+    if weights and str(weights).startswith("torchvision:"):
+        weights = None
+    net = load_model(str(model), weights, device)
+    want = attrs.get("weights_sha256") or ""
+    if want and net.weights_sha256 and want != net.weights_sha256:
+        raise AtlasError(f"weights {net.weights} differ from the ones this run was sampled with (sha256 {want[:12]}...)")
+    return net

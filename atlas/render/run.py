@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from atlas import store
 from atlas.errors import AtlasError
-from atlas.models import Network, autocast_dtype, load_model
+from atlas.models import Network, autocast_dtype, load_run_model
 from atlas.render.examples import compose, sample_patches
 from atlas.render.objectives import direction
 from atlas.render.optimize import Settings, best_of, optimize
@@ -110,17 +110,7 @@ def _write(group: zarr.Group, cells: np.ndarray, images: np.ndarray, cosine: np.
 
 
 def _load_network(root: zarr.Group, device: str) -> Network:
-    model = root.attrs.get("model")
-    if not model:
-        raise AtlasError("the run's store has no 'model' attribute; run `atlas sample` first")
-    weights = root.attrs.get("weights") or None
-    if weights and str(weights).startswith("torchvision:"):
-        weights = None
-    net = load_model(str(model), weights, device)
-    want = root.attrs.get("weights_sha256") or ""
-    if want and net.weights_sha256 and want != net.weights_sha256:
-        raise AtlasError(f"weights {net.weights} differ from the ones this run was sampled with (sha256 {want[:12]}...)")
-    return net
+    return load_run_model(dict(root.attrs), device)
 
 
 @store.writer
