@@ -31,6 +31,7 @@ from atlas.settings import STAGES as SETTINGS
 from atlas.settings import check_device, check_out_folder, defaults, resolve
 
 STAGES = ("sample", "project", "grid", "render", "tiles")
+UNIT_STAGES = ("units", "gallery")  # after the atlas when the config's [units] table says build = true
 # Every config table with its defaults, from the settings classes (atlas/settings.py): the one place they live.
 DEFAULTS: dict[str, dict] = defaults()
 # Settings that change what a stage computes; the rest (workers, batch size, device) only change how fast.
@@ -115,6 +116,10 @@ def stage_keys(config: dict, image_digest: str, weights_sha: str) -> dict[str, s
     for stage in STAGES:
         settings = {k: v for k, v in config[stage].items() if k not in SPEED_ONLY.get(stage, set())}
         upstream = keys[stage] = _key(settings, upstream)
+    # The unit lens reads only the sampled run; its gallery links to the atlas, so it follows both.
+    unit_settings = {k: v for k, v in config["units"].items() if k not in SPEED_ONLY.get("units", set()) | {"build"}}
+    keys["units"] = _key(unit_settings, keys["sample"])
+    keys["gallery"] = _key({}, keys["tiles"] + keys["units"])
     return keys
 
 
@@ -157,8 +162,9 @@ def validate(config: dict):
     return net, images
 
 
-def estimate(config: dict, n_images: int) -> dict[str, float]:
-    """Seconds each stage may take on a 2-core CPU (order of magnitude, for --dry-run)."""
+def estimate(config: dict, n_images: int, channels: int = 512) -> dict[str, float]:
+    """Seconds each stage may take on a 2-core CPU (order of magnitude, for --dry-run); ``channels`` per layer for the
+    unit lens."""
     n = n_images * config["sample"]["per_image"]
     layers = len(config["run"]["layers"])
     preset = SETTINGS["render"].from_table(config["render"]).preset()
@@ -172,7 +178,16 @@ def estimate(config: dict, n_images: int) -> dict[str, float]:
         "grid": layers * (2 + n / 50000.0),
         "render": layers * (icon_seconds if config["render"]["icons"] == "optimize" else cells * 0.05),
         "tiles": layers * (1 + canvas * canvas / 2e7),
+        "units": layers * _unit_seconds(config["units"], n_images, channels),
+        "gallery": layers * (1 + channels / 100.0),
     }
+
+
+def _unit_seconds(s: dict, n_images: int, channels: int) -> float:
+    """The unit lens: one forward per image, a backward per example and projection, the visualisations' steps."""
+    images = sum(s["n_diverse"] if kind == "diverse" else 1 for kind in s["kinds"])
+    steps = channels * images * s["steps"] * (s["size"] / 80) ** 2 / CPU_ICON_STEPS_PER_S
+    return n_images / CPU_IMAGES_PER_S[False] + channels * s["top_k"] * len(s["projections"]) / 10.0 + steps
 
 
 @store.writer
@@ -219,11 +234,14 @@ def build(config: dict, dry_run: bool = False, echo=print) -> BuildResult:
 
     run, out = config["run"], Path(config["run"]["out"])
     keys = stage_keys(config, images.digest, net.weights_sha256)
-    costs = estimate(config, len(images))
+    stages = [*STAGES, *UNIT_STAGES] if config["units"]["build"] else list(STAGES)
+    shapes = net.layer_shapes() if config["units"]["build"] else {}
+    channels = max((shapes[layer][0] for layer in run["layers"] if layer in shapes), default=512)
+    costs = {stage: cost for stage, cost in estimate(config, len(images), channels).items() if stage in stages}
     if dry_run:
         echo(json.dumps(config, indent=2, default=str))
         echo(f"{images.summary} -> {out}")
-        for stage in STAGES:
+        for stage in stages:
             echo(f"  {stage:8s} estimated {fmt_seconds(costs[stage])} on a 2-core CPU")
         echo(f"  total    estimated {fmt_seconds(sum(costs.values()))}")
         return BuildResult(out)
@@ -259,8 +277,21 @@ def build(config: dict, dry_run: bool = False, echo=print) -> BuildResult:
         for layer in layers:
             tiles_stage.make_tiles(out, layer, sizes=list(sizes), fmt=s["format"], density_scale=s["density_scale"], examples=s["examples"])
 
-    work = {"sample": run_sample, "project": run_project, "grid": run_grid, "render": run_render, "tiles": run_tiles}
-    steps = [Step(stage, keys[stage], work[stage], costs[stage], *_outputs(stage, layers, sizes)) for stage in STAGES]
+    def run_units() -> None:
+        from atlas import units
+
+        settings = SETTINGS["units"].from_table(config["units"])
+        units.units(out, layers, settings, net=net, echo=None, gallery=False)
+
+    def run_gallery() -> None:
+        from atlas import units
+
+        for layer in layers:
+            units.gallery(out, layer)
+
+    work = {"sample": run_sample, "project": run_project, "grid": run_grid, "render": run_render, "tiles": run_tiles,
+            "units": run_units, "gallery": run_gallery}
+    steps = [Step(stage, keys[stage], work[stage], costs[stage], *_outputs(stage, layers, sizes)) for stage in stages]
     start = time.perf_counter()
     report = run_stages(out, steps, echo)
     result = BuildResult(out, report.ran, report.skipped, report.seconds)
@@ -276,6 +307,7 @@ def _outputs(stage: str, layers: list[str], sizes: list[int]) -> tuple[list[str]
         "project": [f"layouts/{layer}/{full}" for layer in layers],
         "grid": [f"grids/{layer}/{full}/{s}" for layer in layers for s in sizes] + [f"whitening/{layer}" for layer in layers],
         "render": [f"icons/{layer}/{full}/{s}" for layer in layers for s in sizes],
+        "units": [f"units/{layer}" for layer in layers],
     }.get(stage, [])
     files = [f"tiles/{layer}/{full}/atlas.json" for layer in layers] if stage == "tiles" else []
     return nodes, files

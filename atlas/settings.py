@@ -45,6 +45,10 @@ TILE_FORMATS = ("jpg", "png", "webp")
 GRID_MIN, GRID_MAX = 2, 2048
 SEED_MAX = 2**32 - 1  # numpy's RandomState (umap-learn, openTSNE) takes seeds below 2**32
 PORT_MAX = 65535
+# The unit lens (atlas.units): projections back to pixels, and the kinds of per-unit visualisation.
+PROJECTIONS = ("deconvnet", "guided", "gradient")
+VIS_KINDS = ("fft", "pixel", "yosinski-1", "yosinski-2", "yosinski-3", "yosinski-4", "alpha", "diverse")
+CHANNELS_PATTERN = re.compile(r"\s*\d+(\s*-\s*\d+)?(\s*,\s*\d+(\s*-\s*\d+)?)*\s*")
 DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d+)?|mps")
 
 
@@ -174,6 +178,23 @@ class IntList(Check):
         if any(v > self.hi for v in value):
             _fail(name, self.what, list(value), f" ({self.noun} must be at most {self.hi})")
         return tuple(int(v) for v in value)
+
+
+class ChoiceList(Check):
+    """A list of names from a fixed set (repeats dropped, order kept), stored as a tuple; ``empty`` allows none."""
+
+    def __init__(self, options: tuple[str, ...], empty: bool = False):
+        self.options, self.empty = tuple(options), empty
+        self.what = f"a list of {', '.join(self.options)}" + (" (may be empty)" if empty else "")
+        self.type_name = "list of str"
+
+    def __call__(self, name: str, value: Any) -> tuple[str, ...]:
+        if isinstance(value, str) or not isinstance(value, (list, tuple)) or (not value and not self.empty):
+            _fail(name, self.what, value)
+        bad = [v for v in value if not isinstance(v, str) or v not in self.options]
+        if bad:
+            _fail(name, self.what, list(value), f" ({bad[0]!r} is not one of them)")
+        return tuple(dict.fromkeys(value))
 
 
 class TextList(Check):
@@ -394,8 +415,54 @@ class TilesSettings(StageSettings):
             raise AtlasError(f"tiles.overlap must be less than half of tiles.tile_size ({self.tile_size}); got {self.overlap}")
 
 
+def parse_channels(spec: str | None, n_channels: int, layer: str = "") -> list[int]:
+    """Channel indices of a spec such as ``"0-63"`` or ``"0-9,100,200-210"`` (inclusive ranges; None: all), each checked
+    against the layer's ``n_channels``: one line for a range out of bounds or reversed."""
+    if spec is None:
+        return list(range(n_channels))
+    Text(pattern=CHANNELS_PATTERN, what="channel ranges such as 0-63 or 0-9,100")("units.channels", spec)
+    chosen: list[int] = []
+    where = f" of layer '{layer}'" if layer else ""
+    for part in spec.split(","):
+        lo, _, hi = (x.strip() for x in part.partition("-"))
+        a, b = int(lo), int(hi or lo)
+        if a > b:
+            raise AtlasError(f"channel range {a}-{b} is reversed; write {b}-{a}")
+        if b >= n_channels:
+            raise AtlasError(f"channel {b} is out of range{where}: it has {n_channels} channels (0-{n_channels - 1})")
+        chosen.extend(range(a, b + 1))
+    return sorted(set(chosen))
+
+
+@_documented
+@dataclass(frozen=True)
+class UnitsSettings(StageSettings):
+    """The unit lens: per-channel top-k dataset examples, their projections to pixels and regularised visualisations
+    (``[units]`` table, ``atlas units``; docs/units.md)."""
+
+    TABLE: ClassVar[str] = "units"
+    build: bool = setting(False, Flag(), "atlas build also runs the unit lens on the run's layers (after tiles).")
+    top_k: int = setting(9, Integer(1, 100), "Dataset examples kept per channel (Zeiler & Fergus: 9).")
+    channels: str | None = setting(None, Text(optional=True, pattern=CHANNELS_PATTERN, what="channel ranges such as 0-63 or 0-9,100"),
+                                   "Channels to compute, e.g. 0-63 or 0-9,100 (None: all).")
+    patch: int = setting(64, Integer(16, 512), "Side in pixels of the stored example patches and projections.")
+    projections: tuple[str, ...] = setting(("deconvnet",), ChoiceList(PROJECTIONS, empty=True),
+                                           "Projections of each example back to pixels.")
+    kinds: tuple[str, ...] = setting(("fft", "yosinski-1", "yosinski-2", "yosinski-3", "yosinski-4", "alpha", "diverse"),
+                                     ChoiceList(VIS_KINDS, empty=True), "Feature visualisations per channel (docs/units.md).")
+    n_diverse: int = setting(4, Integer(2, 16), "Images of the diverse set per channel.")
+    size: int = setting(80, Integer(16, 512), "Visualisation side in pixels.")
+    steps: int = setting(256, Integer(1), "Optimisation steps per visualisation.")
+    seed: int = setting(0, Integer(0, SEED_MAX), "Seed of the visualisations' starting images.")
+    batch: int = setting(16, Integer(1), "Channels optimised together.", speed=True)
+    batch_size: int = setting(32, Integer(1), "Images per forward pass of the top-k pass.", speed=True)
+    workers: int = setting(2, Integer(0), "DataLoader worker processes decoding images (0: in the main process).", speed=True)
+    device: str = setting("cpu", Device(), "Where the model runs.", speed=True)
+
+
 STAGES: dict[str, type[StageSettings]] = {"run": RunSettings, "sample": SampleSettings, "project": ProjectSettings,
-                                          "grid": GridSettings, "render": RenderSettings, "tiles": TilesSettings}
+                                          "grid": GridSettings, "render": RenderSettings, "tiles": TilesSettings,
+                                          "units": UnitsSettings}
 
 
 def defaults() -> dict[str, dict]:

@@ -85,9 +85,14 @@ COMPRESSORS = (BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"),)
 LEDGER = "ledger"
 LOCK_NAME = ".lock"
 PARTIAL_STORE = ".store.zarr.partial-"
-STAGE_ORDER = ("sample", "project", "grid", "render", "tiles")
+STAGE_ORDER = ("sample", "project", "grid", "render", "tiles")  # the atlas chain
+# What each stage is built on: a stage that starts rewriting invalidates itself and every stage built on it,
+# directly or not. The unit lens (``units``) reads the sampled run's images only; its ``gallery`` links to the atlas.
+BUILT_ON = {"project": ("sample",), "grid": ("project",), "render": ("grid",), "tiles": ("render",),
+            "units": ("sample",), "gallery": ("tiles", "units")}
 # The stage that writes each top-level node of the store (for "re-run `atlas STAGE`" hints).
-WRITER = {"images": "sample", "samples": "sample", "layouts": "project", "grids": "grid", "whitening": "grid", "icons": "render"}
+WRITER = {"images": "sample", "samples": "sample", "layouts": "project", "grids": "grid", "whitening": "grid", "icons": "render",
+          "units": "units"}
 FAULTS = {errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EPERM: "permission denied",
           errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded"}
 
@@ -237,9 +242,14 @@ def _under(path: str, prefix: str) -> bool:
 
 
 def _later(stage: str) -> list[str]:
-    if stage not in STAGE_ORDER:
+    """``stage`` and every stage built on it (:data:`BUILT_ON`), in order; [] for a stage outside the graph."""
+    if stage != "sample" and stage not in BUILT_ON:
         return []
-    return list(STAGE_ORDER[STAGE_ORDER.index(stage):])
+    later = [stage]
+    for name, inputs in BUILT_ON.items():  # listed in dependency order, so one pass suffices
+        if name not in later and any(i in later for i in inputs):
+            later.append(name)
+    return later
 
 
 def begin_stage(run_dir: str | Path, stage: str, paths: Iterable[str], atlas: str = FULL_ATLAS) -> None:
@@ -258,7 +268,7 @@ def begin_stage(run_dir: str | Path, stage: str, paths: Iterable[str], atlas: st
     for p in paths:
         ledger["writing"][p] = {"stage": stage, "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     if atlas == FULL_ATLAS or stage == "sample":
-        for name in _later(stage) if stage != "sample" else STAGE_ORDER:
+        for name in _later(stage):
             if name in ledger["records"] or name == stage:  # a tombstone: the record is gone, and why
                 ledger["records"][name] = {"invalidated_by": stage, "at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     _write_ledger(store_dir, ledger)

@@ -136,10 +136,18 @@ STAGE_ENTRIES: dict[str, set[str]] = {
     "atlas.render": {"render", "visualize", "sample_patches"},
     "atlas.tiles": {"make_tiles"},
     "atlas.classes": {"class_atlas", "compare_atlas"},
+    "atlas.units": {"units", "gallery"},
 }
+# The image-optimisation toolkit lives inside the render package but is a shared building block (Lucent's optvis):
+# objectives, parameterisations, transforms, regularisers and the loop itself, for every instrument that optimises
+# an image. These modules belong to no stage.
+SHARED = {"atlas.render.objectives", "atlas.render.param", "atlas.render.transforms", "atlas.render.optimize",
+          "atlas.render.regularizers"}
 
 
 def _stage(module: str, entries: dict[str, set[str]]) -> str | None:
+    if module in SHARED:
+        return None
     return next((s for s in entries if module == s or module.startswith(s + ".")), None)
 
 

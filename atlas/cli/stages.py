@@ -6,4 +6,5 @@ from atlas.cli import (
     render_cmd,  # noqa: F401
     sample_cmd,  # noqa: F401
     tiles_cmd,  # noqa: F401
+    units_cmd,  # noqa: F401
 )
