@@ -513,6 +513,29 @@ def stale(where: str | Path | zarr.Group, path: str) -> str | None:
     return f"icons of {layer}/{atlas} (grid {parts[3]}) were rendered from an older grid; {again}"
 
 
+def derived_nodes(path: str) -> list[str]:
+    """``path`` and the nodes :data:`LINEAGE` derives from it, directly or not: for ``layouts/L/A`` the atlas's
+    ``grids/L/A`` and ``icons/L/A``; for ``grids/L/A[/S]`` its ``icons/L/A[/S]``."""
+    parts = path.strip("/").split("/")
+    out = ["/".join(parts)]
+    for kind, (source, depth, _key) in LINEAGE.items():  # listed in dependency order
+        if any(q.split("/")[0] == source for q in out) and len(parts) >= depth - 1:
+            out.append("/".join([kind, *parts[1:]]))
+    return out
+
+
+def replace_node(where: str | Path | zarr.Group, path: str) -> list[str]:
+    """Remove ``path`` before it is written anew, together with what was derived from it (:func:`derived_nodes`),
+    so nothing built on the old content outlives it; returns the nodes concerned (for :func:`begin_stage`).
+
+    The store owns this rule: a stage replaces only its own node and never names another stage's data.
+    """
+    nodes = derived_nodes(path)
+    for node in nodes:
+        remove_node(where, node)
+    return nodes
+
+
 def check_lineage(where: str | Path | zarr.Group, paths: Iterable[str]) -> None:
     """Raise one line for the first grid or icons node under ``paths`` that is :func:`stale`."""
     store_dir = _store_dir(where)

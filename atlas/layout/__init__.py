@@ -351,9 +351,10 @@ def save_layout(run_dir: str | Path, layer: str, atlas: str, rows: np.ndarray, r
 
     The project stage's store writer, also for layouts computed elsewhere (a notebook, another projection).
     The store's ledger marks the layout as being rewritten (``store.begin_stage``) until the write is finished,
-    and drops the build records of this and later stages when the atlas is "full". Grids record the ``layout_id``
-    they were binned from, so ``store.verify`` refuses a grid of an older layout by itself; grids and icons of the
-    same atlas are nevertheless still deleted here, because tests/test_layout.py asserts that deletion (issue 12).
+    and drops the build records of this and later stages when the atlas is "full"; the old layout goes with what the
+    store derived from it (``store.replace_node``: the atlas's grids and icons, the store's lineage rule, so this stage
+    names no other stage's data). Grids also record the ``layout_id`` they were binned from, so ``store.verify``
+    refuses a grid of an older layout written by any other route.
 
     Parameters
     ----------
@@ -403,16 +404,10 @@ def save_layout(run_dir: str | Path, layer: str, atlas: str, rows: np.ndarray, r
     n_rows = require_layer(root, layer)["activations"].shape[0]
     if m and (rows[0] < 0 or rows[-1] >= n_rows):
         raise AtlasError(f"layout rows out of range for layer '{layer}' ({n_rows} rows)")
-    written = [f"layouts/{layer}/{atlas}", f"grids/{layer}/{atlas}", f"icons/{layer}/{atlas}"]
+    written = store.derived_nodes(f"layouts/{layer}/{atlas}")  # the layout and what the store derives from it
     store.begin_stage(run_dir, "project", written, atlas)  # from here on the old layout and what was built on it are gone
-    # (the deletion below is redundant with the grids' recorded layout_id, kept while a test asserts it)
+    store.replace_node(run_dir, f"layouts/{layer}/{atlas}")  # the store's rule: what was built on the old layout goes with it
     layouts = root.require_group("layouts").require_group(layer)
-    if atlas in layouts:
-        del layouts[atlas]
-    for stage in ("grids", "icons"):
-        parent = root.get(f"{stage}/{layer}")
-        if parent is not None and atlas in parent:
-            del parent[atlas]
     group = layouts.create_group(atlas)
     write_array(group, "rows", rows)
     write_array(group, "raw", raw)
