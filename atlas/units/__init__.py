@@ -29,7 +29,7 @@ from atlas import store
 from atlas.errors import AtlasError
 from atlas.settings import UnitsSettings, check_device, parse_channels
 
-__all__ = ["UnitsSettings", "class_scores", "check_unit_layers", "gallery", "units", "write_class_scores"]
+__all__ = ["UnitsSettings", "check_photos", "class_scores", "check_unit_layers", "gallery", "units", "write_class_scores"]
 
 
 def gallery(run_dir: str | Path, layer: str) -> Path:
@@ -128,6 +128,24 @@ def check_unit_layers(net, layers: Sequence[str], crop: int = 224) -> dict[str, 
     return out
 
 
+def check_photos(root, probe: int = 64) -> None:
+    """One line when the run's photos are gone (a store copied without them): the first ``probe`` readable images of
+    its list are all missing. A few missing files are the top-k pass's to skip and count."""
+    import os
+
+    from atlas.data import real_path
+
+    images = root["images"]
+    n = images["path"].shape[0]
+    ok = images["ok"][: min(n, 4 * probe)] if "ok" in images else None
+    paths = [real_path(p) for i, p in enumerate(images["path"][: min(n, 4 * probe)]) if ok is None or ok[i]][:probe]
+    if paths and not any(os.path.exists(p) for p in paths):
+        folder = os.path.dirname(paths[0])
+        where = f"{folder} is missing" if not os.path.isdir(folder) else f"{folder} no longer holds them"
+        raise AtlasError(f"the run's photos are not where its image list says: {where} (a run folder copied without its "
+                         "photos?); put them back or sample the photos again into a new run")
+
+
 def _settings(settings: UnitsSettings | None, options: dict) -> UnitsSettings:
     base = settings or UnitsSettings()
     known = {f.name for f in fields(UnitsSettings)}
@@ -179,10 +197,6 @@ def units(run_dir: str | Path, layers: Sequence[str] | str | None = None, settin
         machine lacks; during the pass for a run whose photos are missing (the folder named).
     """
     from atlas.models import load_run_model
-    from atlas.units.features import write_visualizations
-    from atlas.units.gallery import write_gallery
-    from atlas.units.projections import write_projections
-    from atlas.units.topk import top_examples
 
     s = _settings(settings, options)
     say = echo or (lambda _line: None)
@@ -192,6 +206,7 @@ def units(run_dir: str | Path, layers: Sequence[str] | str | None = None, settin
     if "images" not in root or "path" not in root["images"]:
         raise AtlasError(f"{run_dir} has no image list yet; run `atlas sample` first")
     check_device(s.device)
+    check_photos(root)
     net = net if net is not None else load_run_model(meta, s.device)
     if layers is None:
         layers = list(meta.get("layers") or [])
@@ -201,6 +216,12 @@ def units(run_dir: str | Path, layers: Sequence[str] | str | None = None, settin
     crop = int((meta.get("preprocessing") or {}).get("crop", 224))
     shapes = check_unit_layers(net, layers, crop)
     chosen = {layer: parse_channels(s.channels, shapes[layer][0], layer) for layer in layers}
+    # imported once everything is checked: a bad option costs no import of the optimisation machinery
+    from atlas.units.features import write_visualizations
+    from atlas.units.gallery import write_gallery
+    from atlas.units.projections import write_projections
+    from atlas.units.topk import top_examples
+
     report: dict = {}
     for layer in layers:
         c = shapes[layer][0]

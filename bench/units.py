@@ -1,0 +1,161 @@
+"""Benchmark: the unit lens against its baselines, side by side in one run.
+
+1. **Top-k pass** (``atlas.units.topk.top_examples``: one streamed pass keeping every channel's top-9 images,
+   their positions, receptive-field boxes and patches) in images/s, against ``atlas sample --no-attribution``
+   on the same photos, same batch size, workers and precision. Target: >= 0.8x.
+2. **Unit visualisation throughput** in unit-steps/s (channels x optimisation steps per second) for our FFT
+   parameterisation and Yosinski et al.'s pixel presets (``atlas.units.features.unit_images``), against lucent's
+   ``render_vis`` machinery (its ``param.image``, standard transforms, ``hook_model``, full forward, Adam) on the
+   same channels of the same model at the same size: lucent FFT + decorrelated against our ``fft``, lucent pixel
+   (``fft=False, decorrelate=False``) against our pixel presets. Target: >= 3x. Runs alternate (ours, lucent,
+   ours, ...) in slices of steps so machine load hits both alike.
+
+    .venv/bin/python bench/units.py [--images 200] [--channels 16] [--steps 64] [--layer mixed4c]
+
+lucent is not a project dependency: ``pip install --no-deps torch-lucent kornia==0.4.1`` and
+``pip install decorator ipython`` (without it part 2 prints our figures only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/render.py's lucent pieces
+from render import Lucent, stock  # noqa: E402
+
+from atlas.models import load_model  # noqa: E402
+from atlas.render.optimize import Settings  # noqa: E402
+from atlas.sample import sample  # noqa: E402
+from atlas.units.features import unit_images  # noqa: E402
+from atlas.units.topk import top_examples  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+PHOTOS = SHARED / "data" / "imagenet-samples"
+
+
+def topk_table(net, layer: str, n_images: int, batch_size: int, workers: int) -> None:
+    root = Path(tempfile.mkdtemp(prefix="atlas-bench-units-"))
+    try:
+        run = root / "run"
+        start = time.perf_counter()
+        sample(PHOTOS, [layer], run, net=net, max_images=n_images, attribution=False, batch_size=batch_size, workers=workers,
+               progress=False)
+        t_sample = time.perf_counter() - start
+        start = time.perf_counter()
+        top_examples(run, [layer], k=9, batch_size=batch_size, workers=workers, progress=False, net=net)
+        t_top = time.perf_counter() - start
+        # a second sampler run into a fresh folder, after the top-k pass, so a drift in machine load shows
+        start = time.perf_counter()
+        sample(PHOTOS, [layer], root / "again", net=net, max_images=n_images, attribution=False, batch_size=batch_size,
+               workers=workers, progress=False)
+        t_again = time.perf_counter() - start
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    base = n_images / ((t_sample + t_again) / 2)
+    print(f"\n{n_images} shared photos, layer {layer}, batch {batch_size}, {workers} workers, {torch.get_num_threads()} threads\n")
+    print("| pass | seconds | images/s |")
+    print("|---|---|---|")
+    print(f"| atlas sample --no-attribution (1st) | {t_sample:.1f} | {n_images / t_sample:.1f} |")
+    print(f"| atlas sample --no-attribution (2nd) | {t_again:.1f} | {n_images / t_again:.1f} |")
+    print(f"| top-9 pass (values, positions, boxes, patches) | {t_top:.1f} | {n_images / t_top:.1f} |")
+    print(f"\ntop-k pass / sampler (mean of both): {n_images / t_top / base:.2f}x (target >= 0.8x)", flush=True)
+
+
+class LucentChannels(Lucent):
+    """lucent's render_vis pieces on a channel objective (mean activation of channel c_i for image i)."""
+
+    def __init__(self, net, layer: str, channels: list[int], size: int, steps: int, fft: bool):
+        from lucent.optvis import param
+
+        idx = torch.arange(len(channels))
+        chans = torch.tensor(channels)
+        super().__init__(net, lambda acts: acts[idx, chans].mean((1, 2)), len(channels), size, size, steps, seed=0)
+        if not fft:  # swap lucent's image for its pixel parameterisation, as render_vis(param_f=...) would
+            from lucent.optvis import render
+
+            self.params, self.image_f = param.image(size, batch=len(channels), fft=False, decorrelate=False)
+            self.optimizer = torch.optim.Adam(self.params, lr=5e-2)
+            self.hook = render.hook_model(net.module, self.image_f)
+        self.layer = layer
+
+
+def vis_table(net, layer: str, channels: list[int], size: int, steps: int, every: int, kinds: list[str]) -> None:
+    try:
+        import lucent  # noqa: F401
+
+        have_lucent = True
+    except ImportError:
+        print("lucent is not installed, comparing nothing: pip install --no-deps torch-lucent kornia==0.4.1 && "
+              "pip install decorator ipython")
+        have_lucent = False
+    import render as bench_render
+
+    bench_render.LAYER = layer  # the Lucent class hooks this layer
+    seconds: dict[str, float] = {}
+    n = len(channels)
+    lucent_net = stock(net) if have_lucent else None
+    lucents = {}
+    if have_lucent:
+        lucents = {"lucent FFT + decorrelated": LucentChannels(lucent_net, layer, channels, size, steps, fft=True),
+                   "lucent pixel": LucentChannels(lucent_net, layer, channels, size, steps, fft=False)}
+    # Ours in slices too: unit_images runs a whole optimisation per call, so each slice is a short run of `every`
+    # steps (the per-step cost is what is compared; the set-up is counted in every slice, against us).
+    for start in range(0, steps, every):
+        k = min(every, steps - start)
+        for kind in kinds:
+            t = time.perf_counter()
+            unit_images(net, layer, channels, kind, size=size, steps=k, seed=start)
+            seconds[f"ours {kind}"] = seconds.get(f"ours {kind}", 0.0) + time.perf_counter() - t
+        for name, run in lucents.items():
+            t = time.perf_counter()
+            run.step(k)
+            seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t
+        print("  " + "; ".join(f"{name}: {n * (start + k) / s:.1f}/s" for name, s in seconds.items()), flush=True)
+    rates = {name: n * steps / s for name, s in seconds.items()}
+    print(f"\n{n} channels of {layer}, {size} px, {steps} steps each, channel objective (mean activation)\n")
+    print("| visualiser | unit-steps/s |")
+    print("|---|---|")
+    for name, rate in rates.items():
+        print(f"| {name} | {rate:.1f} |")
+    if have_lucent:
+        print(f"\nours fft / lucent FFT: {rates['ours fft'] / rates['lucent FFT + decorrelated']:.2f}x (target >= 3x)")
+        for kind in kinds:
+            if kind != "fft":
+                print(f"ours {kind} / lucent pixel: {rates[f'ours {kind}'] / rates['lucent pixel']:.2f}x (target >= 3x)")
+    print(flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--layer", default="mixed4c")
+    parser.add_argument("--images", type=int, default=200, help="shared photos for the top-k pass")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--channels", type=int, default=16, help="channels visualised together")
+    parser.add_argument("--size", type=int, default=80)
+    parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--every", type=int, default=16, help="steps per interleaved slice")
+    parser.add_argument("--kinds", default="fft,pixel,yosinski-1,yosinski-4", help="our kinds to time, comma-separated")
+    parser.add_argument("--skip-topk", action="store_true")
+    parser.add_argument("--skip-vis", action="store_true")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    net = load_model("inceptionv1", os.environ.get("ATLAS_WEIGHTS") or SHARED / "models" / "bvlc_googlenet.safetensors")
+    print(f"precision: {Settings().precision} (float32 unless this CPU has native bf16)")
+    if not args.skip_topk:
+        topk_table(net, args.layer, args.images, args.batch_size, args.workers)
+    if not args.skip_vis:
+        vis_table(net, args.layer, list(range(0, 8 * args.channels, 8))[: args.channels], args.size, args.steps, args.every,
+                  [k for k in args.kinds.split(",") if k])
+
+
+if __name__ == "__main__":
+    main()
