@@ -1,0 +1,468 @@
+"""Projections of single units back to input pixels: Zeiler & Fergus's deconvnet, guided backpropagation, the gradient.
+
+The pure core is :func:`project_units` (a batch of images, one unit each, to signed projections in the RGB
+input's pixel space); :func:`to_display` turns one projection into the patch the unit lens shows beside its
+dataset patch; :func:`write_projections` is the writer that does this for every top example of a layer
+(``units/{layer}/top``) into ``units/{layer}/projection/{method}``.
+
+How the three methods are computed
+----------------------------------
+All three are one backward pass from the unit, started (per image, in one batch) as a one-hot at the unit's
+(channel, y, x) times the unit's own activation, so every other activation of the layer is zeroed and a unit whose
+activation is 0 projects to exactly 0. They differ only in what replaces the backward of each ``nn.ReLU`` module:
+
+- ``deconvnet`` (Zeiler & Fergus 2014): ``relu(incoming signal)``, the forward mask ignored (rectification on the way
+  back). Max pooling is undone by the forward pass's switches (the backward of max pooling routes each value to its
+  window's argmax, which is what the switches record), convolutions by their transposed filters (their backward).
+- ``guided`` (Springenberg et al. 2015): the incoming signal where both the forward input and the signal are positive.
+- ``gradient``: the plain gradient of the unit's activation times that activation.
+
+The ReLU backward is swapped for the duration of the call only, on the model's own ``nn.ReLU`` modules (the style of
+:func:`atlas.render.optimize.redirected_relus`) and restored afterwards, also on error. A model that applies ReLU as a
+function (``F.relu``, e.g. torchvision's googlenet) instead of through modules is refused for ``deconvnet`` and
+``guided`` in one line: its ReLUs could not be swapped and the result would silently be the gradient's.
+
+Decisions
+---------
+- **LRN** (``atlas.models.layers.LocalResponseNorm``, ``nn.LocalResponseNorm``): the deconvnet passes the signal
+  through it unchanged (identity backward). The deconvnet is an approximate inverse built from switches,
+  rectification and transposed filters only (the paper's three operations; the DeepVis toolbox and common ZF
+  deconvnets pass normalisation through). LRN's true backward depends on the forward activations and has negative
+  cross-channel terms that would bring back the negative signals the rectification has just cut; it mixes channels
+  at one position only, so passing it through moves nothing in space (the receptive field is the same). ``guided``
+  and ``gradient`` are gradients and keep LRN's own backward.
+- **Inception branches** (and any concatenation): each branch receives its slice of the signal (the backward of the
+  concatenation) and the branch projections sum at the block's input (autograd sums the uses of a tensor). The
+  pool branch's max pool is undone by its switches like any other. Residual additions (ResNet) likewise sum both
+  paths.
+- **Preprocessing** (RGB [0, 1] -> BGR * 255 - mean, or torchvision's mean/std) is part of the path, so the result is
+  in the RGB input's pixel space: its backward (channel order back to RGB, times the scale) is applied last. The
+  projection's overall magnitude therefore includes that constant scale; displays are scaled relative to the
+  maximum, so only signs and relative sizes matter.
+- A unit of a layer without a ReLU right before it (e.g. a ResNet ``conv1`` or a pre-ReLU convolution) can have a
+  negative activation; the seed is still the activation (negative), which the deconvnet's first rectification cuts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from tqdm.auto import tqdm
+
+from atlas import store
+from atlas.data import load_image, real_path
+from atlas.errors import AtlasError
+from atlas.models import LocalResponseNorm, Network, StopForward, load_run_model
+from atlas.render.optimize import prepared
+
+METHODS = ("deconvnet", "guided", "gradient")
+GREY = 127
+DEFAULT_PATCH = 64
+
+
+# --------------------------------------------------------------------------- backward rules
+
+
+class _DeconvReLU(torch.autograd.Function):
+    """ReLU forward; backward ``relu(grad)`` (Zeiler & Fergus's rectification of the signal on the way back)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.clamp(min=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.clamp(min=0)
+
+
+class _GuidedReLU(torch.autograd.Function):
+    """ReLU forward; backward: the signal where the forward input and the signal are both positive."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        y = x.clamp(min=0)
+        ctx.save_for_backward(y > 0)  # a bool mask: a quarter of the memory of the activation itself
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (alive,) = ctx.saved_tensors
+        return grad.clamp(min=0) * alive
+
+
+class _PassBackward(torch.autograd.Function):
+    """Forward: ``y`` (the layer's own output, computed outside); backward: the signal unchanged, to ``x``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+def _deconv_relu(x: torch.Tensor) -> torch.Tensor:
+    return _DeconvReLU.apply(x)
+
+
+def _guided_relu(x: torch.Tensor) -> torch.Tensor:
+    return _GuidedReLU.apply(x)
+
+
+def _passing(forward):
+    def passed(x: torch.Tensor) -> torch.Tensor:
+        return _PassBackward.apply(x, forward(x).detach())  # the exact forward of the layer, identity backward
+
+    return passed
+
+
+@contextlib.contextmanager
+def _swapped(module: nn.Module, method: str) -> Iterator[None]:
+    """Give the model's ReLU (and, for the deconvnet, LRN) modules the method's backward; put them back afterwards."""
+    swaps: list[tuple[nn.Module, object]] = []
+    if method in ("deconvnet", "guided"):
+        new = _deconv_relu if method == "deconvnet" else _guided_relu
+        swaps += [(m, new) for m in module.modules() if isinstance(m, nn.ReLU)]
+    if method == "deconvnet":
+        swaps += [(m, _passing(m.forward)) for m in module.modules() if isinstance(m, LocalResponseNorm | nn.LocalResponseNorm)]
+    saved = [(m, m.__dict__.get("forward", None), "forward" in m.__dict__) for m, _ in swaps]
+    try:
+        for m, new in swaps:
+            m.forward = new
+        yield
+    finally:
+        for m, old, had in saved:
+            if had:
+                m.forward = old  # an instance-level forward someone else had set (e.g. a redirected ReLU)
+            else:
+                m.__dict__.pop("forward", None)
+
+
+_FUNCTIONAL_RELUS = {torch.relu, torch.relu_, torch.nn.functional.relu, torch.nn.functional.relu_, torch.Tensor.relu,
+                     torch.Tensor.relu_}
+
+
+class _FunctionalReLUs(torch.overrides.TorchFunctionMode):
+    """Counts ReLUs applied as functions during a forward (they escape the module swap)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _FUNCTIONAL_RELUS:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+# --------------------------------------------------------------------------- the pure core
+
+
+def _layer_output(net: Network, layer: str, images: torch.Tensor) -> torch.Tensor:
+    """The layer's output, the forward stopped right after it (Network.hooks with stop)."""
+    with net.hooks([layer], stop=True) as captured:
+        try:
+            net.module(images)
+        except StopForward:
+            pass
+    if layer not in captured:
+        raise AtlasError(f"layer '{layer}' of model {net.name} was not reached by the forward pass; choose a layer the model runs")
+    out = captured[layer]
+    if not isinstance(out, torch.Tensor) or out.dim() != 4:
+        shape = tuple(out.shape[1:]) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise AtlasError(f"layer '{layer}' has no spatial positions (shape {shape}); choose a convolutional layer, e.g. one of: "
+                         + ", ".join(n for n in net.layer_names()[:20]))
+    return out
+
+
+def project_units(net: Network, layer: str, images: torch.Tensor, units: torch.Tensor | np.ndarray | Sequence,
+                  method: str = "deconvnet") -> torch.Tensor:
+    """Project one unit per image back to input pixels, all images in one forward and one backward pass.
+
+    Parameters
+    ----------
+    net : Network
+        The model (in eval mode, as :func:`atlas.models.load_model` returns it); it is not modified.
+    layer : str
+        A layer with spatial positions, e.g. ``"mixed4c"`` or a torchvision path like ``"layer3.1"``.
+    images : tensor (n, 3, H, W) float
+        RGB in [0, 1], the model's input convention.
+    units : (n, 3) ints
+        ``units[i] = (channel, y, x)`` of ``layer`` for image i.
+    method : {"deconvnet", "guided", "gradient"}
+        See the module docstring.
+
+    Returns
+    -------
+    tensor (n, 3, H, W) float32
+        The signed projections in the RGB input's pixel space, on the images' device. Zero outside each unit's
+        receptive field, and zero for a unit whose activation is 0.
+    """
+    if method not in METHODS:
+        raise AtlasError(f"unknown projection method '{method}'; choose one of: {', '.join(METHODS)}")
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
+        got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise AtlasError(f"images must be a (n, 3, H, W) tensor, got {got}")
+    units = torch.as_tensor(np.asarray(units), dtype=torch.int64).reshape(-1, 3) if not isinstance(units, torch.Tensor) else units.long()
+    if units.shape != (images.shape[0], 3):
+        raise AtlasError(f"units must be (n, 3) = (channel, y, x) per image for n = {images.shape[0]} images, got {tuple(units.shape)}")
+    net.resolve(layer)  # an unknown layer: one line listing the known ones
+    n = images.shape[0]
+    if n == 0:
+        return torch.zeros(images.shape, dtype=torch.float32, device=images.device)
+    dtype = next((p.dtype for p in net.module.parameters() if p.is_floating_point()), torch.float32)
+    with torch.inference_mode(False), torch.enable_grad():
+        x = images.detach().clone().to(dtype).requires_grad_(True)
+        functional = _FunctionalReLUs()
+        with _swapped(net.module, method), functional:
+            out = _layer_output(net, layer, x)
+        if functional.count and method != "gradient":
+            raise AtlasError(f"model {net.name} applies ReLU as a function, not as nn.ReLU modules, so the {method} projection "
+                             "cannot replace its backward; use the gradient method for this model")
+        c, h, w = out.shape[1:]
+        ch, ys, xs = units[:, 0].to(out.device), units[:, 1].to(out.device), units[:, 2].to(out.device)
+        bad = (ch < 0) | (ch >= c) | (ys < 0) | (ys >= h) | (xs < 0) | (xs >= w)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise AtlasError(f"unit {tuple(units[i].tolist())} (channel, y, x) is outside layer '{layer}' of shape ({c}, {h}, {w})")
+        rows = torch.arange(n, device=out.device)
+        seed = torch.zeros_like(out)
+        seed[rows, ch, ys, xs] = out.detach()[rows, ch, ys, xs]  # the one-hot times the unit's own activation
+        (grad,) = torch.autograd.grad(out, x, grad_outputs=seed)
+    return grad.detach().float()
+
+
+# --------------------------------------------------------------------------- display
+
+
+def _fit(image: np.ndarray, patch: int) -> np.ndarray:
+    """(h, w, 3) uint8 scaled to fit ``patch`` x ``patch``, aspect kept, centred on grey 127 (the top-k patches' geometry)."""
+    h, w = image.shape[:2]
+    out = np.full((patch, patch, 3), GREY, dtype=np.uint8)
+    if h == 0 or w == 0:
+        return out
+    s = patch / max(h, w)
+    nh, nw = max(1, min(patch, round(h * s))), max(1, min(patch, round(w * s)))
+    if (nh, nw) != (h, w):
+        image = np.asarray(Image.fromarray(image).resize((nw, nh), Image.LANCZOS))  # as top/patch is resampled
+    top, left = (patch - nh) // 2, (patch - nw) // 2
+    out[top:top + nh, left:left + nw] = image
+    return out
+
+
+def to_display(projection: torch.Tensor | np.ndarray, box: Sequence[int], patch: int = DEFAULT_PATCH) -> np.ndarray:
+    """One projection as the paper shows it: cropped to ``box``, signed values around grey, fitted into a patch.
+
+    ``projection`` is (3, H, W) (a row of :func:`project_units`); ``box`` is (top, left, bottom, right), bottom/right
+    exclusive (the unit's clipped receptive field). Values are scaled symmetrically: 0 -> 128 (mid grey), the
+    largest |value| in the box -> 0 or 255; an all-zero projection is all 128 inside the box. The crop is then scaled
+    to fit ``patch`` x ``patch`` with its aspect kept, centred, grey 127 around: the geometry of ``top/patch``.
+    Returns (patch, patch, 3) uint8.
+    """
+    p = projection.detach().cpu().float().numpy() if isinstance(projection, torch.Tensor) else np.asarray(projection, np.float32)
+    if p.ndim != 3 or p.shape[0] != 3:
+        raise AtlasError(f"a projection is (3, H, W), got {p.shape}")
+    top, left, bottom, right = (int(v) for v in box)
+    top, left = max(top, 0), max(left, 0)
+    bottom, right = min(bottom, p.shape[1]), min(right, p.shape[2])
+    crop = p[:, top:bottom, left:right].transpose(1, 2, 0)
+    peak = float(np.abs(crop).max()) if crop.size else 0.0
+    scaled = 127.5 + 127.5 * (crop / peak) if peak > 0 else np.full(crop.shape, 127.5, np.float32)
+    image = np.clip(np.floor(scaled + 0.5), 0, 255).astype(np.uint8)
+    return _fit(image, patch)
+
+
+# --------------------------------------------------------------------------- the writer
+
+
+def _channels(channels, n: int) -> list[int]:
+    if channels is None:
+        return list(range(n))
+    out = sorted({int(c) for c in channels})
+    outside = [c for c in out if c < 0 or c >= n]
+    if outside:
+        raise AtlasError(f"channel {outside[0]} is out of range: the layer has {n} channels (0-{n - 1})")
+    return out
+
+
+def _check_photos(paths: dict[int, str]) -> None:
+    """A run whose photos are gone (a store copied without them) is one line naming the missing folder."""
+    missing = [p for p in paths.values() if not Path(real_path(p)).exists()]
+    folders = sorted({str(Path(real_path(p)).parent) for p in missing if not Path(real_path(p)).parent.exists()})
+    if folders:
+        more = f" (and {len(folders) - 1} more)" if len(folders) > 1 else ""
+        raise AtlasError(f"the run's photos are missing: folder {folders[0]} not found{more}; "
+                         "put the images back where `atlas sample` read them")
+
+
+@store.writer
+def write_projections(run_dir: str | Path, layer: str, method: str = "deconvnet", channels: Sequence[int] | None = None,
+                      batch_size: int = 16, device: str = "cpu", progress: bool = True, net: Network | None = None,
+                      patch: int | None = None) -> dict:
+    """Project every top example of ``layer`` back to pixels with ``method``: ``units/{layer}/projection/{method}``.
+
+    Reads ``units/{layer}/top/{image,pos,box}`` (the top-k pass), loads each example image with the run's resize
+    and crop, and writes, per the unit lens's store layout:
+
+    - ``image`` (C, k, P, P, 3) uint8: :func:`to_display` of each projection in its box (the geometry of
+      ``top/patch``, so the two sit side by side); grey for padding rows and unreadable images;
+    - ``scale`` (C, k) float32: the largest |projection| in the box before display scaling (0 for a unit whose
+      activation is 0, a pad or an unreadable image);
+    - ``done`` (C,) bool: per channel, set once its k projections are written; a rerun skips done channels.
+
+    Parameters
+    ----------
+    run_dir : str or Path
+        The run folder, after the top-k pass (``atlas.units.topk.top_examples``).
+    layer : str
+        The layer whose top examples are projected.
+    method : {"deconvnet", "guided", "gradient"}, default "deconvnet"
+        See :func:`project_units`.
+    channels : sequence of int or None, default None
+        Compute only these channels (the arrays stay (C, ...) full size); None: all.
+    batch_size : int, default 16
+        Examples per forward/backward pass (speed and memory only).
+    device : str, default "cpu"
+        Where the model runs.
+    progress : bool, default True
+        Show a progress bar (only on a terminal).
+    net : Network or None, default None
+        The run's model, already loaded; None: loaded from the run's attributes.
+    patch : int or None, default None
+        Side P of the display patches; None: that of ``top/patch`` (64 when it has none).
+
+    Returns
+    -------
+    dict
+        A summary (also the ``projection/{method}`` group's ``summary`` attribute): ``method``, ``channels`` (computed
+        now), ``projections`` (now), ``skipped_images``, ``seconds``, ``projections_per_s``.
+    """
+    if method not in METHODS:
+        raise AtlasError(f"unknown projection method '{method}'; choose one of: {', '.join(METHODS)}")
+    if int(batch_size) < 1:
+        raise AtlasError(f"batch_size must be at least 1, got {batch_size}")
+    root = store.open_store(run_dir)
+    tpath = f"units/{layer}/top"
+    if tpath not in root:
+        raise AtlasError(f"no top examples for layer '{layer}' in this run ({tpath}); run `atlas units {run_dir} --layer {layer}` "
+                         "(the top-k pass) first")
+    store.verify(root, [tpath, "images"])
+    top = root[tpath]
+    image_ids = top["image"][...].astype(np.int64)
+    pos = top["pos"][...].astype(np.int64)
+    box = top["box"][...].astype(np.int64)
+    n_channels, k = image_ids.shape
+    if patch is None:
+        patch = int(top["patch"].shape[2]) if "patch" in top else DEFAULT_PATCH
+    if int(patch) < 1:
+        raise AtlasError(f"patch must be at least 1 pixel, got {patch}")
+    patch = int(patch)
+    wanted = _channels(channels, n_channels)
+    prep = dict(root.attrs.get("preprocessing", {}) or {})
+    resize, crop = int(prep.get("resize", 256)), int(prep.get("crop", 224))
+    paths_array = root["images/path"]
+    ok = root["images/ok"][...] if "images/ok" in root else np.ones(paths_array.shape[0], bool)
+
+    ppath = f"units/{layer}/projection/{method}"
+    shape = (n_channels, k, patch, patch, 3)
+    fresh = not (ppath in root and "done" in root[ppath] and "image" in root[ppath] and root[ppath]["done"].shape == (n_channels,)
+                 and root[ppath]["image"].shape == shape)
+    done = np.zeros(n_channels, bool) if fresh else root[ppath]["done"][...]
+    todo = [c for c in wanted if not done[c]]
+    examples = [(c, j) for c in todo for j in range(k) if image_ids[c, j] >= 0]
+    needed = sorted({int(image_ids[c, j]) for c, j in examples})
+    paths = {i: str(paths_array[i]) for i in needed}
+    _check_photos(paths)  # before anything is written
+
+    store.take_lock(run_dir)
+    root = store.open_store(run_dir, mode="a")
+    store.begin_stage(run_dir, "units", [ppath])
+    group = root.require_group(ppath)
+    if fresh:
+        store.create_array(group, "image", shape, np.uint8, chunks=(1, *shape[1:]), fill_value=GREY, overwrite=True)
+        store.create_array(group, "scale", (n_channels, k), np.float32, chunks=(n_channels, k), overwrite=True)
+        store.create_array(group, "done", (n_channels,), bool, chunks=(n_channels,), fill_value=False, overwrite=True)
+    group.attrs.update({"method": method, "patch": patch, "k": k, "crop": crop})
+    started = time.perf_counter()
+    skipped: set[int] = set()
+    computed = 0
+    if examples and net is None:
+        net = load_run_model(store.attrs(root), device)
+    images: dict[int, np.ndarray | None] = {}
+    rows_image = {c: np.full((k, patch, patch, 3), GREY, np.uint8) for c in todo}
+    rows_scale = {c: np.zeros(k, np.float32) for c in todo}
+    left = {c: sum(1 for j in range(k) if image_ids[c, j] >= 0) for c in todo}
+    bar = tqdm(total=len(examples), desc=f"{method} {layer}", unit="proj", disable=None if progress else True, leave=False)
+
+    def finish(c: int) -> None:
+        group["image"][c] = rows_image[c]
+        scale = group["scale"][...]
+        scale[c] = rows_scale[c]
+        group["scale"][...] = scale
+        flags = group["done"][...]
+        flags[c] = True  # last: an interrupted write leaves the channel to redo
+        group["done"][...] = flags
+
+    for c in [c for c in todo if left[c] == 0]:
+        finish(c)
+    device_t = torch.device(device)
+    with contextlib.ExitStack() as stack:
+        if examples:
+            # channels-last memory (the model's tensors are put back afterwards): the same arithmetic, ~1.3x faster on CPU
+            stack.enter_context(prepared(net, device_t, channels_last=True))
+        for start in range(0, len(examples), int(batch_size)):
+            chunk = examples[start:start + int(batch_size)]
+            batch, units, where = [], [], []
+            for c, j in chunk:
+                img = int(image_ids[c, j])
+                if img not in images:
+                    images[img] = _read(paths[img], resize, crop) if ok[img] else None
+                    if len(images) > 256:  # bounded: a channel's examples are adjacent, nearby channels' often shared
+                        images.pop(next(iter(images)))
+                if images[img] is None:
+                    skipped.add(img)
+                    continue
+                batch.append(images[img])
+                units.append((c, int(pos[c, j, 0]), int(pos[c, j, 1])))
+                where.append((c, j))
+            if batch:
+                x = torch.from_numpy(np.stack(batch)).to(device_t).permute(0, 3, 1, 2).float().div_(255.0)
+                proj = project_units(net, layer, x.contiguous(memory_format=torch.channels_last), torch.tensor(units), method).cpu()
+                for (c, j), p in zip(where, proj, strict=True):
+                    b = box[c, j]
+                    rows_image[c][j] = to_display(p, b, patch)
+                    region = p[:, max(int(b[0]), 0):int(b[2]), max(int(b[1]), 0):int(b[3])]
+                    rows_scale[c][j] = float(region.abs().max()) if region.numel() else 0.0
+                computed += len(batch)
+            for c, _ in chunk:
+                left[c] -= 1
+                if left[c] == 0:
+                    finish(c)
+            bar.update(len(chunk))
+    bar.close()
+    seconds = time.perf_counter() - started
+    summary = {"method": method, "channels": len(todo), "projections": computed, "skipped_images": len(skipped),
+               "seconds": round(seconds, 3), "projections_per_s": round(computed / seconds, 2) if computed and seconds > 0 else 0.0}
+    if skipped:
+        store.log(run_dir, f"units {layer} {method}: {len(skipped)} unreadable example images skipped (grey, scale 0)")
+    group.attrs["summary"] = summary
+    store.finish_stage(run_dir, "units", [ppath])
+    return summary
+
+
+def _read(path: str, resize: int, crop: int) -> np.ndarray | None:
+    try:
+        return np.asarray(load_image(path, resize, crop), dtype=np.uint8)
+    except (OSError, ValueError, SyntaxError):
+        return None
+
+
+__all__ = ["METHODS", "project_units", "to_display", "write_projections"]
