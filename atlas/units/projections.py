@@ -26,8 +26,8 @@ Decisions
 ---------
 - **LRN** (``atlas.models.layers.LocalResponseNorm``, ``nn.LocalResponseNorm``): the deconvnet passes the signal
   through it unchanged (identity backward). The deconvnet is an approximate inverse built from switches,
-  rectification and transposed filters only (the paper's three operations; the DeepVis toolbox and common ZF
-  deconvnets pass normalisation through). LRN's true backward depends on the forward activations and has negative
+  rectification and transposed filters only (the paper's three operations: its reverse pass has no normalisation
+  step). LRN's true backward depends on the forward activations and has negative
   cross-channel terms that would bring back the negative signals the rectification has just cut; it mixes channels
   at one position only, so passing it through moves nothing in space (the receptive field is the same). ``guided``
   and ``gradient`` are gradients and keep LRN's own backward.
