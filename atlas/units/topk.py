@@ -1,0 +1,422 @@
+"""Top-k dataset examples per unit (Zeiler & Fergus 2014): one streamed pass over a run's images.
+
+For every channel of the requested layers, the k images whose maximum activation over positions is highest, with
+that position, its receptive-field box (:mod:`atlas.units.receptive`) and the box's pixels as a patch.
+
+The pass reads the run's image list and decoding settings (model, weights, resize, crop, precision) from its store,
+as ``atlas sample`` wrote them, and goes in the sampler's shards: each shard's top-k per channel is written (one chunk
+per shard), then the shard's flag. The top-k of all images is the top-k of the shards' top-ks, so a killed pass
+loses at most the shard in flight, and a rerun computes only the shards not flagged, then merges them all.
+
+Ties are broken the same way everywhere, so the result does not depend on batch size, shard size or which
+shards were resumed: a higher value first, then the lower image index, then the lower (y, x).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from atlas import store
+from atlas.data import ImageDataset, ImageList, load_image, real_path
+from atlas.errors import AtlasError
+from atlas.models import Network, load_run_model
+from atlas.settings import check_device, parse_channels
+from atlas.units.receptive import receptive_field
+
+GREY = 127
+PATCH = 64
+# Before the pass, up to this many of the first images are tried: none readable means the photos are not there.
+PROBE = 8
+_BIG = np.iinfo(np.int64).max
+
+
+class Top(NamedTuple):
+    """A running top-k per channel: ``value`` (C, k) float32 descending, ``image`` (C, k) int64, ``pos`` (C, k, 2) int32
+    (y, x at the layer); unused slots hold value -inf, image -1, pos -1."""
+
+    value: np.ndarray
+    image: np.ndarray
+    pos: np.ndarray
+
+
+def empty_top(channels: int, k: int) -> Top:
+    """A top-k holding nothing yet."""
+    return Top(np.full((channels, k), -np.inf, np.float32), np.full((channels, k), -1, np.int64), np.full((channels, k, 2), -1, np.int32))
+
+
+def max_positions(acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each image's maximum activation per channel and where it is: ``acts`` (B, C, H, W) -> values (B, C) and
+    pos (B, C, 2) int32 (y, x); among equal maxima the first in row-major order (lowest y, then x)."""
+    b, c, h, w = acts.shape
+    flat = acts.reshape(b, c, h * w)
+    index = flat.argmax(dim=2)  # the first maximal index
+    values = flat.gather(2, index.unsqueeze(2)).squeeze(2)
+    pos = torch.stack([index // w, index % w], dim=2).to(torch.int32)
+    return values, pos
+
+
+def batch_top(values: np.ndarray, pos: np.ndarray, images: np.ndarray, k: int) -> Top:
+    """The top-k of one batch: ``values`` (B, C), ``pos`` (B, C, 2), ``images`` (B,) image indices."""
+    b, c = values.shape
+    value = np.ascontiguousarray(values.T, dtype=np.float32)  # (C, B)
+    image = np.broadcast_to(np.asarray(images, np.int64)[None, :], (c, b)).copy()
+    position = np.ascontiguousarray(pos.transpose(1, 0, 2), dtype=np.int32)
+    return merge_topk(Top(value, image, position), empty_top(c, 0), k)
+
+
+def merge_topk(a: Top, b: Top, k: int) -> Top:
+    """The top-k per channel of two top-ks (of disjoint images): higher value first, then lower image index, then
+    lower (y, x); padded with -inf / -1 when they hold fewer than k. Associative and commutative, so shards merge in
+    any order to the same result."""
+    value = np.concatenate([a.value, b.value], axis=1).astype(np.float32)
+    image = np.concatenate([a.image, b.image], axis=1).astype(np.int64)
+    pos = np.concatenate([a.pos, b.pos], axis=1).astype(np.int32)
+    empty = (image < 0) | np.isnan(value)
+    value = np.where(empty, -np.inf, value)
+    key_image = np.where(empty, _BIG, image)
+    # lexsort: the last key is the primary one.
+    order = np.lexsort((pos[..., 1], pos[..., 0], key_image, empty, -value.astype(np.float64)), axis=-1)[:, :k]
+    value = np.take_along_axis(value, order, 1)
+    image = np.take_along_axis(np.where(empty, -1, image), order, 1)
+    pos = np.take_along_axis(np.where(empty[..., None], -1, pos), order[..., None], 1)
+    c, n = value.shape
+    if n < k:  # fewer candidates than k: pad
+        pad = empty_top(c, k - n)
+        value, image, pos = (np.concatenate([x, p], axis=1) for x, p in zip((value, image, pos), pad, strict=True))
+    return Top(value.astype(np.float32), image.astype(np.int64), pos.astype(np.int32))
+
+
+def fit_patch(image: Image.Image, box: Sequence[int], patch: int = PATCH) -> np.ndarray:
+    """(patch, patch, 3) uint8: the box (top, left, bottom, right) of ``image`` scaled to fit, aspect kept, centred on grey."""
+    top, left, bottom, right = (int(v) for v in box)
+    out = Image.new("RGB", (patch, patch), (GREY, GREY, GREY))
+    h, w = bottom - top, right - left
+    if h <= 0 or w <= 0:
+        return np.asarray(out, dtype=np.uint8)
+    scale = patch / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    piece = image.crop((left, top, right, bottom))
+    if piece.size != size:
+        piece = piece.resize(size, Image.LANCZOS)
+    out.paste(piece, ((patch - size[0]) // 2, (patch - size[1]) // 2))
+    return np.asarray(out, dtype=np.uint8)
+
+
+def _flags(array) -> np.ndarray:
+    """Done flags, tolerating a flag chunk torn by a kill (it then counts as not done)."""
+    try:
+        return np.asarray(array[:], dtype=bool)
+    except Exception:  # noqa: BLE001 - a torn chunk must not stop the resume
+        flags = np.zeros(array.shape[0], dtype=bool)
+        for i in range(array.shape[0]):
+            try:
+                flags[i] = bool(array[i])
+            except Exception:  # noqa: BLE001
+                flags[i] = False
+        return flags
+
+
+def _channels(channels, n: int, layer: str) -> list[int]:
+    if channels is None or isinstance(channels, str):
+        return parse_channels(channels, n, layer)
+    chosen = sorted({int(c) for c in channels})
+    bad = [c for c in chosen if c < 0 or c >= n]
+    if bad:
+        raise AtlasError(f"channel {bad[0]} is out of range of layer '{layer}': it has {n} channels (0-{n - 1})")
+    if not chosen:
+        raise AtlasError(f"no channels chosen for layer '{layer}'")
+    return chosen
+
+
+def _ranges(channels: Sequence[int]) -> str:
+    """Sorted channels as ranges, e.g. "0-63,100" (the channel set the shard state belongs to)."""
+    parts: list[str] = []
+    run: list[int] = []
+    for c in channels:
+        if run and c == run[-1] + 1:
+            run.append(c)
+            continue
+        if run:
+            parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+        run = [c]
+    if run:
+        parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return ",".join(parts)
+
+
+def _check_photos(paths: Sequence[str], ok: np.ndarray, resize: int, crop: int) -> None:
+    """A store copied without its photos is one line naming the missing folder, before the pass."""
+    if not len(paths):
+        raise AtlasError("the run's image list is empty; run `atlas sample` on some images first")
+    first = Path(real_path(str(paths[0])))
+    if not first.parent.is_dir():
+        raise AtlasError(f"the run's photos are missing: folder {first.parent} does not exist (was the run copied without its photos?)")
+    tried = [i for i in range(len(paths)) if ok[i]][:PROBE] or list(range(min(PROBE, len(paths))))
+    for i in tried:
+        try:
+            load_image(str(paths[i]), resize, crop)
+            return
+        except (OSError, ValueError, SyntaxError):
+            continue
+    folder = Path(real_path(str(paths[tried[0]]))).parent
+    raise AtlasError(f"the run's photos cannot be read: none of the first {len(tried)} images in {folder} opens (missing or moved?)")
+
+
+def _key(meta: dict, k: int, patch: int) -> dict:
+    """What the stored top-k depends on: a stored one with another key is recomputed, never mixed in."""
+    prep = meta.get("preprocessing") or {}
+    return {"k": k, "patch": patch, "model": meta.get("model"), "weights_sha256": meta.get("weights_sha256", ""),
+            "image_list_hash": meta.get("image_list_hash"), "n_images": meta.get("n_images"), "resize": prep.get("resize", 256),
+            "crop": prep.get("crop", 224), "precision": meta.get("precision", "float32"), "shard_size": meta.get("shard_size")}
+
+
+def _complete(root, layer: str, key: dict, chosen: list[int]) -> bool:
+    """The stored top-k of ``layer`` has every chosen channel, computed with these settings."""
+    group = root.get(f"units/{layer}/top")
+    if group is None or dict(group.attrs).get("key") != key or "done" not in group:
+        return False
+    return bool(_flags(group["done"])[chosen].all())
+
+
+class _Layer:
+    """One layer's store group and pass state."""
+
+    def __init__(self, root, run: Path, layer: str, shape: tuple[int, int, int], chosen: list[int], key: dict, n_shards: int,
+                 field, crop: int):
+        self.name, self.chosen = layer, chosen
+        c, h, w = shape
+        self.c, self.hw, self.field = c, (h, w), field
+        k, patch = key["k"], key["patch"]
+        path = f"units/{layer}/top"
+        group = root.get(path)
+        if group is not None and dict(group.attrs).get("key") != key:
+            del root[path]  # computed with other settings or from other images: recomputed, not mixed in
+            group = None
+        if group is None:
+            group = root.require_group(path)
+            store.create_array(group, "value", (c, k), np.float32, chunks=(c, k), fill_value=float("-inf"))
+            store.create_array(group, "image", (c, k), np.int64, chunks=(c, k), fill_value=-1)
+            store.create_array(group, "pos", (c, k, 2), np.int32, chunks=(c, k, 2), fill_value=-1)
+            store.create_array(group, "box", (c, k, 4), np.int32, chunks=(c, k, 4), fill_value=-1)
+            store.create_array(group, "patch", (c, k, patch, patch, 3), np.uint8, chunks=(min(c, 16), k, patch, patch, 3), fill_value=GREY)
+            store.create_array(group, "done", (c,), bool, chunks=(c,), fill_value=False)
+            group.attrs.update({"key": key, "k": k, "channels": c, "hw": [h, w], "field": field.as_dict(), "crop": crop,
+                                "n_images": key["n_images"], "summary": {}})
+        self.group = group
+        done = _flags(group["done"])
+        self.todo = [ch for ch in chosen if not done[ch]]
+        # The shard state belongs to one set of channels: another set starts it afresh.
+        shards = group.get("shards")
+        if self.todo and (shards is None or dict(group.attrs).get("shard_channels") != _ranges(self.todo)):
+            if shards is not None:
+                del group["shards"]
+            if "shard_done" in group:
+                del group["shard_done"]
+            shards = group.require_group("shards")
+            store.create_array(shards, "value", (n_shards, c, k), np.float32, chunks=(1, c, k), fill_value=float("-inf"))
+            store.create_array(shards, "image", (n_shards, c, k), np.int64, chunks=(1, c, k), fill_value=-1)
+            store.create_array(shards, "pos", (n_shards, c, k, 2), np.int32, chunks=(1, c, k, 2), fill_value=-1)
+            store.create_array(group, "shard_done", (n_shards,), bool, chunks=(1,), fill_value=False)
+            group.attrs["shard_channels"] = _ranges(self.todo)
+        self.shard_done = _flags(group["shard_done"]) if self.todo else np.ones(n_shards, bool)
+        self.index = torch.tensor(self.todo, dtype=torch.long)
+
+    def write_shard(self, shard: int, top: Top) -> None:
+        full = empty_top(self.c, top.value.shape[1])
+        full.value[self.todo], full.image[self.todo], full.pos[self.todo] = top
+        shards = self.group["shards"]
+        shards["value"][shard] = full.value
+        shards["image"][shard] = full.image
+        shards["pos"][shard] = full.pos
+        self.group["shard_done"][shard] = True  # only after the shard's rows: a kill before it redoes the shard
+
+    def merged(self, k: int) -> Top:
+        shards = self.group["shards"]
+        top = empty_top(len(self.todo), k)
+        for shard in range(shards["value"].shape[0]):
+            part = Top(shards["value"][shard][self.todo], shards["image"][shard][self.todo], shards["pos"][shard][self.todo])
+            top = merge_topk(top, part, k)
+        return top
+
+
+@store.writer
+def top_examples(run_dir: str | Path, layers: str | Sequence[str], k: int = 9, channels=None, patch: int = PATCH,
+                 batch_size: int = 32, workers: int = 2, device: str = "cpu", progress: bool = True,
+                 net: Network | None = None) -> dict:
+    """Find every channel's top-k dataset examples in the run's images and store them under ``units/{layer}/top``.
+
+    One streamed pass over the run's image list (all ``layers`` in the same forward, which stops at the deepest),
+    in the sampler's shards, resumable: shards and channels already done are not computed again.
+
+    Parameters
+    ----------
+    run_dir : str or Path
+        A sampled run folder (``atlas sample``); its image list and preprocessing are used.
+    layers : str or sequence of str
+        Layers of the run's model with spatial positions (sampled or not).
+    k : int, default 9
+        Examples per channel (at least 1).
+    channels : sequence of int, str or None, default None
+        Channels to compute (e.g. ``range(64)`` or ``"0-63"``); None: all. The arrays are full size either way.
+    patch : int, default 64
+        Side of the stored patches: each example's receptive-field box, scaled to fit, aspect kept, on grey.
+    batch_size, workers, device : speed only
+        Images per forward, DataLoader worker processes decoding images (0: in this process), where the model runs.
+    progress : bool, default True
+        A progress bar (only on a terminal).
+    net : Network or None
+        The run's model, already loaded; None: loaded from the store (``model``, ``weights``).
+
+    Returns
+    -------
+    dict
+        Per layer: ``{"channels": n computed, "n_images", "n_skipped", "shards_computed", "seconds", "images_per_second"}``.
+
+    Raises
+    ------
+    AtlasError
+        One line: no run, an unknown layer or one without positions (the valid ones listed), channels out of range,
+        k < 1, a run whose photos are missing (the folder named) or of which no image could be read.
+    """
+    if int(k) < 1:
+        raise AtlasError(f"top-k must be at least 1 (got {k})")
+    if int(patch) < 1:
+        raise AtlasError(f"patch must be at least 1 pixel (got {patch})")
+    if int(batch_size) < 1 or int(workers) < 0:
+        raise AtlasError("batch_size must be at least 1 and workers at least 0")
+    k, patch = int(k), int(patch)
+    check_device(device)
+    run = Path(run_dir)
+    root = store.open_store(run)
+    meta = store.attrs(root)
+    if "images" not in root or "path" not in root["images"]:
+        raise AtlasError(f"{run} has no image list yet; run `atlas sample` first")
+    layers = [layers] if isinstance(layers, str) else list(dict.fromkeys(layers))
+    if not layers:
+        raise AtlasError("give at least one layer (--layer NAME)")
+    prep = meta.get("preprocessing") or {}
+    resize, crop = int(prep.get("resize", 256)), int(prep.get("crop", 224))
+    net = net if net is not None else load_run_model(meta, device)
+    fields = {layer: receptive_field(net, layer, crop) for layer in layers}  # unknown / position-less layers: one line
+    with torch.inference_mode():  # one blank image through to the deepest layer: the maps' shapes
+        param = next(net.module.parameters(), None)
+        blank = net.activations(torch.zeros(1, 3, crop, crop, device=param.device if param is not None else "cpu"), layers)
+    shapes = {layer: tuple(int(v) for v in blank[layer].shape[1:]) for layer in layers}
+    chosen = {layer: _channels(channels, shapes[layer][0], layer) for layer in layers}
+
+    paths = root["images/path"][:]
+    n = len(paths)
+    shard_size = int(meta.get("shard_size") or 256)
+    n_shards = max(1, math.ceil(n / shard_size))
+    # Images the sampler found unreadable are skipped without trying (only in the shards it finished).
+    ok = np.ones(n, bool)
+    if "ok" in root["images"] and "shard_done" in root["images"]:
+        sampled = np.repeat(_flags(root["images/shard_done"]), shard_size)[:n]
+        ok = ~sampled | np.asarray(root["images/ok"][:], bool)
+    key = _key(meta, k, patch)
+    pending = [layer for layer in layers if not _complete(root, layer, key, chosen[layer])]
+    if not pending:  # everything asked for is stored: nothing is rewritten, nothing downstream invalidated
+        return {layer: dict(store.attrs(root[f"units/{layer}/top"]).get("summary") or {}) | {"channels": 0, "shards_computed": 0}
+                for layer in layers}
+    _check_photos(paths, ok, resize, crop)  # before anything is written
+    root = store.open_for_update(run)
+    node_paths = [f"units/{layer}/top" for layer in layers]
+    store.begin_stage(run, "units", node_paths)
+    start = time.perf_counter()
+    states = [_Layer(root, run, layer, shapes[layer], chosen[layer], key, n_shards, fields[layer], crop) for layer in layers]
+    active = [s for s in states if s.todo]
+    todo = [sh for sh in range(n_shards) if any(not s.shard_done[sh] for s in active)]
+    images = ImageList(paths=[str(p) for p in paths], labels=np.zeros(n, np.int32)) if todo else None
+    skipped: set[int] = {i for i in range(n) if not ok[i]}
+    failed_now = 0
+    precision = str(meta.get("precision") or "float32")
+    total = sum(min(shard_size, n - sh * shard_size) for sh in todo)
+    bar = tqdm(total=total, unit="img", disable=None if progress else True, desc=f"units top-{k} {','.join(layers)}", dynamic_ncols=True)
+    try:
+        for shard in todo:
+            lo, hi = shard * shard_size, min((shard + 1) * shard_size, n)
+            wanted = [i for i in range(lo, hi) if ok[i]]
+            needs = [s for s in active if not s.shard_done[shard]]
+            tops = {s.name: empty_top(len(s.todo), k) for s in needs}
+            if wanted:
+                dataset = ImageDataset(images, resize, crop, wanted)
+                loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, persistent_workers=False,
+                                                     prefetch_factor=4 if workers else None)
+                for batch_index, batch, errors in loader:
+                    good = np.array([not e for e in errors])
+                    for index, error in zip(batch_index.tolist(), errors, strict=True):
+                        if error:
+                            failed_now += 1
+                            skipped.add(index)
+                            store.log(run, f"units: skipped image {index} {paths[index]}: {error}")
+                    if good.any():
+                        x = batch[torch.from_numpy(good)].to(device)
+                        idx = batch_index.numpy()[good]
+                        with torch.inference_mode(), torch.autocast(x.device.type, torch.bfloat16, enabled=precision == "bfloat16"):
+                            out = net.activations(x, [s.name for s in needs])
+                        for s in needs:
+                            act = out[s.name]
+                            if len(s.todo) < s.c:
+                                act = act[:, s.index.to(act.device)]
+                            values, pos = max_positions(act.float())
+                            tops[s.name] = merge_topk(tops[s.name], batch_top(values.cpu().numpy(), pos.cpu().numpy(), idx, k), k)
+                    bar.update(len(batch_index))
+            bar.update(hi - lo - len(wanted))
+            for s in needs:
+                s.write_shard(shard, tops[s.name])
+                s.shard_done[shard] = True
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - start
+    if todo and len(skipped) >= n:
+        raise AtlasError(f"none of the run's {n:,} images could be read; every skipped file is listed in {run / 'log.txt'}")
+    summary: dict = {}
+    for s in states:
+        if s.todo:
+            _finish_layer(run, s, k, patch, paths, resize, crop)
+        info = {"channels": len(s.todo), "n_images": n, "n_skipped": len(skipped), "n_failed_now": failed_now,
+                "shards_computed": len(todo) if s.todo else 0, "seconds": round(seconds, 2),
+                "images_per_second": round(total / seconds, 2) if total and seconds > 0 else 0.0}
+        s.group.attrs["summary"] = info
+        summary[s.name] = info
+    store.finish_stage(run, "units", node_paths)
+    return summary
+
+
+def _finish_layer(run: Path, s: _Layer, k: int, patch: int, paths, resize: int, crop: int) -> None:
+    """Merge the shards, then write value, image, pos, box and patch of the computed channels and mark them done."""
+    top = s.merged(k)
+    rows = np.asarray(s.todo)
+    box = np.full((len(rows), k, 4), -1, np.int32)
+    for r in range(len(rows)):
+        for j in range(k):
+            if top.image[r, j] >= 0:
+                box[r, j] = s.field.box(int(top.pos[r, j, 0]), int(top.pos[r, j, 1]), crop)
+    patches = np.full((len(rows), k, patch, patch, 3), GREY, np.uint8)
+    by_image: dict[int, list[tuple[int, int]]] = {}
+    for r, j in zip(*np.nonzero(top.image >= 0), strict=True):
+        by_image.setdefault(int(top.image[r, j]), []).append((int(r), int(j)))
+    for image_index, slots in sorted(by_image.items()):
+        try:
+            image = load_image(str(paths[image_index]), resize, crop)
+        except (OSError, ValueError, SyntaxError) as exc:  # gone since the pass: its patches stay grey
+            store.log(run, f"units: patch of image {image_index} {paths[image_index]} left grey: {exc}")
+            continue
+        for r, j in slots:
+            patches[r, j] = fit_patch(image, box[r, j], patch)
+    g = s.group
+    g["value"].set_orthogonal_selection((rows, slice(None)), top.value)
+    g["image"].set_orthogonal_selection((rows, slice(None)), top.image)
+    g["pos"].set_orthogonal_selection((rows, slice(None), slice(None)), top.pos)
+    g["box"].set_orthogonal_selection((rows, slice(None), slice(None)), box)
+    g["patch"].set_orthogonal_selection((rows, slice(None), slice(None), slice(None), slice(None)), patches)
+    g["done"].set_orthogonal_selection((rows,), np.ones(len(rows), bool))
