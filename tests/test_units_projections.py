@@ -346,6 +346,20 @@ def test_the_writer_stores_what_the_pure_core_computes_and_resumes(run, net):
     redo = write_projections(out, LAYER, "deconvnet", channels=[7, 40, 300], progress=False, net=net)
     assert redo["channels"] == 1 and redo["projections"] == 3
     np.testing.assert_array_equal(store.open_store(out)[f"units/{LAYER}/projection/deconvnet/image"][...], images)
+    # the top-k pass rewrites a channel's row (another example): that channel's projections are stale and redone
+    tpath = f"units/{LAYER}/top"
+    store.begin_stage(out, "units", [tpath])
+    root = store.open_store(out, mode="r+")
+    row = root[tpath]["image"][300]
+    root[tpath]["image"][300] = row[[1, 0, 2]]
+    pos300, box300 = root[tpath]["pos"][300], root[tpath]["box"][300]
+    root[tpath]["pos"][300], root[tpath]["box"][300] = pos300[[1, 0, 2]], box300[[1, 0, 2]]
+    store.finish_stage(out, "units", [tpath])
+    stale = write_projections(out, LAYER, "deconvnet", channels=[7, 40, 300], progress=False, net=net)
+    assert stale["channels"] == 1 and stale["projections"] == 3
+    now = store.open_store(out)[f"units/{LAYER}/projection/deconvnet/image"][...]
+    np.testing.assert_array_equal(now[300], images[300][[1, 0, 2]])
+    np.testing.assert_array_equal(now[[7, 40]], images[[7, 40]])
     store.verify(out, [f"units/{LAYER}/projection/deconvnet"])  # sealed by finish_stage
 
 

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -316,7 +317,9 @@ def write_projections(run_dir: str | Path, layer: str, method: str = "deconvnet"
       ``top/patch``, so the two sit side by side); grey for padding rows and unreadable images;
     - ``scale`` (C, k) float32: the largest |projection| in the box before display scaling (0 for a unit whose
       activation is 0, a pad or an unreadable image);
-    - ``done`` (C,) bool: per channel, set once its k projections are written; a rerun skips done channels.
+    - ``done`` (C,) bool: per channel, set once its k projections are written; a rerun skips done channels;
+    - ``source`` (C,) int64: crc32 of the channel's ``top`` row (images, positions, boxes) the projections were made
+      from; a channel whose top row has changed since (the top-k pass re-run) is redone.
 
     Parameters
     ----------
@@ -376,6 +379,14 @@ def write_projections(run_dir: str | Path, layer: str, method: str = "deconvnet"
     fresh = not (ppath in root and "done" in root[ppath] and "image" in root[ppath] and root[ppath]["done"].shape == (n_channels,)
                  and root[ppath]["image"].shape == shape)
     done = np.zeros(n_channels, bool) if fresh else root[ppath]["done"][...]
+    # Each channel's projections belong to its top row (images, positions, boxes): a row the top-k pass has since
+    # rewritten makes that channel's projections stale, so it is redone even though its flag is set.
+    sources = np.array([zlib.crc32(image_ids[c].tobytes() + pos[c].tobytes() + box[c].tobytes()) for c in range(n_channels)],
+                       np.int64)
+    if not fresh and "source" in root[ppath] and root[ppath]["source"].shape == (n_channels,):
+        done &= root[ppath]["source"][...] == sources
+    elif not fresh:
+        done[:] = False
     todo = [c for c in wanted if not done[c]]
     examples = [(c, j) for c in todo for j in range(k) if image_ids[c, j] >= 0]
     needed = sorted({int(image_ids[c, j]) for c, j in examples})
@@ -390,6 +401,8 @@ def write_projections(run_dir: str | Path, layer: str, method: str = "deconvnet"
         store.create_array(group, "image", shape, np.uint8, chunks=(1, *shape[1:]), fill_value=GREY, overwrite=True)
         store.create_array(group, "scale", (n_channels, k), np.float32, chunks=(n_channels, k), overwrite=True)
         store.create_array(group, "done", (n_channels,), bool, chunks=(n_channels,), fill_value=False, overwrite=True)
+    if "source" not in group or group["source"].shape != (n_channels,):
+        store.create_array(group, "source", (n_channels,), np.int64, chunks=(n_channels,), fill_value=-1, overwrite=True)
     group.attrs.update({"method": method, "patch": patch, "k": k, "crop": crop})
     started = time.perf_counter()
     skipped: set[int] = set()
@@ -408,6 +421,9 @@ def write_projections(run_dir: str | Path, layer: str, method: str = "deconvnet"
         scale[c] = rows_scale[c]
         group["scale"][...] = scale
         flags = group["done"][...]
+        source = group["source"][...]
+        source[c] = sources[c]
+        group["source"][...] = source
         flags[c] = True  # last: an interrupted write leaves the channel to redo
         group["done"][...] = flags
 
