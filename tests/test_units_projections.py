@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from atlas import store
@@ -28,6 +29,7 @@ from atlas.errors import AtlasError
 from atlas.models import Network, load_model
 from atlas.units.projections import METHODS, project_units, to_display, write_projections
 from atlas.units.receptive import receptive_field
+from atlas.units.topk import fit_patch
 
 # --------------------------------------------------------------------------- a tiny network, by hand
 
@@ -266,6 +268,11 @@ def test_to_display_scales_around_grey_and_fits_the_box_into_the_patch():
     assert (inner[5:] == 128).all()  # zero is mid grey
     zero = to_display(torch.zeros(3, 40, 40), (0, 0, 40, 40), 16)
     assert (zero == 128).all()
+    # the geometry is the top-k patches' own: the same pixels are covered as by fit_patch of a photo
+    for box, size in (((10, 20, 20, 40), 8), ((0, 3, 37, 40), 16), ((5, 5, 6, 6), 4)):
+        shown = to_display(torch.ones(3, 40, 40), box, size) != 127
+        covered = fit_patch(Image.new("RGB", (40, 40), (0, 0, 0)), box, size) != 127
+        np.testing.assert_array_equal(shown, covered)
 
 
 # --------------------------------------------------------------------------- the writer, on a real sampled run
@@ -275,92 +282,75 @@ LAYER = "mixed4c"
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, photos, net):
-    """A real run of 6 photos (copied, so a test can take them away), and its top-3 examples per channel of mixed4c,
-    brute force in the spec's layout."""
+    """A real run of 4 photos (copied, so a test can take them away) and its top-5 examples per channel of mixed4c
+    from the real top-k pass: 4 examples and one pad per channel."""
     import shutil
 
     from atlas.sample import sample
+    from atlas.units.topk import top_examples
 
     base = tmp_path_factory.mktemp("proj")
     folder = base / "photos"
     folder.mkdir()
-    for path in sorted(photos.glob("*.JPEG"))[::150][:6]:
+    for path in sorted(photos.glob("*.JPEG"))[::150][:4]:
         shutil.copy(path, folder / path.name)
     out = base / "run"
-    sample(folder, [LAYER], out, attribution=False, workers=0, batch_size=6, progress=False, net=net)
-    root = store.open_store(out, mode="r+")
-    paths = [str(p) for p in root["images/path"][...]]
+    sample(folder, [LAYER], out, attribution=False, workers=0, batch_size=4, progress=False, net=net)
+    top_examples(out, [LAYER], k=5, patch=32, workers=0, progress=False, net=net)
+    paths = [str(p) for p in store.open_store(out)["images/path"][...]]
     x = torch.from_numpy(np.stack([np.asarray(load_image(p, 256, 224)) for p in paths])).permute(0, 3, 1, 2).float() / 255.0
-    acts = net.activations(x, [LAYER])[LAYER]
-    n, c, h, w = acts.shape
-    k = 3
-    best, where = acts.flatten(2).max(2)  # (n, C)
-    order = best.T.argsort(1, descending=True)[:, :k]  # (C, k) image indices
-    value = best.T.gather(1, order)
-    flat = where.T.gather(1, order)
-    pos = torch.stack([flat // w, flat % w], 2)
-    field = receptive_field(net, LAYER, 224)
-    box = np.array([[field.box(int(y), int(xx), 224) for y, xx in row] for row in pos.tolist()], np.int32)
-    image = order.numpy().astype(np.int64)
-    image[7, 2] = -1  # a pad, as the top-k pass writes for channels with fewer than k images
-    top = root.require_group(f"units/{LAYER}/top")
-    store.write_array(top, "value", value.numpy().astype(np.float32))
-    store.write_array(top, "image", image)
-    store.write_array(top, "pos", pos.numpy().astype(np.int32))
-    store.write_array(top, "box", box)
-    store.write_array(top, "patch", np.full((c, k, 32, 32, 3), 127, np.uint8))
     return out, x
 
 
 def test_the_writer_stores_what_the_pure_core_computes_and_resumes(run, net):
     out, x = run
-    summary = write_projections(out, LAYER, "deconvnet", channels=[7, 40, 300], batch_size=4, progress=False, net=net)
-    assert summary["channels"] == 3 and summary["projections"] == 8 and summary["skipped_images"] == 0
+    summary = write_projections(out, LAYER, "deconvnet", channels=[7, 300], batch_size=3, progress=False, net=net)
+    assert summary["channels"] == 2 and summary["projections"] == 8 and summary["skipped_images"] == 0
     root = store.open_store(out)
     group = root[f"units/{LAYER}/projection/deconvnet"]
     top = root[f"units/{LAYER}/top"]
-    assert group["image"].shape == (512, 3, 32, 32, 3)  # full size, the geometry of top/patch
+    assert group["image"].shape == (512, 5, 32, 32, 3)  # full size, the geometry of top/patch
     done = group["done"][...]
-    assert done[[7, 40, 300]].all() and done.sum() == 3
+    assert done[[7, 300]].all() and done.sum() == 2
     images, scale = group["image"][...], group["scale"][...]
-    for c in (7, 40, 300):
+    for c in (7, 300):
         ids, pos, box = top["image"][c], top["pos"][c], top["box"][c]
-        keep = ids >= 0
-        units = torch.tensor([[c, int(p[0]), int(p[1])] for p in pos[keep]])
-        p = project_units(net, LAYER, x[ids[keep]], units, "deconvnet")
-        for j, pj in zip(np.flatnonzero(keep), p, strict=True):
-            np.testing.assert_array_equal(images[c, j], to_display(pj, box[j], 32))
+        assert (ids[:4] >= 0).all() and ids[4] == -1  # four photos, k = 5: one pad
+        units = torch.tensor([[c, int(p[0]), int(p[1])] for p in pos[:4]])
+        p = project_units(net, LAYER, x[ids[:4]], units, "deconvnet")
+        for j in range(4):
+            np.testing.assert_array_equal(images[c, j], to_display(p[j], box[j], 32))
             t, left, b, r = box[j]
-            assert scale[c, j] == pytest.approx(float(pj[:, t:b, left:r].abs().max()), rel=1e-6)
+            assert scale[c, j] == pytest.approx(float(p[j][:, t:b, left:r].abs().max()), rel=1e-6)
             assert scale[c, j] > 0
-    assert (images[7, 2] == 127).all() and scale[7, 2] == 0  # the pad
+        assert (images[c, 4] == 127).all() and scale[c, 4] == 0  # the pad
     assert (images[8] == 127).all()  # not asked for: untouched
     # resumable: a rerun skips what is done; a channel whose flag is cleared is redone, the others stay byte-equal
-    again = write_projections(out, LAYER, "deconvnet", channels=[7, 40, 300], progress=False, net=net)
+    again = write_projections(out, LAYER, "deconvnet", channels=[7, 300], progress=False, net=net)
     assert again["channels"] == 0 and again["projections"] == 0
+    path = f"units/{LAYER}/projection/deconvnet"
     root = store.open_store(out, mode="r+")
-    flags = root[f"units/{LAYER}/projection/deconvnet/done"][...]
-    flags[40] = False
-    root[f"units/{LAYER}/projection/deconvnet/done"][...] = flags
-    root[f"units/{LAYER}/projection/deconvnet/image"][40] = np.zeros((3, 32, 32, 3), np.uint8)
-    redo = write_projections(out, LAYER, "deconvnet", channels=[7, 40, 300], progress=False, net=net)
-    assert redo["channels"] == 1 and redo["projections"] == 3
-    np.testing.assert_array_equal(store.open_store(out)[f"units/{LAYER}/projection/deconvnet/image"][...], images)
-    # the top-k pass rewrites a channel's row (another example): that channel's projections are stale and redone
+    flags = root[f"{path}/done"][...]
+    flags[7] = False
+    root[f"{path}/done"][...] = flags
+    root[f"{path}/image"][7] = np.zeros((5, 32, 32, 3), np.uint8)
+    redo = write_projections(out, LAYER, "deconvnet", channels=[7, 300], progress=False, net=net)
+    assert redo["channels"] == 1 and redo["projections"] == 4
+    np.testing.assert_array_equal(store.open_store(out)[f"{path}/image"][...], images)
+    store.verify(out, [path])  # sealed by finish_stage
+    # the top-k pass rewrites a channel's row (its examples reordered): that channel's projections are stale and redone
     tpath = f"units/{LAYER}/top"
+    order = [1, 0, 2, 3, 4]
     store.begin_stage(out, "units", [tpath])
     root = store.open_store(out, mode="r+")
-    row = root[tpath]["image"][300]
-    root[tpath]["image"][300] = row[[1, 0, 2]]
-    pos300, box300 = root[tpath]["pos"][300], root[tpath]["box"][300]
-    root[tpath]["pos"][300], root[tpath]["box"][300] = pos300[[1, 0, 2]], box300[[1, 0, 2]]
+    for name in ("image", "pos", "box"):
+        root[f"{tpath}/{name}"][300] = root[f"{tpath}/{name}"][300][order]
     store.finish_stage(out, "units", [tpath])
-    stale = write_projections(out, LAYER, "deconvnet", channels=[7, 40, 300], progress=False, net=net)
-    assert stale["channels"] == 1 and stale["projections"] == 3
-    now = store.open_store(out)[f"units/{LAYER}/projection/deconvnet/image"][...]
-    np.testing.assert_array_equal(now[300], images[300][[1, 0, 2]])
-    np.testing.assert_array_equal(now[[7, 40]], images[[7, 40]])
-    store.verify(out, [f"units/{LAYER}/projection/deconvnet"])  # sealed by finish_stage
+    stale = write_projections(out, LAYER, "deconvnet", channels=[7, 300], progress=False, net=net)
+    assert stale["channels"] == 1 and stale["projections"] == 4
+    now = store.open_store(out)[f"{path}/image"][...]
+    np.testing.assert_array_equal(now[300], images[300][order])
+    np.testing.assert_array_equal(now[7], images[7])
 
 
 def test_the_writer_s_bad_input_is_one_line(run, net, tmp_path):

@@ -62,6 +62,7 @@ from atlas.data import load_image, real_path
 from atlas.errors import AtlasError
 from atlas.models import LocalResponseNorm, Network, StopForward, load_run_model
 from atlas.render.optimize import prepared
+from atlas.units.topk import fit_patch
 
 METHODS = ("deconvnet", "guided", "gradient")
 GREY = 127
@@ -244,21 +245,6 @@ def project_units(net: Network, layer: str, images: torch.Tensor, units: torch.T
 # --------------------------------------------------------------------------- display
 
 
-def _fit(image: np.ndarray, patch: int) -> np.ndarray:
-    """(h, w, 3) uint8 scaled to fit ``patch`` x ``patch``, aspect kept, centred on grey 127 (the top-k patches' geometry)."""
-    h, w = image.shape[:2]
-    out = np.full((patch, patch, 3), GREY, dtype=np.uint8)
-    if h == 0 or w == 0:
-        return out
-    s = patch / max(h, w)
-    nh, nw = max(1, min(patch, round(h * s))), max(1, min(patch, round(w * s)))
-    if (nh, nw) != (h, w):
-        image = np.asarray(Image.fromarray(image).resize((nw, nh), Image.LANCZOS))  # as top/patch is resampled
-    top, left = (patch - nh) // 2, (patch - nw) // 2
-    out[top:top + nh, left:left + nw] = image
-    return out
-
-
 def to_display(projection: torch.Tensor | np.ndarray, box: Sequence[int], patch: int = DEFAULT_PATCH) -> np.ndarray:
     """One projection as the paper shows it: cropped to ``box``, signed values around grey, fitted into a patch.
 
@@ -271,14 +257,14 @@ def to_display(projection: torch.Tensor | np.ndarray, box: Sequence[int], patch:
     p = projection.detach().cpu().float().numpy() if isinstance(projection, torch.Tensor) else np.asarray(projection, np.float32)
     if p.ndim != 3 or p.shape[0] != 3:
         raise AtlasError(f"a projection is (3, H, W), got {p.shape}")
-    top, left, bottom, right = (int(v) for v in box)
-    top, left = max(top, 0), max(left, 0)
-    bottom, right = min(bottom, p.shape[1]), min(right, p.shape[2])
-    crop = p[:, top:bottom, left:right].transpose(1, 2, 0)
-    peak = float(np.abs(crop).max()) if crop.size else 0.0
-    scaled = 127.5 + 127.5 * (crop / peak) if peak > 0 else np.full(crop.shape, 127.5, np.float32)
-    image = np.clip(np.floor(scaled + 0.5), 0, 255).astype(np.uint8)
-    return _fit(image, patch)
+    top, left = max(int(box[0]), 0), max(int(box[1]), 0)
+    bottom, right = min(int(box[2]), p.shape[1]), min(int(box[3]), p.shape[2])
+    inside = p[:, top:bottom, left:right]
+    peak = float(np.abs(inside).max()) if inside.size else 0.0
+    scaled = 127.5 + 127.5 * (p / peak) if peak > 0 else np.full(p.shape, 127.5, np.float32)
+    image = np.clip(np.floor(scaled + 0.5), 0, 255).astype(np.uint8).transpose(1, 2, 0)
+    # the top-k pass's own crop-and-fit, so a projection sits exactly over its patch
+    return fit_patch(Image.fromarray(np.ascontiguousarray(image)), (top, left, bottom, right), patch)
 
 
 # --------------------------------------------------------------------------- the writer
