@@ -170,8 +170,8 @@ def test_top_k_equals_brute_force_and_is_stored_per_the_spec(done, expected, net
         assert g["shard_done"][:].all() and g["done"][:].all() and g["shards/value"].shape == (3, c, K)
         assert summary[layer]["n_skipped"] == 1 and summary[layer]["shards_computed"] == 3
         assert 12 not in got.image  # the broken file: skipped and counted, never an example
-    assert "units/mixed4c/top" in store.read_ledger(run)["seals"].keys() or any(
-        k.startswith("units/mixed4c/top") for k in store.read_ledger(run)["seals"])
+    seals = store.read_ledger(run)["seals"]
+    assert all(any(key.startswith(f"units/{layer}/top/") for key in seals) for layer in LAYERS)  # sealed by finish_stage
     assert not store.read_ledger(run)["writing"]
 
 
@@ -199,16 +199,16 @@ def test_patches_are_the_receptive_field_crops(done, net):
 def test_resume_after_a_real_kill_computes_only_the_missing_shards(tmp_path, sampled, expected):
     run = tmp_path / "run"
     shutil.copytree(sampled, run, symlinks=True)
-    code = (f"from atlas.units.topk import top_examples; top_examples({str(run)!r}, {LAYERS!r}, k={K}, batch_size=1, workers=0, "
+    code = (f"from atlas.units.topk import top_examples; top_examples({str(run)!r}, ['mixed3a'], k={K}, batch_size=1, workers=0, "
             "progress=False)")  # fmt: skip
     child = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    flag = run / "store.zarr" / "units" / "mixed4c" / "top" / "shard_done"
+    flag = run / "store.zarr" / "units" / "mixed3a" / "top" / "shard_done"
     deadline = time.monotonic() + 120
     killed_after = None
     try:
         while time.monotonic() < deadline and child.poll() is None:
             try:
-                flags = store.open_store(run)["units/mixed4c/top/shard_done"][:] if flag.exists() else np.zeros(3, bool)
+                flags = store.open_store(run)["units/mixed3a/top/shard_done"][:] if flag.exists() else np.zeros(3, bool)
             except Exception:  # noqa: BLE001 - being written right now
                 flags = np.zeros(3, bool)
             if flags.any():
@@ -223,20 +223,19 @@ def test_resume_after_a_real_kill_computes_only_the_missing_shards(tmp_path, sam
             child.wait()
     assert killed_after is not None, child.stderr.read().decode()[-2000:]
     root = store.open_store(run)
-    flags = root["units/mixed4c/top/shard_done"][:]
-    assert not root["units/mixed4c/top/done"][:].any()  # killed before the merge
+    flags = root["units/mixed3a/top/shard_done"][:]
+    assert not root["units/mixed3a/top/done"][:].any()  # killed before the merge
     missing = int((~flags).sum())
     assert 0 < missing < 3
     # the in-process rerun (a test may share the fixture's model; the weights are the run's)
     from atlas.models import load_run_model
 
     net = load_run_model(store.attrs(root))
-    summary = top_examples(run, LAYERS, k=K, batch_size=4, workers=0, progress=False, net=net)
-    assert summary["mixed4c"]["shards_computed"] == missing
-    for layer in LAYERS:
-        assert_same(read_top(run, layer), expected[layer])
-    again = top_examples(run, LAYERS, k=K, batch_size=4, workers=0, progress=False, net=net)
-    assert again["mixed4c"]["shards_computed"] == 0 and again["mixed4c"]["channels"] == 0  # all done: nothing recomputed
+    summary = top_examples(run, ["mixed3a"], k=K, batch_size=4, workers=0, progress=False, net=net)
+    assert summary["mixed3a"]["shards_computed"] == missing
+    assert_same(read_top(run, "mixed3a"), expected["mixed3a"])
+    again = top_examples(run, ["mixed3a"], k=K, batch_size=4, workers=0, progress=False, net=net)
+    assert again["mixed3a"]["shards_computed"] == 0 and again["mixed3a"]["channels"] == 0  # all done: nothing recomputed
 
 
 def test_flag_removed_shard_recomputed_alone_and_channel_subset_with_an_image_gone(tmp_path, done, net):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
@@ -382,7 +383,7 @@ def top_examples(run_dir: str | Path, layers: str | Sequence[str], k: int = 9, c
     summary: dict = {}
     for s in states:
         if s.todo:
-            _finish_layer(run, s, k, patch, paths, resize, crop)
+            _finish_layer(run, s, k, patch, paths, resize, crop, workers)
         info = {"channels": len(s.todo), "n_images": n, "n_skipped": len(skipped), "n_failed_now": failed_now,
                 "shards_computed": len(todo) if s.todo else 0, "seconds": round(seconds, 2),
                 "images_per_second": round(total / seconds, 2) if total and seconds > 0 else 0.0}
@@ -392,7 +393,7 @@ def top_examples(run_dir: str | Path, layers: str | Sequence[str], k: int = 9, c
     return summary
 
 
-def _finish_layer(run: Path, s: _Layer, k: int, patch: int, paths, resize: int, crop: int) -> None:
+def _finish_layer(run: Path, s: _Layer, k: int, patch: int, paths, resize: int, crop: int, workers: int) -> None:
     """Merge the shards, then write value, image, pos, box and patch of the computed channels and mark them done."""
     top = s.merged(k)
     rows = np.asarray(s.todo)
@@ -405,18 +406,33 @@ def _finish_layer(run: Path, s: _Layer, k: int, patch: int, paths, resize: int, 
     by_image: dict[int, list[tuple[int, int]]] = {}
     for r, j in zip(*np.nonzero(top.image >= 0), strict=True):
         by_image.setdefault(int(top.image[r, j]), []).append((int(r), int(j)))
-    for image_index, slots in sorted(by_image.items()):
+
+    def one_image(item: tuple[int, list[tuple[int, int]]]) -> str | None:
+        image_index, slots = item
         try:
             image = load_image(str(paths[image_index]), resize, crop)
         except (OSError, ValueError, SyntaxError) as exc:  # gone since the pass: its patches stay grey
-            store.log(run, f"units: patch of image {image_index} {paths[image_index]} left grey: {exc}")
-            continue
+            return f"units: patch of image {image_index} {paths[image_index]} left grey: {exc}"
+        made: dict[tuple[int, ...], np.ndarray] = {}  # channels often peak at the same place: one crop per distinct box
         for r, j in slots:
-            patches[r, j] = fit_patch(image, box[r, j], patch)
+            b = tuple(int(v) for v in box[r, j])
+            if b not in made:
+                made[b] = fit_patch(image, b, patch)
+            patches[r, j] = made[b]
+        return None
+
+    # Decoding and resampling release the GIL: threads, as many as the pass had decoding workers.
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        for problem in pool.map(one_image, sorted(by_image.items())):
+            if problem:
+                store.log(run, problem)
     g = s.group
-    g["value"].set_orthogonal_selection((rows, slice(None)), top.value)
-    g["image"].set_orthogonal_selection((rows, slice(None)), top.image)
-    g["pos"].set_orthogonal_selection((rows, slice(None), slice(None)), top.pos)
-    g["box"].set_orthogonal_selection((rows, slice(None), slice(None)), box)
-    g["patch"].set_orthogonal_selection((rows, slice(None), slice(None), slice(None), slice(None)), patches)
-    g["done"].set_orthogonal_selection((rows,), np.ones(len(rows), bool))
+    contiguous = bool(len(rows)) and rows[-1] - rows[0] + 1 == len(rows)
+    where = slice(int(rows[0]), int(rows[-1]) + 1) if contiguous else rows
+    done = np.ones(len(rows), bool)
+    # "done" last: a kill before it leaves the channels to be merged again from the shards, never half-written ones marked done
+    for name, data in (("value", top.value), ("image", top.image), ("pos", top.pos), ("box", box), ("patch", patches), ("done", done)):
+        if contiguous:
+            g[name][where] = data
+        else:
+            g[name].set_orthogonal_selection((where,) + (slice(None),) * (data.ndim - 1), data)
