@@ -230,7 +230,7 @@ def test_bad_units_layers_and_methods_are_one_line(net):
         (dict(layer="mixed4c", units=[[0, 9, 0]]), "outside layer"),
         (dict(layer="mixed4c", units=[[0, 0, 0], [1, 0, 0]]), "units must be (n, 3)"),
         (dict(layer="nope", units=[[0, 0, 0]]), "unknown layer 'nope'"),
-        (dict(layer="logits", units=[[0, 0, 0]]), "no spatial positions"),
+        (dict(layer="logits", units=[[0, 0, 0]]), "no spatial positions (shape (1000,)); layers with positions: conv2d0, "),
         (dict(layer="mixed4c", units=[[0, 0, 0]], method="lrp"), "unknown projection method 'lrp'"),
     ]
     for kwargs, needle in cases:
@@ -361,6 +361,19 @@ def test_the_writer_s_bad_input_is_one_line(run, net, tmp_path):
         write_projections(out, LAYER, method="deconv", progress=False, net=net)
     with pytest.raises(AtlasError, match="no top examples for layer 'mixed4b'"):
         write_projections(out, "mixed4b", progress=False, net=net)
+    # an unreadable example image is skipped and counted (grey, scale 0, a line in log.txt); the others are computed
+    top = store.open_store(out)[f"units/{LAYER}/top"]
+    victim = Path(str(store.open_store(out)["images/path"][int(top["image"][7, 0])]))
+    original = victim.read_bytes()
+    victim.write_bytes(original[:200])  # truncated JPEG
+    try:
+        summary = write_projections(out, LAYER, "gradient", channels=[7], progress=False, net=net)
+    finally:
+        victim.write_bytes(original)
+    assert summary["skipped_images"] == 1 and summary["projections"] == 3
+    group = store.open_store(out)[f"units/{LAYER}/projection/gradient"]
+    assert (group["image"][7, 0] == 127).all() and group["scale"][7, 0] == 0 and (group["scale"][7, 1:4] > 0).all()
+    assert "1 unreadable example images skipped" in (out / "log.txt").read_text()
     # a run whose photos are gone: the missing folder is named, nothing is written
     folder = Path(str(store.open_store(out)["images/path"][0])).parent
     hidden = folder.with_name("photos-away")

@@ -62,6 +62,7 @@ from atlas.data import load_image, real_path
 from atlas.errors import AtlasError
 from atlas.models import LocalResponseNorm, Network, StopForward, load_run_model
 from atlas.render.optimize import prepared
+from atlas.units.receptive import spatial_layers
 from atlas.units.topk import fit_patch
 
 METHODS = ("deconvnet", "guided", "gradient")
@@ -180,8 +181,9 @@ def _layer_output(net: Network, layer: str, images: torch.Tensor) -> torch.Tenso
     out = captured[layer]
     if not isinstance(out, torch.Tensor) or out.dim() != 4:
         shape = tuple(out.shape[1:]) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise AtlasError(f"layer '{layer}' has no spatial positions (shape {shape}); choose a convolutional layer, e.g. one of: "
-                         + ", ".join(n for n in net.layer_names()[:20]))
+        valid = spatial_layers(net, images.shape[-1])
+        listed = ", ".join(valid[:40]) + (", ..." if len(valid) > 40 else "")
+        raise AtlasError(f"layer '{layer}' has no spatial positions (shape {shape}); layers with positions: {listed}")
     return out
 
 
