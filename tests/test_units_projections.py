@@ -384,3 +384,33 @@ def test_the_writer_s_bad_input_is_one_line(run, net, tmp_path):
     finally:
         hidden.rename(folder)
     assert f"units/{LAYER}/projection/guided" not in store.open_store(out)
+
+
+def test_an_interrupted_writer_keeps_finished_channels_and_resumes(run, net, monkeypatch):
+    import atlas.units.projections as projections
+
+    out, _ = run
+    real, calls = projections.project_units, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed while channel 21 is being computed
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(projections, "project_units", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_projections(out, LAYER, "guided", channels=[20, 21], batch_size=4, progress=False, net=net)
+    path = f"units/{LAYER}/projection/guided"
+    group = store.open_store(out)[path]
+    assert group["done"][20] and not group["done"][21]
+    first = group["image"][20]
+    with pytest.raises(AtlasError, match="incomplete"):  # a reader is told, not given half-written data
+        store.verify(out, [path])
+    monkeypatch.setattr(projections, "project_units", real)
+    resumed = write_projections(out, LAYER, "guided", channels=[20, 21], batch_size=4, progress=False, net=net)
+    assert resumed["channels"] == 1 and resumed["projections"] == 4
+    group = store.open_store(out)[path]
+    assert group["done"][[20, 21]].all() and (group["scale"][21, :4] > 0).all()
+    np.testing.assert_array_equal(group["image"][20], first)
+    store.verify(out, [path])
