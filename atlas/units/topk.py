@@ -37,6 +37,10 @@ GREY = 127
 PATCH = 64
 # Before the pass, up to this many of the first images are tried: none readable means the photos are not there.
 PROBE = 8
+# As the sampler: the pass stops, keeping what is done, when no image tried could be read, or fewer than
+# MIN_READABLE of them once MIN_TRIED were tried.
+MIN_READABLE = 0.5
+MIN_TRIED = 64
 _BIG = np.iinfo(np.int64).max
 
 
@@ -338,7 +342,7 @@ def top_examples(run_dir: str | Path, layers: str | Sequence[str], k: int = 9, c
     todo = [sh for sh in range(n_shards) if any(not s.shard_done[sh] for s in active)]
     images = ImageList(paths=[str(p) for p in paths], labels=np.zeros(n, np.int32)) if todo else None
     skipped: set[int] = {i for i in range(n) if not ok[i]}
-    failed_now = 0
+    failed_now, tried, readable, first_error = 0, 0, 0, ""
     precision = str(meta.get("precision") or "float32")
     total = sum(min(shard_size, n - sh * shard_size) for sh in todo)
     bar = tqdm(total=total, unit="img", disable=None if progress else True, desc=f"units top-{k} {','.join(layers)}", dynamic_ncols=True)
@@ -358,6 +362,7 @@ def top_examples(run_dir: str | Path, layers: str | Sequence[str], k: int = 9, c
                         if error:
                             failed_now += 1
                             skipped.add(index)
+                            first_error = first_error or f"{paths[index]}: {error}"
                             store.log(run, f"units: skipped image {index} {paths[index]}: {error}")
                     if good.any():
                         x = batch[torch.from_numpy(good)].to(device)
@@ -370,8 +375,15 @@ def top_examples(run_dir: str | Path, layers: str | Sequence[str], k: int = 9, c
                                 act = act[:, s.index.to(act.device)]
                             values, pos = max_positions(act.float())
                             tops[s.name] = merge_topk(tops[s.name], batch_top(values.cpu().numpy(), pos.cpu().numpy(), idx, k), k)
+                    tried, readable = tried + len(errors), readable + int(good.sum())
                     bar.update(len(batch_index))
             bar.update(hi - lo - len(wanted))
+            if tried and (readable == 0 or (tried >= MIN_TRIED and readable < MIN_READABLE * tried)):
+                # The photos went away during the pass: stop, keeping the shards done before; this one is not flagged.
+                message = (f"stopped the top-k pass: {tried - readable:,} of the {tried:,} images tried could not be read; first error: "
+                           f"{first_error}; every skipped file is listed in {run / 'log.txt'}")
+                store.log(run, message)
+                raise AtlasError(message)
             for s in needs:
                 s.write_shard(shard, tops[s.name])
                 s.shard_done[shard] = True
@@ -379,7 +391,7 @@ def top_examples(run_dir: str | Path, layers: str | Sequence[str], k: int = 9, c
         bar.close()
     seconds = time.perf_counter() - start
     if todo and len(skipped) >= n:
-        raise AtlasError(f"none of the run's {n:,} images could be read; every skipped file is listed in {run / 'log.txt'}")
+        raise AtlasError(f"none of the run's {n:,} images is readable (the sampler could read none); nothing to rank")
     summary: dict = {}
     for s in states:
         if s.todo:
