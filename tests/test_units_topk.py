@@ -102,26 +102,26 @@ def done(tmp_path_factory, sampled, net) -> tuple[Path, dict]:
     return out, summary
 
 
-def brute_force(net, run: Path, skip=()) -> dict[str, Top]:
+def brute_force(net, run: Path, skip=(), layers=tuple(LAYERS), k: int = K) -> dict[str, Top]:
     """Every image's full activation map, then per channel the k best images by (max value, lower index)."""
     root = store.open_store(run)
     paths = root["images/path"][:]
     good = [i for i, p in enumerate(paths) if not p.endswith("zz_broken.JPEG") and i not in skip]
     x = torch.stack([to_tensor(load_image(paths[i])) for i in good])
     with torch.inference_mode():
-        acts = net.activations(x, LAYERS)
+        acts = net.activations(x, list(layers))
     out = {}
-    for layer in LAYERS:
+    for layer in layers:
         a = acts[layer].numpy()  # (N, C, H, W)
         n, c, h, w = a.shape
         flat = a.reshape(n, c, h * w)
         arg = flat.argmax(2)
         best = np.take_along_axis(flat, arg[..., None], 2)[..., 0]  # (N, C)
-        value = np.zeros((c, K), np.float32)
-        image = np.zeros((c, K), np.int64)
-        pos = np.zeros((c, K, 2), np.int32)
+        value = np.zeros((c, k), np.float32)
+        image = np.zeros((c, k), np.int64)
+        pos = np.zeros((c, k, 2), np.int32)
         for ch in range(c):
-            order = sorted(range(n), key=lambda j, ch=ch: (-best[j, ch], good[j]))[:K]
+            order = sorted(range(n), key=lambda j, ch=ch: (-best[j, ch], good[j]))[:k]
             value[ch] = best[order, ch]
             image[ch] = [good[j] for j in order]
             pos[ch] = [(arg[j, ch] // w, arg[j, ch] % w) for j in order]
@@ -309,3 +309,21 @@ def test_photos_gone_during_the_pass_stop_it_keeping_nothing_half_done(tmp_path,
     summary = top_examples(run, ["mixed3a"], k=K, channels="0-3", batch_size=4, workers=0, progress=False, net=net)
     assert summary["mixed3a"]["shards_computed"] == 3 and summary["mixed3a"]["n_failed_now"] == 0
     assert_same(read_top(run, "mixed3a"), expected["mixed3a"], slice(0, 4))
+
+
+def test_torchvision_resnet_blocks(tmp_path, folder):
+    # torchvision's architecture with random weights (none can be downloaded here): a field and a ranking need no training.
+    from atlas.models import load_model
+    from atlas.sample import sample
+
+    torch.manual_seed(0)
+    net = load_model("resnet18", pretrained=False)
+    run = tmp_path / "run"
+    sample(folder, ["layer3"], run, max_images=6, attribution=False, shard_size=4, workers=0, progress=False, net=net)
+    summary = top_examples(run, ["layer3", "layer2.0.conv1"], k=2, channels=range(4), workers=0, progress=False, net=net)
+    assert summary["layer3"]["shards_computed"] == 2
+    want = brute_force(net, run, layers=("layer3", "layer2.0.conv1"), k=2)
+    for layer in ("layer3", "layer2.0.conv1"):
+        assert_same(read_top(run, layer), want[layer], slice(0, 4))
+    g = store.open_store(run)["units/layer3/top"]
+    assert dict(g.attrs)["field"] == {"size": 211, "stride": 16, "offset": -105.0} and dict(g.attrs)["hw"] == [14, 14]
