@@ -26,7 +26,7 @@ from torch import nn
 from atlas import store
 from atlas.data import load_image
 from atlas.errors import AtlasError
-from atlas.models import Network, load_model
+from atlas.models import LocalResponseNorm, Network, load_model
 from atlas.units.projections import METHODS, project_units, to_display, write_projections
 from atlas.units.receptive import receptive_field
 from atlas.units.topk import fit_patch
@@ -34,21 +34,25 @@ from atlas.units.topk import fit_patch
 # --------------------------------------------------------------------------- a tiny network, by hand
 
 
-def tiny_net() -> Network:
+def tiny_net(lrn: bool = False) -> Network:
+    """conv1 -> relu -> [LRN] -> maxpool(2) -> conv2 -> relu, random weights (the LRN strong enough to matter)."""
     torch.manual_seed(0)
+    norm = LocalResponseNorm(3, alpha=3.0, beta=0.75, k=1.0) if lrn else nn.Identity()
     module = nn.Sequential(OrderedDict(
-        conv1=nn.Conv2d(3, 6, 3, padding=1), relu1=nn.ReLU(), pool=nn.MaxPool2d(2, 2),
+        conv1=nn.Conv2d(3, 6, 3, padding=1), relu1=nn.ReLU(), norm=norm, pool=nn.MaxPool2d(2, 2),
         conv2=nn.Conv2d(6, 5, 3, padding=1), relu2=nn.ReLU(),
     )).eval().requires_grad_(False)  # fmt: skip
     return Network(name="tiny", module=module)
 
 
 def by_hand(net: Network, x: torch.Tensor, units: torch.Tensor, method: str) -> torch.Tensor:
-    """The three methods written out for conv1 -> relu -> maxpool(2) -> conv2 -> relu, without autograd."""
+    """The three methods written out: explicit unpooling by the pooling indices, transposed convolutions, each method's
+    ReLU rule; the LRN (when there is one) passed through by the deconvnet, its own vector-Jacobian product otherwise."""
     m = net.module
     a1 = m.conv1(x)
     r1 = a1.clamp(min=0)
-    p, switches = F.max_pool2d(r1, 2, 2, return_indices=True)
+    n1 = m.norm(r1)
+    p, switches = F.max_pool2d(n1, 2, 2, return_indices=True)
     a2 = m.conv2(p)
     r2 = a2.clamp(min=0)
     rows = torch.arange(x.shape[0])
@@ -64,7 +68,9 @@ def by_hand(net: Network, x: torch.Tensor, units: torch.Tensor, method: str) -> 
 
     g = rectify(seed, a2)
     g = F.conv_transpose2d(g, m.conv2.weight, padding=1)  # transposed filters
-    g = F.max_unpool2d(g, switches, 2, 2, output_size=r1.shape[-2:])  # the switches
+    g = F.max_unpool2d(g, switches, 2, 2, output_size=n1.shape[-2:])  # the switches
+    if isinstance(m.norm, LocalResponseNorm) and method != "deconvnet":
+        g = torch.autograd.functional.vjp(lambda t: m.norm(t), r1, g)[1]
     g = rectify(g, a1)
     return F.conv_transpose2d(g, m.conv1.weight, padding=1)
 
@@ -89,6 +95,17 @@ def test_each_method_equals_the_hand_written_one_on_a_tiny_network(method):
     assert got.shape == x.shape and got.dtype == torch.float32
     assert want.abs().amax((1, 2, 3)).min() > 0  # every unit here is active: the comparison is not of zeros
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_the_deconvnet_passes_lrn_through_and_the_gradients_keep_its_backward(method):
+    net = tiny_net(lrn=True)
+    x, units = tiny_inputs(net)
+    got = project_units(net, "relu2", x, units, method)
+    torch.testing.assert_close(got, by_hand(net, x, units, method), rtol=1e-5, atol=1e-6)
+    # the LRN matters here: without it (the same weights) the projection is another one
+    assert (got - project_units(tiny_net(), "relu2", x, units, method)).abs().max() > 1e-3 * got.abs().max()
+    assert not any("forward" in mod.__dict__ for mod in net.module.modules())
 
 
 def test_the_deconvnet_cuts_negative_signals_where_the_gradient_masks_by_the_forward_pass():
