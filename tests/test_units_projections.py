@@ -195,11 +195,11 @@ def assert_inside_fields(net: Network, layer: str, x: torch.Tensor, units: torch
 
 @pytest.mark.parametrize("layer", ["mixed3a", "mixed4c"])
 def test_projections_are_zero_outside_the_receptive_field_inception(net, photos, layer):
-    x = real_images(photos, 4)
-    units = strongest_units(net, layer, x, [3, 40, 101, 7])
+    x = real_images(photos, 3)
+    units = strongest_units(net, layer, x, [3, 40, 101])
     assert_inside_fields(net, layer, x, units)
     if layer == "mixed3a":  # a corner unit: its box is clipped at the image border (mixed4c's 299 px field covers it all)
-        assert_inside_fields(net, layer, x[:2], strongest_units(net, layer, x[:2], [5, 9], corner=True))
+        assert_inside_fields(net, layer, x[:1], strongest_units(net, layer, x[:1], [5], corner=True))
 
 
 def test_projections_are_zero_outside_the_receptive_field_resnet18(photos):
