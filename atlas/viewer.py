@@ -57,6 +57,11 @@ REPO = Path(__file__).resolve().parents[1]
 OSD_VERSION = "5.0.1"
 OSD_SUBDIR = Path("node_modules/openseadragon/build/openseadragon")
 VIEWER_FILES = ("index.html", "viewer.js", "viewer.css")
+# The unit gallery's pages (atlas.units.gallery), installed once a gallery exists (``tiles/units.json``); the atlas
+# page then also loads atlas_units.js (menu link, cell -> units, ?unit= veil). Without a gallery the viewer's files
+# are installed byte for byte as they are, so a run without units has exactly the tiles it had before.
+GALLERY_FILES = ("units.html", "units.js", "units.css", "atlas_units.js")
+UNITS_MANIFEST = "units.json"
 
 SERVED = "tiles"  # the only folder of a run the server exposes, at /tiles/
 TIMEOUT = 15.0  # seconds a connection may stall, or take to send its request head
@@ -102,8 +107,12 @@ def install_viewer(tiles_dir: str | Path) -> Path:
     tiles_dir = Path(tiles_dir)
     osd = require_viewer_assets()
     tiles_dir.mkdir(parents=True, exist_ok=True)
+    gallery = (tiles_dir / UNITS_MANIFEST).is_file()
     for name in VIEWER_FILES:
-        _copy_if_changed(STATIC / name, tiles_dir / name)
+        if not (gallery and name == "index.html"):  # with a gallery, _install_gallery writes the atlas page
+            _copy_if_changed(STATIC / name, tiles_dir / name)
+    if gallery:
+        _install_gallery(tiles_dir)
     target = tiles_dir / "openseadragon"
     _copy_if_changed(osd / "openseadragon.min.js", target / "openseadragon.min.js")
     if (osd / "images").is_dir():
@@ -111,6 +120,25 @@ def install_viewer(tiles_dir: str | Path) -> Path:
             if image.is_file():
                 _copy_if_changed(image, target / "images" / image.name)
     return tiles_dir / "index.html"
+
+
+def _install_gallery(tiles_dir: Path) -> None:
+    """The gallery's pages, and the atlas page with atlas_units.js loaded after viewer.js."""
+    missing = [name for name in GALLERY_FILES if not (STATIC / name).is_file()]
+    if missing:
+        raise AtlasError(f"the unit gallery's {', '.join(missing)} missing from {STATIC}; reinstall atlas")
+    for name in GALLERY_FILES:
+        _copy_if_changed(STATIC / name, tiles_dir / name)
+    html = (STATIC / "index.html").read_text()
+    marker = '<script src="viewer.js"></script>'
+    if marker not in html:
+        raise AtlasError(f"{STATIC / 'index.html'} does not load viewer.js; reinstall atlas")
+    page = html.replace(marker, marker + '\n  <script src="atlas_units.js"></script>')
+    index = tiles_dir / "index.html"
+    if not index.is_file() or index.read_text() != page:
+        tmp = index.with_name("index.html.tmp")
+        tmp.write_text(page)
+        os.replace(tmp, index)
 
 
 def _copy_if_changed(src: Path, dst: Path) -> None:

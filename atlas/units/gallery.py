@@ -1,0 +1,479 @@
+"""The unit gallery: every channel of a layer in the browser, beside the atlas viewer.
+
+``write_gallery(run_dir, layer)`` reads what the store holds under ``units/{layer}/`` (any part may be missing:
+the gallery shows what exists) and the layer's atlas grids, and writes, under ``RUN/tiles/``::
+
+    units.json                                   the layers that have a gallery (the pages' menu)
+    units.html units.js units.css atlas_units.js the gallery page and the atlas viewer's unit links (atlas.viewer)
+    units/{layer}/gallery.json                   the layer: channels, grid columns, kinds, methods, atlases
+    units/{layer}/thumbs/{c}.jpg                 every channel's visualisation (layers up to ``dzi_above`` channels)
+    units/{layer}/grid.dzi, grid_files/          the same as one Deep Zoom pyramid (larger layers)
+    units/{layer}/unit/{c}.json                  one unit: visualisations, top examples, projections, classes, cells
+    units/{layer}/vis/{kind}/{c}.jpg|png         its visualisations of one kind side by side (PNG with alpha)
+    units/{layer}/top/{c}.jpg                    its top-k dataset patches side by side
+    units/{layer}/projection/{method}/{c}.jpg    their projections, in the same order
+    units/{layer}/cells/{atlas}/{size}/{bx}_{by}.json  each atlas cell's top units (BLOCK x BLOCK cells a file)
+
+The channel grid shows the best kind each channel has: ``fft``, else a Yosinski preset, else ``pixel``, else the
+first image of ``diverse``, else ``alpha`` over grey. A unit's "show in atlas" veil is the atlas viewer's
+``--highlight`` veil with the unit's mean activation per cell in place of a class attribution: cells where the
+unit is strong stay bright, the others darken (:func:`unit_veils`; the per-unit alphas go in the unit's JSON and
+the viewer draws them client-side, so no PNG per unit and grid is written). A cell's top units are the channels
+with the largest values in the cell's mean activation (``grids/{layer}/{atlas}/{size}/mean_activation``).
+
+Only ``tiles/`` is written, never the store; the gallery is rebuilt whole in ``units/{layer}.partial`` and swapped
+in when complete (a failed call leaves the previous gallery as it was). A part of the store that is damaged is
+skipped with one line in log.txt and counted in the summary; a part a killed ``atlas units`` left unfinished
+shows the channels it had finished (its ``done`` flags).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from atlas import store
+from atlas.errors import AtlasError
+
+BLOCK = 16  # cells per side of one cells/ file, as the atlas viewer's metadata blocks (atlas.tiles.BLOCK)
+TOP_UNITS = 5  # units listed per atlas cell
+DZI_ABOVE = 256  # layers with more channels get a Deep Zoom grid instead of one thumbnail file per channel
+MAX_THUMB = 96  # side of a channel's square in the grid (the visualisation's own size when smaller)
+BACKGROUND = (17, 19, 24)  # the viewer's page colour (atlas.tiles.BACKGROUND): empty squares and the veil's colour
+GREY = 127
+MANIFEST = "units.json"
+TILE_SIZE, OVERLAP = 254, 1
+
+
+# --------------------------------------------------------------------------------------
+# Pure pieces
+# --------------------------------------------------------------------------------------
+def kind_order(kinds: list[str]) -> list[str]:
+    """The kinds in the order the channel grid prefers them: fft, the presets, pixel, diverse, alpha, others."""
+    rank = {"fft": 0, "pixel": 2, "diverse": 3, "alpha": 4}
+    return sorted(kinds, key=lambda k: (rank.get(k, 1 if k.startswith("yosinski") else 5), k))
+
+
+def unit_veils(values: np.ndarray, draw: np.ndarray) -> np.ndarray:
+    """(S, S, C) uint8 veil alphas, one per unit: the atlas viewer's highlight veil of each unit's cell values.
+
+    ``values`` (S, S, C) is a grid's mean activation, ``draw`` (S, S) its drawn cells. Per unit, as
+    ``atlas.tiles.highlight_veil`` does for a class: strength = value / the 99th percentile of the unit's positive
+    values over drawn cells (1 when it has none), clipped to [0, 1]; alpha = 205 (1 - strength)^1.5 on drawn
+    cells, 0 elsewhere. Pure.
+    """
+    values = np.asarray(values, np.float64)
+    pos = np.where((values > 0) & draw[..., None], values, np.nan)[draw]  # (n_drawn, C)
+    with warnings.catch_warnings():  # a unit with no positive cell: an all-NaN column, handled below
+        warnings.simplefilter("ignore", RuntimeWarning)
+        top = np.nanpercentile(pos, 99, axis=0) if pos.size else np.full(values.shape[-1], np.nan)
+    top = np.where(np.isfinite(top), top, 1.0)
+    strength = np.clip(values / np.maximum(top, 1e-12), 0.0, 1.0)
+    alpha = np.round(205 * (1.0 - strength) ** 1.5)
+    return np.where(draw[..., None], alpha, 0).astype(np.uint8)
+
+
+def cell_top_units(values: np.ndarray, count: np.ndarray, k: int = TOP_UNITS) -> dict[tuple[int, int], list[dict]]:
+    """Each cell's top units, grouped in BLOCK x BLOCK blocks: ``{(bx, by): [{"x", "y", "units": [[c, v], ...]}]}``.
+
+    ``values`` (S, S, C) is the grid's mean activation, ``count`` (S, S) its samples per cell; cells without samples
+    are left out, and so are units whose value is not positive. Units by descending value. Pure.
+    """
+    k = min(k, values.shape[-1])
+    order = np.argsort(-values, axis=-1, kind="stable")[..., :k]
+    blocks: dict[tuple[int, int], list[dict]] = {}
+    for gy, gx in zip(*np.nonzero(count > 0), strict=True):
+        units = [[int(c), round(float(values[gy, gx, c]), 4)] for c in order[gy, gx] if values[gy, gx, c] > 0]
+        blocks.setdefault((int(gx) // BLOCK, int(gy) // BLOCK), []).append({"x": int(gx), "y": int(gy), "units": units})
+    return blocks
+
+
+def grid_columns(channels: int) -> int:
+    """Columns (== rows) of the square channel grid."""
+    return max(1, math.ceil(math.sqrt(channels)))
+
+
+def strip(images: list[np.ndarray]) -> np.ndarray:
+    """Equal-sized images side by side."""
+    return np.concatenate(images, axis=1)
+
+
+def on_grey(image: np.ndarray) -> np.ndarray:
+    """An RGB view of an image: RGBA composited over mid grey, RGB unchanged."""
+    if image.shape[-1] == 3:
+        return image
+    a = image[..., 3:4].astype(np.float32) / 255.0
+    return np.round(image[..., :3] * a + GREY * (1.0 - a)).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------------------
+# Reading the store
+# --------------------------------------------------------------------------------------
+class _Parts:
+    """The usable parts of ``units/{layer}``: each with its done flags over the layer's C channels."""
+
+    def __init__(self, run_dir: Path, root, layer: str):
+        self.run_dir, self.root, self.layer = run_dir, root, layer
+        self.group = root.get(f"units/{layer}")
+        self.skipped: list[str] = []
+        self.partial: list[str] = []
+        self.channels: int | None = None
+        self.writing = list(store.read_ledger(run_dir).get("writing", {}))
+
+    def _usable(self, rel: str, arrays: tuple[str, ...]) -> bool:
+        """True when the node holds ``arrays`` and is intact (or is being finished by a resumable writer)."""
+        path = f"units/{self.layer}/{rel}"
+        node = self.root.get(path)
+        if node is None or any(a not in node for a in arrays):
+            if node is not None:
+                self._skip(rel, f"misses {', '.join(a for a in arrays if a not in node)}")
+            return False
+        marked = any(path == m or path.startswith(m + "/") or m.startswith(path + "/") for m in self.writing)
+        if not marked:  # marked: a killed `atlas units`; the channels it flagged done are final, the rest is not shown
+            try:
+                store.verify(self.root, [path])
+            except AtlasError as exc:
+                self._skip(rel, str(exc))
+                return False
+        c = node[arrays[0]].shape[0]
+        if self.channels is None:
+            self.channels = c
+        elif c != self.channels:
+            self._skip(rel, f"has {c} channels, other parts {self.channels}")
+            return False
+        if marked:
+            self.partial.append(rel)
+        return True
+
+    def _skip(self, rel: str, why: str) -> None:
+        self.skipped.append(rel)
+        store.log(self.run_dir, f"gallery {self.layer}: units/{self.layer}/{rel} skipped: {why}")
+
+    def done(self, rel: str, fallback: np.ndarray | None = None) -> np.ndarray:
+        node = self.root[f"units/{self.layer}/{rel}"]
+        if "done" in node:
+            return np.asarray(node["done"][:], bool)
+        return fallback if fallback is not None else np.ones(self.channels or 0, bool)
+
+    def subgroups(self, rel: str) -> list[str]:
+        node = self.group.get(rel) if self.group is not None else None
+        return sorted(node.group_keys()) if node is not None else []
+
+
+def _label_names(root) -> list[str]:
+    """Names for ``images/label`` indices: the run's class table (synset_words.txt), else the model's classes."""
+    from atlas.data import class_table
+
+    table = class_table(root.attrs.get("weights"))
+    if table:
+        return [names[0] for _, names in table]
+    classes = [str(c) for c in root.attrs.get("classes") or []]
+    return classes[1:1001] if len(classes) == 1008 else classes  # Lucid's logits: 'dummy' first
+
+
+def _atlas_grids(run_dir: Path, root, layer: str, channels: int | None, skipped: list[str]) -> dict[str, dict[int, object]]:
+    """atlas -> {size: grid group} of the layer's grids that hold a usable mean activation."""
+    grids_root = root.get(f"grids/{layer}")
+    out: dict[str, dict[int, object]] = {}
+    if grids_root is None:
+        return out
+    for atlas in sorted(grids_root.group_keys()):
+        for key in sorted(grids_root[atlas].group_keys(), key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0)):
+            g = grids_root[atlas][key]
+            if not key.isdigit() or "mean_activation" not in g or "count" not in g:
+                continue
+            rel = f"grids/{layer}/{atlas}/{key}"
+            try:
+                store.verify(root, [rel])
+            except AtlasError as exc:
+                skipped.append(rel)
+                store.log(run_dir, f"gallery {layer}: {rel} skipped: {exc}")
+                continue
+            if channels is not None and g["mean_activation"].shape[-1] != channels:
+                skipped.append(rel)
+                store.log(run_dir, f"gallery {layer}: {rel} skipped: its mean activation has "
+                                   f"{g['mean_activation'].shape[-1]} channels, the units {channels}")
+                continue
+            out.setdefault(atlas, {})[int(key)] = g
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------
+def _save(image: np.ndarray, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if image.shape[-1] == 4:
+        Image.fromarray(image, "RGBA").save(path, "PNG", compress_level=3)
+    else:
+        Image.fromarray(image).save(path, "JPEG", quality=90)
+
+
+def _thumb(image: np.ndarray, side: int) -> np.ndarray:
+    rgb = on_grey(image)
+    if rgb.shape[0] != side or rgb.shape[1] != side:
+        rgb = np.asarray(Image.fromarray(rgb).resize((side, side), Image.Resampling.LANCZOS))
+    return rgb
+
+
+def _write_dzi(canvas: np.ndarray, out_dir: Path) -> dict:
+    """``out_dir/grid.dzi`` and ``grid_files/{level}/{col}_{row}.jpg`` of one in-memory RGB image (a standard DZI)."""
+    h, w = canvas.shape[:2]
+    top = max(1, math.ceil(math.log2(max(w, h)))) if max(w, h) > 1 else 0
+    image = Image.fromarray(canvas)
+    tiles = 0
+    for level in range(top, -1, -1):
+        lw, lh = math.ceil(w / 2 ** (top - level)), math.ceil(h / 2 ** (top - level))
+        if image.size != (lw, lh):
+            image = image.resize((lw, lh), Image.Resampling.BOX)
+        folder = out_dir / "grid_files" / str(level)
+        folder.mkdir(parents=True, exist_ok=True)
+        for row in range(max(1, math.ceil(lh / TILE_SIZE))):
+            for col in range(max(1, math.ceil(lw / TILE_SIZE))):
+                box = (max(0, col * TILE_SIZE - OVERLAP), max(0, row * TILE_SIZE - OVERLAP),
+                       min(lw, (col + 1) * TILE_SIZE + OVERLAP), min(lh, (row + 1) * TILE_SIZE + OVERLAP))
+                image.crop(box).save(folder / f"{col}_{row}.jpg", "JPEG", quality=85)
+                tiles += 1
+    (out_dir / "grid.dzi").write_text(
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        f'<Image xmlns="http://schemas.microsoft.com/deepzoom/2008" Format="jpg" Overlap="{OVERLAP}" TileSize="{TILE_SIZE}">\n'
+        f'  <Size Width="{w}" Height="{h}"/>\n</Image>\n')
+    return {"src": "grid.dzi", "width": w, "height": h, "tiles": tiles}
+
+
+def _update_manifest(tiles_dir: Path, entry: dict) -> None:
+    """Insert or replace one layer in ``tiles/units.json`` (atomically), keeping only layers whose gallery exists."""
+    path = tiles_dir / MANIFEST
+    layers = []
+    if path.is_file():
+        try:
+            layers = json.loads(path.read_text()).get("layers", [])
+        except (json.JSONDecodeError, AttributeError):
+            layers = []
+    layers = [x for x in layers if isinstance(x, dict) and x.get("layer") != entry["layer"]
+              and (tiles_dir / str(x.get("base", "-")) / "gallery.json").is_file()]
+    layers.append(entry)
+    layers.sort(key=lambda x: x["layer"])
+    tmp = tiles_dir / "units.tmp"  # removed by store.cleanup_partials if a kill leaves it
+    tmp.write_text(json.dumps({"version": 1, "layers": layers}, indent=1))
+    os.replace(tmp, path)
+
+
+def _publish(work: Path, final: Path) -> None:
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(work, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@store.writer
+def write_gallery(run_dir: str | Path, layer: str, *, dzi_above: int = DZI_ABOVE, viewer: bool = True) -> Path:
+    """Write the unit gallery of ``layer`` under ``RUN/tiles/units/{layer}/`` from what the store holds.
+
+    Parameters
+    ----------
+    run_dir : str or Path
+        The run folder; its store should hold ``units/{layer}/`` (``atlas units``). Parts that are missing are
+        left out of the pages; the layer's atlas grids, when they exist, give the cell <-> unit links.
+    layer : str
+        The layer, e.g. "mixed4c".
+    dzi_above : int, default 256, >= 0
+        Layers with more channels than this get their channel grid as a Deep Zoom pyramid (``grid.dzi``) rather
+        than one thumbnail file per channel.
+    viewer : bool, default True
+        Also install (or refresh) the pages: ``units.html`` and the atlas viewer with its unit links
+        (:func:`atlas.viewer.install_viewer`; needs OpenSeadragon, checked before any work).
+
+    Returns
+    -------
+    Path
+        The layer's gallery folder, ``RUN/tiles/units/{layer}``.
+
+    Raises
+    ------
+    AtlasError
+        For a run without a store, a layer without any unit data (the layers that have some listed), a negative
+        ``dzi_above`` or, with ``viewer``, missing viewer assets.
+    """
+    run_dir = Path(run_dir)
+    if isinstance(dzi_above, bool) or not isinstance(dzi_above, int) or dzi_above < 0:
+        raise AtlasError(f"dzi_above must be a whole number >= 0 (got {dzi_above!r})")
+    if viewer:
+        from atlas.viewer import require_viewer_assets
+
+        require_viewer_assets()
+    root = store.open_store(run_dir)
+    store.take_lock(run_dir)
+    units_root = root.get("units")
+    if units_root is None or layer not in units_root:
+        have = sorted(units_root.group_keys()) if units_root is not None else []
+        raise AtlasError(f"layer '{layer}' has no unit data in this run; run `atlas units {run_dir} --layer {layer}` first "
+                         f"(layers with unit data: {', '.join(have) or 'none'})")
+    parts = _Parts(run_dir, root, layer)
+    top_ok = parts._usable("top", ("value", "image"))
+    kinds = [k for k in kind_order(parts.subgroups("vis")) if parts._usable(f"vis/{k}", ("image",))]
+    methods = [m for m in parts.subgroups("projection") if parts._usable(f"projection/{m}", ("image",))]
+    classes_ok = parts._usable("classes", ("top",))
+    grids = _atlas_grids(run_dir, root, layer, parts.channels, parts.skipped)
+    c_total = parts.channels
+    if c_total is None:
+        sizes = [g["mean_activation"].shape[-1] for by_size in grids.values() for g in by_size.values()]
+        if not sizes:
+            raise AtlasError(f"units/{layer} holds nothing the gallery can show yet (no top examples, projections, "
+                             f"visualisations or class scores); run `atlas units {run_dir} --layer {layer}`")
+        c_total = sizes[0]
+
+    tiles_dir = run_dir / "tiles"
+    final = tiles_dir / "units" / layer
+    work = final.with_name(final.name + ".partial")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    units: list[dict] = [{"layer": layer, "channel": c, "vis": [], "top": None, "projections": [], "classes": None,
+                          "cells": {}} for c in range(c_total)]
+
+    # --- visualisations, and each channel's grid square from the best kind it has
+    thumbs: list[str | None] = [None] * c_total
+    first: dict[int, np.ndarray] = {}
+    vis_info = {}
+    for kind in kinds:
+        node = parts.group[f"vis/{kind}"]
+        images, done = node["image"], parts.done(f"vis/{kind}")
+        objective = node["objective"][:] if "objective" in node else None
+        n, side, channels = images.shape[1], images.shape[2], images.shape[-1]
+        vis_info[kind] = {"n": int(n), "size": int(side), "alpha": channels == 4, "channels": int(done.sum())}
+        ext = "png" if channels == 4 else "jpg"
+        for c in np.flatnonzero(done):
+            block = np.asarray(images[int(c)])  # (n, S, S, 3|4)
+            _save(strip(list(block)), work / "vis" / kind / f"{c}.{ext}")
+            units[c]["vis"].append({"kind": kind, "src": f"vis/{kind}/{c}.{ext}", "n": int(n), "size": int(side),
+                                    "alpha": channels == 4,
+                                    "objective": [round(float(v), 4) for v in objective[c]] if objective is not None else None})
+            if thumbs[c] is None:
+                thumbs[c], first[int(c)] = kind, block[0]
+    side = min(MAX_THUMB, max((im.shape[0] for im in first.values()), default=MAX_THUMB))
+    cols = grid_columns(c_total)
+    dzi = None
+    if c_total > dzi_above:
+        canvas = np.empty((cols * side, cols * side, 3), np.uint8)
+        canvas[:] = BACKGROUND
+        for c, image in first.items():
+            y, x = divmod(c, cols)
+            canvas[y * side:(y + 1) * side, x * side:(x + 1) * side] = _thumb(image, side)
+        dzi = _write_dzi(canvas, work)
+    else:
+        for c, image in first.items():
+            _save(_thumb(image, side), work / "thumbs" / f"{c}.jpg")
+
+    # --- top examples with their labels, and their projections
+    k = 0
+    if top_ok:
+        top = parts.group["top"]
+        value, image_idx = top["value"][:], top["image"][:]
+        k = int(value.shape[1])
+        done = parts.done("top", fallback=np.isfinite(value[:, 0]))
+        pos = top["pos"][:] if "pos" in top else None
+        box = top["box"][:] if "box" in top else None
+        paths = root["images/path"] if "images" in root and "path" in root["images"] else None
+        labels = root["images/label"][:] if "images" in root and "label" in root["images"] else None
+        names = _label_names(root) if labels is not None else []
+        patches = top["patch"] if "patch" in top else None
+        proj = {m: (parts.group[f"projection/{m}"], parts.done(f"projection/{m}")) for m in methods}
+        for c in np.flatnonzero(done):
+            c = int(c)
+            slots = [j for j in range(k) if image_idx[c, j] >= 0 and np.isfinite(value[c, j])]
+            if not slots:
+                continue
+            examples = []
+            for j in slots:
+                i = int(image_idx[c, j])
+                label = int(labels[i]) if labels is not None and i < labels.shape[0] else -1
+                examples.append({"value": round(float(value[c, j]), 4), "image": i,
+                                 "file": os.path.basename(str(paths[i])) if paths is not None and i < paths.shape[0] else None,
+                                 "label": label, "label_name": names[label] if 0 <= label < len(names) else None,
+                                 "pos": pos[c, j].tolist() if pos is not None else None,
+                                 "box": box[c, j].tolist() if box is not None else None})
+            record = {"k": k, "examples": examples, "src": None, "patch": None}
+            if patches is not None:
+                block = np.asarray(patches[c])
+                _save(strip([block[j] for j in slots]), work / "top" / f"{c}.jpg")
+                record.update(src=f"top/{c}.jpg", patch=int(block.shape[1]))
+            units[c]["top"] = record
+            for m, (node, m_done) in proj.items():
+                if not m_done[c]:
+                    continue
+                block = np.asarray(node["image"][c])
+                _save(strip([block[j] for j in slots]), work / "projection" / m / f"{c}.jpg")
+                scale = node["scale"][c] if "scale" in node else None
+                units[c]["projections"].append({"method": m, "src": f"projection/{m}/{c}.jpg",
+                                                "scale": [round(float(scale[j]), 5) for j in slots] if scale is not None else None})
+
+    # --- the classes each unit contributes to most
+    if classes_ok:
+        node = parts.group["classes"]
+        class_top = node["top"][:]
+        score = node["score"][:] if "score" in node else None
+        class_list = [str(n) for n in root.attrs.get("classes") or []]
+        for c in range(c_total):
+            units[c]["classes"] = [[class_list[t] if t < len(class_list) else f"class {t}",
+                                    round(float(score[c, j]), 4) if score is not None and np.isfinite(score[c, j]) else None]
+                                   for j, t in enumerate(class_top[c].tolist()) if t >= 0]
+
+    # --- atlas cells: each cell's top units, each unit's veil
+    atlases = []
+    for atlas, by_size in grids.items():
+        atlases.append({"atlas": atlas, "sizes": sorted(by_size)})
+        for size, g in sorted(by_size.items()):
+            values = np.asarray(g["mean_activation"][:], np.float32)
+            count = g["count"][:]
+            draw = (g["render"][:] if "render" in g else count > 0) & (count > 0)
+            icons = root.get(f"icons/{layer}/{atlas}/{size}")
+            if icons is not None and "done" in icons and icons["done"].shape == draw.shape:
+                draw &= icons["done"][:]  # as the atlas tiles draw them
+            folder = work / "cells" / atlas / str(size)
+            folder.mkdir(parents=True, exist_ok=True)
+            for (bx, by), cells in cell_top_units(values, count).items():
+                (folder / f"{bx}_{by}.json").write_text(json.dumps({"size": size, "block": BLOCK, "cells": cells}, separators=(",", ":")))
+            veils = unit_veils(values, draw)
+            masked = np.where(draw[..., None], values, -np.inf)
+            for c in range(c_total):
+                flat = int(np.argmax(masked[..., c]))
+                gy, gx = divmod(flat, size)
+                best = [gx, gy, round(float(values[gy, gx, c]), 4)] if draw.any() else None
+                units[c]["cells"].setdefault(atlas, {})[str(size)] = {
+                    "veil": base64.b64encode(np.ascontiguousarray(veils[..., c]).tobytes()).decode("ascii"), "best": best}
+
+    for c, unit in enumerate(units):
+        path = work / "unit" / f"{c}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(unit, separators=(",", ":")))
+
+    summary = {"channels": c_total, "with_vis": sum(t is not None for t in thumbs),
+               "with_top": sum(u["top"] is not None for u in units), "kinds": kinds, "methods": methods,
+               "atlases": len(atlases), "skipped": parts.skipped, "unfinished": parts.partial}
+    meta = {"version": 1, "layer": layer, "model": str(root.attrs.get("model", "unknown")), "channels": c_total, "cols": cols,
+            "cell": side, "thumbs": thumbs, "dzi": dzi, "kinds": kinds, "vis": vis_info, "methods": methods, "k": k,
+            "top": top_ok, "classes": classes_ok, "atlases": atlases, "background": "#{:02x}{:02x}{:02x}".format(*BACKGROUND),
+            "summary": summary}
+    (work / "gallery.json").write_text(json.dumps(meta, indent=1))
+    _publish(work, final)
+    _update_manifest(tiles_dir, {"layer": layer, "channels": c_total, "base": f"units/{layer}/"})
+    if viewer:
+        from atlas.viewer import install_viewer
+
+        install_viewer(tiles_dir)
+    log_line = (f"gallery {layer}: {c_total} units, {summary['with_vis']} with visualisations ({', '.join(kinds) or 'none'}), "
+                f"{summary['with_top']} with top examples, projections {', '.join(methods) or 'none'}, {len(atlases)} atlases")
+    if parts.skipped:
+        log_line += f"; skipped {len(parts.skipped)} damaged parts: {', '.join(parts.skipped)}"
+    store.log(run_dir, log_line)
+    return final
