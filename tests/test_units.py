@@ -123,7 +123,7 @@ def test_a_run_copied_without_its_photos_names_the_missing_folder(sampled, tmp_p
     shutil.move(folder, moved)
     try:
         before = snapshot(run)
-        one_line(cli("units", run, "--layer", LAYER, *FAST), "photos are not where its image list says", f"{folder} is missing")
+        one_line(cli("units", run, "--layer", LAYER, *FAST), "the run's photos are missing", f"folder {folder} does not exist")
         assert snapshot(run) == before
     finally:
         shutil.move(moved, folder)

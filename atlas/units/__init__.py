@@ -29,7 +29,7 @@ from atlas import store
 from atlas.errors import AtlasError
 from atlas.settings import UnitsSettings, check_device, parse_channels
 
-__all__ = ["UnitsSettings", "check_photos", "class_scores", "check_unit_layers", "gallery", "units", "write_class_scores"]
+__all__ = ["UnitsSettings", "class_scores", "check_unit_layers", "gallery", "units", "write_class_scores"]
 
 
 def gallery(run_dir: str | Path, layer: str) -> Path:
@@ -128,24 +128,6 @@ def check_unit_layers(net, layers: Sequence[str], crop: int = 224) -> dict[str, 
     return out
 
 
-def check_photos(root, probe: int = 64) -> None:
-    """One line when the run's photos are gone (a store copied without them): the first ``probe`` readable images of
-    its list are all missing. A few missing files are the top-k pass's to skip and count."""
-    import os
-
-    from atlas.data import real_path
-
-    images = root["images"]
-    n = images["path"].shape[0]
-    ok = images["ok"][: min(n, 4 * probe)] if "ok" in images else None
-    paths = [real_path(p) for i, p in enumerate(images["path"][: min(n, 4 * probe)]) if ok is None or ok[i]][:probe]
-    if paths and not any(os.path.exists(p) for p in paths):
-        folder = os.path.dirname(paths[0])
-        where = f"{folder} is missing" if not os.path.isdir(folder) else f"{folder} no longer holds them"
-        raise AtlasError(f"the run's photos are not where its image list says: {where} (a run folder copied without its "
-                         "photos?); put them back or sample the photos again into a new run")
-
-
 def _settings(settings: UnitsSettings | None, options: dict) -> UnitsSettings:
     base = settings or UnitsSettings()
     known = {f.name for f in fields(UnitsSettings)}
@@ -206,7 +188,6 @@ def units(run_dir: str | Path, layers: Sequence[str] | str | None = None, settin
     if "images" not in root or "path" not in root["images"]:
         raise AtlasError(f"{run_dir} has no image list yet; run `atlas sample` first")
     check_device(s.device)
-    check_photos(root)
     net = net if net is not None else load_run_model(meta, s.device)
     if layers is None:
         layers = list(meta.get("layers") or [])
