@@ -256,13 +256,17 @@ def test_bad_units_layers_and_methods_are_one_line(net):
         assert needle in str(err.value) and "\n" not in str(err.value), (kwargs, str(err.value))
 
 
-def test_functional_relus_are_refused_for_deconvnet_and_guided():
+def test_functional_relus_and_other_nonlinearities_are_refused_for_deconvnet_and_guided():
     googlenet = load_model("googlenet", pretrained=False)  # torchvision's: F.relu inside BasicConv2d
     x = torch.rand(1, 3, 64, 64)
     for method in ("deconvnet", "guided"):
         with pytest.raises(AtlasError, match="applies ReLU as a function"):
             project_units(googlenet, "mixed3a", x, torch.tensor([[0, 1, 1]]), method)
     assert project_units(googlenet, "mixed3a", x, torch.tensor([[0, 1, 1]]), "gradient").shape == x.shape
+    mobilenet = load_model("mobilenet_v2", pretrained=False)  # ReLU6 modules: no deconvnet rule for them
+    with pytest.raises(AtlasError, match="applies ReLU6/hardtanh before layer 'features.3'"):
+        project_units(mobilenet, "features.3", x, torch.tensor([[0, 1, 1]]), "guided")
+    assert project_units(mobilenet, "features.3", x, torch.tensor([[0, 1, 1]]), "gradient").shape == x.shape
 
 
 # --------------------------------------------------------------------------- display

@@ -20,7 +20,8 @@ activation is 0 projects to exactly 0. They differ only in what replaces the bac
 The ReLU backward is swapped for the duration of the call only, on the model's own ``nn.ReLU`` modules (the style of
 :func:`atlas.render.optimize.redirected_relus`) and restored afterwards, also on error. A model that applies ReLU as a
 function (``F.relu``, e.g. torchvision's googlenet) instead of through modules is refused for ``deconvnet`` and
-``guided`` in one line: its ReLUs could not be swapped and the result would silently be the gradient's.
+``guided`` in one line: its ReLUs could not be swapped and the result would silently be the gradient's. So is a model
+that applies another nonlinearity (ReLU6, GELU, SiLU, sigmoid, ...) before the layer: the two methods have no rule for it.
 
 Decisions
 ---------
@@ -53,6 +54,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
@@ -149,20 +151,27 @@ def _swapped(module: nn.Module, method: str) -> Iterator[None]:
                 m.__dict__.pop("forward", None)
 
 
-_FUNCTIONAL_RELUS = {torch.relu, torch.relu_, torch.nn.functional.relu, torch.nn.functional.relu_, torch.Tensor.relu,
-                     torch.Tensor.relu_}
+_FUNCTIONAL_RELUS = {torch.relu, torch.relu_, F.relu, F.relu_, torch.Tensor.relu, torch.Tensor.relu_}
+# Other nonlinearities: the deconvnet and guided backpropagation define a rule for ReLUs only.
+_OTHER_NONLINEARITIES = {F.relu6: "ReLU6", F.hardtanh: "ReLU6/hardtanh", F.leaky_relu: "leaky ReLU", F.elu: "ELU", F.selu: "SELU",
+                         F.celu: "CELU", F.gelu: "GELU", F.silu: "SiLU", F.mish: "Mish", F.hardswish: "hardswish",
+                         F.hardsigmoid: "hardsigmoid", F.sigmoid: "sigmoid", torch.sigmoid: "sigmoid", torch.Tensor.sigmoid: "sigmoid",
+                         F.tanh: "tanh", torch.tanh: "tanh", torch.Tensor.tanh: "tanh", F.softplus: "softplus"}
 
 
-class _FunctionalReLUs(torch.overrides.TorchFunctionMode):
-    """Counts ReLUs applied as functions during a forward (they escape the module swap)."""
+class _Nonlinearities(torch.overrides.TorchFunctionMode):
+    """Notes what a forward applies that the module swap cannot reach: ReLUs called as functions, other nonlinearities."""
 
     def __init__(self):
         super().__init__()
-        self.count = 0
+        self.functional_relus = 0
+        self.others: list[str] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func in _FUNCTIONAL_RELUS:
-            self.count += 1
+            self.functional_relus += 1
+        elif func in _OTHER_NONLINEARITIES and _OTHER_NONLINEARITIES[func] not in self.others:
+            self.others.append(_OTHER_NONLINEARITIES[func])
         return func(*args, **(kwargs or {}))
 
 
@@ -225,12 +234,15 @@ def project_units(net: Network, layer: str, images: torch.Tensor, units: torch.T
     dtype = next((p.dtype for p in net.module.parameters() if p.is_floating_point()), torch.float32)
     with torch.inference_mode(False), torch.enable_grad():
         x = images.detach().clone().to(dtype).requires_grad_(True)
-        functional = _FunctionalReLUs()
-        with _swapped(net.module, method), functional:
+        seen = _Nonlinearities()
+        with _swapped(net.module, method), seen:
             out = _layer_output(net, layer, x)
-        if functional.count and method != "gradient":
+        if method != "gradient" and seen.functional_relus:
             raise AtlasError(f"model {net.name} applies ReLU as a function, not as nn.ReLU modules, so the {method} projection "
                              "cannot replace its backward; use the gradient method for this model")
+        if method != "gradient" and seen.others:
+            raise AtlasError(f"model {net.name} applies {', '.join(seen.others)} before layer '{layer}': the {method} projection "
+                             "is defined for ReLU networks only; use the gradient method for this model")
         c, h, w = out.shape[1:]
         ch, ys, xs = units[:, 0].to(out.device), units[:, 1].to(out.device), units[:, 2].to(out.device)
         bad = (ch < 0) | (ch >= c) | (ys < 0) | (ys >= h) | (xs < 0) | (xs >= w)
