@@ -338,6 +338,7 @@ def test_atlas_menu_links_and_cell_popup_lists_its_top_units(page, server):
     values = mean_activation(size, C)[2, 4]
     expected = [c for c in np.argsort(-values, kind="stable") if values[c] > 0][:5]
     assert links == [f"units.html#{LAYER}/{c}" for c in expected] and links
+    page.screenshot(path=str(outputs() / "units_atlas_cell.png"))
     page.click("#panel-units a.unit-link >> nth=0")
     page.wait_for_function(f"document.body.dataset.unit === '{expected[0]}'", timeout=10000)
     assert f"Unit {expected[0]}" in page.inner_text("#unit-title")
@@ -383,3 +384,89 @@ def outputs() -> Path:
     out = Path(__file__).resolve().parents[1] / "outputs"
     out.mkdir(exist_ok=True)
     return out
+
+
+# ---------------------------------------------------------------------------- the real pipeline
+REAL_KINDS = ["fft", "yosinski-1", "alpha"]
+
+
+def real_visualizations(run: Path, net, channels: list[int]) -> None:
+    """Helper C's writer when it is there; until then its pure core (unit_images), stored in the spec's layout."""
+    from atlas.units import features
+
+    if hasattr(features, "write_visualizations"):
+        features.write_visualizations(run, LAYER, kinds=REAL_KINDS, channels=channels, size=32, steps=4, progress=False, net=net)
+        return
+    root = open_store(run, mode="a")
+    c_total = root[f"units/{LAYER}/top/value"].shape[0]
+    for kind in REAL_KINDS:
+        images, objective = features.unit_images(net, LAYER, channels, kind, n=1, size=32, steps=4)
+        images = np.asarray(images)
+        if images.dtype != np.uint8:
+            images = np.round(np.clip(images, 0, 1) * 255).astype(np.uint8)
+        if images.shape[-1] not in (3, 4):  # (N, ch, S, S) -> (N, S, S, ch)
+            images = np.moveaxis(images, -3, -1)
+        images = images.reshape(len(channels), 1, *images.shape[-3:])
+        group = root.require_group(f"units/{LAYER}/vis/{kind}")
+        full = np.zeros((c_total, *images.shape[1:]), np.uint8)
+        full[channels] = images
+        write_array(group, "image", full)
+        obj = np.zeros((c_total, 1), np.float32)
+        obj[channels] = np.asarray(objective, np.float32).reshape(len(channels), 1)
+        write_array(group, "objective", obj)
+        done = np.zeros(c_total, bool)
+        done[channels] = True
+        write_array(group, "done", done)
+
+
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory, net, photos) -> Path:
+    """A tiny real build (8 photos, mixed4c), then the real unit lens on 3 channels with few steps, then the gallery."""
+    from tiny_run import build_tiny
+
+    from atlas.units.projections import write_projections
+    from atlas.units.topk import top_examples
+
+    run = build_tiny(tmp_path_factory, photos)
+    channels = [0, 1, 2]
+    top_examples(run, [LAYER], k=9, channels=channels, batch_size=8, workers=0, progress=False, net=net)
+    write_projections(run, LAYER, method="deconvnet", channels=channels, progress=False, net=net)
+    real_visualizations(run, net, channels)
+    write_gallery(run, LAYER)
+    return run
+
+
+def test_gallery_of_the_real_unit_lens(real_run, browser):
+    tiles = real_run / "tiles"
+    meta = json.loads((tiles / "units" / LAYER / "gallery.json").read_text())
+    assert meta["channels"] == 512 and meta["dzi"] is not None  # 512 > 256 channels: the Deep Zoom grid
+    assert meta["thumbs"][:3] == ["fft"] * 3 and meta["thumbs"][3:] == [None] * 509
+    assert meta["kinds"] == REAL_KINDS and meta["methods"] == ["deconvnet"]
+    assert meta["summary"]["with_top"] == 3 and meta["summary"]["skipped"] == []
+    assert [a["atlas"] for a in meta["atlases"]] == ["full"]
+    root = open_store(real_run)
+    top = root[f"units/{LAYER}/top"]
+    unit = json.loads((tiles / "units" / LAYER / "unit" / "2.json").read_text())
+    n = int((top["image"][2] >= 0).sum())
+    assert len(unit["top"]["examples"]) == n == 8  # 8 photos: the 9th slot is padding
+    assert [e["image"] for e in unit["top"]["examples"]] == top["image"][2][:n].tolist()
+    names = [p.rsplit("/", 1)[-1] for p in root["images/path"][:]]
+    for e in unit["top"]["examples"]:  # the shared photos are named by synset and class
+        assert e["file"] == names[e["image"]] and e["label_name"].split()[0].lower() in e["file"].lower()
+    srv = make_server(real_run, port=0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    context = browser.new_context(viewport={"width": 1280, "height": 820})
+    try:
+        pg = context.new_page()
+        errors = []
+        pg.on("pageerror", lambda e: errors.append(str(e)))
+        pg.goto(f"{base_url(srv)}/units.html#{LAYER}/2")
+        pg.wait_for_function("document.body.dataset.unit === '2'", timeout=20000)
+        assert pg.locator("#unit-top .patches .frame").count() == 8 and pg.locator("#unit-top .projection-deconvnet .frame").count() == 8
+        assert pg.locator("#unit-vis .vis-row").count() == 3 and pg.locator('.vis-row[data-kind="alpha"] .frame.alpha').count() == 1
+        pg.screenshot(path=str(outputs() / "units_gallery_real.png"))
+        assert errors == []
+    finally:
+        context.close()
+        srv.shutdown()
+        srv.server_close()

@@ -49,6 +49,7 @@ DZI_ABOVE = 256  # layers with more channels get a Deep Zoom grid instead of one
 MAX_THUMB = 96  # side of a channel's square in the grid (the visualisation's own size when smaller)
 BACKGROUND = (17, 19, 24)  # the viewer's page colour (atlas.tiles.BACKGROUND): empty squares and the veil's colour
 GREY = 127
+EMPTY = (35, 39, 47)  # a channel without a visualisation (the page's empty-square colour)
 MANIFEST = "units.json"
 TILE_SIZE, OVERLAP = 254, 1
 
@@ -366,6 +367,10 @@ def write_gallery(run_dir: str | Path, layer: str, *, dzi_above: int = DZI_ABOVE
     if c_total > dzi_above:
         canvas = np.empty((cols * side, cols * side, 3), np.uint8)
         canvas[:] = BACKGROUND
+        inset = max(1, side // 16)
+        for c in range(c_total):  # every channel's square, so the grid shows which have no visualisation yet
+            y, x = divmod(c, cols)
+            canvas[y * side + inset:(y + 1) * side - inset, x * side + inset:(x + 1) * side - inset] = EMPTY
         for c, image in first.items():
             y, x = divmod(c, cols)
             canvas[y * side:(y + 1) * side, x * side:(x + 1) * side] = _thumb(image, side)

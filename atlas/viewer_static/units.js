@@ -60,7 +60,7 @@
   function buildGrid(meta) {
     const grid = $("units-grid");
     grid.innerHTML = "";
-    grid.style.setProperty("--cell", `${meta.cell}px`);
+    grid.style.setProperty("--cell", `${Math.min(128, Math.max(72, meta.cell))}px`);  // small visualisations shown larger
     const loads = [];
     for (let c = 0; c < meta.channels; c++) {
       const button = document.createElement("button");
@@ -72,8 +72,7 @@
         const img = document.createElement("img");
         img.alt = `unit ${c}`;
         img.src = `${base()}thumbs/${c}.jpg`;
-        img.width = img.height = meta.cell;
-        loads.push(img.decode().catch(() => null));
+                loads.push(img.decode().catch(() => null));
         button.appendChild(img);
       } else {
         const empty = document.createElement("span");
