@@ -11,6 +11,11 @@ a built wheel carries: setup.py copies it there from npm at build time), then in
 :func:`require_viewer_assets` checks this before any work, so ``atlas build``/``tiles``/
 ``class``/``compare``/``serve`` fail at once, in one line.
 
+Once a unit gallery exists (``tiles/units.json``, written by :mod:`atlas.units.gallery`), :func:`install_viewer` also
+copies the gallery's pages (``units.html``, ``units.js``, ``units.css``) and ``atlas_units.js``, and the atlas page
+loads the latter after ``viewer.js`` (the bar's Units link, a cell's top units, the ``?unit=`` veil); without one
+the viewer's files are copied unchanged.
+
 ``serve`` answers only with files under ``RUN/tiles/`` (the viewer, OpenSeadragon and the
 tiles); ``store.zarr`` and ``log.txt``, which hold absolute paths, are never served, nor is
 anything a path or symlink would reach outside ``tiles/`` (404). It is the standard
