@@ -210,6 +210,18 @@ def _atlas_grids(run_dir: Path, root, layer: str, channels: int | None, skipped:
 # --------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------
+def _rows(array, done: np.ndarray, block: int = 64):
+    """(channel, array[channel]) for the channels flagged done, read ``block`` channels at a time (one read per block,
+    not per channel: a zarr read costs milliseconds however small)."""
+    wanted = np.flatnonzero(done)
+    for start in range(0, array.shape[0], block):
+        inside = wanted[(wanted >= start) & (wanted < start + block)]
+        if inside.size:
+            rows = np.asarray(array[start:int(inside[-1]) + 1])
+            for c in inside.tolist():
+                yield c, rows[c - start]
+
+
 def _save(image: np.ndarray, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if image.shape[-1] == 4:
@@ -353,8 +365,7 @@ def write_gallery(run_dir: str | Path, layer: str, *, dzi_above: int = DZI_ABOVE
         n, side, channels = images.shape[1], images.shape[2], images.shape[-1]
         vis_info[kind] = {"n": int(n), "size": int(side), "alpha": channels == 4, "channels": int(done.sum())}
         ext = "png" if channels == 4 else "jpg"
-        for c in np.flatnonzero(done):
-            block = np.asarray(images[int(c)])  # (n, S, S, 3|4)
+        for c, block in _rows(images, done):  # block: (n, S, S, 3|4)
             _save(strip(list(block)), work / "vis" / kind / f"{c}.{ext}")
             units[c]["vis"].append({"kind": kind, "src": f"vis/{kind}/{c}.{ext}", "n": int(n), "size": int(side),
                                     "alpha": channels == 4,
@@ -388,11 +399,18 @@ def write_gallery(run_dir: str | Path, layer: str, *, dzi_above: int = DZI_ABOVE
         done = parts.done("top", fallback=np.isfinite(value[:, 0]))
         pos = top["pos"][:] if "pos" in top else None
         box = top["box"][:] if "box" in top else None
-        paths = root["images/path"] if "images" in root and "path" in root["images"] else None
+        files: dict[int, str] = {}  # image index -> file name (never its folder: served pages hold no absolute paths)
+        if "images" in root and "path" in root["images"]:
+            path_array = root["images/path"]
+            used = np.unique(image_idx[done][(image_idx[done] >= 0) & (image_idx[done] < path_array.shape[0])])
+            if used.size:
+                files = {int(i): os.path.basename(str(p)) for i, p in zip(used, path_array.oindex[used], strict=True)}
         labels = root["images/label"][:] if "images" in root and "label" in root["images"] else None
         names = _label_names(root) if labels is not None else []
         patches = top["patch"] if "patch" in top else None
         proj = {m: (parts.group[f"projection/{m}"], parts.done(f"projection/{m}")) for m in methods}
+        patch_rows = dict(_rows(patches, done)) if patches is not None else {}
+        proj_rows = {m: dict(_rows(node["image"], m_done & done)) for m, (node, m_done) in proj.items()}
         for c in np.flatnonzero(done):
             c = int(c)
             slots = [j for j in range(k) if image_idx[c, j] >= 0 and np.isfinite(value[c, j])]
@@ -403,20 +421,20 @@ def write_gallery(run_dir: str | Path, layer: str, *, dzi_above: int = DZI_ABOVE
                 i = int(image_idx[c, j])
                 label = int(labels[i]) if labels is not None and i < labels.shape[0] else -1
                 examples.append({"value": round(float(value[c, j]), 4), "image": i,
-                                 "file": os.path.basename(str(paths[i])) if paths is not None and i < paths.shape[0] else None,
+                                 "file": files.get(i),
                                  "label": label, "label_name": names[label] if 0 <= label < len(names) else None,
                                  "pos": pos[c, j].tolist() if pos is not None else None,
                                  "box": box[c, j].tolist() if box is not None else None})
             record = {"k": k, "examples": examples, "src": None, "patch": None}
-            if patches is not None:
-                block = np.asarray(patches[c])
+            if c in patch_rows:
+                block = patch_rows.pop(c)
                 _save(strip([block[j] for j in slots]), work / "top" / f"{c}.jpg")
                 record.update(src=f"top/{c}.jpg", patch=int(block.shape[1]))
             units[c]["top"] = record
-            for m, (node, m_done) in proj.items():
-                if not m_done[c]:
+            for m, (node, _) in proj.items():
+                if c not in proj_rows[m]:
                     continue
-                block = np.asarray(node["image"][c])
+                block = proj_rows[m].pop(c)
                 _save(strip([block[j] for j in slots]), work / "projection" / m / f"{c}.jpg")
                 scale = node["scale"][c] if "scale" in node else None
                 units[c]["projections"].append({"method": m, "src": f"projection/{m}/{c}.jpg",
