@@ -287,7 +287,7 @@ def build(config: dict, dry_run: bool = False, echo=print) -> BuildResult:
         from atlas import units
 
         for layer in layers:
-            units.gallery(out, layer)
+            units.write_gallery(out, layer)
 
     work = {"sample": run_sample, "project": run_project, "grid": run_grid, "render": run_render, "tiles": run_tiles,
             "units": run_units, "gallery": run_gallery}

@@ -136,7 +136,7 @@ STAGE_ENTRIES: dict[str, set[str]] = {
     "atlas.render": {"render", "visualize", "sample_patches"},
     "atlas.tiles": {"make_tiles"},
     "atlas.classes": {"class_atlas", "compare_atlas"},
-    "atlas.units": {"units", "gallery"},
+    "atlas.units": {"units", "write_gallery"},
 }
 # The image-optimisation toolkit lives inside the render package but is a shared building block (Lucent's optvis):
 # objectives, parameterisations, transforms, regularisers and the loop itself, for every instrument that optimises

@@ -29,14 +29,15 @@ from atlas import store
 from atlas.errors import AtlasError
 from atlas.settings import UnitsSettings, check_device, parse_channels
 
-__all__ = ["UnitsSettings", "class_scores", "check_unit_layers", "gallery", "units", "write_class_scores"]
+__all__ = ["UnitsSettings", "class_scores", "check_unit_layers", "units", "write_class_scores", "write_gallery"]
 
 
-def gallery(run_dir: str | Path, layer: str) -> Path:
-    """(Re)write the unit gallery of ``layer`` from what the store holds (``atlas build``'s last step)."""
-    from atlas.units.gallery import write_gallery
+def write_gallery(run_dir: str | Path, layer: str) -> Path:
+    """(Re)write the unit gallery of ``layer`` from what the store holds (``atlas build``'s last step); see
+    :func:`atlas.units.gallery.write_gallery`."""
+    from atlas.units import gallery
 
-    return write_gallery(run_dir, layer)
+    return gallery.write_gallery(run_dir, layer)
 
 TOP_CLASSES = 5
 
@@ -199,7 +200,6 @@ def units(run_dir: str | Path, layers: Sequence[str] | str | None = None, settin
     chosen = {layer: parse_channels(s.channels, shapes[layer][0], layer) for layer in layers}
     # imported once everything is checked: a bad option costs no import of the optimisation machinery
     from atlas.units.features import write_visualizations
-    from atlas.units.gallery import write_gallery
     from atlas.units.projections import write_projections
     from atlas.units.topk import top_examples
 
