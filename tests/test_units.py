@@ -94,8 +94,8 @@ def test_class_scores_are_the_activation_weighted_mean_attribution(sampled):
 
 
 @pytest.mark.parametrize("args, needles", [
-    (["--layer", "mixed9z"], ["layer 'mixed9z' is not a layer of model inceptionv1", "mixed4c"]),
-    (["--layer", "logits"], ["layer 'logits' has no spatial positions", "mixed3a"]),
+    (["--layer", "mixed9z"], ["unknown layer 'mixed9z' for model inceptionv1", "mixed4c"]),
+    (["--layer", "logits"], ["layer 'logits' of model inceptionv1 has no spatial positions; layers with positions:", "mixed3a"]),
     (["--layer", LAYER, "--channels", "0-600"], ["channel 600 is out of range of layer 'mixed4c'", "512 channels"]),
     (["--layer", LAYER, "--channels", "9-2"], ["channel range 9-2 is reversed"]),
     (["--layer", LAYER, "--channels", "a-b"], ["units.channels must be channel ranges"]),

@@ -28,6 +28,7 @@ import numpy as np
 from atlas import store
 from atlas.errors import AtlasError
 from atlas.settings import UnitsSettings, check_device, parse_channels
+from atlas.units.receptive import check_unit_layers
 
 __all__ = ["UnitsSettings", "class_scores", "check_unit_layers", "units", "write_class_scores", "write_gallery"]
 
@@ -111,22 +112,6 @@ def write_class_scores(run_dir: str | Path, layer: str) -> dict | None:
     out.attrs.update({"summary": summary, "method": "activation-weighted mean attribution"})
     store.finish_stage(run_dir, "units", [path])
     return summary
-
-
-def check_unit_layers(net, layers: Sequence[str], crop: int = 224) -> dict[str, tuple[int, int, int]]:
-    """(C, H, W) of each layer at ``crop`` px; an unknown layer or one without spatial positions is one line listing
-    the layers that have them."""
-    shapes = net.layer_shapes(crop)
-    spatial = [name for name, shape in shapes.items() if len(shape) == 3 and not name.startswith("net.")]
-    out = {}
-    for layer in layers:
-        shape = shapes.get(net.aliases.get(layer, layer)) or shapes.get(layer)
-        if shape is None or len(shape) != 3:
-            what = "is not a layer of" if shape is None else "has no spatial positions in"
-            listed = ", ".join(spatial[:40]) + (", ..." if len(spatial) > 40 else "")
-            raise AtlasError(f"layer '{layer}' {what} model {net.name}; layers with spatial positions: {listed}")
-        out[layer] = tuple(int(v) for v in shape)
-    return out
 
 
 def _settings(settings: UnitsSettings | None, options: dict) -> UnitsSettings:

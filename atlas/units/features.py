@@ -279,7 +279,7 @@ def write_visualizations(run_dir: str | Path, layer: str, kinds: Sequence[str] =
     import time
 
     from atlas.models import load_run_model
-    from atlas.units import check_unit_layers
+    from atlas.units.receptive import check_unit_layers
 
     kinds = list(dict.fromkeys(kinds))
     for kind in kinds:

@@ -23,6 +23,7 @@ kernel would otherwise count one pixel too many).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -287,6 +288,21 @@ def spatial_layers(net: Network, size: int = 224) -> list[str]:
     names = net.layer_names()
     geoms = _fields(net, names, size)
     return [n for n in names if isinstance(geoms.get(n), tuple)]
+
+
+def check_unit_layers(net: Network, layers: Sequence[str], size: int = 224) -> dict[str, tuple[int, int, int]]:
+    """(C, H, W) of each of ``layers`` for a ``size`` px input, checked before any work: an unknown layer, or one
+    without spatial positions (``logits``), is one line listing the layers that have them."""
+    shapes = net.layer_shapes(size)
+    out = {}
+    for layer in layers:
+        net.resolve(layer)  # unknown names: one line with the known ones
+        shape = shapes.get(layer) or shapes.get(net.aliases.get(layer, layer))
+        if shape is None or len(shape) != 3:
+            valid = ", ".join(spatial_layers(net, size))
+            raise AtlasError(f"layer '{layer}' of model {net.name} has no spatial positions; layers with positions: {valid}")
+        out[layer] = tuple(int(v) for v in shape)
+    return out
 
 
 def receptive_field(net: Network, layer: str, size: int = 224) -> Field:
