@@ -390,40 +390,12 @@ def outputs() -> Path:
 REAL_KINDS = ["fft", "yosinski-1", "alpha"]
 
 
-def real_visualizations(run: Path, net, channels: list[int]) -> None:
-    """Helper C's writer when it is there; until then its pure core (unit_images), stored in the spec's layout."""
-    from atlas.units import features
-
-    if hasattr(features, "write_visualizations"):
-        features.write_visualizations(run, LAYER, kinds=REAL_KINDS, channels=channels, size=32, steps=4, progress=False, net=net)
-        return
-    root = open_store(run, mode="a")
-    c_total = root[f"units/{LAYER}/top/value"].shape[0]
-    for kind in REAL_KINDS:
-        images, objective = features.unit_images(net, LAYER, channels, kind, n=1, size=32, steps=4)
-        images = np.asarray(images)
-        if images.dtype != np.uint8:
-            images = np.round(np.clip(images, 0, 1) * 255).astype(np.uint8)
-        if images.shape[-1] not in (3, 4):  # (N, ch, S, S) -> (N, S, S, ch)
-            images = np.moveaxis(images, -3, -1)
-        images = images.reshape(len(channels), 1, *images.shape[-3:])
-        group = root.require_group(f"units/{LAYER}/vis/{kind}")
-        full = np.zeros((c_total, *images.shape[1:]), np.uint8)
-        full[channels] = images
-        write_array(group, "image", full)
-        obj = np.zeros((c_total, 1), np.float32)
-        obj[channels] = np.asarray(objective, np.float32).reshape(len(channels), 1)
-        write_array(group, "objective", obj)
-        done = np.zeros(c_total, bool)
-        done[channels] = True
-        write_array(group, "done", done)
-
-
 @pytest.fixture(scope="module")
 def real_run(tmp_path_factory, net, photos) -> Path:
-    """A tiny real build (8 photos, mixed4c), then the real unit lens on 3 channels with few steps, then the gallery."""
+    """A tiny real build (8 photos, mixed4c), then the unit lens's writers on 3 channels with few steps, then the gallery."""
     from tiny_run import build_tiny
 
+    from atlas.units.features import write_visualizations
     from atlas.units.projections import write_projections
     from atlas.units.topk import top_examples
 
@@ -431,7 +403,7 @@ def real_run(tmp_path_factory, net, photos) -> Path:
     channels = [0, 1, 2]
     top_examples(run, [LAYER], k=9, channels=channels, batch_size=8, workers=0, progress=False, net=net)
     write_projections(run, LAYER, method="deconvnet", channels=channels, progress=False, net=net)
-    real_visualizations(run, net, channels)
+    write_visualizations(run, LAYER, kinds=REAL_KINDS, channels=channels, size=32, steps=4, progress=False, net=net)
     write_gallery(run, LAYER)
     return run
 
