@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import threading
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -170,7 +171,7 @@ def test_gallery_files(run):
     first = unit["top"]["examples"][0]
     assert first["image"] == 1 and first["file"] == "img_001.jpg" and first["label_name"] == "goldfish"
     assert unit["classes"][0] == [CLASSES[1], 0.9]
-    veil = np.frombuffer(base64.b64decode(unit["cells"]["full"]["16"]["veil"]), np.uint8).reshape(16, 16)
+    veil = np.frombuffer(zlib.decompress(base64.b64decode(unit["cells"]["full"]["16"]["veil"])), np.uint8).reshape(16, 16)
     values = mean_activation(16, C)[..., 1]
     assert veil[np.unravel_index(np.argmax(values), values.shape)] == 0 and veil.max() > 150
     big = json.loads((tiles / "units" / BIG / "gallery.json").read_text())
@@ -372,6 +373,11 @@ def test_show_in_atlas_veils_the_cells_where_the_unit_is_weak(page, server):
 
     assert abs(cell_mean(veiled, *strong) - cell_mean(plain, *strong)) < 6  # the unit's strongest cell stays bright
     assert cell_mean(veiled, *weak) < 0.5 * cell_mean(plain, *weak)  # a cell where it is silent darkens
+    page.set_viewport_size({"width": 240, "height": 400})  # the whole atlas in < 256 px: the 8 x 8 grid's level
+    page.wait_for_timeout(200)
+    page.evaluate("atlasViewer.viewer.viewport.goHome(true)")
+    page.wait_for_function("document.body.dataset.unitVeil === 'mixed4c/full:8'", timeout=10000)  # the coarser grid's veil
+    assert page.evaluate("atlasViewer.activeGrid().size") == 8 and page.locator("img.unit-veil").count() == 1
     assert page.errors == []
 
 

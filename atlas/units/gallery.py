@@ -9,6 +9,7 @@ the gallery shows what exists) and the layer's atlas grids, and writes, under ``
     units/{layer}/thumbs/{c}.jpg                 every channel's visualisation (layers up to ``dzi_above`` channels)
     units/{layer}/grid.dzi, grid_files/          the same as one Deep Zoom pyramid (larger layers)
     units/{layer}/unit/{c}.json                  one unit: visualisations, top examples, projections, classes, cells
+                                                 (its veils: S x S alpha bytes per atlas and grid, zlib, base64)
     units/{layer}/vis/{kind}/{c}.jpg|png         its visualisations of one kind side by side (PNG with alpha)
     units/{layer}/top/{c}.jpg                    its top-k dataset patches side by side
     units/{layer}/projection/{method}/{c}.jpg    their projections, in the same order
@@ -35,6 +36,7 @@ import math
 import os
 import shutil
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -472,8 +474,8 @@ def write_gallery(run_dir: str | Path, layer: str, *, dzi_above: int = DZI_ABOVE
                 flat = int(np.argmax(masked[..., c]))
                 gy, gx = divmod(flat, size)
                 best = [gx, gy, round(float(values[gy, gx, c]), 4)] if draw.any() else None
-                units[c]["cells"].setdefault(atlas, {})[str(size)] = {
-                    "veil": base64.b64encode(np.ascontiguousarray(veils[..., c]).tobytes()).decode("ascii"), "best": best}
+                packed = zlib.compress(np.ascontiguousarray(veils[..., c]).tobytes(), 6)  # the browser's DecompressionStream("deflate")
+                units[c]["cells"].setdefault(atlas, {})[str(size)] = {"veil": base64.b64encode(packed).decode("ascii"), "best": best}
 
     for c, unit in enumerate(units):
         path = work / "unit" / f"{c}.json"

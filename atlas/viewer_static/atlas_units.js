@@ -18,7 +18,7 @@
     const m = raw && raw.match(/^(.*):(\d+)$/);
     return m ? { layer: m[1], channel: Number(m[2]) } : null;
   })();
-  const st = { galleries: new Map(), meta: new Map(), cells: new Map(), unit: null, veil: null, veilKey: null };
+  const st = { galleries: new Map(), meta: new Map(), cells: new Map(), unit: null, veil: null, veilKey: null, pending: null };
 
   function esc(text) {
     return String(text).replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
@@ -91,10 +91,12 @@
   }
 
   // ---------------------------------------------------------------- the unit's veil
+  /** The S x S alpha bytes of a veil: base64 of zlib-compressed bytes (atlas/units/gallery.py). */
   function decode(b64) {
-    const s = atob(b64), out = new Uint8ClampedArray(s.length);
-    for (let i = 0; i < s.length; i++) out[i] = s.charCodeAt(i);
-    return out;
+    const s = atob(b64), packed = new Uint8Array(s.length);
+    for (let i = 0; i < s.length; i++) packed[i] = s.charCodeAt(i);
+    const stream = new Blob([packed]).stream().pipeThrough(new DecompressionStream("deflate"));
+    return new Response(stream).arrayBuffer().then((buf) => new Uint8ClampedArray(buf));
   }
 
   function placeUnitVeil() {
@@ -102,14 +104,23 @@
     if (!st.unit || !a || !v || !v.world.getItemCount()) return;
     const grid = view.activeGrid();
     const key = `${a.id}:${grid.size}`;
-    if (st.veilKey === key && st.veil && v.getOverlayById(st.veil)) return;
+    if (st.veilKey === key && (st.pending === key || (st.veil && v.getOverlayById(st.veil)))) return;
     if (st.veil) { v.removeOverlay(st.veil); st.veil = null; }
     st.veilKey = key;
+    st.pending = null;
     const cells = a.layer === st.unit.layer && st.unit.cells[a.atlas];
     const entry = cells && cells[String(grid.size)];
     document.body.dataset.unitVeil = "";
     if (!entry) { legend(a.layer === st.unit.layer ? "this atlas's grid has no unit values" : "another layer's unit"); return; }
-    const alpha = decode(entry.veil), s = grid.size;
+    st.pending = key;  // decoding: the animation events meanwhile must not start it again
+    decode(entry.veil).then((alpha) => {
+      if (st.veilKey !== key) return;  // the zoom moved on to another grid
+      st.pending = null;
+      drawVeil(v, key, alpha, grid.size);
+    });
+  }
+
+  function drawVeil(v, key, alpha, s) {
     const canvas = document.createElement("canvas");
     canvas.width = canvas.height = s;
     const ctx = canvas.getContext("2d"), data = ctx.createImageData(s, s);
@@ -121,6 +132,7 @@
     img.className = "veil unit-veil";
     img.alt = "";
     img.src = canvas.toDataURL("image/png");
+    if (st.veil) v.removeOverlay(st.veil);
     st.veil = img;
     v.addOverlay({ element: img, location: v.world.getItemAt(0).getBounds() });
     legend(null);
@@ -152,7 +164,11 @@
     if (st.unit) {
       const hl = $("hl-toggle");  // the unit's veil replaces a class highlight's
       if (hl && hl.checked) { hl.checked = false; hl.dispatchEvent(new Event("change")); }
-      v.addHandler("open", () => { if (st.veil) v.removeOverlay(st.veil); st.veil = null; st.veilKey = null; placeUnitVeil(); });
+      v.addHandler("open", () => {
+        if (st.veil) v.removeOverlay(st.veil);
+        st.veil = st.veilKey = st.pending = null;
+        placeUnitVeil();
+      });
       v.addHandler("animation", placeUnitVeil);
       placeUnitVeil();
     }
