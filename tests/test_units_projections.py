@@ -278,10 +278,10 @@ def test_to_display_scales_around_grey_and_fits_the_box_into_the_patch():
     p[1, 11, 21] = -2.0
     p[2, 12, 22] = 1.0
     p[0, 0, 0] = 99.0  # outside the box: neither shown nor counted in the scale
-    out = to_display(p, (10, 20, 20, 40), 8)  # a 10 x 20 box into 8 x 8: 4 x 8, centred (rows 2..5)
+    out = to_display(p, (10, 20, 20, 40), 8, percentile=100)  # a 10 x 20 box into 8 x 8: 4 x 8, centred (rows 2..5)
     assert out.shape == (8, 8, 3) and out.dtype == np.uint8
     assert (out[:2] == 127).all() and (out[6:] == 127).all()  # grey around
-    full = to_display(p, (10, 20, 20, 40), 20)  # 10 x 20 into 20 x 20: no resampling, rows 5..14
+    full = to_display(p, (10, 20, 20, 40), 20, percentile=100)  # 10 x 20 into 20 x 20: no resampling, rows 5..14
     inner = full[5:15]
     assert inner[0, 0].tolist() == [255, 128, 128]
     assert inner[1, 1].tolist() == [128, 0, 128]
@@ -289,6 +289,12 @@ def test_to_display_scales_around_grey_and_fits_the_box_into_the_patch():
     assert (inner[5:] == 128).all()  # zero is mid grey
     zero = to_display(torch.zeros(3, 40, 40), (0, 0, 40, 40), 16)
     assert (zero == 128).all()
+    # the default contrast: a lone spike saturates instead of flattening everything else to grey
+    texture = torch.linspace(-1, 1, 40 * 40 * 3).reshape(3, 40, 40)
+    texture[0, 20, 20] = 1000.0
+    shown = to_display(texture, (0, 0, 40, 40), 40).astype(int)
+    flat = to_display(texture, (0, 0, 40, 40), 40, percentile=100).astype(int)
+    assert shown[20, 20, 0] == 255 and shown.std() > 40 and flat.std() < 3
     # the geometry is the top-k patches' own: the same pixels are covered as by fit_patch of a photo
     for box, size in (((10, 20, 20, 40), 8), ((0, 3, 37, 40), 16), ((5, 5, 6, 6), 4)):
         shown = to_display(torch.ones(3, 40, 40), box, size) != 127
