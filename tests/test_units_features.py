@@ -21,7 +21,15 @@ from atlas.errors import AtlasError
 from atlas.render import objectives as obj
 from atlas.render.optimize import layer_output, prepared
 from atlas.render.param import alpha_image, pixel_image
-from atlas.render.regularizers import YOSINSKI_PRESETS, ClipContribution, ClipNorm, GaussianBlur, GradientAscent, L2Decay
+from atlas.render.regularizers import (
+    YOSINSKI_PRESETS,
+    ClipContribution,
+    ClipNorm,
+    GaussianBlur,
+    GradientAscent,
+    L2Decay,
+    _percentile_mask,
+)
 from atlas.units.features import grouped_diversity, unit_images, write_visualizations
 
 LAYER = "mixed4c"
@@ -152,6 +160,10 @@ def test_alpha_composite_depends_on_the_background_only_where_transparent():
 
 
 def test_regularisers_do_what_the_paper_says():
+    x = torch.randn(3, 1, 17, 13)
+    for p in (20, 33.3, 50, 90):  # the toolbox's numpy percentile (linear interpolation), strictly below
+        want = x.flatten(1).numpy() < np.percentile(x.flatten(1).numpy(), p, axis=1, keepdims=True)
+        np.testing.assert_array_equal(_percentile_mask(x, p).flatten(1).numpy(), want)
     d = torch.randn(2, 3, 16, 16)
     torch.testing.assert_close(L2Decay(0.3)(0, d, None), 0.7 * d)
     blurred = GaussianBlur(1.0, 4)(0, d, None)
@@ -225,5 +237,5 @@ def test_write_visualizations_stores_resumes_and_refuses_bad_channels(net, tmp_p
     assert "\n" not in str(e.value)
     with pytest.raises(AtlasError, match="unknown visualisation kind 'blurry'"):
         write_visualizations(run, LAYER, kinds=["blurry"], steps=1, progress=False, net=net)
-    with pytest.raises(AtlasError, match="layers with spatial positions"):
+    with pytest.raises(AtlasError, match=r"logits.*no spatial positions.*mixed4c"):
         write_visualizations(run, "logits", kinds=["fft"], steps=1, progress=False, net=net)

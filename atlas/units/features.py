@@ -288,7 +288,7 @@ def write_visualizations(run_dir: str | Path, layer: str, kinds: Sequence[str] =
         raise AtlasError(f"n_diverse must be at least 2 (got {n_diverse})")
     if batch < 1:
         raise AtlasError(f"batch must be at least 1 (got {batch})")
-    root = store.open_store(run_dir, "r+")
+    root = store.open_for_update(run_dir)
     meta = store.attrs(root)
     net = net if net is not None else load_run_model(meta, device)
     crop = int((meta.get("preprocessing") or {}).get("crop", 224))
