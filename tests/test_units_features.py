@@ -239,3 +239,16 @@ def test_write_visualizations_stores_resumes_and_refuses_bad_channels(net, tmp_p
         write_visualizations(run, LAYER, kinds=["blurry"], steps=1, progress=False, net=net)
     with pytest.raises(AtlasError, match=r"logits.*no spatial positions.*mixed4c"):
         write_visualizations(run, "logits", kinds=["fft"], steps=1, progress=False, net=net)
+
+
+@pytest.mark.parametrize("unit", ["channel", "neuron"])
+def test_the_returned_objective_is_the_units_activation_on_the_finished_image(net, unit):
+    images, objective = unit_images(net, LAYER, [7, 9], "pixel", n=2, size=32, steps=3, objective=unit)
+    assert images.shape == (2, 2, 32, 32, 3) and objective.shape == (2, 2)
+    acts = _acts(net, images.reshape(4, 32, 32, 3))
+    h, w = acts.shape[2:]
+    for k, c in enumerate([7, 7, 9, 9]):
+        want = acts[k, c].mean() if unit == "channel" else acts[k, c, h // 2, w // 2]
+        assert objective.flatten()[k] == pytest.approx(float(want), rel=1e-4, abs=1e-4)
+    with pytest.raises(AtlasError, match="unknown unit objective 'cell'"):
+        unit_images(net, LAYER, [7], "pixel", steps=1, objective="cell")
