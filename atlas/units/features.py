@@ -210,7 +210,6 @@ def unit_images(net: Network, layer: str, channels: Sequence[int], kind: str, n:
     return out.reshape(len(chans), n, size, size, out.shape[-1]), scores.reshape(len(chans), n)
 
 
-
 def _open_kind(node, kind: str, c: int, n: int, size: int, settings: dict):
     """``vis/{kind}`` with its arrays, kept when made with the same settings (resume), else made afresh."""
     depth = 4 if kind == "alpha" else 3
