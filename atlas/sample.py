@@ -245,7 +245,7 @@ def sample(images: str | Path | ImageList, layers: Sequence[str], out: str | Pat
 
     n = len(images)
     n_shards = math.ceil(n / shard_size)
-    done = _read_flags(root["images/shard_done"])
+    done = store.read_flags(root["images/shard_done"])
     todo = [s for s in range(n_shards) if not done[s]]
     start = time.perf_counter()
     # The bar only on a terminal: piped or logged output gets the summary lines, not carriage-return noise.
@@ -287,20 +287,6 @@ def _stop(out: Path, tried: int, readable: int, first_error: str | None) -> None
     message += f"; first error: {first_error or 'none recorded'}; every skipped file is listed in {out / 'log.txt'}"
     store.log(out, message)
     raise AtlasError(message)
-
-
-def _read_flags(array) -> np.ndarray:
-    """Shard flags, tolerating a flag chunk torn by a kill (it then counts as not done)."""
-    try:
-        return np.asarray(array[:], dtype=bool)
-    except Exception:  # noqa: BLE001 - a torn chunk must not stop the resume
-        flags = np.zeros(array.shape[0], dtype=bool)
-        for i in range(array.shape[0]):
-            try:
-                flags[i] = bool(array[i])
-            except Exception:  # noqa: BLE001
-                flags[i] = False
-        return flags
 
 
 def _sample_paths(settings: dict) -> list[str]:
@@ -354,7 +340,7 @@ def _repair(out: Path, root, images: ImageList, settings: dict) -> None:
             flags[shard] = False
     if bad:
         store.log(out, f"sample: damaged arrays {', '.join(sorted(bad))}; redoing shards {sorted(shards)}")
-    if bad or not _read_flags(flags).all():
+    if bad or not store.read_flags(flags).all():
         store.begin_stage(out, "sample", _sample_paths(settings))
 
 

@@ -572,6 +572,20 @@ def damaged(where: str | Path | zarr.Group, path: str) -> dict[str, list[tuple[i
     return out | dict.fromkeys(unreadable)
 
 
+def read_flags(array: zarr.Array) -> np.ndarray:
+    """A stage's done flags (one per shard or channel), tolerating a flag chunk torn by a kill: it counts as not done."""
+    try:
+        return np.asarray(array[:], dtype=bool)
+    except Exception:  # noqa: BLE001 - a torn chunk must not stop the resume
+        flags = np.zeros(array.shape[0], dtype=bool)
+        for i in range(array.shape[0]):
+            try:
+                flags[i] = bool(array[i])
+            except Exception:  # noqa: BLE001
+                flags[i] = False
+        return flags
+
+
 def remove_node(where: str | Path | zarr.Group, path: str) -> None:
     """Delete a node of the store by its folder (works even when its zarr.json is garbage)."""
     shutil.rmtree(_store_dir(where) / path.strip("/"), ignore_errors=True)

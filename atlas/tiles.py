@@ -496,20 +496,11 @@ def write_cells(run_dir: Path, layer: str, grid, icons, draw: np.ndarray, names:
 # --------------------------------------------------------------------------------------
 def update_manifest(tiles_dir: Path, entry: dict) -> list[dict]:
     """Insert or replace one atlas in ``atlases.json`` (written atomically), sorted by layer then name."""
-    path = tiles_dir / MANIFEST
-    atlases = []
-    if path.is_file():
-        try:
-            atlases = json.loads(path.read_text()).get("atlases", [])
-        except (json.JSONDecodeError, AttributeError):
-            atlases = []
-    atlases = [a for a in atlases if a.get("id") != entry["id"] and (tiles_dir / a.get("dzi", "-")).is_file()]
-    atlases.append(entry)
-    atlases.sort(key=lambda a: (a["layer"], a["atlas"] != FULL_ATLAS, a["atlas"]))
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"version": 1, "atlases": atlases}, indent=1))
-    os.replace(tmp, path)
-    return atlases
+    from atlas.viewer import update_listing
+
+    return update_listing(tiles_dir / MANIFEST, "atlases", entry, lambda a: a.get("id") == entry["id"],
+                          lambda a: (tiles_dir / str(a.get("dzi", "-"))).is_file(),
+                          lambda a: (a["layer"], a["atlas"] != FULL_ATLAS, a["atlas"]))
 
 
 # --------------------------------------------------------------------------------------
@@ -602,13 +593,10 @@ def _publish(tiles_dir: Path, work: Path, final: Path, entry: dict) -> None:
 
     The old tiles stay in place until the new ones are complete: a failed run leaves only a ``.partial`` folder.
     """
+    from atlas.viewer import swap_folder
+
     (work / "atlas.json").write_text(json.dumps(entry, indent=1))
-    old = final.with_name(final.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(work, final)
-    shutil.rmtree(old, ignore_errors=True)
+    swap_folder(work, final)
     update_manifest(tiles_dir, entry)
 
 

@@ -44,6 +44,7 @@ from __future__ import annotations
 import errno
 import functools
 import http.server
+import json
 import os
 import shutil
 import socket
@@ -156,6 +157,37 @@ def _copy_if_changed(src: Path, dst: Path) -> None:
 # --------------------------------------------------------------------------------------
 # The server
 # --------------------------------------------------------------------------------------
+def swap_folder(work: Path, final: Path) -> None:
+    """Put the finished folder ``work`` in place of ``final``: the old one stays until the new one is complete, so a
+    failed run leaves only its own ``.partial`` folder (``final.old``, when a kill leaves it, is put back by
+    ``store.cleanup_partials``)."""
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(work, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def update_listing(path: Path, key: str, entry: dict, replaces, keep, order) -> list[dict]:
+    """Insert ``entry`` into the JSON listing ``path`` (``{"version": 1, key: [...]}``, e.g. ``atlases.json``),
+    written atomically: entries for which ``replaces(old)`` is true, or ``keep(old)`` false (their files are gone),
+    are dropped; the list is sorted by ``order``. An unreadable listing starts afresh. Returns the new list."""
+    items = []
+    if path.is_file():
+        try:
+            items = json.loads(path.read_text()).get(key, [])
+        except (json.JSONDecodeError, AttributeError):
+            items = []
+    items = [x for x in items if isinstance(x, dict) and not replaces(x) and keep(x)]
+    items.append(entry)
+    items.sort(key=order)
+    tmp = path.with_suffix(".tmp")  # removed by store.cleanup_partials if a kill leaves it
+    tmp.write_text(json.dumps({"version": 1, key: items}, indent=1))
+    os.replace(tmp, path)
+    return items
+
+
 def split_host(value: str) -> tuple[str, int | None] | None:
     """``(name, port)`` of a Host header value (lower-cased, IPv6 without brackets), or None when malformed."""
     value = value.strip().lower()

@@ -58,3 +58,25 @@ def photo_list(tmp_path_factory, photos) -> Path:
     path = tmp_path_factory.mktemp("lists") / "images.txt"
     path.write_text("".join(f"{photos / n}\n" for n in chosen))
     return path
+
+
+CHROMIUM = Path(os.environ.get("ATLAS_CHROMIUM", "/usr/bin/chromium"))
+CHROME_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+               "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Headless Debian chromium through playwright, for the viewer and gallery tests (skipped without it, failed
+    under CI)."""
+    if not CHROMIUM.is_file():
+        reason = f"chromium not found at {CHROMIUM} (apt-get install -y chromium)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROME_ARGS)
+        yield b
+        b.close()

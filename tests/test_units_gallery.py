@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import shutil
 import threading
 import zlib
@@ -26,9 +25,6 @@ from atlas.tiles import BACKGROUND, BLOCK, highlight_veil, make_tiles
 from atlas.units.gallery import cell_top_units, kind_order, unit_veils, write_gallery
 from atlas.viewer import VIEWER_FILES, make_server, url_of
 
-CHROMIUM = Path(os.environ.get("ATLAS_CHROMIUM", "/usr/bin/chromium"))
-CHROME_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-               "--disable-component-update", "--disable-sync"]
 LAYER, BIG = "mixed4c", "mixed5b"
 C, K, P, S = 12, 9, 24, 32  # channels, top-k, patch side, visualisation side
 N_IMAGES = 20
@@ -251,21 +247,6 @@ def server(run):
     yield srv
     srv.shutdown()
     srv.server_close()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not CHROMIUM.is_file():
-        reason = f"chromium not found at {CHROMIUM} (apt-get install -y chromium)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROME_ARGS)
-        yield b
-        b.close()
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import http.client
 import io
-import os
 import re
 import subprocess
 import sys
@@ -23,9 +22,6 @@ from atlas.viewer import make_server, url_of
 
 REPO = Path(__file__).resolve().parents[1]
 OUTPUTS = REPO / "outputs"
-CHROMIUM = Path(os.environ.get("ATLAS_CHROMIUM", "/usr/bin/chromium"))
-CHROME_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-               "--disable-component-update", "--disable-sync"]
 LAYER = "mixed4c"
 
 
@@ -130,21 +126,6 @@ def test_serve_without_tiles_is_a_clear_error(tmp_path):
 
 
 # ---------------------------------------------------------------------------- browser
-@pytest.fixture(scope="module")
-def browser():
-    if not CHROMIUM.is_file():
-        reason = f"chromium not found at {CHROMIUM} (apt-get install -y chromium)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROME_ARGS)
-        yield b
-        b.close()
-
-
 @pytest.fixture
 def page(browser, server):
     context = browser.new_context(viewport={"width": 1280, "height": 820}, device_scale_factor=1)

@@ -44,6 +44,7 @@ from PIL import Image
 
 from atlas import store
 from atlas.errors import AtlasError
+from atlas.viewer import swap_folder, update_listing
 
 BLOCK = 16  # cells per side of one cells/ file, as the atlas viewer's metadata blocks (atlas.tiles.BLOCK)
 TOP_UNITS = 5  # units listed per atlas cell
@@ -266,29 +267,12 @@ def _write_dzi(canvas: np.ndarray, out_dir: Path) -> dict:
 
 def _update_manifest(tiles_dir: Path, entry: dict) -> None:
     """Insert or replace one layer in ``tiles/units.json`` (atomically), keeping only layers whose gallery exists."""
-    path = tiles_dir / MANIFEST
-    layers = []
-    if path.is_file():
-        try:
-            layers = json.loads(path.read_text()).get("layers", [])
-        except (json.JSONDecodeError, AttributeError):
-            layers = []
-    layers = [x for x in layers if isinstance(x, dict) and x.get("layer") != entry["layer"]
-              and (tiles_dir / str(x.get("base", "-")) / "gallery.json").is_file()]
-    layers.append(entry)
-    layers.sort(key=lambda x: x["layer"])
-    tmp = tiles_dir / "units.tmp"  # removed by store.cleanup_partials if a kill leaves it
-    tmp.write_text(json.dumps({"version": 1, "layers": layers}, indent=1))
-    os.replace(tmp, path)
+    update_listing(tiles_dir / MANIFEST, "layers", entry, lambda x: x.get("layer") == entry["layer"],
+                   lambda x: (tiles_dir / str(x.get("base", "-")) / "gallery.json").is_file(), lambda x: x["layer"])
 
 
 def _publish(work: Path, final: Path) -> None:
-    old = final.with_name(final.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(work, final)
-    shutil.rmtree(old, ignore_errors=True)
+    swap_folder(work, final)
 
 
 @store.writer

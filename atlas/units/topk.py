@@ -116,20 +116,6 @@ def fit_patch(image: Image.Image, box: Sequence[int], patch: int = PATCH) -> np.
     return np.asarray(out, dtype=np.uint8)
 
 
-def _flags(array) -> np.ndarray:
-    """Done flags, tolerating a flag chunk torn by a kill (it then counts as not done)."""
-    try:
-        return np.asarray(array[:], dtype=bool)
-    except Exception:  # noqa: BLE001 - a torn chunk must not stop the resume
-        flags = np.zeros(array.shape[0], dtype=bool)
-        for i in range(array.shape[0]):
-            try:
-                flags[i] = bool(array[i])
-            except Exception:  # noqa: BLE001
-                flags[i] = False
-        return flags
-
-
 def _channels(channels, n: int, layer: str) -> list[int]:
     if channels is None or isinstance(channels, str):
         return parse_channels(channels, n, layer)
@@ -189,7 +175,7 @@ def _complete(root, layer: str, key: dict, chosen: list[int]) -> bool:
     group = root.get(f"units/{layer}/top")
     if group is None or dict(group.attrs).get("key") != key or "done" not in group:
         return False
-    return bool(_flags(group["done"])[chosen].all())
+    return bool(store.read_flags(group["done"])[chosen].all())
 
 
 class _Layer:
@@ -217,7 +203,7 @@ class _Layer:
             group.attrs.update({"key": key, "k": k, "channels": c, "hw": [h, w], "field": field.as_dict(), "crop": crop,
                                 "n_images": key["n_images"], "summary": {}})
         self.group = group
-        done = _flags(group["done"])
+        done = store.read_flags(group["done"])
         self.todo = [ch for ch in chosen if not done[ch]]
         # The shard state belongs to one set of channels: another set starts it afresh.
         shards = group.get("shards")
@@ -232,7 +218,7 @@ class _Layer:
             store.create_array(shards, "pos", (n_shards, c, k, 2), np.int32, chunks=(1, c, k, 2), fill_value=-1)
             store.create_array(group, "shard_done", (n_shards,), bool, chunks=(1,), fill_value=False)
             group.attrs["shard_channels"] = _ranges(self.todo)
-        self.shard_done = _flags(group["shard_done"]) if self.todo else np.ones(n_shards, bool)
+        self.shard_done = store.read_flags(group["shard_done"]) if self.todo else np.ones(n_shards, bool)
         self.index = torch.tensor(self.todo, dtype=torch.long)
 
     def write_shard(self, shard: int, top: Top) -> None:
@@ -325,7 +311,7 @@ def top_examples(run_dir: str | Path, layers: str | Sequence[str], k: int = 9, c
     # Images the sampler found unreadable are skipped without trying (only in the shards it finished).
     ok = np.ones(n, bool)
     if "ok" in root["images"] and "shard_done" in root["images"]:
-        sampled = np.repeat(_flags(root["images/shard_done"]), shard_size)[:n]
+        sampled = np.repeat(store.read_flags(root["images/shard_done"]), shard_size)[:n]
         ok = ~sampled | np.asarray(root["images/ok"][:], bool)
     key = _key(meta, k, patch)
     pending = [layer for layer in layers if not _complete(root, layer, key, chosen[layer])]
