@@ -7,8 +7,8 @@
    parameterisation and Yosinski et al.'s pixel presets (``atlas.units.features.unit_images``), against lucent's
    ``render_vis`` machinery (its ``param.image``, standard transforms, ``hook_model``, full forward, Adam) on the
    same channels of the same model at the same size: lucent FFT + decorrelated against our ``fft``, lucent pixel
-   (``fft=False, decorrelate=False``) against our pixel presets. Target: >= 3x. Runs alternate (ours, lucent,
-   ours, ...) in slices of steps so machine load hits both alike.
+   (``fft=False, decorrelate=False``) against our pixel presets. Target: >= 3x. Whole runs alternate (ours,
+   lucent, ours, ...) so machine load hits both alike; each run's time includes its set-up.
 
     .venv/bin/python bench/units.py [--images 200] [--channels 16] [--steps 64] [--layer mixed4c]
 
@@ -87,7 +87,7 @@ class LucentChannels(Lucent):
         self.layer = layer
 
 
-def vis_table(net, layer: str, channels: list[int], size: int, steps: int, every: int, kinds: list[str]) -> None:
+def vis_table(net, layer: str, channels: list[int], size: int, steps: int, rounds: int, kinds: list[str]) -> None:
     try:
         import lucent  # noqa: F401
 
@@ -102,25 +102,24 @@ def vis_table(net, layer: str, channels: list[int], size: int, steps: int, every
     seconds: dict[str, float] = {}
     n = len(channels)
     lucent_net = stock(net) if have_lucent else None
-    lucents = {}
-    if have_lucent:
-        lucents = {"lucent FFT + decorrelated": LucentChannels(lucent_net, layer, channels, size, steps, fft=True),
-                   "lucent pixel": LucentChannels(lucent_net, layer, channels, size, steps, fft=False)}
-    # Ours in slices too: unit_images runs a whole optimisation per call, so each slice is a short run of `every`
-    # steps (the per-step cost is what is compared; the set-up is counted in every slice, against us).
-    for start in range(0, steps, every):
-        k = min(every, steps - start)
+    # Whole runs of `steps` steps, alternating ours and lucent's, `rounds` times: machine load hits both alike, and
+    # each run's time includes its set-up (ours: parameterisation, loop, final measurement; lucent: its image,
+    # transforms, hooks and Adam), as a user calling either would pay it.
+    for r in range(rounds):
         for kind in kinds:
             t = time.perf_counter()
-            unit_images(net, layer, channels, kind, size=size, steps=k, seed=start)
+            unit_images(net, layer, channels, kind, size=size, steps=steps, seed=r)
             seconds[f"ours {kind}"] = seconds.get(f"ours {kind}", 0.0) + time.perf_counter() - t
-        for name, run in lucents.items():
-            t = time.perf_counter()
-            run.step(k)
-            seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t
-        print("  " + "; ".join(f"{name}: {n * (start + k) / s:.1f}/s" for name, s in seconds.items()), flush=True)
+        if have_lucent:
+            for name, fft in (("lucent FFT + decorrelated", True), ("lucent pixel", False)):
+                t = time.perf_counter()
+                LucentChannels(lucent_net, layer, channels, size, steps, fft=fft).step(steps)
+                seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t
+        print(f"  round {r + 1}: " + "; ".join(f"{name}: {n * steps * (r + 1) / s:.1f}/s" for name, s in seconds.items()),
+              flush=True)
+    steps *= rounds
     rates = {name: n * steps / s for name, s in seconds.items()}
-    print(f"\n{n} channels of {layer}, {size} px, {steps} steps each, channel objective (mean activation)\n")
+    print(f"\n{n} channels of {layer}, {size} px, {steps // rounds} steps x {rounds} runs each, channel objective (mean activation)\n")
     print("| visualiser | unit-steps/s |")
     print("|---|---|")
     for name, rate in rates.items():
@@ -142,7 +141,7 @@ def main() -> None:
     parser.add_argument("--channels", type=int, default=16, help="channels visualised together")
     parser.add_argument("--size", type=int, default=80)
     parser.add_argument("--steps", type=int, default=64)
-    parser.add_argument("--every", type=int, default=16, help="steps per interleaved slice")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating whole runs of each visualiser")
     parser.add_argument("--kinds", default="fft,pixel,yosinski-1,yosinski-4", help="our kinds to time, comma-separated")
     parser.add_argument("--skip-topk", action="store_true")
     parser.add_argument("--skip-vis", action="store_true")
@@ -153,7 +152,7 @@ def main() -> None:
     if not args.skip_topk:
         topk_table(net, args.layer, args.images, args.batch_size, args.workers)
     if not args.skip_vis:
-        vis_table(net, args.layer, list(range(0, 8 * args.channels, 8))[: args.channels], args.size, args.steps, args.every,
+        vis_table(net, args.layer, list(range(0, 8 * args.channels, 8))[: args.channels], args.size, args.steps, args.rounds,
                   [k for k in args.kinds.split(",") if k])
 
 
