@@ -10,6 +10,8 @@ activations, so the horizontal position says which class a sample argues for.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from pathlib import Path
 
@@ -72,21 +74,46 @@ def _require_viewer(tiles: bool) -> None:
         require_viewer_assets()
 
 
+# render() arguments that change how fast icons are made, not what they are (kept out of the atlas's keys)
+_SPEED_ONLY = {"batch", "device", "network", "progress"}
+
+
+def _keys(run_dir, layer: str, atlas: str, rows: np.ndarray, layout: dict, sizes, quality: str, render_kwargs: dict,
+          highlight: str | None) -> dict[str, str]:
+    """The chain of keys of a class or compare atlas's steps: what was laid out (the rows and the content of the
+    samples they come from, by the seals the store keeps of them), how, and every setting of the later steps."""
+    seals = store.read_ledger(run_dir)["seals"]
+    samples = sorted((k, v.get("chunks")) for k, v in seals.items() if k.startswith(f"samples/{layer}/") or k.startswith("images/"))
+    upstream = json.dumps([atlas, layer, hashlib.sha256(np.asarray(rows, np.int64).tobytes()).hexdigest(), samples, layout],
+                          sort_keys=True, default=str)
+    settings = {"project": None, "grid": list(sizes),
+                "render": [quality, {k: v for k, v in render_kwargs.items() if k not in _SPEED_ONLY}], "tiles": highlight}
+    keys = {}
+    for stage, value in settings.items():
+        upstream = keys[stage] = hashlib.sha256(json.dumps([upstream, value], sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return keys
+
+
 def _run(run_dir, layer: str, atlas: str, lay_out, sizes, quality: str, render_kwargs: dict, tiles: bool,
-         highlight: str | None) -> str:
+         highlight: str | None, keys: dict[str, str]) -> str:
     """Lay out (``lay_out``), grid, render and tile an atlas through the stage runner: the same stages as the full atlas.
 
-    The steps have no key: a class or compare atlas is not recorded in the store's ledger (its records are those of
-    the whole-layer atlas), so every step runs; render resumes its icons by their own per-cell digest.
+    Each step is recorded in the store's ledger as ``ATLAS:stage`` under ``keys`` (:func:`_keys`), so running the
+    same command again skips what is done and intact, and a changed setting redoes that step and the later ones.
     """
     from atlas import grid, render
     from atlas import tiles as tiles_stage
 
-    steps = [Step("project", None, lay_out),
-             Step("grid", None, lambda: grid.grid(run_dir, layer, list(sizes), atlas=atlas, min_count=1)),
-             Step("render", None, lambda: render.render(run_dir, layer, list(sizes), atlas=atlas, quality=quality, **render_kwargs))]
+    sizes = list(sizes)
+    steps = [Step(f"{atlas}:project", keys["project"], lay_out, paths=[f"layouts/{layer}/{atlas}"]),
+             Step(f"{atlas}:grid", keys["grid"], lambda: grid.grid(run_dir, layer, sizes, atlas=atlas, min_count=1),
+                  paths=[f"grids/{layer}/{atlas}/{s}" for s in sizes]),
+             Step(f"{atlas}:render", keys["render"], lambda: render.render(run_dir, layer, sizes, atlas=atlas, quality=quality,
+                                                                          **render_kwargs),
+                  paths=[f"icons/{layer}/{atlas}/{s}" for s in sizes])]
     if tiles:
-        steps.append(Step("tiles", None, lambda: tiles_stage.make_tiles(run_dir, layer, atlas=atlas, highlight=highlight)))
+        steps.append(Step(f"{atlas}:tiles", keys["tiles"], lambda: tiles_stage.make_tiles(run_dir, layer, atlas=atlas, highlight=highlight),
+                          files=[f"tiles/{layer}/{atlas}/atlas.json"]))
     run_stages(run_dir, steps)
     return atlas
 
@@ -153,7 +180,10 @@ def class_atlas(run_dir: str | Path, layer: str, cls: str | int, top_k: int = 20
                        n_neighbors=min(50, max(2, rows.size // 4)))
         _annotate(run_dir, layer, name, {"kind": "class", "classes": [ref.index], "class_names": [ref.name], "top_k": top_k})
 
-    return _run(run_dir, layer, name, lay_out, sizes, quality, render_kwargs or {}, tiles, highlight=ref.name)
+    kwargs = render_kwargs or {}
+    keys = _keys(run_dir, layer, name, rows, {"kind": "class", "method": method, "seed": seed, "top_k": top_k}, sizes, quality, kwargs,
+                 ref.name)
+    return _run(run_dir, layer, name, lay_out, sizes, quality, kwargs, tiles, ref.name, keys)
 
 
 def difference_layout(diff: np.ndarray, activations: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -235,8 +265,11 @@ def compare_atlas(run_dir: str | Path, layer: str, first: str | int, second: str
     attrs = {"kind": "compare", "method": "attribution-difference x, 1-D t-SNE y", "seed": seed, "classes": [a.index, b.index],
              "class_names": [a.name, b.name], "axis_labels": [a.name, b.name], "top_k": top_k,
              "summary": {"method": "compare", "n": int(rows.size), "classes": [a.name, b.name]}}
+    kwargs = render_kwargs or {}
+    keys = _keys(run_dir, layer, name, rows, {"kind": "compare", "seed": seed, "top_k": top_k, "layout": attrs}, sizes, quality,
+                 kwargs, b.name)
     return _run(run_dir, layer, name, lambda: layout.save_layout(run_dir, layer, name, rows, raw, xy, np.ones(rows.size, bool), attrs),
-                sizes, quality, render_kwargs or {}, tiles, highlight=b.name)
+                sizes, quality, kwargs, tiles, b.name, keys)
 
 
 def _annotate(run_dir, layer: str, atlas: str, extra: dict) -> None:

@@ -26,13 +26,12 @@ class Step:
     Parameters
     ----------
     name : str
-        The stage, one of ``atlas.store.STAGE_ORDER`` ("sample", "project", "grid", "render", "tiles"); it names the
-        step in progress lines and the record in the store's ledger.
+        The stage ("sample", "project", "grid", "render", "tiles", "units", "gallery"), or ``ATLAS:stage`` for a class
+        or compare atlas's step; it names the step in progress lines and the record in the store's ledger.
     key : str or None
         The step's key (its settings chained with every step before it, as ``atlas.build.stage_keys`` makes them).
         With a key the step is skipped when the store holds a record of ``name`` under this key whose outputs are
-        intact, and recorded when it finishes. None: the step always runs and nothing is recorded (the ledger's
-        records are those of the whole-layer atlas, which a class or compare atlas must not overwrite).
+        intact, and recorded when it finishes. None: the step always runs and nothing is recorded.
     run : callable
         Called with no arguments to do the work (every layer of it).
     cost : float or None, default None

@@ -267,10 +267,17 @@ def begin_stage(run_dir: str | Path, stage: str, paths: Iterable[str], atlas: st
         del ledger["seals"][name]
     for p in paths:
         ledger["writing"][p] = {"stage": stage, "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    tombstone = {"invalidated_by": stage, "at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     if atlas == FULL_ATLAS or stage == "sample":
         for name in _later(stage):
             if name in ledger["records"] or name == stage:  # a tombstone: the record is gone, and why
-                ledger["records"][name] = {"invalidated_by": stage, "at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                ledger["records"][name] = dict(tombstone)
+    # A class or compare atlas's records are named "ATLAS:stage"; rewriting one of its stages drops its later ones,
+    # and sampling again drops every one of them.
+    for name in list(ledger["records"]):
+        owner, _, part = name.partition(":")
+        if part and ((stage == "sample") or (owner == atlas and part in _later(stage))):
+            ledger["records"][name] = dict(tombstone)
     _write_ledger(store_dir, ledger)
 
 

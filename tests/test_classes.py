@@ -103,3 +103,30 @@ def test_class_filtered_atlas_from_the_command_line(marine_run):
     bad = subprocess.run([sys.executable, "-c", "from atlas.cli import main; main()", "class", str(marine_run), "--layer", "mixed5b",
                           "--class", "snorkle"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown class 'snorkle'" in bad.stderr and bad.stderr.strip().count("\n") == 0
+
+
+def test_a_class_atlas_is_recorded_and_skipped_when_current(marine_run, tmp_path):
+    """The class atlas's steps are recorded as `class-NAME:stage`: the same call again skips them all; a new render
+    setting redoes render and tiles only; sampling again drops every one of its records."""
+    import shutil
+
+    from atlas import store
+    from atlas.classes import class_atlas
+
+    run = tmp_path / "run"
+    shutil.copytree(marine_run, run)
+    kwargs = {"steps": 4, "size": 48}
+    name = class_atlas(run, "mixed5b", "snorkel", top_k=20, sizes=(4,), render_kwargs=kwargs)
+    records = store.read_ledger(run)["records"]
+    stages = [f"{name}:{s}" for s in ("project", "grid", "render", "tiles")]
+    assert all("key" in records[s] for s in stages), records
+    before = store.read_ledger(run)["records"]
+    class_atlas(run, "mixed5b", "snorkel", top_k=20, sizes=(4,), render_kwargs=kwargs)
+    after = store.read_ledger(run)["records"]
+    assert all(after[s]["finished"] == before[s]["finished"] for s in stages)  # nothing ran again
+    class_atlas(run, "mixed5b", "snorkel", top_k=20, sizes=(4,), render_kwargs={"steps": 5, "size": 48})
+    again = store.read_ledger(run)["records"]
+    assert [again[s]["key"] == after[s]["key"] for s in stages] == [True, True, False, False]
+    store.begin_stage(run, "sample", ["images"])  # what `atlas sample` does first when it rewrites the samples
+    dropped = store.read_ledger(run)["records"]
+    assert all("invalidated_by" in dropped[s] for s in stages)
