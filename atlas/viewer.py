@@ -380,8 +380,8 @@ def make_server(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, 
     if not timeout > 0:
         raise AtlasError(f"the server's timeout must be positive, got {timeout}")
     run_dir = Path(run_dir).resolve()
-    if not (run_dir / SERVED / "atlases.json").is_file():
-        raise AtlasError(f"no tiles in {run_dir}; run `atlas tiles {run_dir} --layer LAYER` first")
+    if not any((run_dir / SERVED / name).is_file() for name in ("atlases.json", UNITS_MANIFEST)):
+        raise AtlasError(f"no tiles in {run_dir}; run `atlas tiles {run_dir} --layer LAYER` (or `atlas units {run_dir}`) first")
     require_viewer_assets()
     tiles_dir = (run_dir / SERVED).resolve()
     handler = type("Handler", (RunFolderHandler,), {"root": tiles_dir, "quiet": quiet, "timeout": float(timeout)})
@@ -411,7 +411,14 @@ def url_of(server: http.server.HTTPServer) -> str:
 def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, quiet: bool = True, allow_hosts: Iterable[str] = ()) -> None:
     """Serve the run's viewer and tiles until interrupted, after printing the viewer's URL."""
     server = make_server(run_dir, host, port, quiet, allow_hosts=allow_hosts)
-    print(f"atlas viewer: {url_of(server)}  (Ctrl-C to stop)", flush=True)
+    tiles_dir = Path(run_dir) / SERVED
+    atlas_url, gallery_url = url_of(server), url_of(server).rsplit("/", 1)[0] + "/units.html"
+    if (tiles_dir / "atlases.json").is_file():
+        print(f"atlas viewer: {atlas_url}  (Ctrl-C to stop)", flush=True)
+        if (tiles_dir / UNITS_MANIFEST).is_file():
+            print(f"unit gallery: {gallery_url}", flush=True)
+    else:  # a run with the unit lens and no atlas yet
+        print(f"unit gallery: {gallery_url}  (Ctrl-C to stop)", flush=True)
     if host not in LOOPBACK_NAMES:
         print(f"atlas: warning: listening on {host}, other machines can read this run's tiles", file=sys.stderr)
     try:
