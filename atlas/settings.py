@@ -450,6 +450,8 @@ class UnitsSettings(StageSettings):
                                            "Projections of each example back to pixels.")
     kinds: tuple[str, ...] = setting(("fft", "yosinski-1", "yosinski-2", "yosinski-3", "yosinski-4", "alpha", "diverse"),
                                      ChoiceList(VIS_KINDS, empty=True), "Feature visualisations per channel (docs/units.md).")
+    objective: str = setting("channel", Choice(("channel", "neuron")),
+                             "What a visualisation maximises: the channel's mean activation, or its activation at the centre.")
     n_diverse: int = setting(4, Integer(2, 16), "Images of the diverse set per channel.")
     size: int = setting(80, Integer(16, 512), "Visualisation side in pixels.")
     steps: int = setting(256, Integer(1), "Optimisation steps per visualisation.")

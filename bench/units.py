@@ -8,7 +8,9 @@
    ``render_vis`` machinery (its ``param.image``, standard transforms, ``hook_model``, full forward, Adam) on the
    same channels of the same model at the same size: lucent FFT + decorrelated against our ``fft``, lucent pixel
    (``fft=False, decorrelate=False``) against our pixel presets. Target: >= 3x. Whole runs alternate (ours,
-   lucent, ours, ...) so machine load hits both alike; each run's time includes its set-up.
+   lucent, ours, ...) so machine load hits both alike; each run's time includes its set-up. Also timed, for
+   scale: lucent's ``render_vis`` as it runs by default, upsampling every image to 224 px before the network
+   (``--default-steps`` steps per round, its time scaled to ``--steps``).
 
     .venv/bin/python bench/units.py [--images 200] [--channels 16] [--steps 64] [--layer mixed4c]
 
@@ -72,12 +74,14 @@ def topk_table(net, layer: str, n_images: int, batch_size: int, workers: int) ->
 class LucentChannels(Lucent):
     """lucent's render_vis pieces on a channel objective (mean activation of channel c_i for image i)."""
 
-    def __init__(self, net, layer: str, channels: list[int], size: int, steps: int, fft: bool):
+    def __init__(self, net, layer: str, channels: list[int], size: int, steps: int, fft: bool, fixed: bool = True):
         from lucent.optvis import param
 
         idx = torch.arange(len(channels))
         chans = torch.tensor(channels)
-        super().__init__(net, lambda acts: acts[idx, chans].mean((1, 2)), len(channels), size, size, steps, seed=0)
+        # fixed: fixed_image_size=size (the network sees `size` px, as ours); else render_vis's default, which
+        # upsamples every image to 224 px before the network
+        super().__init__(net, lambda acts: acts[idx, chans].mean((1, 2)), len(channels), size, size if fixed else None, steps, seed=0)
         if not fft:  # swap lucent's image for its pixel parameterisation, as render_vis(param_f=...) would
             from lucent.optvis import render
 
@@ -87,7 +91,8 @@ class LucentChannels(Lucent):
         self.layer = layer
 
 
-def vis_table(net, layer: str, channels: list[int], size: int, steps: int, rounds: int, kinds: list[str]) -> None:
+def vis_table(net, layer: str, channels: list[int], size: int, steps: int, rounds: int, kinds: list[str],
+              default_steps: int = 0) -> None:
     try:
         import lucent  # noqa: F401
 
@@ -115,6 +120,11 @@ def vis_table(net, layer: str, channels: list[int], size: int, steps: int, round
                 t = time.perf_counter()
                 LucentChannels(lucent_net, layer, channels, size, steps, fft=fft).step(steps)
                 seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t
+        if have_lucent and default_steps:  # render_vis's default (224 px network input), fewer steps: it is slow
+            t = time.perf_counter()
+            LucentChannels(lucent_net, layer, channels, size, default_steps, fft=True, fixed=False).step(default_steps)
+            seconds["lucent FFT, render_vis default (224 px)"] = (seconds.get("lucent FFT, render_vis default (224 px)", 0.0)
+                                                                  + (time.perf_counter() - t) * steps / default_steps)
         print(f"  round {r + 1}: " + "; ".join(f"{name}: {n * steps * (r + 1) / s:.1f}/s" for name, s in seconds.items()),
               flush=True)
     steps *= rounds
@@ -126,6 +136,9 @@ def vis_table(net, layer: str, channels: list[int], size: int, steps: int, round
         print(f"| {name} | {rate:.1f} |")
     if have_lucent:
         print(f"\nours fft / lucent FFT: {rates['ours fft'] / rates['lucent FFT + decorrelated']:.2f}x (target >= 3x)")
+        default = rates.get("lucent FFT, render_vis default (224 px)")
+        if default:
+            print(f"ours fft / lucent render_vis default (224 px): {rates['ours fft'] / default:.2f}x")
         for kind in kinds:
             if kind != "fft":
                 print(f"ours {kind} / lucent pixel: {rates[f'ours {kind}'] / rates['lucent pixel']:.2f}x (target >= 3x)")
@@ -142,6 +155,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=80)
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2, help="alternating whole runs of each visualiser")
+    parser.add_argument("--default-steps", type=int, default=16,
+                        help="steps of lucent's render_vis default (224 px input; timed, scaled to --steps); 0: skip")
     parser.add_argument("--kinds", default="fft,pixel,yosinski-1,yosinski-4", help="our kinds to time, comma-separated")
     parser.add_argument("--skip-topk", action="store_true")
     parser.add_argument("--skip-vis", action="store_true")
@@ -153,7 +168,7 @@ def main() -> None:
         topk_table(net, args.layer, args.images, args.batch_size, args.workers)
     if not args.skip_vis:
         vis_table(net, args.layer, list(range(0, 8 * args.channels, 8))[: args.channels], args.size, args.steps, args.rounds,
-                  [k for k in args.kinds.split(",") if k])
+                  [k for k in args.kinds.split(",") if k], args.default_steps)
 
 
 if __name__ == "__main__":

@@ -103,6 +103,7 @@ def test_class_scores_are_the_activation_weighted_mean_attribution(sampled):
     (["--layer", LAYER, "--kind", "fancy"], ["units.kinds must be a list of", "'fancy' is not one of them"]),
     (["--layer", LAYER, "--projection", "saliency"], ["units.projections must be a list of deconvnet, guided, gradient"]),
     (["--layer", LAYER, "--device", "cuda:7"], ["--device cuda:7"]),
+    (["--layer", LAYER, "--objective", "centre"], ["units.objective must be one of channel, neuron"]),
 ])
 def test_bad_options_are_one_line_and_write_nothing(sampled, args, needles):
     run, _ = sampled

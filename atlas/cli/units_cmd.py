@@ -24,6 +24,7 @@ def units_command(
     no_projection: Annotated[bool, typer.Option("--no-projection", help="compute no projection")] = False,
     kind: Annotated[list[str] | None, typer.Option("--kind", help=U.option_help("kinds") + " Repeat for several.")] = None,
     no_vis: Annotated[bool, typer.Option("--no-vis", help="compute no feature visualisation")] = False,
+    objective: Annotated[str, typer.Option(help=U.option_help("objective"))] = U.objective,
     n_diverse: Annotated[int, typer.Option(help=U.option_help("n_diverse"))] = U.n_diverse,
     size: Annotated[int, typer.Option(help=U.option_help("size"))] = U.size,
     steps: Annotated[int, typer.Option(help=U.option_help("steps"))] = U.steps,
@@ -38,8 +39,8 @@ def units_command(
     # Checked before the instrument (and torch) is imported: `--top-k 0` or `--kind nope` fail at once.
     settings = U(top_k=top_k, channels=channels, patch=patch,
                  projections=() if no_projection else tuple(projection or U.projections),
-                 kinds=() if no_vis else tuple(kind or U.kinds), n_diverse=n_diverse, size=size, steps=steps, seed=seed,
-                 batch=batch, batch_size=batch_size, workers=workers, device=device)
+                 kinds=() if no_vis else tuple(kind or U.kinds), objective=objective, n_diverse=n_diverse, size=size, steps=steps,
+                 seed=seed, batch=batch, batch_size=batch_size, workers=workers, device=device)
     from atlas.units import units
 
     report = units(run_dir, layer or None, settings, echo=typer.echo)

@@ -138,8 +138,9 @@ def units(run_dir: str | Path, layers: Sequence[str] | str | None = None, settin
         layers the run sampled.
     settings : UnitsSettings or None, default None
         Every setting (:class:`atlas.settings.UnitsSettings`: ``top_k`` 9, ``channels`` None (all), ``patch`` 64,
-        ``projections`` ("deconvnet",), ``kinds`` (fft, the four Yosinski presets, alpha, diverse), ``n_diverse``
-        4, ``size`` 80, ``steps`` 256, ``seed`` 0; speed: ``batch``, ``batch_size``, ``workers``, ``device``).
+        ``projections`` ("deconvnet",), ``kinds`` (fft, the four Yosinski presets, alpha, diverse), ``objective``
+        "channel" (or "neuron": the centre position), ``n_diverse`` 4, ``size`` 80, ``steps`` 256, ``seed`` 0; speed:
+        ``batch``, ``batch_size``, ``workers``, ``device``).
     net : atlas.models.Network or None, default None
         The run's model, already loaded; None: loaded from the store's ``model`` and ``weights``.
     progress : bool, default True
@@ -205,7 +206,7 @@ def units(run_dir: str | Path, layers: Sequence[str] | str | None = None, settin
             say(f"units {layer}: visualisations ({', '.join(s.kinds)}; {s.steps} steps, {s.size} px)")
             entry["vis"] = write_visualizations(run_dir, layer, kinds=list(s.kinds), channels=picked, n_diverse=s.n_diverse,
                                                 size=s.size, steps=s.steps, seed=s.seed, batch=s.batch, device=s.device,
-                                                progress=progress, net=net)
+                                                progress=progress, net=net, objective=s.objective)
         entry["classes"] = write_class_scores(run_dir, layer) if "samples" in root and layer in root["samples"] else None
         if gallery:
             entry["gallery"] = str(write_gallery(run_dir, layer))
