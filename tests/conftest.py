@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import shutil
 import tempfile
@@ -80,3 +81,19 @@ def browser():
         b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROME_ARGS)
         yield b
         b.close()
+
+
+@contextlib.contextmanager
+def serving(run):
+    """``atlas serve``'s server for ``run`` on a free port, in a thread, shut down afterwards."""
+    import threading
+
+    from atlas.viewer import make_server
+
+    srv = make_server(run, port=0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()

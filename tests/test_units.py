@@ -152,21 +152,17 @@ def test_build_runs_the_lens_when_the_config_asks_and_skips_it_when_current(tmp_
 
 
 def test_a_run_with_only_the_lens_is_served_and_its_gallery_page_loads(lensed):
-    import threading
     import urllib.request
 
-    from atlas.viewer import make_server, url_of
+    from conftest import serving
+
+    from atlas.viewer import url_of
 
     run = lensed[0]
     assert not (run / "tiles" / "atlases.json").exists()  # no atlas tiled: the gallery alone is served
-    server = make_server(run, port=0)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
+    with serving(run) as server:
         base = url_of(server).rsplit("/", 1)[0]
         with urllib.request.urlopen(f"{base}/units.html", timeout=10) as response:
             assert response.status == 200 and b"units.js" in response.read()
         with urllib.request.urlopen(f"{base}/units.json", timeout=10) as response:
             assert LAYER.encode() in response.read()
-    finally:
-        server.shutdown()
-        server.server_close()

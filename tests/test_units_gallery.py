@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import WEIGHTS
+from conftest import WEIGHTS, serving
 from PIL import Image
 from tiles_helpers import CLASSES, make_tile_run
 
@@ -241,12 +241,8 @@ def test_a_failed_rewrite_keeps_the_previous_gallery(run, tmp_path, monkeypatch)
 # ---------------------------------------------------------------------------- browser
 @pytest.fixture(scope="module")
 def server(run):
-    srv = make_server(run, port=0)
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+    with serving(run) as srv:
+        yield srv
 
 
 @pytest.fixture

@@ -7,11 +7,11 @@ import io
 import re
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import serving
 from PIL import Image
 from tiles_helpers import make_tile_run
 
@@ -51,12 +51,8 @@ def run(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(run):
-    srv = make_server(run, port=0)
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+    with serving(run) as srv:
+        yield srv
 
 
 def get(server, path: str) -> tuple[int, bytes]:
