@@ -18,6 +18,8 @@ atlas viewer. Every part is resumable: a rerun computes only what is missing.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import fields, replace
@@ -43,7 +45,8 @@ def write_gallery(run_dir: str | Path, layer: str) -> Path:
 TOP_CLASSES = 5
 
 
-def class_scores(activations, attributions, top: int = TOP_CLASSES, block: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+def class_scores(activations, attributions, top: int = TOP_CLASSES, block: int = 65536,
+                 valid=None) -> tuple[np.ndarray, np.ndarray]:
     """The classes each unit contributes to most: the activation-weighted mean attribution.
 
     For unit c and class k the score is ``sum_n a[n, c] * attr[n, k] / sum_n a[n, c]`` over the sampled rows n,
@@ -62,6 +65,8 @@ def class_scores(activations, attributions, top: int = TOP_CLASSES, block: int =
         Classes kept per unit.
     block : int, default 65536, >= 1
         Rows read at a time.
+    valid : array-like of bool, shape (N,), or None, default None
+        Rows to count (e.g. ``samples/{layer}/valid``: rows of unreadable images are not); None: all.
 
     Returns
     -------
@@ -72,8 +77,10 @@ def class_scores(activations, attributions, top: int = TOP_CLASSES, block: int =
     k = attributions.shape[1]
     weighted = np.zeros((c, k), np.float64)
     total = np.zeros(c, np.float64)
-    for start in range(0, n, block):
+    for start in range(0, n, block):  # blocks straight from the arrays: a 1M-row store is never held in memory
         a = np.maximum(np.asarray(activations[start:start + block], np.float64), 0.0)
+        if valid is not None:
+            a[~np.asarray(valid[start:start + block], bool)] = 0.0
         weighted += a.T @ np.asarray(attributions[start:start + block], np.float64)
         total += a.sum(0)
     keep = min(top, k)
@@ -96,10 +103,16 @@ def write_class_scores(run_dir: str | Path, layer: str) -> dict | None:
     if "attributions" not in group or group["attributions"].shape[1] == 0:
         return None
     store.verify(run_dir, [f"samples/{layer}"])
-    rows = np.flatnonzero(group["valid"][:])
-    acts = store.read_rows(group["activations"], rows)
-    attrs = store.read_rows(group["attributions"], rows)
-    classes, scores = class_scores(acts, attrs)
+    # what the scores are computed from, by the seals the store keeps of it: unchanged samples are not read again
+    seals = store.read_ledger(run_dir)["seals"]
+    source = hashlib.sha256(json.dumps([seals.get(f"samples/{layer}/{name}") for name in ("activations", "attributions", "valid")],
+                                       sort_keys=True).encode()).hexdigest()[:16]
+    units_node = root.get(f"units/{layer}/classes")
+    if units_node is not None and store.attrs(units_node).get("source") == source and seals.get(f"units/{layer}/classes/top"):
+        store.verify(run_dir, [f"units/{layer}/classes"])
+        return dict(store.attrs(units_node).get("summary", {}))
+    valid = group["valid"][:]
+    classes, scores = class_scores(group["activations"], group["attributions"], valid=valid)
     path = f"units/{layer}/classes"
     store.begin_stage(run_dir, "units", [path])
     node = root.require_group("units").require_group(layer)
@@ -108,8 +121,8 @@ def write_class_scores(run_dir: str | Path, layer: str) -> dict | None:
     out = node.create_group("classes")
     store.write_array(out, "top", classes)
     store.write_array(out, "score", scores)
-    summary = {"rows": int(rows.size), "units_with_classes": int((classes[:, 0] >= 0).sum())}
-    out.attrs.update({"summary": summary, "method": "activation-weighted mean attribution"})
+    summary = {"rows": int(valid.sum()), "units_with_classes": int((classes[:, 0] >= 0).sum())}
+    out.attrs.update({"summary": summary, "method": "activation-weighted mean attribution", "source": source})
     store.finish_stage(run_dir, "units", [path])
     return summary
 
