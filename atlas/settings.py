@@ -198,14 +198,34 @@ class ChoiceList(Check):
 
 
 class TextList(Check):
-    what = "a non-empty list of names"
-    type_name = "list of str"
+    """A list of names, stored as a tuple; ``empty`` also allows an empty list (meaning "the default set")."""
+
+    def __init__(self, empty: bool = False):
+        self.empty = empty
+        self.what = "a list of names (may be empty)" if empty else "a non-empty list of names"
+        self.type_name = "list of str"
 
     def __call__(self, name: str, value: Any) -> tuple[str, ...]:
-        if isinstance(value, str) or not isinstance(value, (list, tuple)) or not value \
+        if isinstance(value, str) or not isinstance(value, (list, tuple)) or (not value and not self.empty) \
                 or not all(isinstance(v, str) and v.strip() for v in value):
             _fail(name, self.what, value)
         return tuple(value)
+
+
+class NumberList(Check):
+    """A non-empty list of finite numbers in ``lo..hi``, stored as a tuple of floats."""
+
+    def __init__(self, lo: float, hi: float):
+        self.lo, self.hi = lo, hi
+        self.what = f"a list of numbers in {lo}..{hi}"
+        self.type_name = "list of float"
+
+    def __call__(self, name: str, value: Any) -> tuple[float, ...]:
+        ok = isinstance(value, (list, tuple)) and value and all(
+            isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and self.lo <= v <= self.hi for v in value)
+        if not ok:
+            _fail(name, self.what, list(value) if isinstance(value, tuple) else value)
+        return tuple(float(v) for v in value)
 
 
 def setting(default: Any, check: Check, doc: str, *, config: bool = True, speed: bool = False) -> Any:
@@ -462,9 +482,91 @@ class UnitsSettings(StageSettings):
     device: str = setting("cpu", Device(), "Where the model runs.", speed=True)
 
 
+@_documented
+@dataclass(frozen=True)
+class InspectSettings(StageSettings):
+    """One image under the microscope: prediction, every layer's channel maps, occlusion, invariance, correspondence
+    and the image's place on the run's atlas (``[inspect]`` table, ``atlas inspect``; docs/inspect.md)."""
+
+    TABLE: ClassVar[str] = "inspect"
+    layers: tuple[str, ...] = setting((), TextList(empty=True),
+                                      "Layers whose channel maps are shown (empty: every layer with spatial positions).")
+    layer: str | None = setting(None, Text(optional=True, what="a layer name"),
+                                "The atlas layer: its strongest feature map is occluded and its activations placed on the atlas "
+                                "(None: the run's first layer, else mixed4c).")
+    top: int = setting(5, Integer(1, 20), "Classes listed per image.")
+    label: str | None = setting(None, Text(optional=True, what="a class name, synset or index"),
+                                "The true class of the images (None: the run's label of an image it sampled, else the top-1 class).")
+    occlusion: bool = setting(True, Flag(), "Compute the occlusion maps (Zeiler & Fergus, Fig. 7).")
+    occluder: int = setting(32, Integer(2, 512), "Side in pixels of the grey occluding square.")
+    stride: int = setting(8, Integer(1, 512), "Step in pixels between occluder positions.")
+    invariance: bool = setting(True, Flag(), "Compute the invariance curves (Zeiler & Fergus, Fig. 5).")
+    shifts: tuple[int, ...] = setting(tuple(range(-60, 61, 10)), IntList(-1000, 1000, "shifts"), "Vertical translations in pixels.")
+    scales: tuple[float, ...] = setting((0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3, 1.4), NumberList(0.05, 20.0), "Scale factors.")
+    angles: tuple[int, ...] = setting(tuple(range(0, 360, 15)), IntList(-360, 360, "angles"), "Rotations in degrees.")
+    low_layer: str | None = setting(None, Text(optional=True, what="a layer name"),
+                                    "Low layer of the invariance distances (None: the model's first convolution; the paper's layer 1).")
+    high_layer: str | None = setting(None, Text(optional=True, what="a layer name"),
+                                     "High layer of the invariance distances (None: the model's last spatial layer; the paper's layer 7).")
+    boxes: str | None = setting(None, Text(optional=True, what="a path"),
+                                "JSON file of boxes to occlude per image for the correspondence analysis (docs/inspect.md).")
+    n_random: int = setting(10, Integer(1, 1000), "Random-box trials the correspondence measure is compared with.")
+    neighbors: int = setting(8, Integer(1, 256), "Sampled activations whose layout positions place each of the image's positions.")
+    atlas: str = setting("full", Text(what="an atlas name"), "Which of the run's atlases the image is placed on.")
+    seed: int = setting(0, Integer(0, SEED_MAX), "Seed of the random boxes.")
+    batch_size: int = setting(32, Integer(1), "Images per forward pass (occluder positions, transformed images).", speed=True)
+    device: str = setting("cpu", Device(), "Where the model runs.", speed=True)
+
+
+@_documented
+@dataclass(frozen=True)
+class WeightsSettings(StageSettings):
+    """Filter sheets: a convolution's weights as images (``[weights]`` table, ``atlas weights``; docs/weights.md)."""
+
+    TABLE: ClassVar[str] = "weights"
+    layer: str | None = setting(None, Text(optional=True, what="a layer name"), "Convolution to draw (None: the model's first).")
+    channels: str | None = setting(None, Text(optional=True, pattern=CHANNELS_PATTERN, what="channel ranges such as 0-63 or 0-9,100"),
+                                   "Output channels (filters) to draw, e.g. 0-63 (None: all).")
+    scale: int = setting(8, Integer(1, 64), "Pixels per weight on the sheet.")
+    normalize: str = setting("each", Choice(("each", "all")), "Scale each filter to its own range, or all filters to one range.")
+
+
+@_documented
+@dataclass(frozen=True)
+class ReconstructSettings(StageSettings):
+    """The reconstructed equivalent model of one input: fixed ReLU masks, pooling switches and LRN gains make the
+    network affine in its input (``[reconstruct]`` table, ``atlas reconstruct``; docs/weights.md)."""
+
+    TABLE: ClassVar[str] = "reconstruct"
+    top: int = setting(5, Integer(1, 20), "Classes whose input-space templates are drawn.")
+    unit: str | None = setting(None, Text(optional=True, what="LAYER:CHANNEL"), "A hidden unit whose effective input filter is drawn.")
+    dtype: str = setting("float32", Choice(("float32", "float64")), "Arithmetic of the reconstruction.")
+    batch: int = setting(64, Integer(1), "Basis vectors per batched forward-mode product.", speed=True)
+    device: str = setting("cpu", Device(), "Where the model runs.", speed=True)
+
+
+@_documented
+@dataclass(frozen=True)
+class EvolutionSettings(StageSettings):
+    """Features over training (Zeiler & Fergus, Fig. 4): each unit's strongest image patch and projection at every
+    checkpoint (``[evolution]`` table, ``atlas evolution``; docs/weights.md)."""
+
+    TABLE: ClassVar[str] = "evolution"
+    layer: str | None = setting(None, Text(optional=True, what="a layer name"), "Layer whose units are followed (None: the run's first).")
+    channels: str | None = setting("0-7", Text(optional=True, pattern=CHANNELS_PATTERN, what="channel ranges such as 0-7 or 0-3,100"),
+                                   "Units (channels) to follow (None: all).")
+    patch: int = setting(64, Integer(16, 512), "Side in pixels of each patch and projection.")
+    projection: str = setting("deconvnet", Choice(PROJECTIONS), "How each unit's strongest activation is projected to pixels.")
+    max_images: int | None = setting(None, Integer(1, optional=True), "Images of the set searched (None: all).")
+    batch_size: int = setting(32, Integer(1), "Images per forward pass.", speed=True)
+    workers: int = setting(2, Integer(0), "DataLoader worker processes decoding images (0: in the main process).", speed=True)
+    device: str = setting("cpu", Device(), "Where the model runs.", speed=True)
+
+
 STAGES: dict[str, type[StageSettings]] = {"run": RunSettings, "sample": SampleSettings, "project": ProjectSettings,
                                           "grid": GridSettings, "render": RenderSettings, "tiles": TilesSettings,
-                                          "units": UnitsSettings}
+                                          "units": UnitsSettings, "inspect": InspectSettings, "weights": WeightsSettings,
+                                          "reconstruct": ReconstructSettings, "evolution": EvolutionSettings}
 
 
 def defaults() -> dict[str, dict]:
