@@ -136,7 +136,9 @@ STAGE_ENTRIES: dict[str, set[str]] = {
     "atlas.render": {"render", "visualize", "sample_patches"},
     "atlas.tiles": {"make_tiles"},
     "atlas.classes": {"class_atlas", "compare_atlas"},
-    "atlas.units": {"units", "write_gallery"},
+    # the lens's array cores are public too: other instruments (atlas.inspect, atlas.weights) build on them
+    "atlas.units": {"units", "write_gallery", "project_units", "to_display", "max_positions", "fit_patch", "receptive_field", "Field",
+                    "check_unit_layers", "class_scores"},
 }
 # The image-optimisation toolkit lives inside the render package but is a shared building block (Lucent's optvis):
 # objectives, parameterisations, transforms, regularisers and the loop itself, for every instrument that optimises

@@ -30,9 +30,40 @@ import numpy as np
 from atlas import store
 from atlas.errors import AtlasError
 from atlas.settings import UnitsSettings, check_device, parse_channels
-from atlas.units.receptive import check_unit_layers
+from atlas.units.receptive import Field, check_unit_layers, receptive_field
 
-__all__ = ["UnitsSettings", "class_scores", "check_unit_layers", "units", "write_class_scores", "write_gallery"]
+__all__ = ["Field", "UnitsSettings", "class_scores", "check_unit_layers", "fit_patch", "max_positions", "project_units", "receptive_field",
+           "to_display", "units", "write_class_scores", "write_gallery"]
+
+
+# The lens's array cores other instruments build on (atlas.inspect, atlas.weights): re-exported here so that they
+# use the lens through its top module. Imported lazily: they pull in torch and PIL.
+def project_units(*args, **kwargs):
+    """See :func:`atlas.units.projections.project_units`."""
+    from atlas.units.projections import project_units as _project
+
+    return _project(*args, **kwargs)
+
+
+def to_display(*args, **kwargs):
+    """See :func:`atlas.units.projections.to_display`."""
+    from atlas.units.projections import to_display as _display
+
+    return _display(*args, **kwargs)
+
+
+def max_positions(acts):
+    """See :func:`atlas.units.topk.max_positions`."""
+    from atlas.units.topk import max_positions as _max
+
+    return _max(acts)
+
+
+def fit_patch(*args, **kwargs):
+    """See :func:`atlas.units.topk.fit_patch`."""
+    from atlas.units.topk import fit_patch as _fit
+
+    return _fit(*args, **kwargs)
 
 
 def write_gallery(run_dir: str | Path, layer: str) -> Path:
