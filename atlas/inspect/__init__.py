@@ -1,1 +1,342 @@
-"""One image under the microscope (issue 14): being built; see docs/inspect.md."""
+"""One image under the microscope (Zeiler & Fergus 2014; Yosinski et al. 2015): what the network does with it.
+
+:func:`inspect` writes a self-contained HTML report (figures as PNG, numbers as JSON beside them) for one or more
+photos:
+
+1. prediction and layer views: the top classes, and for each layer every channel's activation map as a grid of
+   small grayscale tiles, the strongest channel outlined and linked to its unit card when the run has the unit lens
+   for that layer (:mod:`atlas.inspect.views`);
+2. occlusion sensitivity: a grey square slid over the image, four maps as in Zeiler & Fergus' Fig. 7
+   (:mod:`atlas.inspect.occlusion`);
+3. invariance curves: vertical translation, scale and rotation against feature distances at a low and a high layer
+   and the true class's probability, their Fig. 5 (:mod:`atlas.inspect.invariance`);
+4. correspondence analysis: the same part occluded across several images, the consistency of the change in the
+   representation against random parts (:mod:`atlas.inspect.correspondence`);
+5. the image on the atlas: its activations at every position of the atlas layer placed on the run's atlas
+   layout by their nearest sampled activations, drawn as dots over the atlas, in the report and in the viewer
+   (``index.html?inspect=NAME``) (:mod:`atlas.inspect.onatlas`).
+
+Every part is a pure array core over the engine (:mod:`atlas.inspect.engine`: one forward, every layer captured)
+with a small writer; this module picks the parts the settings ask for and :mod:`atlas.inspect.report` writes the page.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, fields, replace
+from pathlib import Path
+
+import numpy as np
+
+from atlas import store
+from atlas.errors import AtlasError
+from atlas.settings import InspectSettings, check_device, check_out_folder
+
+__all__ = ["InspectSettings", "inspect", "report_name"]
+
+SYNSET_NAME = re.compile(r"^(n\d{8})[_.\-]")
+
+
+def _settings(settings: InspectSettings | None, options: dict) -> InspectSettings:
+    base = settings or InspectSettings()
+    known = {f.name for f in fields(InspectSettings)}
+    unknown = [k for k in options if k not in known]
+    if unknown:
+        raise AtlasError(f"unknown setting inspect.{unknown[0]}; known: {', '.join(sorted(known))}")
+    return replace(base, **options) if options else base
+
+
+def report_name(images: Sequence[str | os.PathLike]) -> str:
+    """The report's folder name: the first image's file stem (plus ``-and-N`` for N more), safe for URLs."""
+    stem = re.sub(r"[^A-Za-z0-9_.\-]+", "_", Path(os.fspath(images[0])).stem).strip("._") or "image"
+    return stem[:80] + (f"-and-{len(images) - 1}" if len(images) > 1 else "")
+
+
+def _run_labels(root) -> dict[str, int]:
+    """The run's labels by the real path of each image it listed."""
+    from atlas.data import real_path
+
+    if "images" not in root or "label" not in root["images"]:
+        return {}
+    paths, labels = root["images"]["path"][:], root["images"]["label"][:]
+    out = {}
+    for p, lab in zip(paths, labels, strict=True):
+        if int(lab) >= 0:
+            out[os.path.realpath(real_path(str(p)))] = int(lab)
+    return out
+
+
+def _label_of(path: str, settings: InspectSettings, net, run_labels: dict[str, int]) -> tuple[int | None, str]:
+    """The true class of one image and where it came from: --label, the run's own label, or an ImageNet-style file
+    name (``n01440764_tench.JPEG``); None when there is none (the parts then use the top-1 class)."""
+    from atlas.classnames import resolve_class
+
+    if settings.label is not None:
+        return resolve_class(settings.label, net.classes).index, "--label"
+    real = os.path.realpath(path)
+    if real in run_labels:
+        return run_labels[real], "the run's label"
+    m = SYNSET_NAME.match(Path(path).name)
+    if m:
+        try:
+            return resolve_class(m.group(1), net.classes).index, "the file name's synset"
+        except AtlasError:
+            pass
+    return None, "none (the top-1 class is used)"
+
+
+def _model(run: Path | None, model: str | None, weights: str | None, device: str, net):
+    """The network and the run's root attrs: the run's own model, or ``model``/``weights`` without a run."""
+    from atlas.models import load_model, load_run_model
+
+    if run is None:
+        return (net if net is not None else load_model(model or "inceptionv1", weights, device)), None, {}
+    root = store.open_store(run)
+    meta = store.attrs(root)
+    if model and meta.get("model") and model != meta["model"]:
+        raise AtlasError(f"{run} was sampled with model {meta['model']}, not {model}; drop --model (the run's model is used)")
+    return (net if net is not None else load_run_model(meta, device)), root, meta
+
+
+@store.writer
+def inspect(images: Sequence[str | os.PathLike] | str | os.PathLike, run: str | os.PathLike | None = None,
+            settings: InspectSettings | None = None, out: str | os.PathLike | None = None, *, model: str | None = None,
+            weights: str | None = None, net=None, name: str | None = None, echo: Callable[[str], None] | None = print,
+            **options) -> dict:
+    """Inspect one or more photos and write the report; returns its summary (``report.json``'s content).
+
+    Parameters
+    ----------
+    images : path or sequence of paths
+        Photos (any format atlas reads). An unreadable one is named in the report and on the console and the others
+        are inspected; none readable is an error.
+    run : path or None, default None
+        A run folder (``atlas sample`` / ``atlas build``): its model is used, the report goes to
+        ``RUN/tiles/inspect/NAME/`` (served by ``atlas serve``, linked into the atlas viewer) and the images are
+        placed on the run's atlas. None: no placement, and ``out`` is required.
+    settings : InspectSettings or None, default None
+        Every setting (:class:`atlas.settings.InspectSettings`): which layers, parts and ranges.
+    out : path or None, default None
+        The report folder (default with a run: ``RUN/tiles/inspect/NAME``).
+    model, weights : str or None, default None
+        Without a run: the model (default ``inceptionv1``) and its weights file (the usual lookup when None).
+    net : atlas.models.Network or None, default None
+        An already loaded model (the run's, or ``model``'s).
+    name : str or None, default None
+        The report's name (default :func:`report_name` of the images).
+    echo : callable or None, default print
+        Receives one progress line per part.
+    **options
+        Overrides of single settings, e.g. ``inspect(photo, run, occlusion=False)``.
+
+    Returns
+    -------
+    dict
+        The report: ``{"name", "index" (path of index.html), "images": [...], "skipped": [...], ...}``.
+    """
+    from atlas.inspect import report as report_page
+
+    s = _settings(settings, options)
+    say = echo or (lambda _line: None)
+    start = time.perf_counter()
+    paths = [os.fspath(images)] if isinstance(images, (str, os.PathLike)) else [os.fspath(p) for p in images]
+    if not paths:
+        raise AtlasError("give at least one image")
+    run_dir = Path(run) if run is not None else None
+    if run_dir is None and out is None:
+        raise AtlasError("give --run RUN (the report goes into the run's viewer) or --out DIR")
+    if out is not None:
+        check_out_folder(out)
+    check_device(s.device)
+    boxes_text = None
+    if s.boxes is not None:
+        try:
+            boxes_text = Path(s.boxes).read_text()
+        except OSError as exc:
+            raise AtlasError(f"--boxes {s.boxes}: cannot read it ({exc.strerror or exc})") from None
+    net, root, meta = _model(run_dir, model, weights, s.device, net)
+    if run_dir is not None and out is None:
+        store.take_lock(run_dir)  # the report goes into the run's tiles/: one writer at a time
+    prep = meta.get("preprocessing") or {}
+    resize, crop = int(prep.get("resize", 256)), int(prep.get("crop", 224))
+
+    from atlas.inspect import views
+    from atlas.inspect.engine import forward, read_image, top_classes
+
+    layer = s.layer or ((meta.get("layers") or [None])[0]) or ("mixed4c" if "mixed4c" in net.layer_names() else None)
+    shown = list(s.layers) or views.view_layers(net, crop)
+    if layer is None:
+        raise AtlasError(f"choose the atlas layer with --layer (model {net.name} has no mixed4c); layers: {', '.join(shown)}")
+    shapes = net.layer_shapes(crop)
+    for name_ in [layer, *shown]:
+        net.resolve(name_)
+        if len(shapes.get(name_) or shapes.get(net.aliases.get(name_, name_), ())) != 3:
+            raise AtlasError(f"layer '{name_}' has no spatial positions; layers with positions: {', '.join(views.view_layers(net, crop))}")
+
+    name = name or report_name(paths)
+    target = Path(out) if out is not None else run_dir / "tiles" / "inspect" / name
+    run_labels = _run_labels(root) if root is not None else {}
+    galleries = _galleries(run_dir) if run_dir is not None else set()
+
+    loaded, skipped = [], []
+    for path in paths:
+        try:
+            x, picture = read_image(path, resize, crop)
+        except AtlasError as exc:
+            skipped.append({"path": path, "error": str(exc)})
+            say(f"inspect: skipped {exc}")
+            continue
+        loaded.append((path, x, picture))
+    if not loaded:
+        raise AtlasError(f"no image could be read ({skipped[0]['error']})" if len(skipped) == 1 else
+                         f"none of the {len(skipped)} images could be read (first: {skipped[0]['error']})")
+
+    work = target.with_name(target.name + ".partial")
+    _fresh(work)
+    summary: dict = {"name": name, "model": net.name, "weights": net.weights, "run": str(run_dir) if run_dir else None,
+                     "layer": layer, "atlas": s.atlas, "settings": asdict(s), "images": [], "skipped": skipped}
+    targets = []
+    for i, (path, x, picture) in enumerate(loaded):
+        sub = f"{i:02d}-{report_name([path])}"
+        (work / sub).mkdir(parents=True)
+        label, source = _label_of(path, s, net, run_labels)
+        acts, logits = forward(net, x[None].to(s.device), list(dict.fromkeys([*shown, layer])))
+        top = top_classes(logits[0].cpu(), net.classes, s.top)
+        target_class = label if label is not None else top[0]["index"]
+        targets.append(target_class)
+        say(f"inspect {Path(path).name}: {top[0]['name']} ({top[0]['probability']:.3f}); layer views of {len(shown)} layers")
+        entry: dict = {"name": Path(path).name, "path": path, "folder": sub, "picture": f"{sub}/photo.png",
+                       "label": None if label is None else {"index": label, "name": net.classes[label], "source": source},
+                       "target": target_class, "top": top, "layers": []}
+        _save_png(picture, work / sub / "photo.png")
+        for layer_name in shown:
+            a = acts[layer_name][0].float().cpu().numpy()
+            pic, layout = views.channel_grid(a)
+            strongest = views.strongest_channel(a)
+            file = f"{sub}/layer-{_safe(layer_name)}.png"
+            _save_png(pic, work / file)
+            entry["layers"].append({"layer": layer_name, "figure": file, "shape": list(a.shape), "layout": layout.as_dict(),
+                                    "strongest": strongest, "value": float(a[strongest].max()),
+                                    "unit_card": f"../../units.html#{layer_name}/{strongest}" if layer_name in galleries and out is None
+                                    else None})
+        if s.occlusion:
+            from atlas.inspect.occlusion import occlusion_maps, write_occlusion
+
+            say(f"inspect {Path(path).name}: occlusion ({s.occluder} px square, stride {s.stride}) at {layer}")
+            result = occlusion_maps(net, x.to(s.device), layer, occluder=s.occluder, stride=s.stride, target=target_class,
+                                    batch_size=s.batch_size)
+            entry["occlusion"] = {"layer": layer, **_prefixed(write_occlusion(result, picture, work / sub, net.classes), sub)}
+        if root is not None:
+            entry["atlas"] = _placement(run_dir, net, x.to(s.device), layer, target_class, s, work / sub, name, say, Path(path).name)
+            if entry["atlas"] is not None:
+                entry["atlas"] = _prefixed(entry["atlas"], sub)
+                if out is None:  # the report sits in the run's viewer: link the overlay of this image's positions
+                    entry["atlas"]["viewer"] = f"../../index.html?inspect={name}#{layer}/{s.atlas}"
+        summary["images"].append(entry)
+
+    if s.invariance:
+        from atlas.inspect.invariance import invariance_curves, write_invariance
+
+        say(f"inspect: invariance curves ({len(s.shifts)} shifts, {len(s.scales)} scales, {len(s.angles)} angles)")
+        curves = invariance_curves(net, [p for p, _, _ in loaded], shifts=s.shifts, scales=s.scales, angles=s.angles,
+                                   low_layer=s.low_layer, high_layer=s.high_layer, targets=targets, batch_size=s.batch_size,
+                                   resize=resize, crop=crop)
+        summary["invariance"] = write_invariance(curves, work, [Path(p).name for p, _, _ in loaded])
+    if boxes_text is not None:
+        import torch
+
+        from atlas.inspect.correspondence import correspondence, parse_boxes, write_correspondence
+
+        say(f"inspect: correspondence analysis ({s.n_random} random trials)")
+        boxes = parse_boxes(boxes_text, [p for p, _, _ in loaded], crop, source=s.boxes)
+        table = correspondence(net, torch.stack([x for _, x, _ in loaded]).to(s.device), boxes,
+                               [layer, s.high_layer] if s.high_layer else [layer], n_random=s.n_random, seed=s.seed)
+        summary["correspondence"] = write_correspondence(table, work)
+    summary["seconds"] = round(time.perf_counter() - start, 1)
+    (work / "report.json").write_text(json.dumps(summary, indent=1, default=_jsonable))
+    report_page.write_page(summary, work)
+    _publish(work, target)
+    if run_dir is not None and out is None:
+        _list_report(run_dir, summary)
+    summary["index"] = str(target / "index.html")
+    return summary
+
+
+def _placement(run_dir: Path, net, x, layer: str, target: int, s: InspectSettings, folder: Path, name: str, say, shown: str):
+    """The image on the atlas, or None (with a line saying why) when the run has no atlas of that layer yet."""
+    from atlas.inspect.onatlas import image_positions, place_on_atlas, write_placement
+
+    root = store.open_store(run_dir)
+    if "layouts" not in root or layer not in root["layouts"] or s.atlas not in root["layouts"][layer]:
+        say(f"inspect {shown}: not placed on the atlas: the run has no layout '{s.atlas}' of {layer} yet (`atlas build`)")
+        return None
+    say(f"inspect {shown}: placing its {layer} activations on the atlas ({s.neighbors} nearest samples)")
+    acts, attribution, _hw, _t = image_positions(net, x, layer, target)
+    placement = place_on_atlas(run_dir, layer, acts, atlas=s.atlas, k=s.neighbors)
+    return write_placement(run_dir, placement, attribution, folder, name)
+
+
+def _galleries(run_dir: Path) -> set[str]:
+    """Layers with a unit gallery in the run's viewer."""
+    try:
+        listing = json.loads((run_dir / "tiles" / "units.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return set()
+    return {x.get("layer") for x in listing.get("layers", []) if isinstance(x, dict)}
+
+
+def _list_report(run_dir: Path, summary: dict) -> None:
+    """Add the report to ``RUN/tiles/inspect.json`` (what the viewer's inspect overlay lists)."""
+    from atlas.viewer import update_listing
+
+    tiles = run_dir / "tiles"
+    entry = {"name": summary["name"], "layer": summary["layer"], "atlas": summary["atlas"],
+             "images": [i["name"] for i in summary["images"]], "index": f"inspect/{summary['name']}/index.html"}
+    update_listing(tiles / "inspect.json", "reports", entry, lambda x: x.get("name") == entry["name"],
+                   lambda x: (tiles / "inspect" / str(x.get("name")) / "index.html").is_file(), lambda x: x.get("name", ""))
+
+
+def _prefixed(written: dict, sub: str) -> dict:
+    """A part writer's file names made relative to the report folder (they wrote into its image sub-folder)."""
+    return {k: (f"{sub}/{v}" if k in ("figure", "json", "strip", "points") and isinstance(v, str) else v) for k, v in written.items()}
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.\-]+", "_", text)
+
+
+def _save_png(picture: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    Image.fromarray(np.ascontiguousarray(picture)).save(path, optimize=False)
+
+
+def _jsonable(value):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, tuple):
+        return list(value)
+    raise TypeError(f"{type(value).__name__} is not JSON-able")
+
+
+def _fresh(folder: Path) -> None:
+    import shutil
+
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+
+
+def _publish(work: Path, target: Path) -> None:
+    """Swap the finished report in whole: a killed report never leaves a half-written folder under its name."""
+    from atlas.viewer import swap_folder
+
+    swap_folder(work, target)
