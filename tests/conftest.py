@@ -88,7 +88,7 @@ def serving(run):
     """``atlas serve``'s server for ``run`` on a free port, in a thread, shut down afterwards."""
     import threading
 
-    from atlas.viewer import make_server
+    from atlas.server import make_server
 
     srv = make_server(run, port=0)
     threading.Thread(target=srv.serve_forever, daemon=True).start()

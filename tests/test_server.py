@@ -26,8 +26,9 @@ from tiles_helpers import make_tile_run
 from tiny_run import one_line as assert_one_line
 
 from atlas.errors import AtlasError
+from atlas.server import make_server
 from atlas.tiles import make_tiles
-from atlas.viewer import find_openseadragon, make_server, split_host
+from atlas.viewer import find_openseadragon, split_host
 
 LAYER = "mixed4c"
 TIMEOUT = 1.5  # the servers' idle / request-head timeout in these tests (the default is 15 s)
@@ -137,7 +138,7 @@ def test_host_header_must_name_this_server(server):
         assert get(server, "/", host=value)[0] == 403, value  # not even the redirect
     no_host = raw(server, b"GET /tiles/atlases.json HTTP/1.0\r\n\r\n")
     two_hosts = raw(server, f"GET /tiles/atlases.json HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nHost: evil.example\r\n\r\n".encode())
-    assert no_host[0] == 403 and two_hosts[0] == 403
+    assert no_host[0] == 403 and two_hosts[0] in (400, 403)  # h11 itself refuses a request with two Host headers (400)
 
 
 def test_allow_host_adds_a_name(run):
@@ -215,7 +216,7 @@ def test_a_burst_of_200_connections_waits_in_the_listen_queue(run):
             s.settimeout(10)
             s.sendall(request)
         for s in socks:
-            assert s.recv(12).startswith(b"HTTP/1.0 200")
+            assert s.recv(12)[8:12] == b" 200"  # uvicorn answers HTTP/1.0 requests with an HTTP/1.1 status line
     finally:
         for s in socks:
             s.close()

@@ -20,10 +20,11 @@ from tiles_helpers import CLASSES, make_tile_run
 
 from atlas import store
 from atlas.errors import AtlasError
+from atlas.server import make_server
 from atlas.store import open_store, write_array
 from atlas.tiles import BACKGROUND, BLOCK, highlight_veil, make_tiles
 from atlas.units.gallery import cell_top_units, kind_order, unit_veils, write_gallery
-from atlas.viewer import VIEWER_FILES, make_server, url_of
+from atlas.viewer import VIEWER_FILES, url_of
 
 LAYER, BIG = "mixed4c", "mixed5b"
 C, K, P, S = 12, 9, 24, 32  # channels, top-k, patch side, visualisation side

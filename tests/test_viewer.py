@@ -17,8 +17,9 @@ from tiles_helpers import make_tile_run
 
 import atlas.tiles as tiles
 from atlas.errors import AtlasError
+from atlas.server import make_server
 from atlas.tiles import make_tiles
-from atlas.viewer import make_server, url_of
+from atlas.viewer import url_of
 
 REPO = Path(__file__).resolve().parents[1]
 OUTPUTS = REPO / "outputs"

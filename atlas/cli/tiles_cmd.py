@@ -51,6 +51,6 @@ def serve_command(
 ) -> None:
     """Serve the run's viewer and tiles (RUN/tiles/ only) over HTTP; prints the URL."""
     check_port(port)
-    from atlas.viewer import serve
+    from atlas.server import serve
 
     serve(run_dir, host=host, port=port, quiet=not verbose, allow_hosts=allow_host or ())

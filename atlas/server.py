@@ -1,0 +1,561 @@
+"""``atlas serve``: one ASGI application (Starlette on uvicorn) for a run's viewer, unit gallery and live page.
+
+What it serves, and what it refuses, is what the stdlib server before it did (tests/test_server.py holds every rule):
+
+- only files under ``RUN/tiles/`` at ``/tiles/`` (the atlas viewer, OpenSeadragon, the tiles, the unit gallery, the
+  live page); ``store.zarr`` and ``log.txt``, which hold absolute paths, are never served, nor is anything a path or
+  a symlink would reach outside ``tiles/``, nor a folder listing, a FIFO or a device (404). The path is the raw
+  request target percent-decoded once, so ``%252e%252e`` stays a name and ``..`` / ``.`` / NUL / backslash
+  segments are refused before anything touches the file system;
+- the ``Host`` header must name this server (localhost, 127.0.0.1, [::1], the bound address, the address the
+  connection arrived on, or an ``allow_hosts`` name) with its port, else 403: a DNS-rebinding page cannot read the
+  run. A WebSocket handshake that carries an ``Origin`` (every browser's does) must also come from this server's
+  own pages, since browsers let any page open a WebSocket to 127.0.0.1;
+- loopback by default; a listen backlog of 1024 (a browser's burst of parallel tile requests is queued, not
+  dropped); a connection that has not sent a complete request head ``timeout`` seconds after it connected (or after
+  its previous response) is closed, however slowly it drips bytes. uvicorn's own keep-alive timer restarts on every
+  byte (encode/uvicorn#157), so the protocol class :class:`_HeadDeadline` adds that deadline on top of it.
+
+The live instrument is a WebSocket at ``/live/ws`` (the page is ``/tiles/live.html``, ``/live`` redirects there);
+:mod:`atlas.live` computes each frame, and :class:`LiveSession` holds one connection's state. One model per
+server process, loaded on the first live connection; every forward runs on one worker thread (never on the event
+loop), so connections take turns and the network keeps both cores. Each connection has a queue of one frame: a
+frame that arrives while the previous one is computed replaces the waiting one (dropped, counted), so latency
+never grows with a slow machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import mimetypes
+import os
+import shutil
+import socket
+import sys
+import threading
+import time
+import urllib.parse
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import h11
+from starlette.responses import FileResponse, PlainTextResponse, Response
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from atlas.errors import AtlasError
+from atlas.viewer import LOOPBACK_NAMES, SERVED, STATIC, TIMEOUT, UNITS_MANIFEST, install_viewer, require_viewer_assets, split_host, url_of
+
+BACKLOG = 1024  # listen queue; the kernel caps it at net.core.somaxconn
+LIVE_FILES = ("live.html", "live.js", "live.css")
+LIVE_SOCKET = "/live/ws"
+MEDIA = {".dzi": "application/xml", ".webp": "image/webp", ".js": "text/javascript", ".json": "application/json",
+         ".html": "text/html; charset=utf-8", ".css": "text/css", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png",
+         ".svg": "image/svg+xml", ".txt": "text/plain; charset=utf-8"}
+HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
+
+# Limits of the live socket (per connection). A browser sends 224 px JPEGs of 10-30 kB.
+MAX_FRAME_BYTES = 2 * 1024 * 1024
+MAX_FRAME_PIXELS = 4096 * 4096 // 4  # 4.2 megapixels: a phone photo dropped on the page is downscaled by the browser first
+RATE = 30.0  # messages a second (frames and commands), with a burst of as many
+WS_MAX_SIZE = 2 * MAX_FRAME_BYTES  # beyond this the socket layer closes the connection (1009); up to it, one error line
+
+
+# --------------------------------------------------------------------------------------
+# Static files
+# --------------------------------------------------------------------------------------
+def resolve(root: Path, target: str) -> Path | None:
+    """The file or folder a request target names inside ``root`` (the resolved tiles folder), or None.
+
+    ``target`` is the raw request target (percent-encoded, possibly absolute-form); it is decoded once. Any ``..``,
+    ``.``, NUL or backslash-made segment, or a symlink leading out of ``root``, names nothing.
+    """
+    raw = urllib.parse.unquote(urllib.parse.urlsplit(target).path)
+    parts = [p for p in raw.replace("\\", "/").split("/") if p]
+    if not parts or parts[0] != SERVED or any(p in ("..", ".") or "\x00" in p for p in parts):
+        return None
+    try:
+        resolved = root.joinpath(*parts[1:]).resolve()
+    except (OSError, RuntimeError, ValueError):  # symlink loops, over-long names
+        return None
+    if resolved != root and root not in resolved.parents:
+        return None
+    return resolved
+
+
+def _redirect(location: str, code: int) -> Response:
+    return Response(b"", code, {"Location": location, **HEADERS})
+
+
+def _not_found() -> Response:
+    return PlainTextResponse("not found", 404, HEADERS)
+
+
+def static_response(root: Path, target: str, method: str) -> Response:
+    """The answer to a GET/HEAD of ``target`` (raw, as sent) from the tiles folder ``root``."""
+    if method not in ("GET", "HEAD"):
+        return PlainTextResponse("only GET and HEAD", 405, {"Allow": "GET, HEAD", **HEADERS})
+    if target.startswith("//"):  # as http.server: never read '//name' as a network location
+        target = "/" + target.lstrip("/")
+    url_path = urllib.parse.urlsplit(target).path
+    if url_path in ("", "/", f"/{SERVED}"):
+        return _redirect(f"/{SERVED}/index.html", 302)
+    if url_path in ("/live", "/live/"):
+        return _redirect(f"/{SERVED}/live.html", 302)
+    path = resolve(root, target)
+    if path is not None and path.is_dir():
+        if not url_path.endswith("/"):  # relative to this server only (never the request's own netloc)
+            return _redirect(urllib.parse.quote(urllib.parse.unquote(url_path)) + "/", 301)
+        path = path / "index.html"
+    if path is None or not path.is_file():  # also FIFOs and devices, which would block or stream forever
+        return _not_found()
+    media = MEDIA.get(path.suffix.lower()) or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    return FileResponse(path, media_type=media, headers=HEADERS)
+
+
+def install_live(tiles_dir: Path) -> None:
+    """Copy the live page's files into the tiles folder (refreshing changed ones)."""
+    missing = [name for name in LIVE_FILES if not (STATIC / name).is_file()]
+    if missing:
+        raise AtlasError(f"the live page's {', '.join(missing)} missing from {STATIC}; reinstall atlas")
+    for name in LIVE_FILES:
+        src, dst = STATIC / name, tiles_dir / name
+        if not (dst.is_file() and dst.read_bytes() == src.read_bytes()):
+            tmp = dst.with_name(dst.name + ".tmp")
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dst)
+
+
+# --------------------------------------------------------------------------------------
+# The application
+# --------------------------------------------------------------------------------------
+class AtlasApp:
+    """The ASGI application: the Host check, the static files of ``tiles/``, the live socket."""
+
+    def __init__(self, run_dir: Path, port: int, allowed_names: set[str], quiet: bool = True) -> None:
+        self.run_dir = run_dir
+        self.root = (run_dir / SERVED).resolve()
+        self.port = port
+        self.allowed_names = allowed_names
+        self.quiet = quiet
+        self.live = LiveModel(run_dir)
+
+    def host_of(self, scope) -> str | None:
+        """The one Host header's value when it names this server and its port (DNS-rebinding protection), else None."""
+        values = [v for k, v in scope.get("headers", ()) if k == b"host"]
+        if len(values) != 1:
+            return None
+        value = values[0].decode("latin-1")
+        parsed = split_host(value)
+        if parsed is None:
+            return None
+        name, port = parsed
+        if (port if port is not None else 80) != self.port:
+            return None
+        arrived_on = str((scope.get("server") or ("",))[0]).lower()
+        return value if name in self.allowed_names or name == arrived_on else None
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            return
+        host = self.host_of(scope)
+        if scope["type"] == "websocket":
+            await self.websocket(scope, receive, send, host)
+            return
+        try:
+            if host is None:
+                response = PlainTextResponse("Host header does not name this server: open "
+                                             f"http://127.0.0.1:{self.port}/{SERVED}/index.html; other names need "
+                                             "`atlas serve --allow-host NAME`", 403, HEADERS)
+            else:
+                target = scope.get("raw_path", b"").decode("latin-1") or scope.get("path", "")
+                response = await asyncio.to_thread(static_response, self.root, target, scope["method"])
+            await response(scope, receive, send)
+        except OSError:  # the client went away mid-response, or the file vanished under it
+            return
+
+    async def websocket(self, scope, receive, send, host: str | None) -> None:
+        ws = WebSocket(scope, receive, send)
+        origins = [v.decode("latin-1") for k, v in scope.get("headers", ()) if k == b"origin"]
+        same_origin = not origins or (host is not None and origins[0].lower() == f"http://{host}".lower())
+        if host is None or not same_origin or scope.get("path") != LIVE_SOCKET:
+            await ws.close(code=1008)  # before accept: the handshake is refused with 403
+            return
+        await ws.accept()
+        session = LiveSession(ws, self.live)
+        try:
+            await session.run()
+        except (WebSocketDisconnect, OSError, RuntimeError):
+            pass
+        finally:
+            session.stop()
+
+    def close(self) -> None:
+        self.live.close()
+
+
+# --------------------------------------------------------------------------------------
+# The live socket
+# --------------------------------------------------------------------------------------
+class LiveModel:
+    """The run's model, loaded once per process on first use; every computation on one worker thread."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="atlas-live")
+        self._engine = None
+        self._lock = threading.Lock()
+
+    def engine(self):
+        """The :class:`atlas.live.LiveEngine` (run on the worker thread: loading takes a few seconds)."""
+        with self._lock:
+            if self._engine is None:
+                from atlas.live import LiveEngine
+
+                self._engine = LiveEngine.for_run(self.run_dir)
+            return self._engine
+
+    async def call(self, method: str, *args, **kwargs):
+        """``engine.method(*args, **kwargs)`` on the worker thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.pool, lambda: getattr(self.engine(), method)(*args, **kwargs))
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+class RateLimit:
+    """A token bucket: ``rate`` messages a second, bursts of as many."""
+
+    def __init__(self, rate: float = RATE) -> None:
+        self.rate, self.tokens, self.stamp = rate, rate, time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.rate, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+class LiveSession:
+    """One live connection: a receive loop, a one-frame slot, and a worker task that answers the newest frame.
+
+    Client to server: a binary message is a frame (an encoded image); a text message is a JSON command:
+    ``{"type": "layer", "layer": NAME}``, ``{"type": "image", "index": I}`` (one of the run's own images, by index:
+    no path ever comes from the client), ``{"type": "unit", "channel": C}`` (the channel's deconvnet projection of
+    the current frame), ``{"type": "images"}`` (the list of the run's images offered). Server to client: JSON text
+    (``hello``, ``images``, ``error``, ``status``) and binary messages made by :func:`atlas.live.pack` (a JSON
+    header, then bytes): ``result`` (top-5 and the layer's maps as uint8), ``picture`` (the run's image shown),
+    ``projection``.
+    """
+
+    def __init__(self, ws: WebSocket, live: LiveModel, rate: float = RATE) -> None:
+        self.ws, self.live = ws, live
+        self.limit = RateLimit(rate)
+        self.slot: tuple | None = None  # the newest job waiting: ("frame", seq, bytes, t) | ("image", index) | ("again",)
+        self.unit: int | None = None  # the newest projection request waiting
+        self.wake = asyncio.Event()
+        self.seq = 0
+        self.dropped = 0
+        self.layer: str | None = None
+        self.current = None  # the last frame computed (atlas.live.Frame) and its result, for projections and layer changes
+        self.last_limit_error = 0.0
+        self.worker: asyncio.Task | None = None
+        self.send_lock = asyncio.Lock()
+
+    async def send_json(self, message: dict) -> None:
+        async with self.send_lock:
+            if self.ws.application_state == WebSocketState.CONNECTED:
+                await self.ws.send_text(json.dumps(message))
+
+    async def send_bytes(self, data: bytes) -> None:
+        async with self.send_lock:
+            if self.ws.application_state == WebSocketState.CONNECTED:
+                await self.ws.send_bytes(data)
+
+    async def error(self, message: str) -> None:
+        await self.send_json({"type": "error", "message": message})
+
+    async def run(self) -> None:
+        await self.send_json({"type": "status", "message": "loading the model"})
+        try:
+            hello = await self.live.call("hello")
+        except AtlasError as exc:
+            await self.error(str(exc))
+            await self.ws.close(code=1011)
+            return
+        self.layer = hello["layer"]
+        await self.send_json(hello)
+        self.worker = asyncio.create_task(self.work())
+        while True:
+            message = await self.ws.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            if not self.limit.take():
+                now = time.monotonic()
+                if now - self.last_limit_error > 1.0:  # one line a second at most, not one per dropped message
+                    self.last_limit_error = now
+                    await self.error(f"rate limit: at most {RATE:g} messages a second on one connection; message dropped")
+                continue
+            if message.get("bytes") is not None:
+                self.seq += 1
+                if self.slot is not None and self.slot[0] == "frame":
+                    self.dropped += 1  # the waiting frame is older than this one: never computed
+                self.slot = ("frame", self.seq, message["bytes"], time.monotonic())
+                self.wake.set()
+            elif message.get("text") is not None:
+                await self.command(message["text"])
+
+    async def command(self, text: str) -> None:
+        try:
+            cmd = json.loads(text)
+        except json.JSONDecodeError:
+            cmd = None
+        kind = cmd.get("type") if isinstance(cmd, dict) else None
+        if kind == "layer":
+            layer = cmd.get("layer")
+            engine = self.live.engine()
+            if not isinstance(layer, str) or layer not in engine.layers:
+                await self.error(f"unknown layer {str(layer)[:80]!r}; the live page offers {', '.join(engine.layers)}")
+                return
+            self.layer = layer
+            if self.slot is None and self.current is not None:
+                self.slot = ("again",)
+            self.wake.set()
+        elif kind == "image":
+            index = cmd.get("index")
+            if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < self.live.engine().image_count:
+                await self.error(f"no image {str(index)[:20]} in this run (0 .. {self.live.engine().image_count - 1})")
+                return
+            self.slot = ("image", index)
+            self.wake.set()
+        elif kind == "unit":
+            channel = cmd.get("channel")
+            if isinstance(channel, bool) or not isinstance(channel, int) or channel < 0:
+                await self.error("unit: channel must be a channel number")
+                return
+            self.unit = channel
+            self.wake.set()
+        elif kind == "images":
+            await self.send_json({"type": "images", "images": self.live.engine().image_names()})
+        else:
+            await self.error("unknown command; expected a JSON object with type layer, image, unit or images, or a binary image frame")
+
+    async def work(self) -> None:
+        """Answer the newest job, then the newest projection request, until the connection ends."""
+        from atlas.live import FrameError
+
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            job, self.slot = self.slot, None
+            unit, self.unit = self.unit, None
+            layer = self.layer
+            try:
+                if job is not None:
+                    await self.compute(job, layer)
+                if unit is not None and self.current is not None:
+                    frame, done_layer = self.current[0], self.current[1]
+                    data = await self.live.call("projection", frame, done_layer, unit)
+                    await self.send_bytes(data)
+            except FrameError as exc:
+                await self.error(str(exc))
+            except AtlasError as exc:
+                await self.error(str(exc))
+            except (WebSocketDisconnect, OSError, RuntimeError):
+                return
+            if self.slot is not None or self.unit is not None:
+                self.wake.set()
+
+    async def compute(self, job: tuple, layer: str) -> None:
+        kind = job[0]
+        if kind == "frame":
+            _, seq, data, received = job
+            frame = await self.live.call("decode", data)
+        elif kind == "image":
+            seq, received = self.seq, time.monotonic()
+            frame = await self.live.call("run_image", job[1])
+            await self.send_bytes(await self.live.call("picture", frame))
+        else:  # the layer changed: the same frame again
+            frame, seq, received = self.current[0], self.current[2], time.monotonic()
+        dropped = self.dropped
+        data = await self.live.call("result", frame, layer, seq=seq, dropped=dropped,
+                                   queued_ms=round((time.monotonic() - received) * 1000, 1))
+        self.current = (frame, layer, seq)
+        await self.send_bytes(data)
+
+    def stop(self) -> None:
+        if self.worker is not None:
+            self.worker.cancel()
+
+
+# --------------------------------------------------------------------------------------
+# The server
+# --------------------------------------------------------------------------------------
+class _HeadDeadline(H11Protocol):
+    """uvicorn's h11 protocol plus a deadline for each request head: ``timeout`` seconds from the connection (or
+    the end of the previous response) to a complete head, however slowly the bytes arrive; then the connection is
+    closed. Bytes that complete a head cancel it; a WebSocket upgrade leaves this protocol and the deadline."""
+
+    _deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._arm()
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._deadline = self.loop.call_later(self.timeout_keep_alive, self._expire)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _expire(self) -> None:
+        self._deadline = None
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.conn.their_state is not h11.IDLE:  # a head arrived (or the upgrade took the connection)
+            self._disarm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+            self._arm()  # the next request's head has the same deadline
+
+    def connection_lost(self, exc) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+
+class AtlasServer:
+    """uvicorn serving :class:`AtlasApp` on a socket bound at construction (so connections queue before it runs).
+
+    The interface of the stdlib server it replaced: ``serve_forever()`` (blocks), ``shutdown()`` (from another
+    thread; returns once it stopped), ``server_close()``, ``server_address``, ``server_port``.
+    """
+
+    def __init__(self, app: AtlasApp, sock: socket.socket, timeout: float, quiet: bool) -> None:
+        import logging
+
+        import uvicorn
+
+        self.app, self.socket = app, sock
+        self.server_address = sock.getsockname()
+        self.server_port = int(self.server_address[1])
+        config = uvicorn.Config(app, http=_HeadDeadline, ws="websockets-sansio", lifespan="off", log_config=None,
+                                log_level=logging.INFO if not quiet else logging.CRITICAL, access_log=not quiet,
+                                server_header=False, date_header=False, timeout_keep_alive=float(timeout),
+                                timeout_graceful_shutdown=1, backlog=BACKLOG, ws_max_size=WS_MAX_SIZE, ws_ping_interval=None)
+        if not quiet:
+            for name in ("uvicorn.error", "uvicorn.access"):
+                logger = logging.getLogger(name)
+                if not logger.handlers:
+                    logger.addHandler(logging.StreamHandler(sys.stderr))
+        self._server = uvicorn.Server(config)
+        self._done = threading.Event()
+        self._started = False
+
+    def serve_forever(self) -> None:
+        self._started = True
+        try:
+            self._server.run(sockets=[self.socket])
+        finally:
+            self._done.set()
+
+    def shutdown(self) -> None:
+        self._server.should_exit = True
+        if self._started:
+            self._done.wait(15)
+
+    def server_close(self) -> None:
+        self._server.should_exit = True
+        with contextlib.suppress(OSError):
+            self.socket.close()
+        self.app.close()
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(BACKLOG)
+        sock.setblocking(False)
+    except OverflowError:
+        sock.close()
+        raise AtlasError(f"--port must be between 0 and 65535 (0 picks a free port), got {port}") from None
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise AtlasError(f"cannot listen on {host}:{port}: port {port} is already in use "
+                             f"(another `atlas serve`?); pick another with --port, or --port 0 for a free one") from None
+        raise AtlasError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
+
+
+def make_server(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, quiet: bool = True,
+                timeout: float = TIMEOUT, allow_hosts: Iterable[str] = ()) -> AtlasServer:
+    """The server for the run's ``tiles/`` folder and live page (port 0 picks a free port); the caller runs it.
+
+    ``timeout`` bounds how long a connection may take to send a request head; ``allow_hosts`` adds Host names the
+    server answers to besides the loopback names and ``host`` (for a server bound to 0.0.0.0 and reached by this
+    machine's name). Every check (port, tiles, viewer files, the address) comes before anything is written.
+    """
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise AtlasError(f"--port must be between 0 and 65535 (0 picks a free port), got {port}")
+    if not timeout > 0:
+        raise AtlasError(f"the server's timeout must be positive, got {timeout}")
+    run_dir = Path(run_dir).resolve()
+    if not any((run_dir / SERVED / name).is_file() for name in ("atlases.json", UNITS_MANIFEST)):
+        raise AtlasError(f"no tiles in {run_dir}; run `atlas tiles {run_dir} --layer LAYER` (or `atlas units {run_dir}`) first")
+    require_viewer_assets()
+    missing = [name for name in LIVE_FILES if not (STATIC / name).is_file()]
+    if missing:
+        raise AtlasError(f"the live page's {', '.join(missing)} missing from {STATIC}; reinstall atlas")
+    sock = _bind(host, port)
+    tiles_dir = (run_dir / SERVED).resolve()
+    try:
+        install_viewer(tiles_dir)
+        install_live(tiles_dir)
+        names = {n.lower().strip("[]") for n in (*LOOPBACK_NAMES, host, *allow_hosts)}
+        app = AtlasApp(run_dir, int(sock.getsockname()[1]), names, quiet)
+        return AtlasServer(app, sock, timeout, quiet)
+    except BaseException:
+        sock.close()
+        raise
+
+
+def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, quiet: bool = True, allow_hosts: Iterable[str] = ()) -> None:
+    """Serve the run's viewer, gallery and live page until interrupted, after printing their URLs."""
+    server = make_server(run_dir, host, port, quiet, allow_hosts=allow_hosts)
+    tiles_dir = Path(run_dir) / SERVED
+    atlas_url = url_of(server)
+    base = atlas_url.rsplit("/", 1)[0]
+    if (tiles_dir / "atlases.json").is_file():
+        print(f"atlas viewer: {atlas_url}  (Ctrl-C to stop)", flush=True)
+        if (tiles_dir / UNITS_MANIFEST).is_file():
+            print(f"unit gallery: {base}/units.html", flush=True)
+    else:  # a run with the unit lens and no atlas yet
+        print(f"unit gallery: {base}/units.html  (Ctrl-C to stop)", flush=True)
+    print(f"live page: {base}/live.html", flush=True)
+    if host not in LOOPBACK_NAMES:
+        print(f"atlas: warning: listening on {host}, other machines can read this run's tiles", file=sys.stderr)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
