@@ -1,0 +1,255 @@
+"""Where the stages whose cost grows with images or cells run: in this process (``local``) or on Ray (``ray``).
+
+``sample`` (its shards), ``render`` (its cell batches) and the unit lens's top-k pass (its shards) hand their own
+work units to :meth:`Engine.map`; everything else (project, grid, tiles) stays on the driver. On Ray each worker is
+one actor holding one model (``num_gpus=1`` per actor when the stage runs on CUDA), built once by a *factory*
+(a module-level function of the stage, pickled by reference) and called once per unit. Workers only compute and
+return arrays; the driver writes every result into the store through the stage's own writer and seals it as a
+local run does, so no zarr chunk ever has two writers and the store ends as a local run's would (docs/ray.md).
+
+Results come back in the order of the units (the stage writes and flags them in that order, as locally): a
+killed actor is restarted by Ray (``max_restarts``) and its unfinished tasks are run again (``max_task_retries``);
+the stage never sees it except as a delay.
+
+Ray is optional (``pip install 'atlas[ray]'``): this module imports it only when ``--engine ray`` is asked for, and
+without it that is one line saying how to install it. An address that cannot be reached is one line after at most
+``CONNECT_TIMEOUT`` seconds, never a hang.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from atlas.errors import AtlasError
+from atlas.settings import ENGINES, RunSettings
+
+INSTALL = "pip install 'atlas[ray]'"
+CONNECT_TIMEOUT = 5.0  # seconds to reach a cluster's GCS port before giving up with one line
+NAMESPACE = "atlas"  # the namespace of atlas's named actors (tests find an actor by name to kill it)
+MAX_RESTARTS = 4  # a killed actor is started again this often (a worker that keeps dying is an error, not a hang)
+MAX_TASK_RETRIES = 4
+LOCAL_OBJECT_STORE = 300 * 1024**2  # a local Ray's object store: results are a shard or a batch at a time
+DEPTH = 2  # units queued per actor: the next one is ready while the driver writes the last
+CURRENT_CLUSTER = Path("/tmp/ray/ray_current_cluster")  # where `ray start --head` records its address
+
+
+def require_ray():
+    """The ``ray`` module, or one line saying how to install it."""
+    try:
+        import ray
+    except ImportError:
+        raise AtlasError(f"--engine ray needs Ray, which is not installed: {INSTALL} (or pip install 'ray[data]>=2.9')") from None
+    return ray
+
+
+def _auto_address() -> str:
+    """The address ``ray start --head`` left for ``auto``: $RAY_ADDRESS, else /tmp/ray/ray_current_cluster."""
+    address = os.environ.get("RAY_ADDRESS", "").strip()
+    if not address and CURRENT_CLUSTER.is_file():
+        address = CURRENT_CLUSTER.read_text().strip()
+    if not address or address == "auto":
+        raise AtlasError("--ray-address auto: no running Ray cluster found (no $RAY_ADDRESS, no /tmp/ray/ray_current_cluster); "
+                         "start one with `ray start --head`, give --ray-address HOST:PORT, or leave --ray-address out to start Ray here")
+    return address
+
+
+def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT) -> str:
+    """``address`` (HOST:PORT or ray://HOST:PORT) if something listens there within ``timeout`` s, else one line.
+
+    Ray's own connect retries for a long time against a silent address; this TCP check bounds it.
+    """
+    hostport = address.removeprefix("ray://")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise AtlasError(f"--ray-address must be auto, HOST:PORT or ray://HOST:PORT; got {address!r}")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except TimeoutError:
+        raise AtlasError(f"cannot reach the Ray cluster at {address}: no answer within {timeout:.0f} s; "
+                         "check the address and that `ray status` works there") from None
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise AtlasError(f"cannot reach the Ray cluster at {address}: {reason}; "
+                         "check the address and that `ray status` works there") from None
+    return address
+
+
+def _cause(exc: BaseException) -> str:
+    """The first line of the error behind a Ray exception (a worker's AtlasError, a died actor's reason)."""
+    ray = require_ray()
+    seen = 0
+    while isinstance(getattr(exc, "cause", None), BaseException) and seen < 8:
+        exc, seen = exc.cause, seen + 1
+    if isinstance(exc, ray.exceptions.RayError):
+        text = str(exc).strip().splitlines()
+        useful = [line.strip() for line in text if line.strip() and not line.startswith(("Traceback", "  File", "ray::"))]
+        return useful[-1] if useful else type(exc).__name__
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+class _Worker:
+    """One Ray actor: a stage's worker built once (its model loaded once), then called once per unit."""
+
+    def __init__(self, factory: Callable[..., Callable[[Any], Any]], shared: list, threads: int):
+        import ray
+        import torch
+
+        # The arithmetic's reduction order on a CPU depends on the thread count: the driver's count keeps the
+        # results bit-identical to a local run on the same kind of machine.
+        torch.set_num_threads(threads)
+        # The arguments come as a reference inside a list, fetched here: Ray keeps them for a restart as long as the
+        # driver holds the reference (top-level object-store arguments of a restartable actor draw a warning).
+        self.call = factory(*ray.get(shared[0]))
+
+    def run(self, unit: Any) -> tuple[int, Any]:
+        return os.getpid(), self.call(unit)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+@dataclass
+class MapStats:
+    """What one :meth:`Engine.map` did: units, actors, and the worker processes that computed them."""
+
+    units: int = 0
+    actors: int = 0
+    pids: dict[int, set[int]] = field(default_factory=dict)  # actor index -> pids that returned results
+
+    @property
+    def restarts(self) -> int:
+        """Actors that returned results from more than one process: killed and restarted by Ray."""
+        return sum(len(p) - 1 for p in self.pids.values())
+
+    def describe(self) -> str:
+        return f"{self.units} units on {self.actors} Ray actors ({self.restarts} restarted)"
+
+
+@dataclass
+class Engine:
+    """``local`` or ``ray`` (at ``address``: None starts Ray on this machine, ``auto`` joins the running cluster).
+
+    ``workers`` is the number of actors (None: one per GPU of the cluster when the stage runs on CUDA, else one
+    per CPU); ``threads`` the torch threads of each (None: this process's, for results identical to a local run).
+    """
+
+    kind: str = "local"
+    address: str | None = None
+    workers: int | None = None
+    threads: int | None = None
+    last: MapStats = field(default_factory=MapStats)
+
+    def __post_init__(self):
+        RunSettings(engine=self.kind, ray_address=self.address)
+        if self.workers is not None and self.workers < 1:
+            raise AtlasError(f"engine workers must be at least 1; got {self.workers}")
+
+    @property
+    def is_ray(self) -> bool:
+        return self.kind == "ray"
+
+    def start(self):
+        """Connect to (or start) Ray; returns the module. Ray already initialised in this process is used as it is."""
+        ray = require_ray()
+        if ray.is_initialized():
+            return ray
+        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.ERROR,
+                                  "namespace": NAMESPACE}
+        if self.address is None:
+            kwargs |= {"num_cpus": os.cpu_count() or 1, "object_store_memory": LOCAL_OBJECT_STORE}
+        else:
+            address = _auto_address() if self.address == "auto" else self.address
+            kwargs["address"] = check_reachable(address)
+            if not address.startswith("ray://"):
+                kwargs.pop("include_dashboard")
+        os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+        try:
+            ray.init(**kwargs)
+        except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
+            raise AtlasError(f"cannot start Ray{f' at {self.address}' if self.address else ''}: "
+                             f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
+        self._started = True
+        return ray
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Engine]:
+        """Ray started (or joined) for the duration of a stage, shut down after it when this engine started it."""
+        if self.is_ray:
+            self.start()
+        try:
+            yield self
+        finally:
+            self.stop()
+
+    def stop(self) -> None:
+        """Shut Ray down if :meth:`start` started it (a session the caller opened stays open)."""
+        if getattr(self, "_started", False):
+            require_ray().shutdown()
+            self._started = False
+
+    def map(self, factory: Callable[..., Callable[[Any], Any]], args: tuple, units: Iterable[Any], name: str,
+            gpus: float = 0.0) -> Iterator[Any]:
+        """``factory(*args)(unit)`` for every unit, in order, on a pool of Ray actors (one ``factory`` call per actor).
+
+        ``factory`` must be a module-level function (Ray pickles it by reference); ``args`` travel once per actor
+        through the object store. ``gpus`` is each actor's share of a GPU (1 on CUDA, 0 on a CPU). Results are
+        yielded in the order of ``units``, at most ``DEPTH`` units queued per actor.
+        """
+        import torch
+
+        ray = self.start()
+        units = list(units)
+        actors: list = []
+        try:
+            resources = ray.cluster_resources()
+            if gpus and resources.get("GPU", 0) < gpus:
+                raise AtlasError(f"the Ray cluster has no GPU (resources: {int(resources.get('CPU', 0))} CPUs); "
+                                 "use --device cpu, or add GPU nodes")
+            n = self.workers or max(1, int(resources.get("GPU", 0) // gpus) if gpus else int(resources.get("CPU", 1)))
+            n = max(1, min(n, len(units)))
+            self.last = stats = MapStats(units=len(units), actors=n if units else 0)
+            if not units:
+                return
+            threads = self.threads or torch.get_num_threads()
+            remote = ray.remote(_Worker)
+            shared = ray.put(args)
+            actors = [remote.options(name=f"atlas-{name}-{i}", namespace=NAMESPACE, num_cpus=1, num_gpus=gpus,
+                                     max_restarts=MAX_RESTARTS, max_task_retries=MAX_TASK_RETRIES, lifetime=None)
+                      .remote(factory, [shared], threads) for i in range(n)]
+            queue: collections.deque = collections.deque()
+            submitted = 0
+            for index in range(len(units)):
+                while submitted < len(units) and submitted < index + DEPTH * n:
+                    queue.append(actors[submitted % n].run.remote(units[submitted]))
+                    submitted += 1
+                try:
+                    pid, result = ray.get(queue.popleft())
+                except ray.exceptions.RayError as exc:
+                    raise AtlasError(f"{name} on Ray failed: {_cause(exc)}") from None
+                stats.pids.setdefault(index % n, set()).add(pid)
+                yield result
+        finally:
+            for actor in actors:
+                ray.kill(actor, no_restart=True)
+
+
+def make_engine(kind: str = "local", address: str | None = None, workers: int | None = None) -> Engine:
+    """An :class:`Engine` from the ``[run]`` settings ``engine`` and ``ray_address`` (checked: one line when bad).
+
+    ``--engine ray`` is refused at once (one line) when Ray is not installed, before any work starts.
+    """
+    if kind not in ENGINES:
+        RunSettings(engine=kind)
+    result = Engine(kind, address, workers)
+    if result.is_ray:
+        require_ray()
+    return result
