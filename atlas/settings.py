@@ -552,7 +552,7 @@ class EvolutionSettings(StageSettings):
     checkpoint (``[evolution]`` table, ``atlas evolution``; docs/weights.md)."""
 
     TABLE: ClassVar[str] = "evolution"
-    layer: str | None = setting(None, Text(optional=True, what="a layer name"), "Layer whose units are followed (None: the run's first).")
+    layer: str | None = setting(None, Text(optional=True, what="a layer name"), "Layer whose units are followed, e.g. conv2d2 (required).")
     channels: str | None = setting("0-7", Text(optional=True, pattern=CHANNELS_PATTERN, what="channel ranges such as 0-7 or 0-3,100"),
                                    "Units (channels) to follow (None: all).")
     patch: int = setting(64, Integer(16, 512), "Side in pixels of each patch and projection.")

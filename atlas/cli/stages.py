@@ -8,4 +8,5 @@ from atlas.cli import (
     sample_cmd,  # noqa: F401
     tiles_cmd,  # noqa: F401
     units_cmd,  # noqa: F401
+    weights_cmd,  # noqa: F401
 )
