@@ -38,7 +38,14 @@ MAX_RESTARTS = 4  # a killed actor is started again this often (a worker that ke
 MAX_TASK_RETRIES = 4
 LOCAL_OBJECT_STORE = 300 * 1024**2  # a local Ray's object store: results are a shard or a batch at a time
 DEPTH = 2  # units queued per actor: the next one is ready while the driver writes the last
+# The HTTP/2 client connection preface followed by an empty SETTINGS frame (RFC 9113, section 3.4).
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
 CURRENT_CLUSTER = Path("/tmp/ray/ray_current_cluster")  # where `ray start --head` records its address
+
+
+def actor_name(stage: str, index: int) -> str:
+    """The name of this process's ``index``-th actor of a stage's pool (unique per driver: two runs can share a cluster)."""
+    return f"atlas-{stage}-{os.getpid()}-{index}"
 
 
 def require_ray():
@@ -71,8 +78,11 @@ def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT) -> str:
     if not sep or not port.isdigit() or not host:
         raise AtlasError(f"--ray-address must be auto, HOST:PORT or ray://HOST:PORT; got {address!r}")
     try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
-            pass
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as conn:
+            # Ray's GCS (and Ray Client) speak gRPC, i.e. HTTP/2: a server answers the client preface with a SETTINGS
+            # frame. Anything else listening there would leave ray.init retrying for minutes.
+            conn.sendall(HTTP2_PREFACE)
+            answer = conn.recv(9)
     except TimeoutError:
         raise AtlasError(f"cannot reach the Ray cluster at {address}: no answer within {timeout:.0f} s; "
                          "check the address and that `ray status` works there") from None
@@ -80,6 +90,9 @@ def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT) -> str:
         reason = exc.strerror or type(exc).__name__
         raise AtlasError(f"cannot reach the Ray cluster at {address}: {reason}; "
                          "check the address and that `ray status` works there") from None
+    if len(answer) < 9 or answer[3] != 0x04:
+        raise AtlasError(f"{address} does not answer like a Ray cluster (no gRPC there); give the address of a Ray head node "
+                         "(`ray start --head` prints it; the GCS port is 6379 by default)")
     return address
 
 
@@ -183,12 +196,16 @@ class Engine:
     @contextlib.contextmanager
     def session(self) -> Iterator[Engine]:
         """Ray started (or joined) for the duration of a stage, shut down after it when this engine started it."""
-        if self.is_ray:
-            self.start()
+        # Re-entrant: `atlas build` holds one session over sample and render, each stage opens its own inside it.
+        self._depth = getattr(self, "_depth", 0) + 1
         try:
+            if self.is_ray:
+                self.start()
             yield self
         finally:
-            self.stop()
+            self._depth -= 1
+            if not self._depth:
+                self.stop()
 
     def stop(self) -> None:
         """Shut Ray down if :meth:`start` started it (a session the caller opened stays open)."""
@@ -222,7 +239,7 @@ class Engine:
             threads = self.threads or torch.get_num_threads()
             remote = ray.remote(_Worker)
             shared = ray.put(args)
-            actors = [remote.options(name=f"atlas-{name}-{i}", namespace=NAMESPACE, num_cpus=1, num_gpus=gpus,
+            actors = [remote.options(name=actor_name(name, i), namespace=NAMESPACE, num_cpus=1, num_gpus=gpus,
                                      max_restarts=MAX_RESTARTS, max_task_retries=MAX_TASK_RETRIES, lifetime=None)
                       .remote(factory, [shared], threads) for i in range(n)]
             queue: collections.deque = collections.deque()
@@ -245,11 +262,14 @@ class Engine:
 def make_engine(kind: str = "local", address: str | None = None, workers: int | None = None) -> Engine:
     """An :class:`Engine` from the ``[run]`` settings ``engine`` and ``ray_address`` (checked: one line when bad).
 
-    ``--engine ray`` is refused at once (one line) when Ray is not installed, before any work starts.
+    ``--engine ray`` is refused at once (one line) when Ray is not installed or the cluster cannot be reached, before
+    any work starts.
     """
     if kind not in ENGINES:
         RunSettings(engine=kind)
     result = Engine(kind, address, workers)
     if result.is_ray:
         require_ray()
+        if address is not None:  # an unreachable cluster is one line now, not after the model has loaded
+            check_reachable(_auto_address() if address == "auto" else address)
     return result
