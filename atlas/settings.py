@@ -563,10 +563,36 @@ class EvolutionSettings(StageSettings):
     device: str = setting("cpu", Device(), "Where the model runs.", speed=True)
 
 
+# Where atlas patch pastes a patch (atlas.patches.core takes them from here): five named places, "corners" (all four)
+# and "random" (n_random seeded places per image and size).
+PATCH_POSITIONS = ("top-left", "top-right", "bottom-left", "bottom-right", "centre", "corners", "random")
+PATCH_KINDS = ("icon", "example")
+
+
+@_documented
+@dataclass(frozen=True)
+class PatchSettings(StageSettings):
+    """Adversarial patches: a picture or an atlas cell pasted into photos at several sizes and places (``[patch]`` table,
+    ``atlas patch``, ``atlas patch-search``; docs/experiments.md)."""
+
+    TABLE: ClassVar[str] = "patch"
+    sizes: tuple[int, ...] = setting((48, 80, 112), IntList(4, 224, "patch sizes"), "Patch sides in pixels of the 224 px input.")
+    positions: tuple[str, ...] = setting(("corners", "centre", "random"), ChoiceList(PATCH_POSITIONS), "Where the patch goes.")
+    n_random: int = setting(2, Integer(0, 100), "Random places per image and size (with position random).")
+    seed: int = setting(0, Integer(0, SEED_MAX), "Seed of the random places and of the crops and flips.")
+    augment: int = setting(0, Integer(0, 64), "Seeded crops and flips added per photo (widens a set of one photo per class).")
+    top: int = setting(8, Integer(1, 1000), "Cells of a class-difference atlas tried by patch-search.")
+    kinds: tuple[str, ...] = setting(PATCH_KINDS, ChoiceList(PATCH_KINDS), "What of a cell is pasted: its icon, its best dataset patch.")
+    figure: int = setting(6, Integer(0, 32), "Strongest examples drawn in the figure.")
+    batch_size: int = setting(32, Integer(1), "Images per forward pass.", speed=True)
+    device: str = setting("cpu", Device(), "Where the model runs.", speed=True)
+
+
 STAGES: dict[str, type[StageSettings]] = {"run": RunSettings, "sample": SampleSettings, "project": ProjectSettings,
                                           "grid": GridSettings, "render": RenderSettings, "tiles": TilesSettings,
                                           "units": UnitsSettings, "inspect": InspectSettings, "weights": WeightsSettings,
-                                          "reconstruct": ReconstructSettings, "evolution": EvolutionSettings}
+                                          "reconstruct": ReconstructSettings, "evolution": EvolutionSettings,
+                                          "patch": PatchSettings}
 
 
 def defaults() -> dict[str, dict]:

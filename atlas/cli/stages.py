@@ -4,6 +4,7 @@ from atlas.cli import (
     build_cmd,  # noqa: F401
     inspect_cmd,  # noqa: F401
     layout_cmd,  # noqa: F401
+    patch_cmd,  # noqa: F401
     render_cmd,  # noqa: F401
     sample_cmd,  # noqa: F401
     tiles_cmd,  # noqa: F401

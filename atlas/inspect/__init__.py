@@ -152,12 +152,8 @@ def inspect(images: Sequence[str | os.PathLike] | str | os.PathLike, run: str | 
     if out is not None:
         check_out_folder(out)
     check_device(s.device)
-    boxes_text = None
-    if s.boxes is not None:
-        try:
-            boxes_text = Path(s.boxes).read_text()
-        except OSError as exc:
-            raise AtlasError(f"--boxes {s.boxes}: cannot read it ({exc.strerror or exc})") from None
+    if s.boxes is not None and not Path(s.boxes).is_file():  # before the model loads; its content is checked by parse_boxes
+        raise AtlasError(f"--boxes {s.boxes}: no such file")
     net, root, meta = _model(run_dir, model, weights, s.device, net)
     if run_dir is not None and out is None:
         store.take_lock(run_dir)  # the report goes into the run's tiles/: one writer at a time
@@ -244,18 +240,20 @@ def inspect(images: Sequence[str | os.PathLike] | str | os.PathLike, run: str | 
         say(f"inspect: invariance curves ({len(s.shifts)} shifts, {len(s.scales)} scales, {len(s.angles)} angles)")
         curves = invariance_curves(net, [p for p, _, _ in loaded], shifts=s.shifts, scales=s.scales, angles=s.angles,
                                    low_layer=s.low_layer, high_layer=s.high_layer, targets=targets, batch_size=s.batch_size,
-                                   resize=resize, crop=crop)
+                                   names=[Path(p).name for p, _, _ in loaded])
         summary["invariance"] = write_invariance(curves, work, [Path(p).name for p, _, _ in loaded])
-    if boxes_text is not None:
+    if s.boxes is not None:
         import torch
 
         from atlas.inspect.correspondence import correspondence, parse_boxes, write_correspondence
+        from atlas.inspect.invariance import default_layers
 
         say(f"inspect: correspondence analysis ({s.n_random} random trials)")
-        boxes = parse_boxes(boxes_text, [p for p, _, _ in loaded], crop, source=s.boxes)
-        table = correspondence(net, torch.stack([x for _, x, _ in loaded]).to(s.device), boxes,
-                               [layer, s.high_layer] if s.high_layer else [layer], n_random=s.n_random, seed=s.seed)
-        summary["correspondence"] = write_correspondence(table, work)
+        boxes = parse_boxes(s.boxes, [p for p, _, _ in loaded], crop)
+        layers = list(dict.fromkeys([layer, s.high_layer or default_layers(net)[1]]))
+        table = correspondence(net, torch.stack([x for _, x, _ in loaded]).to(s.device), boxes, layers, n_random=s.n_random,
+                               seed=s.seed, batch_size=s.batch_size)
+        summary["correspondence"] = write_correspondence(table, work, [Path(p).name for p, _, _ in loaded])
     summary["seconds"] = round(time.perf_counter() - start, 1)
     (work / "report.json").write_text(json.dumps(summary, indent=1, default=_jsonable))
     report_page.write_page(summary, work)
