@@ -13,8 +13,10 @@ a built wheel carries: setup.py copies it there from npm at build time), then in
 
 Once a unit gallery exists (``tiles/units.json``, written by :mod:`atlas.units.gallery`), :func:`install_viewer` also
 copies the gallery's pages (``units.html``, ``units.js``, ``units.css``) and ``atlas_units.js``, and the atlas page
-loads the latter after ``viewer.js`` (the bar's Units link, a cell's top units, the ``?unit=`` veil); without one
-the viewer's files are copied unchanged.
+loads the latter after ``viewer.js`` (the bar's Units link, a cell's top units, the ``?unit=`` veil). Likewise, once
+an inspect report is listed (``tiles/inspect.json``, :mod:`atlas.inspect`), ``atlas_inspect.js`` is copied and loaded
+after them (``index.html?inspect=NAME``: the image's positions as dots over the atlas). Without either the viewer's
+files are copied unchanged.
 
 ``atlas serve`` itself is :mod:`atlas.server` (an ASGI application on uvicorn: these files, the tiles, and the live
 page's WebSocket); its rules (only ``tiles/`` is served, the Host check, the request-head deadline) are documented
@@ -26,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 from atlas.errors import AtlasError
@@ -40,6 +43,13 @@ VIEWER_FILES = ("index.html", "viewer.js", "viewer.css")
 # are installed byte for byte as they are, so a run without units has exactly the tiles it had before.
 GALLERY_FILES = ("units.html", "units.js", "units.css", "atlas_units.js")
 UNITS_MANIFEST = "units.json"
+# Once an inspect report is listed (``tiles/inspect.json``, atlas.inspect), the atlas page also loads atlas_inspect.js:
+# ``index.html?inspect=NAME`` draws that report's image positions over the atlas. Both add-ons compose.
+INSPECT_FILES = ("atlas_inspect.js",)
+INSPECT_MANIFEST = "inspect.json"
+# Once a side-by-side view is listed (``tiles/layers.json``, atlas.layers), the layers page is installed too.
+LAYERS_FILES = ("layers.html", "layers.js", "layers.css")
+LAYERS_MANIFEST = "layers.json"
 
 SERVED = "tiles"  # the only folder of a run the server exposes, at /tiles/
 TIMEOUT = 15.0  # seconds a connection may take to send its request head (atlas.server)
@@ -85,11 +95,18 @@ def install_viewer(tiles_dir: str | Path) -> Path:
     osd = require_viewer_assets()
     tiles_dir.mkdir(parents=True, exist_ok=True)
     gallery = (tiles_dir / UNITS_MANIFEST).is_file()
+    inspect = (tiles_dir / INSPECT_MANIFEST).is_file()
     for name in VIEWER_FILES:
-        if not (gallery and name == "index.html"):  # with a gallery, _install_gallery writes the atlas page
+        if not ((gallery or inspect) and name == "index.html"):  # with an add-on, _write_atlas_page writes the atlas page
             _copy_if_changed(STATIC / name, tiles_dir / name)
     if gallery:
         _install_gallery(tiles_dir)
+    if inspect:
+        _install_files(tiles_dir, INSPECT_FILES, "the inspect overlay's")
+    if (tiles_dir / LAYERS_MANIFEST).is_file():
+        _install_files(tiles_dir, LAYERS_FILES, "the side-by-side page's")
+    if gallery or inspect:
+        _write_atlas_page(tiles_dir, [f for f, on in (("atlas_units.js", gallery), ("atlas_inspect.js", inspect)) if on])
     target = tiles_dir / "openseadragon"
     _copy_if_changed(osd / "openseadragon.min.js", target / "openseadragon.min.js")
     if (osd / "images").is_dir():
@@ -100,17 +117,25 @@ def install_viewer(tiles_dir: str | Path) -> Path:
 
 
 def _install_gallery(tiles_dir: Path) -> None:
-    """The gallery's pages, and the atlas page with atlas_units.js loaded after viewer.js."""
-    missing = [name for name in GALLERY_FILES if not (STATIC / name).is_file()]
+    """The gallery's pages (the atlas page loading atlas_units.js is written by :func:`_write_atlas_page`)."""
+    _install_files(tiles_dir, GALLERY_FILES, "the unit gallery's")
+
+
+def _install_files(tiles_dir: Path, names: Iterable[str], what: str) -> None:
+    missing = [name for name in names if not (STATIC / name).is_file()]
     if missing:
-        raise AtlasError(f"the unit gallery's {', '.join(missing)} missing from {STATIC}; reinstall atlas")
-    for name in GALLERY_FILES:
+        raise AtlasError(f"{what} {', '.join(missing)} missing from {STATIC}; reinstall atlas")
+    for name in names:
         _copy_if_changed(STATIC / name, tiles_dir / name)
+
+
+def _write_atlas_page(tiles_dir: Path, scripts: list[str]) -> None:
+    """The atlas page with the add-ons' ``scripts`` loaded after viewer.js, in this order."""
     html = (STATIC / "index.html").read_text()
     marker = '<script src="viewer.js"></script>'
     if marker not in html:
         raise AtlasError(f"{STATIC / 'index.html'} does not load viewer.js; reinstall atlas")
-    page = html.replace(marker, marker + '\n  <script src="atlas_units.js"></script>')
+    page = html.replace(marker, marker + "".join(f'\n  <script src="{name}"></script>' for name in scripts))
     index = tiles_dir / "index.html"
     if not index.is_file() or index.read_text() != page:
         tmp = index.with_name("index.html.tmp")
