@@ -169,6 +169,19 @@ def written(run, net):
         placement = place_on_atlas(run, LAYER, acts, net=net)
         out[i] = (folder, placement, attribution,
                   write_placement(run, placement, attribution, folder, Path(path).name, target=target, classes=net.classes))
+    # as the report writer (atlas.inspect) assembles a report: each image's parts in a sub-folder of NAME.partial, a
+    # report.json naming them, the folder swapped in whole, and the report listed in tiles/inspect.json (no "points")
+    folder, placement, attribution, _ = out[1]
+    work = run / "tiles" / "inspect" / "report.partial"
+    summary = write_placement(run, placement, attribution, work / "00-photo", "photo-one.jpg")
+    (work / "report.json").write_text(json.dumps({"name": "report", "images": [{"atlas": {"points": "00-photo/points.json"}}]}))
+    work.rename(work.with_name("report"))
+    listing = run / "tiles" / "inspect.json"
+    doc = json.loads(listing.read_text())
+    doc["reports"].append({"name": "report", "layer": LAYER, "atlas": "full", "images": ["photo-one.jpg"],
+                           "index": "inspect/report/index.html"})
+    listing.write_text(json.dumps(doc))
+    out["report"] = (work.with_name("report") / "00-photo", placement, attribution, summary)
     return out
 
 
@@ -198,8 +211,11 @@ def test_inside_the_runs_viewer_it_is_listed_and_the_page_loads_the_overlay(run,
     assert summary["viewer"] == f"../../index.html?inspect=photo1#{LAYER}/full"
     points = json.loads((folder / "points.json").read_text())
     assert len(points["points"]) == 196 and points["layer"] == LAYER and len(points["ramp"]) == 9
+    assert summary["viewer_in_tiles"] == f"index.html?inspect=photo1#{LAYER}/full"
     listing = json.loads((run / "tiles" / "inspect.json").read_text())["reports"]
-    assert [r["name"] for r in listing] == ["photo1"] and listing[0]["points"] == ["inspect/photo1/points.json"]
+    assert [r["name"] for r in listing] == ["photo1", "report"] and listing[0]["points"] == ["inspect/photo1/points.json"]
+    inside = written["report"][3]  # written inside report.partial/00-photo: report "report", and listed by the report writer
+    assert inside["viewer"] == f"../../../index.html?inspect=report#{LAYER}/full" and "points" not in listing[1]
     page = (run / "tiles" / "index.html").read_text()
     marker = '<script src="viewer.js"></script>'
     assert page == (STATIC / "index.html").read_text().replace(marker, marker + '\n  <script src="atlas_inspect.js"></script>')
@@ -241,7 +257,7 @@ def test_the_viewer_draws_the_images_dots_over_the_atlas(run, written, browser):
             assert page.locator(".inspect-dot").count() == 196
             legend = page.inner_text("#inspect-legend")
             assert Path(json.loads((folder / "points.json").read_text())["image"]).name in legend and "196 positions" in legend
-            assert page.get_attribute("#inspect-legend a >> nth=0", "href") != ""
+            assert page.locator("#inspect-report").count() == 0  # written on its own: no report page to link to
             # a dot sits in the cell of the grid its position falls in, where the viewer draws that cell
             size = page.evaluate("atlasViewer.activeGrid().size")
             p = int(np.argmax(np.abs(attribution)))
@@ -253,6 +269,10 @@ def test_the_viewer_draws_the_images_dots_over_the_atlas(run, written, browser):
                 return {{ x: d.left + d.width / 2, y: d.top + d.height / 2 }}; }})()""")
             assert abs(dot["x"] - centre["x"]) <= step / 2 + 1 and abs(dot["y"] - centre["y"]) <= step / 2 + 1
             page.screenshot(path=str(_outputs() / "inspect_on_atlas.png"))
+            page.goto(f"{base}?inspect=report")  # the points found through the report's report.json
+            page.wait_for_function("document.body.dataset.inspect === '196'", timeout=20000)
+            assert "photo-one.jpg" in page.inner_text("#inspect-legend")
+            assert page.get_attribute("#inspect-report", "href") == "inspect/report/index.html"
             page.goto(f"{base}?inspect=nobody")
             page.wait_for_function("document.body.dataset.inspect === 'none'", timeout=20000)
             assert "no inspect report 'nobody'" in page.inner_text("#inspect-legend")

@@ -345,13 +345,15 @@ def _figure_size(sizes: list[int], root, icons_path: str) -> int | None:
 
 
 def _tiles_of(out: Path, run_dir: Path) -> tuple[Path | None, str | None]:
-    """``(RUN/tiles, NAME)`` when ``out`` is ``RUN/tiles/inspect/NAME`` (or a folder inside it), else ``(None, None)``."""
+    """``(RUN/tiles, NAME)`` when ``out`` is ``RUN/tiles/inspect/NAME`` (or a folder inside it), else ``(None, None)``.
+
+    A report assembled in ``NAME.partial`` (and swapped in whole when finished) is report NAME."""
     tiles = (Path(run_dir) / "tiles").resolve()
     try:
         rel = out.resolve().relative_to(tiles / "inspect")
     except ValueError:
         return None, None
-    return (tiles, rel.parts[0]) if rel.parts else (None, None)
+    return (tiles, rel.parts[0].removesuffix(".partial")) if rel.parts else (None, None)
 
 
 def write_placement(run_dir: str | Path, placement: Placement, attribution: np.ndarray, out: Path, name: str, *,
@@ -365,7 +367,8 @@ def write_placement(run_dir: str | Path, placement: Placement, attribution: np.n
       (up to ``STRIP_MAX``), each with its count;
     - ``placement.json``: every position's (y, x), layout point, whether it was exact, attribution, and its cell per
       grid size; the cells with their counts; the method and its note;
-    - ``points.json``: the dots the viewer add-on draws over the atlas (``index.html?inspect=NAME``). When ``out`` is
+    - ``points.json``: the dots the viewer add-on draws over the atlas (``index.html?inspect=NAME``; the summary's
+      ``viewer`` is that link relative to ``out``, ``viewer_in_tiles`` relative to ``RUN/tiles``). When ``out`` is
       ``RUN/tiles/inspect/NAME`` itself (a report folder of its own, not inside one the report writer assembles),
       the report is also listed in ``RUN/tiles/inspect.json`` and the viewer re-installed with its overlay.
 
@@ -475,17 +478,18 @@ def write_placement(run_dir: str | Path, placement: Placement, attribution: np.n
               "points": [[round(float(placement.xy[i, 0]), 6), round(float(placement.xy[i, 1]), 6), round(float(attribution[i]), 6),
                           colours[i]] for i in range(p)]}
     (out / "points.json").write_text(json.dumps(points, separators=(",", ":")))
-    viewer = None
+    viewer = in_tiles = None
     if tiles is not None:
-        index = tiles / "index.html"
-        viewer = os.path.relpath(index, out.resolve()) + f"?inspect={report}#{placement.layer}/{placement.atlas}"
+        in_tiles = f"index.html?inspect={report}#{placement.layer}/{placement.atlas}"
+        viewer = os.path.relpath(tiles, out.resolve()) + "/" + in_tiles
         if out.resolve() == tiles / "inspect" / report:
             _list_standalone(tiles, report, placement, name)
 
     top = strip[:5]
     seconds = round(time.perf_counter() - started, 2)
     return {"figure": "placement.png", "strip": "placement_cells.png" if strip else None, "json": "placement.json",
-            "points": "points.json", "viewer": viewer, "layer": placement.layer, "atlas": placement.atlas, "method": placement.method,
+            "points": "points.json", "viewer": viewer, "viewer_in_tiles": in_tiles,
+            "layer": placement.layer, "atlas": placement.atlas, "method": placement.method,
             "placement": "knn", "metric": placement.metric, "k": placement.k, "transform": placement.transform,
             "n_positions": p, "n_exact": int(placement.exact.sum()), "n_samples": placement.n_samples, "figure_size": size,
             "n_cells": len(cells_out.get(str(size), [])) if size is not None else 0, "top_cells": top,
