@@ -215,7 +215,8 @@ def test_inside_the_runs_viewer_it_is_listed_and_the_page_loads_the_overlay(run,
     listing = json.loads((run / "tiles" / "inspect.json").read_text())["reports"]
     assert [r["name"] for r in listing] == ["photo1", "report"] and listing[0]["points"] == ["inspect/photo1/points.json"]
     inside = written["report"][3]  # written inside report.partial/00-photo: report "report", and listed by the report writer
-    assert inside["viewer"] == f"../../../index.html?inspect=report#{LAYER}/full" and "points" not in listing[1]
+    assert inside["viewer"] == f"../../index.html?inspect=report#{LAYER}/full" and "points" not in listing[1]
+    assert "nearest of 32 sampled activations (cosine)" in inside["note"] and "no out-of-sample transform" in inside["note"]
     page = (run / "tiles" / "index.html").read_text()
     marker = '<script src="viewer.js"></script>'
     assert page == (STATIC / "index.html").read_text().replace(marker, marker + '\n  <script src="atlas_inspect.js"></script>')

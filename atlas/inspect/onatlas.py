@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -368,7 +367,8 @@ def write_placement(run_dir: str | Path, placement: Placement, attribution: np.n
     - ``placement.json``: every position's (y, x), layout point, whether it was exact, attribution, and its cell per
       grid size; the cells with their counts; the method and its note;
     - ``points.json``: the dots the viewer add-on draws over the atlas (``index.html?inspect=NAME``; the summary's
-      ``viewer`` is that link relative to ``out``, ``viewer_in_tiles`` relative to ``RUN/tiles``). When ``out`` is
+      ``viewer`` is that link from the report's folder ``RUN/tiles/inspect/NAME``, ``viewer_in_tiles`` from ``RUN/tiles``,
+      both None outside a run's tiles). When ``out`` is
       ``RUN/tiles/inspect/NAME`` itself (a report folder of its own, not inside one the report writer assembles),
       the report is also listed in ``RUN/tiles/inspect.json`` and the viewer re-installed with its overlay.
 
@@ -481,17 +481,23 @@ def write_placement(run_dir: str | Path, placement: Placement, attribution: np.n
     viewer = in_tiles = None
     if tiles is not None:
         in_tiles = f"index.html?inspect={report}#{placement.layer}/{placement.atlas}"
-        viewer = os.path.relpath(tiles, out.resolve()) + "/" + in_tiles
+        viewer = f"../../{in_tiles}"  # from the report's folder, RUN/tiles/inspect/NAME, where its page is
         if out.resolve() == tiles / "inspect" / report:
             _list_standalone(tiles, report, placement, name)
 
     top = strip[:5]
+    n_exact = int(placement.exact.sum())
+    note = (f"placed by the {placement.k} nearest of {placement.n_samples:,} sampled activations ({placement.metric}), "
+            f"inverse-distance weighted (power {placement.summary.get('power', POWER):g}); "
+            + (f"{n_exact} of {p} positions are the run's own samples; " if n_exact else "")
+            + (f"the most positions ({top[0]['positions']}) fall in cell {top[0]['gx']},{top[0]['gy']} of the {size}x{size} grid; "
+               if top else "") + placement.transform)
     seconds = round(time.perf_counter() - started, 2)
     return {"figure": "placement.png", "strip": "placement_cells.png" if strip else None, "json": "placement.json",
             "points": "points.json", "viewer": viewer, "viewer_in_tiles": in_tiles,
             "layer": placement.layer, "atlas": placement.atlas, "method": placement.method,
-            "placement": "knn", "metric": placement.metric, "k": placement.k, "transform": placement.transform,
-            "n_positions": p, "n_exact": int(placement.exact.sum()), "n_samples": placement.n_samples, "figure_size": size,
+            "placement": "knn", "metric": placement.metric, "k": placement.k, "transform": placement.transform, "note": note,
+            "n_positions": p, "n_exact": n_exact, "n_samples": placement.n_samples, "figure_size": size,
             "n_cells": len(cells_out.get(str(size), [])) if size is not None else 0, "top_cells": top,
             "seconds_place": placement.seconds, "seconds_write": seconds}
 
