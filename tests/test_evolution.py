@@ -112,6 +112,13 @@ def test_the_strongest_activation_is_the_direct_maximum(result, checkpoints, ima
             assert acts[result.image[column, j], j, y, xx] == flat.amax(0)[j]
 
 
+def test_a_training_checkpoint_that_wraps_its_state_dict_loads_the_same(checkpoints, tmp_path):
+    state = torch.load(checkpoints[2], weights_only=True)
+    torch.save({"epoch": 1, "state_dict": state}, tmp_path / "wrapped.pt")
+    net = load_checkpoint(tmp_path / "wrapped.pt")
+    assert all(torch.equal(v, state[k]) for k, v in net.module.state_dict().items())
+
+
 def test_training_changes_the_units(result):
     random, bvlc, step2, step4 = result.values
     # the trained filters answer the photos far more strongly than default-initialised ones (a factor > 5 at conv2d2)

@@ -59,7 +59,7 @@ def test_the_first_layer_is_drawn_in_the_rgb_input_space(net):
     resnet = load_model("resnet18", pretrained=False)
     path, rgb_filters, rgb = input_filters(resnet)
     std = np.array([0.229, 0.224, 0.225])[None, :, None, None]
-    assert rgb and path == "net.conv1"
+    assert rgb and path == "conv1"  # torchvision names, as the user writes them
     np.testing.assert_allclose(rgb_filters, resnet.module.net.conv1.weight.double().numpy() / std, rtol=1e-5)
     _, deeper, rgb = input_filters(net, "conv2d2")
     assert not rgb and deeper.shape == (192, 64, 3, 3)

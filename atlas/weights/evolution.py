@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from atlas.data import ImageDataset, ImageList, list_images, printable, storable_path
+from atlas.data import IMAGE_SUFFIXES, ImageDataset, ImageList, list_images, printable, storable_path
 from atlas.errors import AtlasError
 from atlas.models import Network
 from atlas.settings import EvolutionSettings, check_device, parse_channels
@@ -84,8 +84,11 @@ def _labels(checkpoints: Sequence) -> list[str]:
 
 
 def _image_list(images) -> ImageList:
-    if isinstance(images, (str, Path)):
+    """A folder or list file through :func:`list_images`; one image file, or a sequence of them, as given."""
+    if isinstance(images, (str, Path)) and not (Path(images).is_file() and Path(images).suffix.lower() in IMAGE_SUFFIXES):
         return list_images(images)
+    if isinstance(images, (str, Path)):
+        images = [images]
     paths = [storable_path(Path(p).expanduser().absolute()) for p in images]
     if not paths:
         raise AtlasError("no images given")
@@ -143,8 +146,8 @@ def evolve(checkpoints: Sequence[str | Path | Network], images, layer: str | Non
     checkpoints : sequence of paths (or Networks)
         State dicts of architecture ``model`` (``.safetensors``, ``.pth``, ``.pt``; see
         :func:`atlas.weights.load_checkpoint`), in training order; an already loaded Network may stand for one.
-    images : folder, list file, or sequence of image paths
-        The image set searched (read by :func:`atlas.data.list_images`).
+    images : folder, list file, one image file, or a sequence of image paths
+        The image set searched (a folder or list file read by :func:`atlas.data.list_images`).
     layer : str
         A layer with spatial positions, e.g. ``conv2d0`` or ``mixed4c`` (overrides ``settings.layer``).
     settings : EvolutionSettings or None
@@ -202,8 +205,7 @@ def evolve(checkpoints: Sequence[str | Path | Network], images, layer: str | Non
             picture = Image.fromarray(pixels[image[i, j]].permute(1, 2, 0).numpy())
             patches[i, j] = fit_patch(picture, box[i, j], p)
             projections[i, j] = to_display(projected[j], box[i, j], p)
-        if not isinstance(c, Network):
-            del net  # one checkpoint's weights in memory at a time
+        first = net = None  # one checkpoint's weights in memory at a time
     return Evolution(layer=s.layer, channels=chosen, labels=labels,
                      checkpoints=[c.weights if isinstance(c, Network) else str(c) for c in checkpoints], images=paths,
                      skipped=failed, skipped_first=first_failure, values=values, image=image, pos=pos, box=box, patches=patches,

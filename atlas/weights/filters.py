@@ -47,8 +47,14 @@ MAX_PIXELS = 60_000_000  # a sheet larger than this is refused (choose fewer cha
 
 
 def convolutions(net: Network) -> list[str]:
-    """Module paths of every ``nn.Conv2d`` of the model, in the order the modules are registered."""
-    return [name for name, m in net.module.named_modules() if isinstance(m, nn.Conv2d)]
+    """Names of every ``nn.Conv2d`` of the model, in the order the modules are registered (torchvision models' without
+    the wrapper's ``net.`` prefix, as users write them)."""
+    return [_shown(net, name) for name, m in net.module.named_modules() if isinstance(m, nn.Conv2d)]
+
+
+def _shown(net: Network, path: str) -> str:
+    short = path.removeprefix("net.")
+    return short if short != path and net.aliases.get(short) == path else path
 
 
 def _short_list(names: list[str], limit: int = 8) -> str:
@@ -64,16 +70,17 @@ def find_conv(net: Network, layer: str | None = None) -> tuple[str, nn.Conv2d]:
     if not convs:
         raise AtlasError(f"model {net.name} has no convolution")
     if layer is None:
-        return convs[0], net.module.get_submodule(convs[0])
+        return convs[0], net.module.get_submodule(net.resolve(convs[0]))
     path = net.resolve(layer)  # unknown names: one line with the known ones
     module = net.module.get_submodule(path)
     if isinstance(module, nn.Conv2d):
-        return path, module
-    inside = [f"{path}.{name}" for name, m in module.named_modules() if name and isinstance(m, nn.Conv2d)]
+        return _shown(net, path), module
+    inside = [(_shown(net, f"{path}.{name}"), m) for name, m in module.named_modules() if name and isinstance(m, nn.Conv2d)]
     if len(inside) == 1:
-        return inside[0], module.get_submodule(inside[0][len(path) + 1:])
+        return inside[0]
     if inside:
-        raise AtlasError(f"layer '{layer}' of model {net.name} holds {len(inside)} convolutions; name one: {_short_list(inside)}")
+        raise AtlasError(f"layer '{layer}' of model {net.name} holds {len(inside)} convolutions; name one: "
+                         f"{_short_list([name for name, _ in inside])}")
     kind = type(module).__name__
     has = "has weights but is not a convolution" if any(True for _ in module.parameters()) else "has no weights"
     raise AtlasError(f"layer '{layer}' of model {net.name} ({kind}) {has}; convolutions: {_short_list(convs)}")
