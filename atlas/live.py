@@ -169,7 +169,35 @@ class LiveEngine:
                 units = []
         return {"type": "hello", "model": self.net.name, "layer": self.default_layer, "size": SIZE,
                 "layers": [{"name": layer, "shape": list(self.shapes[layer])} for layer in self.layers],
-                "images": len(self.paths), "units": units, "max_bytes": DEFAULT_MAX_BYTES, "max_pixels": DEFAULT_MAX_PIXELS}
+                "images": len(self.paths), "units": units, "atlases": self.atlases(),
+                "max_bytes": DEFAULT_MAX_BYTES, "max_pixels": DEFAULT_MAX_PIXELS}
+
+    def atlases(self) -> list[dict]:
+        """The run's rendered atlases of layers the page offers (from ``tiles/atlases.json``): what the strip can show."""
+        if self.run_dir is None:
+            return []
+        try:
+            listing = json.loads((Path(self.run_dir) / "tiles" / "atlases.json").read_text()).get("atlases", [])
+        except (OSError, ValueError, AttributeError):
+            return []
+        keys = ("layer", "atlas", "base", "width", "height", "levels", "tile_size", "format")
+        return [{k: a[k] for k in keys} for a in listing
+                if isinstance(a, dict) and all(k in a for k in keys) and a["layer"] in self.layers]
+
+    def on_atlas(self, frame: Frame, layer: str, atlas: str, k: int = 8) -> dict:
+        """The ``onatlas`` message: the frame's activation at every position of ``layer`` placed on the run's atlas
+        (:func:`atlas.inspect.onatlas.place_on_atlas`, k nearest samples), with each position's attribution to the
+        frame's top class (:func:`atlas.inspect.onatlas.image_positions`). ``(layer, atlas)`` must be a listed atlas."""
+        from atlas.inspect.onatlas import image_positions, place_on_atlas
+
+        if not any(a["layer"] == layer and a["atlas"] == atlas for a in self.atlases()):
+            raise AtlasError(f"atlas: the run has no rendered atlas {str(layer)[:60]}/{str(atlas)[:60]}")
+        t0 = time.perf_counter()
+        acts, attribution, hw, target = image_positions(self.net, frame.tensor[0], layer)
+        placement = place_on_atlas(self.run_dir, layer, acts, atlas=atlas, k=k)
+        points = [[round(float(x), 4), round(float(y), 4), round(float(v), 3)] for (x, y), v in zip(placement.xy, attribution, strict=True)]
+        return {"type": "onatlas", "layer": layer, "atlas": atlas, "hw": list(hw), "target": self.net.classes[target],
+                "points": points, "compute_ms": round((time.perf_counter() - t0) * 1000, 1)}
 
     @property
     def image_count(self) -> int:

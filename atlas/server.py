@@ -207,6 +207,7 @@ class LiveModel:
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="atlas-live")
+        self.threads: int | None = None  # torch threads for the network (None: both cores, see atlas.live)
         self._engine = None
         self._lock = threading.Lock()
 
@@ -216,7 +217,7 @@ class LiveModel:
             if self._engine is None:
                 from atlas.live import LiveEngine
 
-                self._engine = LiveEngine.for_run(self.run_dir)
+                self._engine = LiveEngine.for_run(self.run_dir, self.threads)
             return self._engine
 
     async def call(self, method: str, *args, **kwargs):
@@ -250,7 +251,8 @@ class LiveSession:
     Client to server: a binary message is a frame (an encoded image); a text message is a JSON command:
     ``{"type": "layer", "layer": NAME}``, ``{"type": "image", "index": I}`` (one of the run's own images, by index:
     no path ever comes from the client), ``{"type": "unit", "channel": C}`` (the channel's deconvnet projection of
-    the current frame), ``{"type": "images"}`` (the list of the run's images offered). Server to client: JSON text
+    the current frame), ``{"type": "atlas", "layer": L, "atlas": A}`` (the current frame's positions on one of the
+    run's rendered atlases, ``onatlas``), ``{"type": "images"}`` (the list of the run's images offered). Server to client: JSON text
     (``hello``, ``images``, ``error``, ``status``) and binary messages made by :func:`atlas.live.pack` (a JSON
     header, then bytes): ``result`` (top-5 and the layer's maps as uint8), ``picture`` (the run's image shown),
     ``projection``.
@@ -261,6 +263,7 @@ class LiveSession:
         self.limit = RateLimit(rate)
         self.slot: tuple | None = None  # the newest job waiting: ("frame", seq, bytes, t) | ("image", index) | ("again",)
         self.unit: int | None = None  # the newest projection request waiting
+        self.atlas: tuple[str, str] | None = None  # the newest "frame on the atlas" request waiting: (layer, atlas)
         self.wake = asyncio.Event()
         self.seq = 0
         self.dropped = 0
@@ -343,10 +346,18 @@ class LiveSession:
                 return
             self.unit = channel
             self.wake.set()
+        elif kind == "atlas":
+            pair = (cmd.get("layer"), cmd.get("atlas"))
+            if not any((a["layer"], a["atlas"]) == pair for a in self.live.engine().atlases()):
+                await self.error(f"atlas: the run has no rendered atlas {str(pair[0])[:60]}/{str(pair[1])[:60]}")
+                return
+            self.atlas = pair
+            self.wake.set()
         elif kind == "images":
             await self.send_json({"type": "images", "images": self.live.engine().image_names()})
         else:
-            await self.error("unknown command; expected a JSON object with type layer, image, unit or images, or a binary image frame")
+            await self.error("unknown command; expected a JSON object with type layer, image, unit, atlas or images, "
+                             "or a binary image frame")
 
     async def work(self) -> None:
         """Answer the newest job, then the newest projection request, until the connection ends."""
@@ -357,6 +368,7 @@ class LiveSession:
             self.wake.clear()
             job, self.slot = self.slot, None
             unit, self.unit = self.unit, None
+            on_atlas, self.atlas = self.atlas, None
             layer = self.layer
             try:
                 if job is not None:
@@ -365,13 +377,15 @@ class LiveSession:
                     frame, done_layer = self.current[0], self.current[1]
                     data = await self.live.call("projection", frame, done_layer, unit)
                     await self.send_bytes(data)
+                if on_atlas is not None and self.current is not None:
+                    await self.send_json(await self.live.call("on_atlas", self.current[0], *on_atlas))
             except FrameError as exc:
                 await self.error(str(exc))
             except AtlasError as exc:
                 await self.error(str(exc))
             except (WebSocketDisconnect, OSError, RuntimeError):
                 return
-            if self.slot is not None or self.unit is not None:
+            if self.slot is not None or self.unit is not None or self.atlas is not None:
                 self.wake.set()
 
     async def compute(self, job: tuple, layer: str) -> None:

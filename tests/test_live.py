@@ -203,6 +203,22 @@ def test_a_run_image_by_index_and_a_projection(server):
         assert proj["channel"] == head["strongest"] and image.shape == (224, 224, 3) and image.std() > 5
 
 
+def test_the_frame_on_the_atlas(server, run):
+    """The frame's 14 x 14 positions of mixed4c placed on the run's atlas (atlas.inspect.onatlas), for the strip."""
+    with connect(server) as ws:
+        info = hello(ws)
+        assert [(a["layer"], a["atlas"]) for a in info["atlases"]] == [("mixed4c", "full")]
+        ws.send(json.dumps({"type": "atlas", "layer": "mixed4c", "atlas": "../../store.zarr"}))
+        assert "no rendered atlas" in receive(ws, "error")[0]["message"]
+        ws.send(photo_jpeg("n02165105_tiger_beetle"))
+        receive(ws, "result")
+        ws.send(json.dumps({"type": "atlas", "layer": "mixed4c", "atlas": "full"}))
+        head, _ = receive(ws, "onatlas")
+    points = np.array(head["points"])
+    assert points.shape == (196, 3) and head["hw"] == [14, 14] and head["target"] == "tiger beetle"
+    assert (points[:, :2] >= 0).all() and (points[:, :2] <= 1).all() and np.abs(points[:, 2]).max() > 0
+
+
 def test_the_socket_refuses_other_origins_hosts_and_paths(server):
     from websockets.exceptions import InvalidStatus
     from websockets.sync.client import connect as ws_connect
@@ -309,6 +325,7 @@ def test_the_live_page_in_chromium(server, camera_browser):
         wait_for(cam, "document.body.dataset.selected === '2'")
         assert cam.locator("#unit").is_visible()
         wait_for(cam, "document.body.dataset.projection === 'mixed4c/2'")
+        wait_for(cam, "document.body.dataset.onatlas === '196'")  # the strip: the frame's positions as dots on the atlas
         assert "no unit gallery for mixed4c" in cam.inner_text("#card")
         cam.keyboard.press("ArrowRight")
         wait_for(cam, "document.body.dataset.selected === '3'")
@@ -327,7 +344,7 @@ def test_the_live_page_in_chromium(server, camera_browser):
         # keyboard: a layer down re-computes the dropped photo at the next layer
         other.keyboard.press("ArrowDown")
         wait_for(other, "document.body.dataset.layer === 'mixed4d'")
-        assert other.inner_text("#grid-info").startswith("528 channels")
+        assert other.text_content("#grid-info").startswith("528 channels")
 
         # pause freezes the camera's page: no new results after the one in flight
         cam.click("#pause")

@@ -23,7 +23,7 @@
   window.atlasLive = state;
 
   function status(text, error) {
-    const el = $("status");
+    const el = $("live-status");
     el.textContent = text;
     el.classList.toggle("error", !!error);
     if (error) document.body.dataset.error = text;
@@ -51,6 +51,7 @@
       status(`${msg.model} ready. Choose a source: the camera, a photo (or drop one), or an image of the run.`);
       document.body.dataset.ready = "1";
       if (msg.images) send({ type: "images" });
+      setupStrip(msg.atlases || []);
     } else if (msg.type === "images") {
       const sel = $("src-image");
       for (const im of msg.images) sel.insertAdjacentHTML("beforeend", `<option value="${im.index}">${esc(im.name)}</option>`);
@@ -58,6 +59,8 @@
       status(msg.message, true);
       state.busy = false;
       schedule();
+    } else if (msg.type === "onatlas") {
+      drawDots(msg);
     } else if (msg.type === "status") {
       status(msg.message);
     }
@@ -86,6 +89,7 @@
       drawGrid();
       if (state.selected !== null && state.selected >= h.shape[0]) state.selected = null;
       if (state.selected !== null) { drawEnlarged(); maybeProject(false); }
+      maybeAtlas();
       document.body.dataset.results = String(state.results);
       document.body.dataset.top1 = h.top[0].name;
       schedule();
@@ -222,7 +226,9 @@
     outline(d, l, h.strongest, MARK);
     if (state.selected !== null) outline(d, l, state.selected, PICK);
     ctx.putImageData(img, 0, 0);
-    const fit = Math.max(1, Math.floor(Math.min(($("grid-box").clientWidth || l.width) / l.width, 3)));
+    // fill the column (at most 3x), keeping the whole grid in view; the canvas is drawn pixelated
+    const boxEl = $("grid-box");
+    const fit = Math.max(0.5, Math.min((boxEl.clientWidth || l.width) / l.width, (window.innerHeight - 140) / l.height, 3));
     canvas.style.width = `${l.width * fit}px`;
     canvas.style.height = `${l.height * fit}px`;
     $("grid-title").textContent = `${h.layer}`;
@@ -262,6 +268,47 @@
     if (!now && t - state.lastProjection < 1000) return;  // a projection is a forward and a backward: at most one a second
     state.lastProjection = t;
     send({ type: "unit", channel: state.selected });
+  }
+
+  // ---------------------------------------------------------------- the atlas strip: the frame's positions as dots
+  // The whole atlas is the deepest level of its Deep Zoom pyramid that fits in one tile (atlas_files/L/0_0.jpg);
+  // the server places the frame's activation at every position of the atlas layer (atlas.inspect.onatlas), at most
+  // every 2 s (a forward and a backward pass, and a nearest-neighbour search over the run's samples).
+  function setupStrip(atlases) {
+    const a = atlases.find((x) => x.atlas === "full") || atlases[0];
+    state.atlas = a || null;
+    if (!a) return;
+    let level = a.levels - 1;
+    while (level > 0 && Math.max(Math.ceil(a.width / 2 ** (a.levels - 1 - level)), Math.ceil(a.height / 2 ** (a.levels - 1 - level))) > a.tile_size) level--;
+    $("strip-img").src = `${a.base}atlas_files/${level}/0_0.${a.format}`;
+    $("strip-info").textContent = `${a.layer}/${a.atlas}`;
+    $("strip-box").hidden = false;
+  }
+
+  function maybeAtlas() {
+    if (!state.atlas) return;
+    const t = performance.now();
+    if (state.lastAtlas && t - state.lastAtlas < 2000) return;
+    state.lastAtlas = t;
+    send({ type: "atlas", layer: state.atlas.layer, atlas: state.atlas.atlas });
+  }
+
+  function drawDots(msg) {
+    const img = $("strip-img"), canvas = $("strip-dots");
+    const w = img.clientWidth || 240, h = img.clientHeight || 240;
+    canvas.width = w; canvas.height = h;
+    canvas.style.height = `${h}px`;
+    const ctx = canvas.getContext("2d");
+    const top = Math.max(1e-9, ...msg.points.map((p) => Math.abs(p[2])));
+    for (const [x, y, v] of msg.points) {
+      const a = Math.min(1, Math.abs(v) / top);
+      ctx.beginPath();
+      ctx.arc(x * w, y * h, 2 + 3 * a, 0, 2 * Math.PI);
+      ctx.fillStyle = v >= 0 ? `rgba(242, 162, 74, ${0.35 + 0.65 * a})` : `rgba(111, 179, 255, ${0.35 + 0.65 * a})`;
+      ctx.fill();
+    }
+    $("strip-info").textContent = `${msg.layer}/${msg.atlas} · ${msg.points.length} positions · attribution to ${msg.target}`;
+    document.body.dataset.onatlas = String(msg.points.length);
   }
 
   function card(layer, c) {
