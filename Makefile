@@ -81,7 +81,7 @@ $(VENV)/bin/python:
 # the environment: redone when pyproject.toml or setup.py change
 $(STAMPS)/python: pyproject.toml setup.py | $(VENV)/bin/python
 	$(VENV)/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
-	$(VENV)/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+	$(VENV)/bin/python -m pip install -q --disable-pip-version-check -e '.[dev,ray]'
 	@mkdir -p $(STAMPS) && touch $@
 
 # OpenSeadragon at the version of package-lock.json (npm ci writes node_modules/.package-lock.json)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from atlas import store
+from atlas.engine import make_engine
 from atlas.errors import AtlasError
 from atlas.runner import Step, fmt_seconds, run_stages
 from atlas.settings import STAGES as SETTINGS
@@ -138,6 +139,7 @@ def validate(config: dict):
     check_out_folder(Path(run["out"]).expanduser())
     check_device(config["sample"]["device"])
     check_device(config["render"]["device"])
+    make_engine(config["run"]["engine"], config["run"]["ray_address"])  # --engine ray without Ray: one line, before any work
     from atlas.data import class_table, list_images
     from atlas.models import load_model
     from atlas.sample import check_layers
@@ -249,12 +251,13 @@ def build(config: dict, dry_run: bool = False, echo=print) -> BuildResult:
     echo(images.summary)  # what was found where, before any work
     store.take_lock(out, create=True)  # one writer per run folder, for the whole build
     layers, sizes = run["layers"], list(config["grid"]["sizes"])
+    run_on = make_engine(run["engine"], run["ray_address"])  # sample and render run their units here or on Ray
 
     def run_sample() -> None:  # one pass samples every layer
         s = config["sample"]
         sample.sample(images, layers, out, net=net, per_image=s["per_image"], seed=s["seed"], batch_size=s["batch_size"],
                       workers=s["workers"], attribution=s["attribution"], dtype=s["dtype"], precision=s["precision"],
-                      device=s["device"])
+                      device=s["device"], engine=run_on)
 
     def run_project() -> None:
         s = config["project"]
@@ -270,7 +273,8 @@ def build(config: dict, dry_run: bool = False, echo=print) -> BuildResult:
         s = config["render"]
         for layer in layers:
             render.render(out, layer, list(sizes), quality=s["quality"], steps=s["steps"], size=s["size"], attempts=s["attempts"],
-                          batch=s["batch"], p=s["p"], device=s["device"], icons=s["icons"], seed=s["seed"], network=net)
+                          batch=s["batch"], p=s["p"], device=s["device"], icons=s["icons"], seed=s["seed"], network=net,
+                          engine=run_on)
 
     def run_tiles() -> None:
         s = config["tiles"]
@@ -281,7 +285,7 @@ def build(config: dict, dry_run: bool = False, echo=print) -> BuildResult:
         from atlas import units
 
         settings = SETTINGS["units"].from_table(config["units"])
-        units.units(out, layers, settings, net=net, echo=None, gallery=False)
+        units.units(out, layers, settings, net=net, echo=None, gallery=False, engine=run_on)
 
     def run_gallery() -> None:
         from atlas import units

@@ -110,20 +110,24 @@ def _cause(exc: BaseException) -> str:
 
 
 class _Worker:
-    """One Ray actor: a stage's worker built once (its model loaded once), then called once per unit."""
+    """One Ray actor: a stage's worker built on its first unit (its model loaded once per process), then called per unit."""
 
-    def __init__(self, factory: Callable[..., Callable[[Any], Any]], shared: list, threads: int):
-        import ray
+    def __init__(self, factory: Callable[..., Callable[[Any], Any]], threads: int):
         import torch
 
         # The arithmetic's reduction order on a CPU depends on the thread count: the driver's count keeps the
         # results bit-identical to a local run on the same kind of machine.
         torch.set_num_threads(threads)
-        # The arguments come as a reference inside a list, fetched here: Ray keeps them for a restart as long as the
-        # driver holds the reference (top-level object-store arguments of a restartable actor draw a warning).
-        self.call = factory(*ray.get(shared[0]))
+        self.factory, self.call = factory, None
 
-    def run(self, unit: Any) -> tuple[int, Any]:
+    def run(self, shared: list, unit: Any) -> tuple[int, Any]:
+        # The stage's arguments come as an object reference inside a list, fetched once per process: a restarted
+        # actor (a new process) fetches them again. (Constructor arguments in the object store would tie the restart
+        # to them, which Ray warns about.)
+        if self.call is None:
+            import ray
+
+            self.call = self.factory(*ray.get(shared[0]))
         return os.getpid(), self.call(unit)
 
     def pid(self) -> int:
@@ -136,12 +140,13 @@ class MapStats:
 
     units: int = 0
     actors: int = 0
+    first: dict[int, int] = field(default_factory=dict)  # actor index -> pid of its first process
     pids: dict[int, set[int]] = field(default_factory=dict)  # actor index -> pids that returned results
 
     @property
     def restarts(self) -> int:
-        """Actors that returned results from more than one process: killed and restarted by Ray."""
-        return sum(len(p) - 1 for p in self.pids.values())
+        """Actor processes that were replaced (killed and restarted by Ray) while the stage ran."""
+        return sum(len(p | {self.first[i]}) - 1 for i, p in self.pids.items() if i in self.first)
 
     def describe(self) -> str:
         return f"{self.units} units on {self.actors} Ray actors ({self.restarts} restarted)"
@@ -241,12 +246,16 @@ class Engine:
             shared = ray.put(args)
             actors = [remote.options(name=actor_name(name, i), namespace=NAMESPACE, num_cpus=1, num_gpus=gpus,
                                      max_restarts=MAX_RESTARTS, max_task_retries=MAX_TASK_RETRIES, lifetime=None)
-                      .remote(factory, [shared], threads) for i in range(n)]
+                      .remote(factory, threads) for i in range(n)]
+            try:
+                stats.first = dict(enumerate(ray.get([actor.pid.remote() for actor in actors])))
+            except ray.exceptions.RayError as exc:
+                raise AtlasError(f"{name} on Ray failed: {_cause(exc)}") from None
             queue: collections.deque = collections.deque()
             submitted = 0
             for index in range(len(units)):
                 while submitted < len(units) and submitted < index + DEPTH * n:
-                    queue.append(actors[submitted % n].run.remote(units[submitted]))
+                    queue.append(actors[submitted % n].run.remote([shared], units[submitted]))
                     submitted += 1
                 try:
                     pid, result = ray.get(queue.popleft())

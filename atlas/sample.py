@@ -30,8 +30,9 @@ from tqdm.auto import tqdm
 import atlas
 from atlas import store
 from atlas.data import ImageDataset, ImageList, class_table, list_images
+from atlas.engine import Engine, make_engine
 from atlas.errors import AtlasError
-from atlas.models import Network, autocast_dtype, load_model
+from atlas.models import Network, autocast_dtype, load_model, load_run_model
 from atlas.settings import SampleSettings, check_device, check_out_folder
 
 SHARD = 256
@@ -150,7 +151,7 @@ def sample(images: str | Path | ImageList, layers: Sequence[str], out: str | Pat
            batch_size: int = 32, workers: int = 2, attribution: bool = True, dtype: str = "float16",
            resize: int = 256, crop: int = 224, device: str = "cpu", progress: bool = True,
            shard_size: int = SHARD, precision: str = "auto", net: Network | None = None,
-           labels: str | Path | None = None) -> SampleResult:
+           labels: str | Path | None = None, engine: str | Engine = "local", ray_address: str | None = None) -> SampleResult:
     """Sample ``per_image`` activations per image at each layer into ``out``/store.zarr: the sample stage.
 
     Each image is resized and centre-cropped, run through the model once, and at ``per_image`` random spatial
@@ -204,6 +205,11 @@ def sample(images: str | Path | ImageList, layers: Sequence[str], out: str | Pat
         An already loaded model (``atlas.models.load_model``), to skip loading it again.
     labels : str, Path or None, default None
         A labels file for the images (docs/images.md, ``atlas.data``).
+    engine : str or Engine, default "local"
+        "local" (this process) or "ray": the shards run on a pool of Ray actors, one model each, and come back
+        here to be written; the store is bit-identical to a local run's (``atlas.engine``, docs/ray.md).
+    ray_address : str or None, default None
+        With ``engine="ray"``: "auto" (the running cluster), "HOST:PORT" or "ray://HOST:PORT"; None starts Ray here.
 
     Returns
     -------
@@ -225,6 +231,7 @@ def sample(images: str | Path | ImageList, layers: Sequence[str], out: str | Pat
                    workers=workers, attribution=attribution, dtype=dtype, precision=precision, device=device, shard_size=shard_size)
     check_out_folder(out)
     check_device(device)
+    run_on = engine if isinstance(engine, Engine) else make_engine(engine, ray_address)
     layers = list(dict.fromkeys(layers))
     net = net or load_model(model, weights, device)
     shapes = check_layers(net, layers, crop)
@@ -253,19 +260,12 @@ def sample(images: str | Path | ImageList, layers: Sequence[str], out: str | Pat
                desc=f"sample {','.join(layers)}", dynamic_ncols=True)
     finished = np.repeat(done, shard_size)[:n]
     tried, readable = int(finished.sum()), int(root["images/ok"][:][finished].sum()) if finished.any() else 0
-    first_error = None
-    processed = 0
-    try:
-        for shard in todo:
-            count, good, error = _run_shard(root, out, net, images, layers, shapes, shard, settings, batch_size, workers, device, bar)
-            processed, tried, readable = processed + count, tried + count, readable + good
-            first_error = first_error or error
-            if readable == 0 or (tried >= MIN_TRIED and readable < MIN_READABLE * tried):
-                _stop(out, tried, readable, first_error)
-            root["images/shard_done"][shard] = True  # only now: a shard that stopped the run is redone on resume
-    finally:
-        bar.close()
+    with run_on.session():
+        processed, first_error = _sample_shards(root, out, net, images, layers, shapes, settings, todo, batch_size, workers, device,
+                                                bar, run_on, tried, readable)
     seconds = time.perf_counter() - start
+    if run_on.is_ray and todo:
+        store.log(out, f"sample on Ray: {run_on.last.describe()}")
     ok = root["images/ok"][:]
     n_skipped = int((~ok).sum())
     counts = {layer: int(root[f"samples/{layer}/valid"][:].sum()) for layer in layers}
@@ -275,6 +275,41 @@ def sample(images: str | Path | ImageList, layers: Sequence[str], out: str | Pat
     store.finish_stage(out, "sample", _sample_paths(settings))
     return SampleResult(out, n, n_skipped, counts, seconds, processed / seconds if seconds > 0 and processed else 0.0,
                         images.summary)
+
+
+def _sample_shards(root, out: Path, net: Network, images: ImageList, layers: list[str], shapes: dict, settings: dict,
+                   todo: list[int], batch_size: int, workers: int, device: str, bar, run_on: Engine, tried: int,
+                   readable: int) -> tuple[int, str | None]:
+    """Compute the shards ``todo`` (here or on Ray), write and flag each in order; returns (images processed, first error)."""
+    first_error = None
+    processed = 0
+    if run_on.is_ray:
+        # One model per Ray actor; each returns its shards' arrays, written and flagged here in shard order.
+        results = _advancing(run_on.map(shard_worker, (settings, images, layers, shapes, batch_size, workers, device), todo,
+                                        "sample", gpus=1.0 if device.startswith("cuda") else 0.0), bar)
+    else:
+        results = (compute_shard(net, images, layers, shapes, shard, settings, batch_size, workers, device, bar.update)
+                   for shard in todo)
+    try:
+        for result in results:
+            error = _write_shard(root, out, images, layers, settings, result)
+            count, good, shard = len(result.ok), int(result.ok.sum()), result.shard
+            processed, tried, readable = processed + count, tried + count, readable + good
+            first_error = first_error or error
+            if readable == 0 or (tried >= MIN_TRIED and readable < MIN_READABLE * tried):
+                _stop(out, tried, readable, first_error)
+            root["images/shard_done"][shard] = True  # only now: a shard that stopped the run is redone on resume
+    finally:
+        bar.close()
+        results.close()
+    return processed, first_error
+
+
+def _advancing(results, bar):
+    """``results`` passed through, the progress bar advanced by each shard's images."""
+    for result in results:
+        bar.update(len(result.ok))
+        yield result
 
 
 def _stop(out: Path, tried: int, readable: int, first_error: str | None) -> None:
@@ -370,9 +405,21 @@ def _create(root, images: ImageList, net: Network, shapes: dict, settings: dict)
                                   "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
 
-def _run_shard(root, out: Path, net: Network, images: ImageList, layers: list[str], shapes: dict, shard: int,
-               settings: dict, batch_size: int, workers: int, device: str, bar) -> tuple[int, int, str | None]:
-    """Sample one shard and write its rows; returns (images, readable images, first error as 'path: error')."""
+@dataclass
+class ShardResult:
+    """One shard's samples, computed by :func:`compute_shard` (here or on a Ray worker), written by the driver."""
+
+    shard: int
+    acts: dict[str, np.ndarray]
+    attrs: dict[str, np.ndarray]
+    ok: np.ndarray
+    top5: np.ndarray
+    errors: list[tuple[int, str]]  # (image index, error) of every unreadable image, in order
+
+
+def compute_shard(net: Network, images: ImageList, layers: list[str], shapes: dict, shard: int, settings: dict, batch_size: int,
+                  workers: int, device: str, advance=None) -> ShardResult:
+    """Sample one shard: arrays in memory, nothing written (the same on the driver and on a Ray worker)."""
     n, k, seed, size = len(images), settings["per_image"], settings["seed"], settings["shard_size"]
     lo, hi = shard * size, min((shard + 1) * size, n)
     indices = list(range(lo, hi))
@@ -385,14 +432,11 @@ def _run_shard(root, out: Path, net: Network, images: ImageList, layers: list[st
     dataset = ImageDataset(images, settings["preprocessing"]["resize"], settings["preprocessing"]["crop"], indices)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                                          persistent_workers=False, prefetch_factor=4 if workers else None)
-    first_error = None
-    for batch_index, batch, errors in loader:
+    errors: list[tuple[int, str]] = []
+    for batch_index, batch, batch_errors in loader:
         local = (batch_index - lo).numpy()
-        good = np.array([not e for e in errors])
-        for index, error in zip(batch_index.tolist(), errors, strict=True):
-            if error:
-                store.log(out, f"skipped image {index} {images.paths[index]}: {error}")
-                first_error = first_error or (error if images.paths[index] in error else f"{images.paths[index]}: {error}")
+        good = np.array([not e for e in batch_errors])
+        errors += [(index, error) for index, error in zip(batch_index.tolist(), batch_errors, strict=True) if error]
         if good.any():
             sel = local[good]
             x = batch[torch.from_numpy(good)].to(device)
@@ -406,19 +450,46 @@ def _run_shard(root, out: Path, net: Network, images: ImageList, layers: list[st
             if logits is not None:
                 top5[sel] = logits.topk(TOP_K, dim=1).indices.cpu().numpy()
             ok[sel] = True
-        bar.update(len(batch_index))
+        if advance is not None:
+            advance(len(batch_index))
+    # Stored types are applied here, so a Ray worker sends half the bytes for float16 runs (the cast is the same).
+    acts = {layer: value.astype(settings["dtype"]) for layer, value in acts.items()}
+    attrs = {layer: value.astype(settings["dtype"]) for layer, value in attrs.items()}
+    return ShardResult(shard, acts, attrs, ok, top5, errors)
 
-    valid = np.repeat(ok, k)
+
+def shard_worker(settings: dict, images: ImageList, layers: list[str], shapes: dict, batch_size: int, workers: int,
+                 device: str):
+    """A Ray worker's shard function (``atlas.engine``): the run's model loaded once, then one call per shard."""
+    net = load_run_model(settings, device)
+
+    def run(shard: int) -> ShardResult:
+        return compute_shard(net, images, layers, shapes, shard, settings, batch_size, workers, device)
+
+    return run
+
+
+def _write_shard(root, out: Path, images: ImageList, layers: list[str], settings: dict, result: ShardResult) -> str | None:
+    """Write one shard's rows (not yet its done flag) and log its unreadable images; returns the first error."""
+    n, k, size = len(images), settings["per_image"], settings["shard_size"]
+    lo, hi = result.shard * size, min((result.shard + 1) * size, n)
+    first_error = None
+    for index, error in result.errors:
+        store.log(out, f"skipped image {index} {images.paths[index]}: {error}")
+        first_error = first_error or (error if images.paths[index] in error else f"{images.paths[index]}: {error}")
+    positions = {layer: shard_positions(settings["seed"], range(lo, hi), li, tuple(root[f"samples/{layer}"].attrs["grid_hw"]), k)
+                 for li, layer in enumerate(layers)}
+    valid = np.repeat(result.ok, k)
     row_lo, row_hi = lo * k, hi * k
     image_index = np.repeat(np.arange(lo, hi, dtype=np.int32), k)
     for layer in layers:
         g = root[f"samples/{layer}"]
-        g["activations"][row_lo:row_hi] = acts[layer].astype(settings["dtype"])
+        g["activations"][row_lo:row_hi] = result.acts[layer]
         if settings["attribution"]:
-            g["attributions"][row_lo:row_hi] = attrs[layer].astype(settings["dtype"])
+            g["attributions"][row_lo:row_hi] = result.attrs[layer]
         g["image_index"][row_lo:row_hi] = image_index
         g["position"][row_lo:row_hi] = positions[layer]
         g["valid"][row_lo:row_hi] = valid
-    root["images/ok"][lo:hi] = ok
-    root["images/top5"][lo:hi] = top5
-    return hi - lo, int(ok.sum()), first_error
+    root["images/ok"][lo:hi] = result.ok
+    root["images/top5"][lo:hi] = result.top5
+    return first_error

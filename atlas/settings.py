@@ -50,6 +50,9 @@ PROJECTIONS = ("deconvnet", "guided", "gradient")
 VIS_KINDS = ("fft", "pixel", "yosinski-1", "yosinski-2", "yosinski-3", "yosinski-4", "alpha", "diverse")
 CHANNELS_PATTERN = re.compile(r"\s*\d+(\s*-\s*\d+)?(\s*,\s*\d+(\s*-\s*\d+)?)*\s*")
 DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d+)?|mps")
+# The engines of the stages whose cost grows with images or cells (atlas.engine, docs/ray.md).
+ENGINES = ("local", "ray")
+RAY_ADDRESS_PATTERN = re.compile(r"auto|(ray://)?[A-Za-z0-9_.\-\[\]:]+:\d{1,5}")
 
 
 # ----------------------------------------------------------------------------- checks
@@ -340,6 +343,11 @@ class RunSettings(StageSettings):
                                  "Labels file for the images ('name label' lines, one label per line, or LOC_val_solution.csv).")
     out: str | None = setting(None, Text(optional=True, what="a path"), "Run folder (atlas build's default: outputs/MODEL-LAYERS).")
     layers: tuple[str, ...] = setting(("mixed4c",), TextList(), "Layers to sample and lay out, each a convolutional layer of the model.")
+    engine: str = setting("local", Choice(ENGINES), "Where sample, render and the unit lens's top-k pass run: local (this process) "
+                          "or ray (a pool of Ray actors, one model each; pip install 'atlas[ray]'; docs/ray.md).", speed=True)
+    ray_address: str | None = setting(None, Text(optional=True, pattern=RAY_ADDRESS_PATTERN, what="auto, HOST:PORT or ray://HOST:PORT"),
+                                      "Ray cluster of --engine ray: auto (the running one), HOST:PORT or ray://HOST:PORT "
+                                      "(None: start Ray on this machine).", speed=True)
 
 
 @_documented

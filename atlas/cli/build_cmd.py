@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from atlas.cli.commands import app
-from atlas.settings import GridSettings, ProjectSettings, RenderSettings
+from atlas.settings import GridSettings, ProjectSettings, RenderSettings, RunSettings
 
 
 @app.command("build")
@@ -30,6 +30,8 @@ def build_command(
     icons: Annotated[str | None, typer.Option(help=RenderSettings.option_help("icons"))] = None,
     seed: Annotated[int | None, typer.Option(help="seed of every stage")] = None,
     device: Annotated[str | None, typer.Option(help="cpu or cuda")] = None,
+    engine: Annotated[str | None, typer.Option(help=RunSettings.option_help("engine"))] = None,
+    ray_address: Annotated[str | None, typer.Option("--ray-address", help=RunSettings.option_help("ray_address"))] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the resolved settings and estimated costs only")] = False,
 ) -> None:
     """Run sample -> project -> grid -> render -> tiles, redoing only what changed."""
@@ -41,7 +43,8 @@ def build_command(
     default_out = Path("outputs") / f"{model_name}-{'-'.join(layers)}"
     overrides = {
         "run": {"images": str(images) if images else None, "labels": str(labels) if labels else None, "layers": layer or None,
-                "out": str(out) if out else (None if resolved["run"]["out"] else str(default_out))},
+                "out": str(out) if out else (None if resolved["run"]["out"] else str(default_out)),
+                "engine": engine, "ray_address": ray_address},
         "sample": {"model": model, "weights": str(weights) if weights else None, "max_images": max_images, "per_image": per_image,
                    "seed": seed, "device": device},
         "project": {"method": method, "seed": seed, "knn": knn},

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from atlas.cli.commands import app
-from atlas.settings import GridSettings, check_out_folder
+from atlas.settings import GridSettings, RunSettings, check_out_folder
 from atlas.settings import RenderSettings as R
 
 
@@ -27,15 +27,20 @@ def render_command(
     device: Annotated[str, typer.Option(help=R.option_help("device"))] = R.device,
     icons: Annotated[str, typer.Option(help=R.option_help("icons"))] = R.icons,
     seed: Annotated[int, typer.Option(help=R.option_help("seed"))] = R.seed,
+    engine: Annotated[str, typer.Option(help=RunSettings.option_help("engine"))] = RunSettings.engine,
+    ray_address: Annotated[str | None, typer.Option("--ray-address", help=RunSettings.option_help("ray_address"))] = None,
 ) -> None:
     """Render one icon per kept grid cell into RUN/store.zarr (resumable; finished icons are kept)."""
     # Checked before the stage (and torch) is imported: `--quality ultra` or `--steps 0` fail at once.
     GridSettings(sizes=grid)
     R(quality=quality, steps=steps, size=size, attempts=attempts, batch=batch, p=p, icons=icons, device=device, seed=seed)
+    from atlas.engine import make_engine
+
+    run_on = make_engine(engine, ray_address)  # without Ray: one line saying how to install it, before torch loads
     from atlas.render import render
 
     summaries = render(run_dir, layer, grid, atlas=atlas, quality=quality, steps=steps, size=size, attempts=attempts,
-                       batch=batch, p=p, device=device, icons=icons, seed=seed)
+                       batch=batch, p=p, device=device, icons=icons, seed=seed, engine=run_on)
     for grid_size, s in summaries.items():
         cos = f", mean cos(h, v) {s['mean_cosine']:.3f}" if s["mean_cosine"] is not None else ""
         typer.echo(f"{layer} {grid_size}x{grid_size}: {s['n_done']}/{s['n_render']} icons ({s['rendered_now']} new, "

@@ -10,8 +10,8 @@ import typer
 
 from atlas.cli.commands import app
 from atlas.errors import AtlasError
+from atlas.settings import RunSettings, check_out_folder
 from atlas.settings import SampleSettings as S
-from atlas.settings import check_out_folder
 
 
 @app.command("sample")
@@ -33,17 +33,22 @@ def sample_command(
     precision: Annotated[str, typer.Option(help=S.option_help("precision"))] = S.precision,
     labels: Annotated[Path | None, typer.Option("--labels", help="labels file for the images: 'name label' lines, "
                                                 "one label per line in image order, or LOC_val_solution.csv")] = None,
+    engine: Annotated[str, typer.Option(help=RunSettings.option_help("engine"))] = RunSettings.engine,
+    ray_address: Annotated[str | None, typer.Option("--ray-address", help=RunSettings.option_help("ray_address"))] = None,
 ) -> None:
     """Sample one random spatial activation per image (and its class attributions) into RUN/store.zarr."""
     # Checked before the stage (and torch) is imported: a bad option fails at once, before anything is created.
     S(model=model, weights=weights, max_images=max_images, per_image=per_image, seed=seed, batch_size=batch_size, workers=workers,
       attribution=not no_attribution, dtype=dtype, precision=precision, device=device, shard_size=shard_size)
     check_out_folder(out)
+    from atlas.engine import make_engine
+
+    run_on = make_engine(engine, ray_address)  # without Ray: one line saying how to install it, before torch loads
     from atlas.sample import sample
 
     result = sample(images, layer, out, model=model, weights=weights, max_images=max_images, per_image=per_image, seed=seed,
                     batch_size=batch_size, workers=workers, attribution=not no_attribution, dtype=dtype, device=device,
-                    shard_size=shard_size, precision=precision, labels=labels)
+                    shard_size=shard_size, precision=precision, labels=labels, engine=run_on)
     typer.echo(result.images_summary)
     counts = ", ".join(f"{k}: {v}" for k, v in result.n_samples.items())
     typer.echo(f"{result.n_images} images ({result.n_skipped} skipped, see {out}/log.txt), samples {counts} -> {out}")

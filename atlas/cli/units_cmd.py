@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from atlas.cli.commands import app
+from atlas.settings import RunSettings
 from atlas.settings import UnitsSettings as U
 
 
@@ -33,6 +34,8 @@ def units_command(
     batch_size: Annotated[int, typer.Option(help=U.option_help("batch_size"))] = U.batch_size,
     workers: Annotated[int, typer.Option(help=U.option_help("workers"))] = U.workers,
     device: Annotated[str, typer.Option(help=U.option_help("device"))] = U.device,
+    engine: Annotated[str, typer.Option(help=RunSettings.option_help("engine"))] = RunSettings.engine,
+    ray_address: Annotated[str | None, typer.Option("--ray-address", help=RunSettings.option_help("ray_address"))] = None,
 ) -> None:
     """Per-channel top-k dataset patches, their projections to pixels and regularised visualisations, and the
     unit gallery under RUN/tiles/units/ (resumable; what is done is kept)."""
@@ -41,9 +44,12 @@ def units_command(
                  projections=() if no_projection else tuple(projection or U.projections),
                  kinds=() if no_vis else tuple(kind or U.kinds), objective=objective, n_diverse=n_diverse, size=size, steps=steps,
                  seed=seed, batch=batch, batch_size=batch_size, workers=workers, device=device)
+    from atlas.engine import make_engine
+
+    run_on = make_engine(engine, ray_address)  # without Ray: one line saying how to install it, before torch loads
     from atlas.units import units
 
-    report = units(run_dir, layer or None, settings, echo=typer.echo)
+    report = units(run_dir, layer or None, settings, echo=typer.echo, engine=run_on)
     for name, entry in report.items():
         if name != "seconds":
             typer.echo(f"{name}: {len(entry['channels'])} units -> {entry.get('gallery')}")

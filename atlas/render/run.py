@@ -26,6 +26,7 @@ import zarr
 from tqdm import tqdm
 
 from atlas import store
+from atlas.engine import Engine, make_engine
 from atlas.errors import AtlasError
 from atlas.models import Network, autocast_dtype, load_run_model
 from atlas.render.examples import compose, sample_patches
@@ -117,7 +118,7 @@ def _load_network(root: zarr.Group, device: str) -> Network:
 def render(run_dir: str | Path, layer: str, sizes: Sequence[int] | int, atlas: str = "full", quality: str = RenderSettings.quality,
            steps: int | None = None, size: int | None = None, attempts: int | None = None, batch: int | None = None,
            p: float = 2.0, device: str = "cpu", icons: str = "optimize", seed: int = 0, progress: bool = True,
-           whiten: bool = True, network: Network | None = None) -> dict:
+           whiten: bool = True, network: Network | None = None, engine: str | Engine = "local", ray_address: str | None = None) -> dict:
     """Render the icons of the cells with ``render`` set in ``grids/{layer}/{atlas}/{size}``, for each grid size.
 
     The settings and their ranges are :class:`atlas.settings.RenderSettings`' (checked first,
@@ -158,6 +159,11 @@ def render(run_dir: str | Path, layer: str, sizes: Sequence[int] | int, atlas: s
         Use the run's ``whitening/{layer}/matrix`` as S when it has one (else S is the identity).
     network : Network or None, default None
         The run's model, already loaded (tests, notebooks); None: load it from the run's attributes.
+    engine : str or Engine, default "local"
+        "local" or "ray": the cell batches of ``icons="optimize"`` run on a pool of Ray actors (one model each) and
+        come back here to be written; icons equal a local run's for the same seeds and precision (docs/ray.md).
+    ray_address : str or None, default None
+        With ``engine="ray"``: "auto", "HOST:PORT" or "ray://HOST:PORT"; None starts Ray on this machine.
 
     Returns
     -------
@@ -168,6 +174,7 @@ def render(run_dir: str | Path, layer: str, sizes: Sequence[int] | int, atlas: s
     """
     RenderSettings(quality=quality, steps=steps, size=size, attempts=attempts, batch=batch, p=p, icons=icons, device=device, seed=seed)
     check_device(device)
+    run_on = engine if isinstance(engine, Engine) else make_engine(engine, ray_address)
     sizes = [sizes] if isinstance(sizes, int) else list(sizes)
     open_store(run_dir)  # clear error when there is no run
     store.take_lock(run_dir)
@@ -185,10 +192,13 @@ def render(run_dir: str | Path, layer: str, sizes: Sequence[int] | int, atlas: s
         if icons == "examples":
             summaries[grid_size] = _render_examples(run_dir, root, grid, layer, atlas, grid_size, settings.size, progress)
         else:
-            if net is None:
+            if net is None:  # on Ray too: the icons' key names the model and its weights (each actor loads its own copy)
                 net = _load_network(root, device)
-            summaries[grid_size] = _render_optimize(root, grid, net, layer, atlas, grid_size, settings, batch, device, seed,
-                                                    whiten, progress)
+            with run_on.session():
+                summaries[grid_size] = _render_optimize(root, grid, net, layer, atlas, grid_size, settings, batch, device, seed,
+                                                        whiten, progress, run_on)
+            if run_on.is_ray:
+                store.log(run_dir, f"render {layer}/{atlas}/{grid_size} on Ray: {run_on.last.describe()}")
         root[ipath].attrs["grid_id"] = grid.attrs.get("grid_id")  # the lineage: these icons are this grid's (store.stale)
         store.finish_stage(run_dir, "render", [ipath])
     return summaries
@@ -223,7 +233,7 @@ def _begin_icons(run_dir: str | Path, root: zarr.Group, layer: str, atlas: str, 
 
 
 def _render_optimize(root: zarr.Group, grid: zarr.Group, net: Network, layer: str, atlas: str, grid_size: int,
-                     settings: Settings, batch: int, device: str, seed: int, whiten: bool, progress: bool) -> dict:
+                     settings: Settings, batch: int, device: str, seed: int, whiten: bool, progress: bool, engine: Engine) -> dict:
     mask = grid["render"][...]
     means = grid["mean_activation"]
     wpath = f"whitening/{layer}/matrix"
@@ -244,32 +254,65 @@ def _render_optimize(root: zarr.Group, grid: zarr.Group, net: Network, layer: st
     digests = np.array([_digest(v.tobytes()) for v in vectors], dtype=np.int64)
     done, have = group["done"][...], group["digest"][...]
     todo = [i for i, (gy, gx) in enumerate(cells) if not (done[gy, gx] and have[gy, gx] == digests[i])]
-    s = torch.as_tensor(whitening) if whitening is not None else None
     bar = tqdm(total=len(todo), unit="icon", desc=f"render {layer} {grid_size}x{grid_size}", disable=not progress,
                dynamic_ncols=True, smoothing=0.1, bar_format="{l_bar}{bar}| {n:.0f}/{total} [{elapsed}<{remaining}, {rate_fmt}]")
     start, rendered = time.perf_counter(), 0
+    # The work units: batches of cells, each with its directions and seeds (the same batches on every engine).
+    units = []
+    for lo in range(0, len(todo), batch):
+        idx = np.asarray(todo[lo : lo + batch])
+        units.append((idx, vectors[idx], [(seed, int(digests[i]), k) for i in idx for k in range(settings.attempts)]))
+    if engine.is_ray:
+        # One model per Ray actor; each returns its batches' pixels, written here batch by batch as locally.
+        results = engine.map(render_worker, (dict(root.attrs), device, layer, whitening, settings),
+                             [(v, seeds) for _, v, seeds in units], f"render-{grid_size}",
+                             gpus=1.0 if device.startswith("cuda") else 0.0)
+    else:
+        def local():
+            for _, v, seeds in units:
+                base, n = bar.n, len(v)
+
+                def tick(step: int, _param, n=n, base=base) -> None:
+                    if step % 8 == 7:
+                        bar.n = base + n * (step + 1) / settings.steps
+                        bar.refresh()
+
+                yield render_batch(net, layer, v, whitening, seeds, settings, device, tick)
+
+        results = local()
     try:
-        for lo in range(0, len(todo), batch):
-            idx = np.asarray(todo[lo : lo + batch])
-            n, a = len(idx), settings.attempts
-            objective = direction(layer, torch.from_numpy(vectors[idx]).repeat_interleave(a, 0), s, settings.p)
-            seeds = [(seed, int(digests[i]), k) for i in idx for k in range(a)]
-            base = bar.n
-
-            def tick(step: int, _param, n=n, base=base) -> None:
-                if step % 8 == 7:
-                    bar.n = base + n * (step + 1) / settings.steps
-                    bar.refresh()
-
-            result = best_of(optimize(net, layer, objective, seeds, settings, device, tick), a)
-            pixels = np.clip(np.rint(result.images * 255.0), 0, 255).astype(np.uint8)
-            _write(group, cells[idx], pixels, result.cosine, result.objective, digests[idx])
-            rendered += n
-            bar.n = base + n
+        for (idx, _, _), (pixels, cosine, objective) in zip(units, results, strict=False):
+            _write(group, cells[idx], pixels, cosine, objective, digests[idx])
+            rendered += len(idx)
+            bar.n = rendered
             bar.refresh()
     finally:
         bar.close()
+        results.close()
     return _summarise(group, mask, rendered, time.perf_counter() - start, settings.steps * settings.attempts)
+
+
+def render_batch(net: Network, layer: str, vectors: np.ndarray, whitening: np.ndarray | None, seeds: list, settings: Settings,
+                 device: str, tick=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One batch of icons (pixels uint8, cosine, objective) for cell means ``vectors``: arrays in, arrays out, nothing
+    written (the same on the driver and on a Ray worker)."""
+    a = settings.attempts
+    s = torch.as_tensor(whitening) if whitening is not None else None
+    objective = direction(layer, torch.from_numpy(vectors).repeat_interleave(a, 0), s, settings.p)
+    result = best_of(optimize(net, layer, objective, seeds, settings, device, tick), a)
+    pixels = np.clip(np.rint(result.images * 255.0), 0, 255).astype(np.uint8)
+    return pixels, result.cosine, result.objective
+
+
+def render_worker(attrs: dict, device: str, layer: str, whitening: np.ndarray | None, settings: Settings):
+    """A Ray worker's batch function (``atlas.engine``): the run's model loaded once, then one call per cell batch."""
+    net = load_run_model(attrs, device)
+
+    def run(unit: tuple[np.ndarray, list]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        vectors, seeds = unit
+        return render_batch(net, layer, vectors, whitening, seeds, settings, device)
+
+    return run
 
 
 def _render_examples(run_dir: str | Path, root: zarr.Group, grid: zarr.Group, layer: str, atlas: str, grid_size: int,

@@ -169,7 +169,8 @@ def _settings(settings: UnitsSettings | None, options: dict) -> UnitsSettings:
 
 @store.writer
 def units(run_dir: str | Path, layers: Sequence[str] | str | None = None, settings: UnitsSettings | None = None, *,
-          net=None, progress: bool = True, echo: Callable[[str], None] | None = print, gallery: bool = True, **options) -> dict:
+          net=None, progress: bool = True, echo: Callable[[str], None] | None = print, gallery: bool = True, engine="local",
+          **options) -> dict:
     """Run the unit lens on a sampled run: top-k examples, projections, visualisations, class scores, gallery.
 
     Parameters
@@ -193,6 +194,8 @@ def units(run_dir: str | Path, layers: Sequence[str] | str | None = None, settin
         Receives one line per part as it starts.
     gallery : bool, default True
         Also write the unit gallery (``atlas build`` writes it in a later step of its own, after the atlas tiles).
+    engine : "local", "ray" or an :class:`atlas.engine.Engine`, default "local"
+        Where the top-k pass's shards run (docs/ray.md); the other parts run here.
     **options
         Overrides of single settings, e.g. ``units(run, "mixed4c", channels="0-63", kinds=["fft"])``.
 
@@ -240,7 +243,7 @@ def units(run_dir: str | Path, layers: Sequence[str] | str | None = None, settin
         say(f"units {layer}: top-{s.top_k} examples of {len(chosen[layer])} of {c} channels")
         entry: dict = {"channels": chosen[layer]}
         entry["top"] = top_examples(run_dir, [layer], k=s.top_k, channels=picked, patch=s.patch, batch_size=s.batch_size,
-                                    workers=s.workers, device=s.device, progress=progress, net=net)
+                                    workers=s.workers, device=s.device, progress=progress, net=net, engine=engine)
         entry["projections"] = {}
         for method in s.projections:
             say(f"units {layer}: {method} projections")

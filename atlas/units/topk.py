@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from atlas import store
 from atlas.data import ImageDataset, ImageList, load_image, real_path
+from atlas.engine import Engine, make_engine
 from atlas.errors import AtlasError
 from atlas.models import Network, load_run_model
 from atlas.settings import check_device, parse_channels
@@ -239,10 +240,55 @@ class _Layer:
         return top
 
 
+def shard_tops(net: Network, images: ImageList, resize: int, crop: int, k: int, batch_size: int, workers: int, device: str,
+               precision: str, wanted: list[int], layer_todo: list[tuple[str, list[int]]], advance=None
+               ) -> tuple[dict[str, Top], list[tuple[int, str]], int, int]:
+    """One shard's top-k per (layer, channels to rank): arrays in memory, nothing written (the same here and on a Ray
+    worker). Returns (tops by layer, [(image index, error)] of unreadable images, images tried, images read)."""
+    tops = {name: empty_top(len(todo), k) for name, todo in layer_todo}
+    errors: list[tuple[int, str]] = []
+    tried = readable = 0
+    if not wanted:
+        return tops, errors, tried, readable
+    dataset = ImageDataset(images, resize, crop, wanted)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, persistent_workers=False,
+                                         prefetch_factor=4 if workers else None)
+    for batch_index, batch, batch_errors in loader:
+        good = np.array([not e for e in batch_errors])
+        errors += [(index, error) for index, error in zip(batch_index.tolist(), batch_errors, strict=True) if error]
+        if good.any():
+            x = batch[torch.from_numpy(good)].to(device)
+            idx = batch_index.numpy()[good]
+            with torch.inference_mode(), torch.autocast(x.device.type, torch.bfloat16, enabled=precision == "bfloat16"):
+                out = net.activations(x, [name for name, _ in layer_todo])
+            for name, todo in layer_todo:
+                act = out[name]
+                if len(todo) < act.shape[1]:
+                    act = act[:, torch.tensor(todo, dtype=torch.long, device=act.device)]
+                values, pos = max_positions(act.float())
+                tops[name] = merge_topk(tops[name], batch_top(values.cpu().numpy(), pos.cpu().numpy(), idx, k), k)
+        tried, readable = tried + len(batch_errors), readable + int(good.sum())
+        if advance is not None:
+            advance(len(batch_index))
+    return tops, errors, tried, readable
+
+
+def topk_worker(meta: dict, paths, resize: int, crop: int, k: int, batch_size: int, workers: int, device: str, precision: str):
+    """A Ray worker's shard function (``atlas.engine``): the run's model loaded once, then one call per shard."""
+    net = load_run_model(meta, device)
+    images = ImageList(paths=[str(p) for p in paths], labels=np.zeros(len(paths), np.int32))
+
+    def run(unit: tuple[list[int], list[tuple[str, list[int]]]]):
+        wanted, layer_todo = unit
+        return shard_tops(net, images, resize, crop, k, batch_size, workers, device, precision, wanted, layer_todo)
+
+    return run
+
+
 @store.writer
 def top_examples(run_dir: str | Path, layers: str | Sequence[str], k: int = 9, channels=None, patch: int = PATCH,
                  batch_size: int = 32, workers: int = 2, device: str = "cpu", progress: bool = True,
-                 net: Network | None = None) -> dict:
+                 net: Network | None = None, engine: str | Engine = "local", ray_address: str | None = None) -> dict:
     """Find every channel's top-k dataset examples in the run's images and store them under ``units/{layer}/top``.
 
     One streamed pass over the run's image list (all ``layers`` in the same forward, which stops at the deepest),
@@ -266,6 +312,9 @@ def top_examples(run_dir: str | Path, layers: str | Sequence[str], k: int = 9, c
         A progress bar (only on a terminal).
     net : Network or None
         The run's model, already loaded; None: loaded from the store (``model``, ``weights``).
+    engine, ray_address : "local" or "ray" (or an :class:`atlas.engine.Engine`), and the Ray cluster's address
+        With "ray", the shards run on a pool of Ray actors (one model each) and come back here to be merged and written;
+        the result is bit-identical to a local pass's (docs/ray.md).
 
     Returns
     -------
@@ -286,6 +335,7 @@ def top_examples(run_dir: str | Path, layers: str | Sequence[str], k: int = 9, c
         raise AtlasError("batch_size must be at least 1 and workers at least 0")
     k, patch = int(k), int(patch)
     check_device(device)
+    run_on = engine if isinstance(engine, Engine) else make_engine(engine, ray_address)
     run = Path(run_dir)
     root = store.open_store(run)
     meta = store.attrs(root)
@@ -332,50 +382,45 @@ def top_examples(run_dir: str | Path, layers: str | Sequence[str], k: int = 9, c
     precision = str(meta.get("precision") or "float32")
     total = sum(min(shard_size, n - sh * shard_size) for sh in todo)
     bar = tqdm(total=total, unit="img", disable=None if progress else True, desc=f"units top-{k} {','.join(layers)}", dynamic_ncols=True)
-    try:
-        for shard in todo:
-            lo, hi = shard * shard_size, min((shard + 1) * shard_size, n)
-            wanted = [i for i in range(lo, hi) if ok[i]]
-            needs = [s for s in active if not s.shard_done[shard]]
-            tops = {s.name: empty_top(len(s.todo), k) for s in needs}
-            if wanted:
-                dataset = ImageDataset(images, resize, crop, wanted)
-                loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, persistent_workers=False,
-                                                     prefetch_factor=4 if workers else None)
-                for batch_index, batch, errors in loader:
-                    good = np.array([not e for e in errors])
-                    for index, error in zip(batch_index.tolist(), errors, strict=True):
-                        if error:
-                            failed_now += 1
-                            skipped.add(index)
-                            first_error = first_error or f"{paths[index]}: {error}"
-                            store.log(run, f"units: skipped image {index} {paths[index]}: {error}")
-                    if good.any():
-                        x = batch[torch.from_numpy(good)].to(device)
-                        idx = batch_index.numpy()[good]
-                        with torch.inference_mode(), torch.autocast(x.device.type, torch.bfloat16, enabled=precision == "bfloat16"):
-                            out = net.activations(x, [s.name for s in needs])
-                        for s in needs:
-                            act = out[s.name]
-                            if len(s.todo) < s.c:
-                                act = act[:, s.index.to(act.device)]
-                            values, pos = max_positions(act.float())
-                            tops[s.name] = merge_topk(tops[s.name], batch_top(values.cpu().numpy(), pos.cpu().numpy(), idx, k), k)
-                    tried, readable = tried + len(errors), readable + int(good.sum())
-                    bar.update(len(batch_index))
-            bar.update(hi - lo - len(wanted))
-            if tried and (readable == 0 or (tried >= MIN_TRIED and readable < MIN_READABLE * tried)):
-                # The photos went away during the pass: stop, keeping the shards done before; this one is not flagged.
-                message = (f"stopped the top-k pass: {tried - readable:,} of the {tried:,} images tried could not be read; first error: "
-                           f"{first_error}; every skipped file is listed in {run / 'log.txt'}")
-                store.log(run, message)
-                raise AtlasError(message)
-            for s in needs:
-                s.write_shard(shard, tops[s.name])
-                s.shard_done[shard] = True
-    finally:
-        bar.close()
+    # The work units: per shard, the images to read and the (layer, channels) still to rank there.
+    units = []
+    for shard in todo:
+        lo, hi = shard * shard_size, min((shard + 1) * shard_size, n)
+        needs = [s for s in active if not s.shard_done[shard]]
+        units.append((shard, [i for i in range(lo, hi) if ok[i]], [(s.name, s.todo) for s in needs], needs))
+    with run_on.session():  # Ray started (or joined) for the pass, when the engine is ray
+        spec = (paths, resize, crop, k, batch_size, workers, device, precision)
+        if run_on.is_ray:
+            # One model per Ray actor; each returns its shards' top-ks, written and flagged here in shard order.
+            results = run_on.map(topk_worker, (meta, *spec), [(wanted, layer_todo) for _, wanted, layer_todo, _ in units],
+                                 "units-top", gpus=1.0 if device.startswith("cuda") else 0.0)
+        else:
+            results = (shard_tops(net, images, *spec[1:], wanted, layer_todo, bar.update) for _, wanted, layer_todo, _ in units)
+        try:
+            for (shard, wanted, _, needs), (tops, errors, shard_tried, shard_readable) in zip(units, results, strict=False):
+                lo, hi = shard * shard_size, min((shard + 1) * shard_size, n)
+                for index, error in errors:
+                    failed_now += 1
+                    skipped.add(index)
+                    first_error = first_error or f"{paths[index]}: {error}"
+                    store.log(run, f"units: skipped image {index} {paths[index]}: {error}")
+                tried, readable = tried + shard_tried, readable + shard_readable
+                bar.update(hi - lo - len(wanted) + (len(wanted) if run_on.is_ray else 0))
+                if tried and (readable == 0 or (tried >= MIN_TRIED and readable < MIN_READABLE * tried)):
+                    # The photos went away during the pass: stop, keeping the shards done before; this one is not flagged.
+                    message = (f"stopped the top-k pass: {tried - readable:,} of the {tried:,} images tried could not be read; "
+                               f"first error: {first_error}; every skipped file is listed in {run / 'log.txt'}")
+                    store.log(run, message)
+                    raise AtlasError(message)
+                for s in needs:
+                    s.write_shard(shard, tops[s.name])
+                    s.shard_done[shard] = True
+        finally:
+            bar.close()
+            results.close()
     seconds = time.perf_counter() - start
+    if run_on.is_ray and todo:
+        store.log(run, f"units top-k on Ray: {run_on.last.describe()}")
     if todo and len(skipped) >= n:
         raise AtlasError(f"none of the run's {n:,} images is readable (the sampler could read none); nothing to rank")
     summary: dict = {}
