@@ -227,11 +227,9 @@ def inspect(images: Sequence[str | os.PathLike] | str | os.PathLike, run: str | 
                                     batch_size=s.batch_size)
             entry["occlusion"] = {"layer": layer, **_prefixed(write_occlusion(result, picture, work / sub, net.classes), sub)}
         if root is not None:
-            entry["atlas"] = _placement(run_dir, net, x.to(s.device), layer, target_class, s, work / sub, name, say, Path(path).name)
+            entry["atlas"] = _placement(run_dir, net, x.to(s.device), layer, target_class, s, work / sub, say, Path(path).name)
             if entry["atlas"] is not None:
                 entry["atlas"] = _prefixed(entry["atlas"], sub)
-                if out is None:  # the report sits in the run's viewer: link the overlay of this image's positions
-                    entry["atlas"]["viewer"] = f"../../index.html?inspect={name}#{layer}/{s.atlas}"
         summary["images"].append(entry)
 
     if s.invariance:
@@ -260,11 +258,15 @@ def inspect(images: Sequence[str | os.PathLike] | str | os.PathLike, run: str | 
     _publish(work, target)
     if run_dir is not None and out is None:
         _list_report(run_dir, summary)
+        if (run_dir / "tiles" / "atlases.json").is_file():  # a page being served now loads the overlay add-on too
+            from atlas.viewer import install_viewer
+
+            install_viewer(run_dir / "tiles")
     summary["index"] = str(target / "index.html")
     return summary
 
 
-def _placement(run_dir: Path, net, x, layer: str, target: int, s: InspectSettings, folder: Path, name: str, say, shown: str):
+def _placement(run_dir: Path, net, x, layer: str, target: int, s: InspectSettings, folder: Path, say, shown: str):
     """The image on the atlas, or None (with a line saying why) when the run has no atlas of that layer yet."""
     from atlas.inspect.onatlas import image_positions, place_on_atlas, write_placement
 
@@ -274,8 +276,8 @@ def _placement(run_dir: Path, net, x, layer: str, target: int, s: InspectSetting
         return None
     say(f"inspect {shown}: placing its {layer} activations on the atlas ({s.neighbors} nearest samples)")
     acts, attribution, _hw, _t = image_positions(net, x, layer, target)
-    placement = place_on_atlas(run_dir, layer, acts, atlas=s.atlas, k=s.neighbors)
-    return write_placement(run_dir, placement, attribution, folder, name)
+    placement = place_on_atlas(run_dir, layer, acts, atlas=s.atlas, k=s.neighbors, net=net)
+    return write_placement(run_dir, placement, attribution, folder, shown, target=target, classes=net.classes)
 
 
 def _galleries(run_dir: Path) -> set[str]:
