@@ -12,7 +12,7 @@
 Every figure is printed with the machine's load (``os.getloadavg``) when it was measured: on a shared 2-core
 machine the load moves the numbers more than anything else.
 
-    .venv/bin/python bench/live.py [--run RUN] [--frames 40] [--layer mixed4c] [--threads 2] [--seconds 8]
+    .venv/bin/python bench/live.py [--run RUN] [--frames 40] [--layer mixed4c] [--threads 2] [--seconds 8] [--rounds 3]
 
 Without ``--run``, a throwaway run is sampled from 8 shared photos (the live page needs the run's model, not its
 atlas; an empty atlas listing lets ``atlas serve`` start on it).
@@ -20,18 +20,24 @@ atlas; an empty atlas listing lets ``atlas serve`` start on it).
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import io
-import json
 import os
-import shutil
-import statistics
 import sys
-import tempfile
-import threading
-import time
-from pathlib import Path
+
+# python puts bench/ first on sys.path, where bench/inspect.py would stand in for the standard library's inspect
+# (which asyncio imports): drop it before anything else is imported
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != HERE]
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+import shutil  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 PHOTOS = SHARED / "data" / "imagenet-samples"
@@ -75,7 +81,7 @@ def summary(name: str, latencies: list[float], elapsed: float, count: int, extra
           f"p90 {1000 * p90:6.0f} ms   {extra}  [{load()}]", flush=True)
 
 
-async def closed_loop(url: str, data: list[bytes], layer: str, rounds: int) -> None:
+async def closed_loop(url: str, data: list[bytes], layer: str, rounds: int, offset: int = 0) -> tuple[list[float], float, list[float], int]:
     import websockets
 
     from atlas.live import unpack
@@ -90,15 +96,14 @@ async def closed_loop(url: str, data: list[bytes], layer: str, rounds: int) -> N
         start = time.perf_counter()
         for i in range(rounds):
             t0 = time.perf_counter()
-            await ws.send(data[(i + 1) % len(data)])
+            await ws.send(data[(offset + i + 1) % len(data)])
             head, maps = unpack(await ws.recv())
             latencies.append(time.perf_counter() - t0)
             compute.append(head["compute_ms"])
             c, h, w = head["shape"]
             assert head["type"] == "result" and head["layer"] == layer and len(maps) == c * h * w
         elapsed = time.perf_counter() - start
-    summary(f"live, closed loop ({layer} grid + top-5)", latencies, elapsed, rounds,
-            f"(server compute median {statistics.median(compute):.0f} ms, {len(maps) / 1024:.0f} kB of maps)")
+    return latencies, elapsed, compute, len(maps)
 
 
 async def open_loop(url: str, data: list[bytes], layer: str, fps: float, seconds: float) -> None:
@@ -136,24 +141,19 @@ async def open_loop(url: str, data: list[bytes], layer: str, fps: float, seconds
             f"({i} sent, {last['dropped']} dropped by the server)")
 
 
-def plain(data: list[bytes], layer: str, rounds: int, threads: int) -> None:
+def plain(net, data: list[bytes], layer: str, rounds: int, offset: int = 0) -> tuple[list[float], float, list[float], list[int]]:
     """Decode + full forward + channel_grid + PNG encode per frame, in process."""
-    import torch
     from PIL import Image
 
     from atlas.inspect.engine import forward, top_classes
     from atlas.inspect.views import channel_grid
     from atlas.live import decode_frame
-    from atlas.models import load_model
 
-    torch.set_num_threads(threads)
-    net = load_model("inceptionv1", WEIGHTS)
-    forward(net, decode_frame(data[0]).tensor, [layer])
     latencies, sizes, forwards = [], [], []
     start = time.perf_counter()
     for i in range(rounds):
         t0 = time.perf_counter()
-        frame = decode_frame(data[(i + 1) % len(data)])
+        frame = decode_frame(data[(offset + i + 1) % len(data)])
         t1 = time.perf_counter()
         acts, logits = forward(net, frame.tensor, [layer])
         forwards.append(time.perf_counter() - t1)
@@ -164,8 +164,7 @@ def plain(data: list[bytes], layer: str, rounds: int, threads: int) -> None:
         sizes.append(buf.tell())
         latencies.append(time.perf_counter() - t0)
     elapsed = time.perf_counter() - start
-    summary(f"plain: forward + channel_grid + PNG ({layer})", latencies, elapsed, rounds,
-            f"(forward alone median {1000 * statistics.median(forwards):.0f} ms, PNG {statistics.median(sizes) / 1024:.0f} kB)")
+    return latencies, elapsed, forwards, sizes
 
 
 def main() -> None:
@@ -176,6 +175,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch threads (server and plain)")
     parser.add_argument("--seconds", type=float, default=8.0, help="length of the open-loop measurement")
     parser.add_argument("--camera-fps", type=float, default=30.0)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating live / plain rounds the frames are split into")
     args = parser.parse_args()
     os.environ.setdefault("ATLAS_WEIGHTS", str(WEIGHTS))
 
@@ -192,13 +192,40 @@ def main() -> None:
         thread.start()
         url = f"ws://127.0.0.1:{srv.server_port}/live/ws"
         try:
-            asyncio.run(closed_loop(url, data, args.layer, args.frames))
+            import torch
+
+            from atlas.inspect.engine import forward
+            from atlas.live import decode_frame
+            from atlas.models import load_model
+
+            net = load_model("inceptionv1", WEIGHTS)  # the plain approach's own model, in this thread
+            torch.set_num_threads(args.threads)
+            forward(net, decode_frame(data[0]).tensor, [args.layer])
+            # rounds alternate (live, plain, live, ...) so that the machine's load hits both alike
+            live = {"lat": [], "elapsed": 0.0, "compute": [], "bytes": 0}
+            base = {"lat": [], "elapsed": 0.0, "forward": [], "png": []}
+            per = max(1, args.frames // args.rounds)
+            for r in range(args.rounds):
+                lat, el, comp, nbytes = asyncio.run(closed_loop(url, data, args.layer, per, offset=r * per))
+                live["lat"] += lat
+                live["elapsed"] += el
+                live["compute"] += comp
+                live["bytes"] = nbytes
+                lat, el, fw, png = plain(net, data, args.layer, per, offset=r * per)
+                base["lat"] += lat
+                base["elapsed"] += el
+                base["forward"] += fw
+                base["png"] += png
+            summary(f"live, closed loop ({args.layer} grid + top-5)", live["lat"], live["elapsed"], len(live["lat"]),
+                    f"(server compute median {statistics.median(live['compute']):.0f} ms, {live['bytes'] / 1024:.0f} kB of maps)")
+            summary(f"plain: forward + channel_grid + PNG ({args.layer})", base["lat"], base["elapsed"], len(base["lat"]),
+                    f"(forward alone median {1000 * statistics.median(base['forward']):.0f} ms, "
+                    f"PNG {statistics.median(base['png']) / 1024:.0f} kB)")
             asyncio.run(open_loop(url, data, args.layer, args.camera_fps, args.seconds))
         finally:
             srv.shutdown()
             srv.server_close()
             thread.join(10)
-        plain(data, args.layer, args.frames, args.threads)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(f"done  [{load()}]")

@@ -19,9 +19,11 @@ import numpy as np
 import pytest
 from conftest import CHROME_ARGS, CHROMIUM, PHOTOS, REPO, require_shared, serving
 from PIL import Image
+from test_units_gallery import write_units
 from tiny_run import build_tiny
 
 from atlas.live import decode_frame, unpack
+from atlas.units.gallery import write_gallery
 from atlas.viewer import url_of
 
 FFMPEG = Path(os.environ.get("ATLAS_FFMPEG", "/usr/bin/ffmpeg"))
@@ -295,7 +297,7 @@ def drop_photo(page, stem: str) -> None:
     }""", [data, f"{stem}.JPEG"])
 
 
-def test_the_live_page_in_chromium(server, camera_browser):
+def test_the_live_page_in_chromium(server, run, camera_browser):
     context = camera_browser.new_context(viewport={"width": 1400, "height": 860})
     errors: list[str] = []
     try:
@@ -345,6 +347,24 @@ def test_the_live_page_in_chromium(server, camera_browser):
         other.keyboard.press("ArrowDown")
         wait_for(other, "document.body.dataset.layer === 'mixed4d'")
         assert other.text_content("#grid-info").startswith("528 channels")
+
+        # with a unit gallery for the layer (the unit lens's files, atlas.units.gallery), a channel's card shows its
+        # visualisations and top dataset examples from it
+        write_units(run, "mixed4d", 16)
+        write_gallery(run, "mixed4d")
+        other.reload()
+        wait_for(other, "document.body.dataset.ready === '1'")
+        drop_photo(other, DROPPED)
+        wait_for(other, "Number(document.body.dataset.results || 0) >= 1")
+        other.keyboard.press("ArrowDown")
+        wait_for(other, "document.body.dataset.layer === 'mixed4d'")
+        box = other.locator("#grid").bounding_box()
+        other.mouse.click(box["x"] + box["width"] * 2.5 / 23, box["y"] + box["height"] * 0.5 / 23)  # mixed4d: 23 columns too
+        wait_for(other, "document.body.dataset.card === 'mixed4d/2'")
+        images = other.eval_on_selector_all("#card img", "els => els.map(e => [e.getAttribute('src'), e.complete && e.naturalWidth > 0])")
+        srcs = [src for src, _ in images]
+        assert "units/mixed4d/vis/fft/2.jpg" in srcs and "units/mixed4d/top/2.jpg" in srcs, srcs
+        wait_for(other, "[...document.querySelectorAll('#card img')].every(e => e.complete && e.naturalWidth > 0)")
 
         # pause freezes the camera's page: no new results after the one in flight
         cam.click("#pause")
