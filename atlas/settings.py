@@ -546,9 +546,13 @@ class ReconstructSettings(StageSettings):
     network affine in its input (``[reconstruct]`` table, ``atlas reconstruct``; docs/weights.md)."""
 
     TABLE: ClassVar[str] = "reconstruct"
+    UNIT_PATTERN: ClassVar[re.Pattern] = re.compile(r"\s*[^:\s]+\s*:\s*\d+\s*")
     top: int = setting(5, Integer(1, 20), "Classes whose input-space templates are drawn.")
-    unit: str | None = setting(None, Text(optional=True, what="LAYER:CHANNEL"), "A hidden unit whose effective input filter is drawn.")
+    unit: str | None = setting(None, Text(optional=True, pattern=UNIT_PATTERN, what="LAYER:CHANNEL, e.g. mixed4c:447"),
+                               "A hidden unit whose effective input filter is drawn.")
     dtype: str = setting("float32", Choice(("float32", "float64")), "Arithmetic of the reconstruction.")
+    check_columns: int = setting(16, Integer(0, 4096), "Columns of W_x computed by forward mode (JVPs) to check the reverse-mode rows "
+                                 "drawn, per image (0: no check).")
     batch: int = setting(64, Integer(1), "Basis vectors per batched forward-mode product.", speed=True)
     device: str = setting("cpu", Device(), "Where the model runs.", speed=True)
 

@@ -5,6 +5,7 @@ from atlas.cli import (
     inspect_cmd,  # noqa: F401
     layout_cmd,  # noqa: F401
     patch_cmd,  # noqa: F401
+    reconstruct_cmd,  # noqa: F401
     render_cmd,  # noqa: F401
     sample_cmd,  # noqa: F401
     tiles_cmd,  # noqa: F401

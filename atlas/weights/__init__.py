@@ -14,6 +14,7 @@ from __future__ import annotations
 from atlas.weights.checkpoint import load_checkpoint, random_network
 from atlas.weights.evolution import evolution, evolve, write_evolution
 from atlas.weights.filters import filter_sheet, filter_stats, input_filters, write_filters
+from atlas.weights.reconstruct import reconstruct as reconstruct
 
 __all__ = ["evolution", "evolve", "filter_sheet", "filter_stats", "input_filters", "load_checkpoint", "random_network",
            "write_evolution", "write_filters"]
