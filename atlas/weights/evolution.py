@@ -223,7 +223,7 @@ def _font(size: int) -> ImageFont.ImageFont:
 def layout(units: int, checkpoints: int, patch: int) -> dict:
     """Where :func:`write_evolution` puts things: ``cell(row, column) -> (x, y)`` of a cell's patch (its projection
     is ``patch + INNER`` to the right), the figure's ``size`` (width, height) and the header and label sizes."""
-    line = max(12, patch // 5)
+    line = max(14, patch // 4)
     left, head = 8 * line // 2 + GAP, 2 * line + GAP
     cell_w, cell_h = 2 * patch + INNER, patch + line + 2
     size = (left + checkpoints * (cell_w + GAP), head + units * (cell_h + GAP))
@@ -240,7 +240,7 @@ def figure(result: Evolution) -> np.ndarray:
     k, u = result.values.shape
     p = result.patches.shape[2]
     g = layout(u, k, p)
-    font = _font(g["line"] - 2)
+    font = _font(g["line"] - 3)
     sheet = Image.new("RGB", g["size"], BACKGROUND)
     draw = ImageDraw.Draw(sheet)
     for column, label in enumerate(result.labels):
