@@ -196,7 +196,7 @@ def _project(net: Network, image: torch.Tensor, layer: str,
              unit: tuple[int, int, int]) -> tuple[np.ndarray, tuple[int, int, int, int] | None]:
     from atlas.units import project_units, receptive_field
 
-    projection = project_units(net, layer, image.unsqueeze(0), [list(unit)], method="deconvnet")[0].numpy()
+    projection = project_units(net, layer, image.unsqueeze(0), [list(unit)], method="deconvnet")[0].cpu().numpy()
     try:
         box = receptive_field(net, layer, size=image.shape[-1]).box(unit[1], unit[2], crop=image.shape[-1])
     except AtlasError:  # a model whose receptive field cannot be computed: the projection is still shown, without its box
@@ -205,7 +205,8 @@ def _project(net: Network, image: torch.Tensor, layer: str,
 
 
 def _result(layer, channel, target, occluder, stride, image, ys, xs, sums, logits, plain, unit, method, seconds) -> OcclusionResult:
-    p = probabilities(logits)
+    p = probabilities(logits).cpu()
+    sums = sums.cpu()
     shape = (len(ys), len(xs))
     top_p, top = p.max(dim=1)
     return OcclusionResult(layer=layer, channel=channel, target=target, occluder=int(occluder), stride=int(stride),
@@ -599,5 +600,6 @@ def write_occlusion(result: OcclusionResult, picture: np.ndarray, out: str | Pat
     (out / name).write_text(json.dumps(numbers, indent=1))
     return {"figure": figure, "json": name, "layer": result.layer, "channel": result.channel, "target": result.target,
             "target_name": target_name, "unoccluded_probability": result.unoccluded["probability"],
+            "probability": result.unoccluded["probability"],  # the same, under the name the report reads
             "min_probability": float(result.probability.min()),
             "min_at": [float(cy[r_min]), float(cx[c_min])], "positions": int(result.probability.size), "top_classes": top_classes}

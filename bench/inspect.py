@@ -1,0 +1,127 @@
+"""Benchmark: ``atlas inspect``'s parts against their plain baselines, side by side in one run.
+
+1. **Occlusion maps** (Zeiler & Fergus Fig. 7; ``atlas.inspect.occlusion``): a 224 px photo, a 32 px grey square at
+   stride 8 (625 positions), layer mixed4c. The batched path of ``occlusion_maps`` (incremental early layers +
+   channels-last, batches of 32) and the same without the incremental part (``incremental=False``: channels-last
+   batches only) against the plain loop of one forward per position at batch 1 on the unmodified model (what
+   ``occlusion_loop`` runs). Target: batched >= 3x the loop. The three compute the same batch of positions one
+   after the other, batch after batch, so machine load hits them alike; their numbers are compared with the loop's.
+
+    .venv/bin/python bench/inspect.py [--occlusion] [--image PATH] [--layer mixed4c] [--stride 8] [--occluder 32]
+                                      [--batch-size 32] [--rounds N]
+
+``--rounds N`` times only N evenly spaced batches of the grid (the cost per position hardly depends on where the
+square is), to keep the run short on a loaded machine.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# This script is named like the standard library's `inspect`, which numpy and torch import: run as a script, its own
+# folder comes first on sys.path and would shadow it. Take that folder off before anything else is imported.
+if sys.path and os.path.abspath(sys.path[0] or os.getcwd()) == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)
+
+import argparse  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+from atlas.inspect import occlusion  # noqa: E402
+from atlas.inspect.engine import batched_forward, forward, probabilities, read_image  # noqa: E402
+from atlas.inspect.occlusion import occlude, occluder_grid  # noqa: E402
+from atlas.models import load_model  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+WEIGHTS = SHARED / "models" / "bvlc_googlenet.safetensors"
+PHOTO = SHARED / "data" / "imagenet-samples" / "n01440764_tench.JPEG"
+
+
+def _load() -> str:
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def bench_occlusion(net, image: torch.Tensor, layer: str = "mixed4c", occluder: int = 32, stride: int = 8, batch_size: int = 32,
+                    rounds: int | None = None) -> dict:
+    """Time the occlusion maps' batched paths against the plain loop, interleaved batch by batch; print and return
+    the rates (positions/s).
+
+    The grid's positions are cut into batches of ``batch_size``; for each batch (all of them, or ``rounds`` evenly
+    spaced ones) the plain loop (one :func:`atlas.inspect.engine.forward` of the unmodified model per position, what
+    :func:`occlusion_loop` runs), the incremental path and the channels-last-only path (what :func:`occlusion_maps`
+    runs with ``incremental`` True / False) compute the same positions one after the other, so a change of machine
+    load hits all three alike. Every path's numbers are compared with the loop's.
+    """
+    ys, xs = occluder_grid(image.shape[-2:], occluder, stride)
+    boxes = occlusion._boxes(ys, xs, occluder)
+    starts = list(range(0, len(boxes), batch_size))
+    if rounds is not None and rounds < len(starts):
+        starts = [starts[round(i * (len(starts) - 1) / max(rounds - 1, 1))] for i in range(rounds)]
+    n = sum(len(boxes[lo:lo + batch_size]) for lo in starts)
+    print(f"occlusion: {tuple(image.shape[-2:])} px image, {occluder} px square, stride {stride} ({len(boxes)} positions; timed: {n} "
+          f"in {len(starts)} batches of {batch_size}), layer {layer}, {torch.get_num_threads()} threads; load average {_load()}",
+          flush=True)
+    channel = occlusion._reference(net, image, layer, None, None)[0]
+    fast = occlusion._channels_last(net)
+    incremental = occlusion._Incremental(fast, image, layer)
+
+    def reduce(_layer, act):
+        return act[:, channel].double().sum((1, 2))
+
+    seconds = {"loop": 0.0, "incremental": 0.0, "channels-last": 0.0}
+    out: dict[str, list] = {k: [] for k in seconds}
+    incremental.run(occlude(image, boxes[:2]), boxes[:2], channel)  # warm-up
+    for lo in starts:
+        chunk = boxes[lo:lo + batch_size]
+        t = time.perf_counter()
+        for box in chunk:
+            acts, z = forward(net, occlude(image, box[None]), [layer])
+            out["loop"].append((acts[layer][:, channel].double().sum((1, 2)), z))
+        seconds["loop"] += time.perf_counter() - t
+        t = time.perf_counter()
+        out["incremental"].append(incremental.run(occlude(image, chunk), chunk, channel))
+        seconds["incremental"] += time.perf_counter() - t
+        t = time.perf_counter()
+        acts, z = batched_forward(fast, occlude(image, chunk).contiguous(memory_format=torch.channels_last), [layer], len(chunk), reduce)
+        out["channels-last"].append((acts[layer], z))
+        seconds["channels-last"] += time.perf_counter() - t
+    sums = {k: torch.cat([a for a, _ in v]).double() for k, v in out.items()}
+    logits = {k: torch.cat([z for _, z in v]) for k, v in out.items()}
+    rates = {k: n / v for k, v in seconds.items()}
+    labels = {"loop": "plain loop (batch 1, unmodified)", "incremental": "batched: incremental + channels-last",
+              "channels-last": "batched: channels-last only"}
+    for k in seconds:
+        line = f"  {labels[k]:<38} {seconds[k]:7.1f} s {rates[k]:6.2f} positions/s"
+        if k != "loop":
+            act = float((sums[k] - sums["loop"]).abs().max() / sums["loop"].abs().max())
+            prob = float((probabilities(logits[k]) - probabilities(logits["loop"])).abs().max())
+            same = int((logits[k].argmax(1) == logits["loop"].argmax(1)).sum())
+            line += (f"  {rates[k] / rates['loop']:.2f}x the loop; vs loop: activation rel. diff {act:.1e}, probability diff {prob:.1e}, "
+                     f"top class {same}/{n}")
+        print(line, flush=True)
+    print(f"  target: batched >= 3x the loop; load average {_load()}")
+    return {"positions": n, **{f"{k}_per_s": v for k, v in rates.items()}, "ratio": rates["incremental"] / rates["loop"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--occlusion", action="store_true", help="only the occlusion benchmark (the default while it is the only one)")
+    parser.add_argument("--image", default=str(PHOTO))
+    parser.add_argument("--layer", default="mixed4c")
+    parser.add_argument("--occluder", type=int, default=32)
+    parser.add_argument("--stride", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=None, help="time only this many evenly spaced batches (default: all)")
+    args = parser.parse_args()
+    start = time.perf_counter()
+    net = load_model("inceptionv1", WEIGHTS)
+    image, _ = read_image(args.image)
+    bench_occlusion(net, image, args.layer, args.occluder, args.stride, args.batch_size, args.rounds)
+    print(f"total {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
