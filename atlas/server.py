@@ -360,9 +360,7 @@ class LiveSession:
                              "or a binary image frame")
 
     async def work(self) -> None:
-        """Answer the newest job, then the newest projection request, until the connection ends."""
-        from atlas.live import FrameError
-
+        """Answer the newest job, then the newest projection and atlas requests, until the connection ends."""
         while True:
             await self.wake.wait()
             self.wake.clear()
@@ -379,12 +377,19 @@ class LiveSession:
                     await self.send_bytes(data)
                 if on_atlas is not None and self.current is not None:
                     await self.send_json(await self.live.call("on_atlas", self.current[0], *on_atlas))
-            except FrameError as exc:
+            except AtlasError as exc:  # FrameError included: one line back, the connection stays
                 await self.error(str(exc))
-            except AtlasError as exc:
-                await self.error(str(exc))
-            except (WebSocketDisconnect, OSError, RuntimeError):
+            except (WebSocketDisconnect, OSError):
                 return
+            except Exception as exc:  # noqa: BLE001 - a bug must not end the connection's worker silently
+                if WebSocketState.CONNECTED != self.ws.application_state or WebSocketState.CONNECTED != self.ws.client_state:
+                    return  # the connection went away while a message was being sent
+                message = f"the live computation failed: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+                print(f"atlas: warning: {message}", file=sys.stderr)
+                try:
+                    await self.error(message)
+                except (WebSocketDisconnect, OSError, RuntimeError):  # the connection is gone too
+                    return
             if self.slot is not None or self.unit is not None or self.atlas is not None:
                 self.wake.set()
 
