@@ -194,11 +194,18 @@ def inspect(images: Sequence[str | os.PathLike] | str | os.PathLike, run: str | 
     work = target.with_name(target.name + ".partial")
     _fresh(work)
     summary: dict = {"name": name, "model": net.name, "weights": net.weights, "run": str(run_dir) if run_dir else None,
-                     "layer": layer, "atlas": s.atlas, "settings": asdict(s), "images": [], "skipped": skipped}
+                     "layer": layer, "atlas": s.atlas, "settings": asdict(s), "images": [], "skipped": skipped,
+                     "timings": {"load": round(time.perf_counter() - start, 2)}}
+    timings = summary["timings"]
+
+    def timed(part: str, since: float) -> None:  # seconds per part, summed over the images
+        timings[part] = round(timings.get(part, 0.0) + time.perf_counter() - since, 2)
+
     targets = []
     for i, (path, x, picture) in enumerate(loaded):
         sub = f"{i:02d}-{report_name([path])}"
         (work / sub).mkdir(parents=True)
+        t0 = time.perf_counter()
         label, source = _label_of(path, s, net, run_labels)
         acts, logits = forward(net, x[None].to(s.device), list(dict.fromkeys([*shown, layer])))
         top = top_classes(logits[0].cpu(), net.classes, s.top)
@@ -219,20 +226,26 @@ def inspect(images: Sequence[str | os.PathLike] | str | os.PathLike, run: str | 
                                     "strongest": strongest, "value": float(a[strongest].max()),
                                     "unit_card": f"../../units.html#{layer_name}/{strongest}" if layer_name in galleries and out is None
                                     else None})
+        timed("views", t0)
         if s.occlusion:
+            t0 = time.perf_counter()
             from atlas.inspect.occlusion import occlusion_maps, write_occlusion
 
             say(f"inspect {Path(path).name}: occlusion ({s.occluder} px square, stride {s.stride}) at {layer}")
             result = occlusion_maps(net, x.to(s.device), layer, occluder=s.occluder, stride=s.stride, target=target_class,
                                     batch_size=s.batch_size)
             entry["occlusion"] = {"layer": layer, **_prefixed(write_occlusion(result, picture, work / sub, net.classes), sub)}
+            timed("occlusion", t0)
         if root is not None:
+            t0 = time.perf_counter()
             entry["atlas"] = _placement(run_dir, net, x.to(s.device), layer, target_class, s, work / sub, say, Path(path).name)
             if entry["atlas"] is not None:
                 entry["atlas"] = _prefixed(entry["atlas"], sub)
+            timed("atlas", t0)
         summary["images"].append(entry)
 
     if s.invariance:
+        t0 = time.perf_counter()
         from atlas.inspect.invariance import invariance_curves, write_invariance
 
         say(f"inspect: invariance curves ({len(s.shifts)} shifts, {len(s.scales)} scales, {len(s.angles)} angles)")
@@ -240,7 +253,9 @@ def inspect(images: Sequence[str | os.PathLike] | str | os.PathLike, run: str | 
                                    low_layer=s.low_layer, high_layer=s.high_layer, targets=targets, batch_size=s.batch_size,
                                    names=[Path(p).name for p, _, _ in loaded])
         summary["invariance"] = write_invariance(curves, work, [Path(p).name for p, _, _ in loaded])
+        timed("invariance", t0)
     if s.boxes is not None:
+        t0 = time.perf_counter()
         import torch
 
         from atlas.inspect.correspondence import correspondence, parse_boxes, write_correspondence
@@ -252,6 +267,7 @@ def inspect(images: Sequence[str | os.PathLike] | str | os.PathLike, run: str | 
         table = correspondence(net, torch.stack([x for _, x, _ in loaded]).to(s.device), boxes, layers, n_random=s.n_random,
                                seed=s.seed, batch_size=s.batch_size)
         summary["correspondence"] = write_correspondence(table, work, [Path(p).name for p, _, _ in loaded])
+        timed("correspondence", t0)
     summary["seconds"] = round(time.perf_counter() - start, 1)
     (work / "report.json").write_text(json.dumps(summary, indent=1, default=_jsonable))
     report_page.write_page(summary, work)
