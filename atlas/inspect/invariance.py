@@ -276,21 +276,17 @@ def invariance_curves(net: Network, photos: Sequence[str | Path | torch.Tensor],
         batch = torch.stack([transform(photo, kind, steps[kind][j], crop, fill) for kind, j in jobs])
 
         def distances(layer: str, act: torch.Tensor, v_low=v_low, v_high=v_high) -> torch.Tensor:
-            # one layer's distances to the original, per batch, so the full maps of a large batch are never all kept
-            v, ref = (_vector(act, False), v_low) if layer == low_layer else (_vector(act, pool_high), v_high)
-            return (v - ref).norm(dim=1)
+            # per batch, each row's (low, high) distances to the original (a layer that is both gives both), so the
+            # full maps of a large batch are never all kept; row by row in float64 (32 conv2d0 maps are 200 MB so)
+            rows = []
+            for row in act:
+                low = (_vector(row[None], False)[0] - v_low[0]).norm() if layer == low_layer else torch.tensor(math.nan)
+                high = (_vector(row[None], pool_high)[0] - v_high[0]).norm() if layer == high_layer else torch.tensor(math.nan)
+                rows.append(torch.stack([low.double(), high.double()]))
+            return torch.stack(rows)
 
-        if low_layer == high_layer:
-            layers_run = [low_layer]
-        else:
-            layers_run = layers
-        out, logits = batched_forward(net, batch, layers_run, batch_size, reduce=distances if low_layer != high_layer else None)
-        if low_layer == high_layer:
-            act = out[low_layer]
-            d_low = (_vector(act, False) - v_low).norm(dim=1)
-            d_high = (_vector(act, pool_high) - v_high).norm(dim=1)
-        else:
-            d_low, d_high = out[low_layer], out[high_layer]
+        out, logits = batched_forward(net, batch, list(dict.fromkeys(layers)), batch_size, reduce=distances)
+        d_low, d_high = out[low_layer][:, 0], out[high_layer][:, 1]
         p = probabilities(logits)[:, target]
         for k, (kind, j) in enumerate(jobs):
             curves.raw_low[kind][i, j] = float(d_low[k])
