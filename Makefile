@@ -9,7 +9,7 @@
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 .DEFAULT_GOAL := help
-.PHONY: help demo test setup serve lint pytest system-python system-npm system-chromium
+.PHONY: help demo test setup serve lint pytest system-python system-npm system-chromium system-ffmpeg
 
 PYTHON ?= python3
 VENV := .venv
@@ -22,6 +22,7 @@ IMAGES ?= $(wildcard $(SHARED)/data/imagenet-samples)
 # lookup (the user cache, then a checked download)
 WEIGHTS ?= $(if $(ATLAS_WEIGHTS),,$(wildcard $(SHARED)/models/bvlc_googlenet.safetensors))
 CHROMIUM ?= /usr/bin/chromium
+FFMPEG ?= /usr/bin/ffmpeg
 
 # apt-get install $(1) when running as root, else stop with one line saying what to install ($(2): what is missing)
 apt_install = if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
@@ -44,7 +45,7 @@ demo: setup
 	$(VENV)/bin/atlas build --config $(CONFIG) --images "$(IMAGES)" --out $(OUT) $(if $(WEIGHTS),--weights $(WEIGHTS))
 	@echo "atlas viewer: run  $(VENV)/bin/atlas serve $(OUT)  and open http://127.0.0.1:8000/tiles/index.html"
 
-test: setup system-chromium lint pytest
+test: setup system-chromium system-ffmpeg lint pytest
 
 # ---------------------------------------------------------------------------- steps
 setup: $(STAMPS)/python node_modules/.package-lock.json
@@ -56,7 +57,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 pytest: setup
-	ATLAS_CHROMIUM=$(CHROMIUM) $(VENV)/bin/python -m pytest -q
+	ATLAS_CHROMIUM=$(CHROMIUM) ATLAS_FFMPEG=$(FFMPEG) $(VENV)/bin/python -m pytest -q
 
 system-python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
@@ -69,6 +70,11 @@ system-npm:
 system-chromium:
 	@[ -x "$(CHROMIUM)" ] || [ "$$(id -u)" != 0 ] || { $(call apt_install,chromium,$(CHROMIUM) not found); }
 	@[ -x "$(CHROMIUM)" ] || echo "atlas: warning: $(CHROMIUM) not found: the browser tests will be skipped (sudo apt-get install chromium)" >&2
+
+# the live page's browser test makes its fake camera's video with ffmpeg: installed when root; otherwise skipped (failed under CI=true)
+system-ffmpeg:
+	@[ -x "$(FFMPEG)" ] || [ "$$(id -u)" != 0 ] || { $(call apt_install,ffmpeg,$(FFMPEG) not found); }
+	@[ -x "$(FFMPEG)" ] || echo "atlas: warning: $(FFMPEG) not found: the live page's camera test will be skipped (sudo apt-get install ffmpeg)" >&2
 
 # a venv needs ensurepip, which Debian/Ubuntu ship apart (python3.X-venv)
 $(VENV)/bin/python:
