@@ -64,6 +64,7 @@ import copy
 import json
 import re
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -359,7 +360,9 @@ class ReconstructedModel(nn.Module):
         def one(t: torch.Tensor) -> torch.Tensor:
             return torch.func.jvp(self.forward, (x0,), (t[None],))[1][0]
 
-        with torch.inference_mode(False), torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+            # torch's first forward-mode call registers its JVP decompositions with torch.jit.script, which warns
+            warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=FutureWarning)
             return torch.func.vmap(one)(d)
 
     def columns(self, index: Sequence[int] | torch.Tensor, batch: int = 64) -> torch.Tensor:
