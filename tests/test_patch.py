@@ -133,15 +133,15 @@ def compare_run(tmp_path_factory, net, photos):
 
 def test_guided_search_ranks_cells_toward_b_and_measures_each(compare_run, photos, net, tmp_path):
     run, name = compare_run
-    settings = PatchSettings(sizes=(96,), positions=("centre", "top-left"), n_random=0, top=3, augment=1, batch_size=8)
+    settings = PatchSettings(sizes=(96,), positions=("centre", "top-left"), n_random=0, top=2, augment=1, batch_size=8)
     r = guided_search(run, "mixed4c", name, images=[photos / SNORKEL], settings=settings, out=tmp_path / "s", net=net)
     assert r["classes"] == ["snorkel", "scuba diver"] and r["grid"] == 3 and r["n_images"] == 2
     root = zarr.open_group(run / "store.zarr", mode="r")
     g = root[f"grids/mixed4c/{name}/3"]
     score = np.where(g["count"][:] > 0, g["mean_attribution"][:, :, 983] - g["mean_attribution"][:, :, 801], -np.inf)
-    best3 = {(int(f % 3), int(f // 3)) for f in np.argsort(-score, axis=None, kind="stable")[:3]}
-    assert {(row["x"], row["y"]) for row in r["rows"]} == best3  # the three cells of most attribution toward B were tried
-    assert len(r["rows"]) + sum(r["skipped"].values()) == 6  # each with its icon and its dataset patch
+    best = {(int(f % 3), int(f // 3)) for f in np.argsort(-score, axis=None, kind="stable")[:2]}
+    assert {(row["x"], row["y"]) for row in r["rows"]} == best  # the two cells of most attribution toward B were tried
+    assert len(r["rows"]) + sum(r["skipped"].values()) == 4  # each with its icon and its dataset patch
     for row in r["rows"]:
         assert row["n_variants"] == 4 and np.isclose(row["attribution"], score[row["y"], row["x"]])
         assert row["flip_rate"] is None or 0.0 <= row["flip_rate"] <= 1.0

@@ -73,7 +73,7 @@ def patch_search_command(
     images: Annotated[Path | None, typer.Option("--images", help="A's photos: a folder or list file (default: the run's images "
                                                 "labelled A)")] = None,
     near: Annotated[bool, typer.Option("--near", help="also the run's images whose top-5 holds A (not those called B)")] = False,
-    grid: Annotated[int | None, typer.Option("--grid", help="grid of the atlas whose cells are tried (default: its largest)")] = None,
+    grid: Annotated[int | None, typer.Option("--grid", help="grid whose cells are tried (default: the largest with icons)")] = None,
     top: Annotated[int, typer.Option("--top", help=S.option_help("top"))] = S.top,
     kind: Annotated[list[str] | None, typer.Option("--kind", help=S.option_help("kinds") + " Repeat for several.")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="folder for search.json, table.txt, the patches and figure.png")] = None,

@@ -437,7 +437,7 @@ def guided_search(run_dir: str | Path, layer: str, atlas: str, images: str | Pat
         A's images. Default: the run's images labelled A, and with ``near`` also those whose stored top-5 holds A
         (never those the model already calls B); ``settings.augment`` adds seeded crops and flips of each.
     grid : int, optional
-        The atlas grid whose cells are tried (default: its largest grid).
+        The atlas grid whose cells are tried (default: its largest grid with rendered icons, else its largest grid).
     settings : PatchSettings, optional
         ``top`` cells tried, ``kinds`` (icon, example), sizes, positions, seed, augmentation, batch, device.
     out : folder, optional
@@ -466,7 +466,8 @@ def guided_search(run_dir: str | Path, layer: str, atlas: str, images: str | Pat
     sizes = sorted(int(k) for k in root[f"grids/{layer}/{atlas}"].group_keys() if k.isdigit()) if f"grids/{layer}/{atlas}" in root else []
     if not sizes:
         raise AtlasError(f"atlas {layer}/{atlas} has no grid; run `atlas grid {run_dir} --layer {layer} --atlas {atlas} --grid 8`")
-    grid = grid if grid is not None else sizes[-1]
+    rendered = [s for s in sizes if f"icons/{layer}/{atlas}/{s}" in root]
+    grid = grid if grid is not None else (rendered or sizes)[-1]  # default: the largest grid with icons
     if grid not in sizes:
         raise AtlasError(f"atlas {layer}/{atlas} has no {grid}x{grid} grid; grids: {', '.join(map(str, sizes))}")
     group = root[f"grids/{layer}/{atlas}/{grid}"]
