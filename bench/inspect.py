@@ -12,6 +12,11 @@
 
 ``--rounds N`` times only N evenly spaced batches of the grid (the cost per position hardly depends on where the
 square is), to keep the run short on a loaded machine.
+
+2. **The whole report** (``--report``): ``atlas.inspect.inspect`` on one photo at the default settings (every
+   layer's views, occlusion 32 px / stride 8, the invariance curves; with ``--run RUN`` also the placement on that
+   run's atlas), in a temporary folder; prints the seconds of each part as ``report.json`` records them. Aim: under
+   30 s on this machine. The model is loaded before the clock starts (a report of a served run reuses it too).
 """
 
 from __future__ import annotations
@@ -25,12 +30,13 @@ if sys.path and os.path.abspath(sys.path[0] or os.getcwd()) == os.path.dirname(o
     sys.path.pop(0)
 
 import argparse  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-from atlas.inspect import occlusion  # noqa: E402
+from atlas.inspect import inspect, occlusion  # noqa: E402
 from atlas.inspect.engine import batched_forward, forward, probabilities, read_image  # noqa: E402
 from atlas.inspect.occlusion import occlude, occluder_grid  # noqa: E402
 from atlas.models import load_model  # noqa: E402
@@ -106,9 +112,34 @@ def bench_occlusion(net, image: torch.Tensor, layer: str = "mixed4c", occluder: 
     return {"positions": n, **{f"{k}_per_s": v for k, v in rates.items()}, "ratio": rates["incremental"] / rates["loop"]}
 
 
+def bench_report(net, photo: str, run: str | None = None) -> dict:
+    """Time one whole report at the default settings (model already loaded); print the seconds per part."""
+    print(f"report: {Path(photo).name} at the default settings{f', placed on {run}' if run else ''}; load average {_load()}",
+          flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        summary = inspect([photo], None, out=Path(tmp) / "report", net=net, echo=None) if run is None else \
+            _in_run(net, photo, run, Path(tmp))
+        seconds = time.perf_counter() - t
+    parts = ", ".join(f"{k} {v:.1f} s" for k, v in summary["timings"].items())
+    print(f"  whole report {seconds:.1f} s ({parts}); aim: under 30 s; load average {_load()}")
+    return {"seconds": seconds, **summary["timings"]}
+
+
+def _in_run(net, photo: str, run: str, tmp: Path) -> dict:
+    """A report inside a copy of ``run`` (its tiles get the report; the original run is left alone)."""
+    import shutil
+
+    copy = tmp / "run"
+    shutil.copytree(run, copy, symlinks=True)
+    return inspect([photo], copy, net=net, echo=None)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--occlusion", action="store_true", help="only the occlusion benchmark (the default while it is the only one)")
+    parser.add_argument("--occlusion", action="store_true", help="only the occlusion benchmark")
+    parser.add_argument("--report", action="store_true", help="only the whole-report timing")
+    parser.add_argument("--run", default=None, help="a run folder to place the photo on (copied first), for --report")
     parser.add_argument("--image", default=str(PHOTO))
     parser.add_argument("--layer", default="mixed4c")
     parser.add_argument("--occluder", type=int, default=32)
@@ -119,7 +150,10 @@ def main() -> None:
     start = time.perf_counter()
     net = load_model("inceptionv1", WEIGHTS)
     image, _ = read_image(args.image)
-    bench_occlusion(net, image, args.layer, args.occluder, args.stride, args.batch_size, args.rounds)
+    if not args.report:
+        bench_occlusion(net, image, args.layer, args.occluder, args.stride, args.batch_size, args.rounds)
+    if not args.occlusion:
+        bench_report(net, args.image, args.run)
     print(f"total {time.perf_counter() - start:.0f} s")
 
 
