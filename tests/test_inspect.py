@@ -146,3 +146,22 @@ def test_a_run_of_another_model_is_one_line(tiny, photos, tmp_path):
 ])
 def test_bad_options_are_one_line(args, needles, photos):
     one_line(cli("inspect", photos / TENCH, *args, *([] if not args else ["--out", "/tmp/never-written-inspect"])), *needles)
+
+
+def test_the_correspondence_table_of_the_dog_boxes_is_in_the_report(tmp_path, photos):
+    """examples/dog_boxes.json (eyes and nose of three shared dogs, drawn by eye) through the CLI into the report."""
+    from conftest import REPO
+
+    dogs = [photos / f"{n}.JPEG" for n in ("n02088364_beagle", "n02085936_Maltese_dog", "n02110958_pug")]
+    out = tmp_path / "dogs"
+    result = cli("inspect", *dogs, "--out", out, "--weights", WEIGHTS, "--no-occlusion", "--no-invariance", "--layer", "mixed4c",
+                 "--boxes", REPO / "examples" / "dog_boxes.json", "--n-random", "2")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "report.json").read_text())
+    table = summary["correspondence"]
+    assert [r["part"] for r in table["rows"]] == ["left eye", "right eye", "nose", "random"]
+    assert table["columns"] == ["mixed4c", "mixed5b"]
+    assert all(0.0 <= r[c]["mean"] <= 1.0 for r in table["rows"] for c in table["columns"])
+    assert "left eye" in (out / "index.html").read_text()
+    one_line(cli("inspect", *dogs, "--out", tmp_path / "x", "--weights", WEIGHTS, "--boxes", tmp_path / "none.json"),
+             "none.json", "no such file")
