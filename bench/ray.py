@@ -7,11 +7,13 @@ min_count 1), ``--steps`` steps at ``--size`` px, in batches of ``--batch`` cell
 stores are compared array by array (they must be equal). Ray's start is timed apart from the stages: a cluster
 is started once and serves every stage.
 
+(-P: bench/ holds an inspect.py that would shadow the standard library module of that name.)
+
 The target (issue 17): Ray with 2 workers on these 2 cores at least 0.8x the local speed; this measures the
 engine's overhead, not a speed-up (the local run already uses both cores through torch's threads). The machine
 is shared: ``uptime`` is printed before and after.
 
-    .venv/bin/python bench/ray.py [--images 64] [--shard 16] [--steps 32] [--size 80] [--batch 4]
+    .venv/bin/python -P bench/ray.py [--images 64] [--shard 16] [--steps 32] [--size 80] [--batch 4]
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ import time
 import numpy as np
 import pytest
 from conftest import REPO, WEIGHTS, require_shared
-from tiny_run import LAYER, build_tiny, copy_run, one_line
+from tiny_run import LAYER, build_tiny, cli, copy_run, one_line
 
 from atlas import store
 from atlas.engine import NAMESPACE, Engine, actor_name
@@ -158,6 +158,12 @@ def test_render_on_ray_equals_a_local_run_even_when_an_actor_is_killed(ray_clust
     assert summary["n_done"] == local["n_done"] == local["n_render"] and summary["rendered_now"] == local["rendered_now"]
     _assert_same(_arrays(local_run, f"icons/{LAYER}/full/4"), _arrays(ray_run, f"icons/{LAYER}/full/4"))
     store.verify(store.open_store(ray_run), [f"icons/{LAYER}/full/4"])
+    # The command line takes the same path: resumed on Ray, nothing is left to render and nothing changes.
+    before = _arrays(ray_run, f"icons/{LAYER}/full/4")
+    again = cli("render", ray_run, "--layer", LAYER, "--grid", "4", "--quality", "draft", "--steps", "4", "--size", "16",
+                "--batch", "2", "--seed", "1", "--engine", "ray")
+    assert again.returncode == 0 and f"{local['n_render']}/{local['n_render']} icons (0 new" in again.stdout, again.stderr
+    _assert_same(before, _arrays(ray_run, f"icons/{LAYER}/full/4"))
 
 
 def _cli(*args: str, hide_ray: bool = False) -> subprocess.CompletedProcess:
