@@ -300,7 +300,9 @@ def test_each_setting_has_one_default_shared_by_the_stage_functions():
     assert BACKENDS == settings.KNN_BACKENDS and set(METRICS) <= set(settings.PROJECT_METRICS)
     # DEFAULTS is derived: one table per settings class, its config keys, its defaults
     assert DEFAULTS == settings.defaults()
-    assert list(DEFAULTS) == ["run", "sample", "project", "grid", "render", "tiles", "units"]
+    # the pipeline's tables in order, then the instruments'
+    assert list(DEFAULTS)[:7] == ["run", "sample", "project", "grid", "render", "tiles", "units"]
+    assert {"inspect", "weights", "reconstruct", "evolution", "patch"} <= set(DEFAULTS)
     assert "shard_size" not in DEFAULTS["sample"] and DEFAULTS["grid"]["sizes"] == [20, 40, 80, 160]
 
 
