@@ -131,7 +131,7 @@ def test_class_resolution_has_one_home_reexported_by_classes():
 # The orchestrator ``atlas.build``, ``atlas.info`` and the CLI are not stages and are not held to it.
 STAGE_ENTRIES: dict[str, set[str]] = {
     "atlas.sample": {"sample"},
-    "atlas.layout": {"project", "embed", "save_layout"},
+    "atlas.layout": {"project", "embed", "save_layout", "aligned_project"},
     "atlas.grid": {"grid"},
     "atlas.render": {"render", "visualize", "sample_patches"},
     "atlas.tiles": {"make_tiles"},

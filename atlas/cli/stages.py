@@ -3,6 +3,7 @@
 from atlas.cli import (
     build_cmd,  # noqa: F401
     inspect_cmd,  # noqa: F401
+    layers_cmd,  # noqa: F401
     layout_cmd,  # noqa: F401
     patch_cmd,  # noqa: F401
     reconstruct_cmd,  # noqa: F401

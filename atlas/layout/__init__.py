@@ -495,3 +495,12 @@ def project(run_dir: str | Path, layer: str, method: str = "umap", atlas: str = 
                  f"knn recall@10 {r if r is None else round(r, 3)}, {n_outside} outside the clip ({outside})")
     return saved
 
+
+
+@store.writer
+def aligned_project(run_dir: str | Path, layers, **kwargs) -> dict:
+    """Lay out consecutive layers together with umap-learn's AlignedUMAP (``atlas.layout.aligned``), each stored as
+    ``layouts/{layer}/aligned``; keyword arguments as :func:`atlas.layout.aligned.aligned_layouts`."""
+    from atlas.layout.aligned import aligned_layouts
+
+    return aligned_layouts(run_dir, layers, normalize=normalize_layout, save=save_layout, **kwargs)

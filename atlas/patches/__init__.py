@@ -466,7 +466,7 @@ def guided_search(run_dir: str | Path, layer: str, atlas: str, images: str | Pat
     sizes = sorted(int(k) for k in root[f"grids/{layer}/{atlas}"].group_keys() if k.isdigit()) if f"grids/{layer}/{atlas}" in root else []
     if not sizes:
         raise AtlasError(f"atlas {layer}/{atlas} has no grid; run `atlas grid {run_dir} --layer {layer} --atlas {atlas} --grid 8`")
-    rendered = [s for s in sizes if f"icons/{layer}/{atlas}/{s}" in root]
+    rendered = [s for s in sizes if f"icons/{layer}/{atlas}/{s}" in root and bool(root[f"icons/{layer}/{atlas}/{s}/done"][:].any())]
     grid = grid if grid is not None else (rendered or sizes)[-1]  # default: the largest grid with icons
     if grid not in sizes:
         raise AtlasError(f"atlas {layer}/{atlas} has no {grid}x{grid} grid; grids: {', '.join(map(str, sizes))}")
