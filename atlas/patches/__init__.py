@@ -301,7 +301,7 @@ def _figure(path: Path, images: np.ndarray, before: np.ndarray, result: dict, ta
         e = np.exp(z - z.max())
         return e / e.sum()
 
-    fig = Figure(figsize=(2.4 * len(chosen), 5.4), dpi=100)
+    fig = Figure(figsize=(max(2.4 * len(chosen), 5.0), 6.2), dpi=100)
     axes = fig.subplots(2, len(chosen), squeeze=False)
     for col, v in enumerate(chosen):
         i, place = int(result["image_of"][v]), result["places"][v]
@@ -317,7 +317,7 @@ def _figure(path: Path, images: np.ndarray, before: np.ndarray, result: dict, ta
             ax.set_xticks([])
             ax.set_yticks([])
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=0.86, wspace=0.06, hspace=0.42)  # room for two-line titles
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     return path
