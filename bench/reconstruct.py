@@ -19,13 +19,17 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
-import torch
+# bench/inspect.py would shadow the standard library's inspect (torch imports it): not on the path here
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from atlas.models import load_model
-from atlas.weights.reconstruct import read_photo, reconstruct
+import torch  # noqa: E402
+
+from atlas.models import load_model  # noqa: E402
+from atlas.weights.reconstruct import read_photo, reconstruct  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 PHOTO = SHARED / "data" / "imagenet-samples" / "n04251144_snorkel.JPEG"
