@@ -22,20 +22,18 @@ pads depend on the input size, a layer inside the stem) takes the plain batched 
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import time
-import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from atlas.errors import AtlasError
-from atlas.inspect.engine import batched_forward, forward, probabilities
+from atlas.inspect.engine import batched_forward, channels_last, forward, probabilities
 from atlas.models import Network
 
 # The grey of the square: the ImageNet mean pixel (RGB in [0, 1], the torchvision normalisation mean). After the
@@ -219,18 +217,8 @@ def _result(layer, channel, target, occluder, stride, image, ys, xs, sums, logit
 # --------------------------------------------------------------------------- channels-last copies
 
 
-# A channels-last copy of each model, made once: InceptionV1's convolutions run ~1.8x faster on this CPU in that
-# memory format (bench/inspect.py). A copy, because converting the caller's module would change the memory format
-# (and so the float summation order) of everything else that uses it.
-_CHANNELS_LAST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def _channels_last(net: Network) -> Network:
-    module = _CHANNELS_LAST.get(net.module)
-    if module is None:
-        module = copy.deepcopy(net.module).to(memory_format=torch.channels_last).eval()
-        _CHANNELS_LAST[net.module] = module
-    return replace(net, module=module)
+    return channels_last(net)
 
 
 # --------------------------------------------------------------------------- the incremental forward
