@@ -57,7 +57,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 pytest: setup
-	ATLAS_CHROMIUM=$(CHROMIUM) ATLAS_FFMPEG=$(FFMPEG) $(VENV)/bin/python -m pytest -q
+	ATLAS_CHROMIUM=$(CHROMIUM) ATLAS_FFMPEG=$(FFMPEG) $(VENV)/bin/python -m pytest -q --durations=30
 
 system-python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
