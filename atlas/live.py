@@ -128,7 +128,7 @@ class LiveEngine:
                  default_layer: str | None = None) -> None:
         import torch
 
-        from atlas.inspect.views import view_layers
+        from atlas.inspect import view_layers
 
         # both cores for the network (the default), never more than the machine has
         torch.set_num_threads(max(1, threads or min(2, os.cpu_count() or 1)))
@@ -188,7 +188,7 @@ class LiveEngine:
         """The ``onatlas`` message: the frame's activation at every position of ``layer`` placed on the run's atlas
         (:func:`atlas.inspect.onatlas.place_on_atlas`, k nearest samples), with each position's attribution to the
         frame's top class (:func:`atlas.inspect.onatlas.image_positions`). ``(layer, atlas)`` must be a listed atlas."""
-        from atlas.inspect.onatlas import image_positions, place_on_atlas
+        from atlas.inspect import image_positions, place_on_atlas
 
         if not any(a["layer"] == layer and a["atlas"] == atlas for a in self.atlases()):
             raise AtlasError(f"atlas: the run has no rendered atlas {str(layer)[:60]}/{str(atlas)[:60]}")
@@ -212,7 +212,7 @@ class LiveEngine:
 
     def run_image(self, index: int) -> Frame:
         """One of the run's images (by index), decoded as the sampler reads it (shorter side 256, centre 224)."""
-        from atlas.inspect.engine import read_image
+        from atlas.inspect import read_image
 
         tensor, picture = read_image(self.paths[index], resize=256, crop=SIZE)
         return Frame(tensor[None], picture, f"image:{index}")
@@ -224,7 +224,7 @@ class LiveEngine:
         """(maps (C, H, W) float32, top-5) of a frame at ``layer``: one forward; the same frame again is not recomputed."""
         import torch
 
-        from atlas.inspect.engine import channels_last, forward, top_classes
+        from atlas.inspect import channels_last, forward, top_classes
 
         key = (frame.digest, layer)
         if key in self._cache:

@@ -139,6 +139,12 @@ STAGE_ENTRIES: dict[str, set[str]] = {
     # the lens's array cores are public too: other instruments (atlas.inspect, atlas.weights) build on them
     "atlas.units": {"units", "write_gallery", "project_units", "to_display", "max_positions", "fit_patch", "receptive_field", "Field",
                     "check_unit_layers", "class_scores"},
+    # the inspection engine is public: the live page calls it per frame
+    "atlas.inspect": {"inspect", "report_name", "InspectSettings", "batched_forward", "channel_grid", "channels_last", "forward",
+                      "grid_layout", "image_positions", "place_on_atlas", "probabilities", "read_image", "strongest_channel", "top_classes",
+                      "view_layers"},
+    "atlas.weights": {"evolution", "evolve", "filter_sheet", "filter_stats", "input_filters", "load_checkpoint", "random_network",
+                      "reconstruct", "reconstruct_report", "table_markdown", "write_evolution", "write_filters"},
 }
 # The image-optimisation toolkit lives inside the render package but is a shared building block (Lucent's optvis):
 # objectives, parameterisations, transforms, regularisers and the loop itself, for every instrument that optimises

@@ -31,7 +31,7 @@ def reconstruct_command(
     # Checked before the instrument (and torch) is imported: `--top 0` or `--unit mixed4c` fail at once.
     settings = R(top=top, unit=unit, dtype=dtype, check_columns=check_columns, batch=batch, device=device)
     check_out_folder(out)
-    from atlas.weights.reconstruct import reconstruct_report, table_markdown
+    from atlas.weights import reconstruct_report, table_markdown
 
     summary = reconstruct_report(images, out, settings, model=model, weights=weights, echo=typer.echo)
     typer.echo("")

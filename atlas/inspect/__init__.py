@@ -34,9 +34,14 @@ import numpy as np
 
 from atlas import store
 from atlas.errors import AtlasError
+from atlas.inspect.engine import batched_forward, channels_last, forward, probabilities, read_image, top_classes
+from atlas.inspect.onatlas import image_positions, place_on_atlas
+from atlas.inspect.views import channel_grid, grid_layout, strongest_channel, view_layers
 from atlas.settings import InspectSettings, check_device, check_out_folder
 
-__all__ = ["InspectSettings", "inspect", "report_name"]
+# The engine and its cores are public: the live page (atlas.live) calls them per frame.
+__all__ = ["InspectSettings", "batched_forward", "channel_grid", "channels_last", "forward", "grid_layout", "image_positions", "inspect",
+           "place_on_atlas", "probabilities", "read_image", "report_name", "strongest_channel", "top_classes", "view_layers"]
 
 SYNSET_NAME = re.compile(r"^(n\d{8})[_.\-]")
 
@@ -161,7 +166,6 @@ def inspect(images: Sequence[str | os.PathLike] | str | os.PathLike, run: str | 
     resize, crop = int(prep.get("resize", 256)), int(prep.get("crop", 224))
 
     from atlas.inspect import views
-    from atlas.inspect.engine import forward, read_image, top_classes
 
     layer = s.layer or ((meta.get("layers") or [None])[0]) or ("mixed4c" if "mixed4c" in net.layer_names() else None)
     shown = list(s.layers) or views.view_layers(net, crop)
@@ -284,7 +288,7 @@ def inspect(images: Sequence[str | os.PathLike] | str | os.PathLike, run: str | 
 
 def _placement(run_dir: Path, net, x, layer: str, target: int, s: InspectSettings, folder: Path, say, shown: str):
     """The image on the atlas, or None (with a line saying why) when the run has no atlas of that layer yet."""
-    from atlas.inspect.onatlas import image_positions, place_on_atlas, write_placement
+    from atlas.inspect.onatlas import write_placement
 
     root = store.open_store(run_dir)
     if "layouts" not in root or layer not in root["layouts"] or s.atlas not in root["layouts"][layer]:

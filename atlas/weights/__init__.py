@@ -14,7 +14,7 @@ from __future__ import annotations
 from atlas.weights.checkpoint import load_checkpoint, random_network
 from atlas.weights.evolution import evolution, evolve, write_evolution
 from atlas.weights.filters import filter_sheet, filter_stats, input_filters, write_filters
-from atlas.weights.reconstruct import reconstruct as reconstruct
+from atlas.weights.reconstruct import reconstruct, reconstruct_report, table_markdown
 
 __all__ = ["evolution", "evolve", "filter_sheet", "filter_stats", "input_filters", "load_checkpoint", "random_network",
-           "write_evolution", "write_filters"]
+           "reconstruct", "reconstruct_report", "table_markdown", "write_evolution", "write_filters"]
