@@ -23,7 +23,7 @@ import math
 import numbers
 import os
 import re
-from dataclasses import MISSING, Field, dataclass, field, fields
+from dataclasses import MISSING, Field, dataclass, field, fields, replace
 from typing import Any, ClassVar
 
 from atlas.errors import AtlasError
@@ -326,6 +326,17 @@ class StageSettings:
         if unknown:
             raise AtlasError(f"unknown setting {cls.TABLE}.{unknown[0]}; known: {', '.join(cls.config_keys())}")
         return cls(**table)
+
+    @classmethod
+    def merged(cls, settings: StageSettings | None, options: dict) -> StageSettings:
+        """``settings`` (default: the defaults) with single fields overridden by ``options`` (a library call's
+        ``**options``), checked again; an unknown name is one line listing the known ones."""
+        base = settings or cls()
+        known = {f.name for f in fields(cls)}
+        unknown = [k for k in options if k not in known]
+        if unknown:
+            raise AtlasError(f"unknown setting {cls.TABLE}.{unknown[0]}; known: {', '.join(sorted(known))}")
+        return replace(base, **options) if options else base
 
     def as_table(self) -> dict:
         """The config keys as a plain dict (lists, not tuples: what TOML and json give back)."""

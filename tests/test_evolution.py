@@ -4,14 +4,12 @@ BVLC weights on shared photos (a few SGD steps, every parameter up to the follow
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
 from conftest import PHOTOS, WEIGHTS, require_shared
 from PIL import Image
+from tiny_run import cli_process, one_line
 
 from atlas.errors import AtlasError
 from atlas.weights import evolve, load_checkpoint, random_network, write_evolution
@@ -20,17 +18,8 @@ from atlas.weights.evolution import layout
 LAYER, CHANNELS = "conv2d2", "0-3"
 
 
-def _atlas(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", "from atlas.cli import main; main()", *map(str, args)], capture_output=True,
-                          text=True, timeout=300)
 
 
-def _one_error_line(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("atlas: error:"), result.stderr
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +126,7 @@ def test_a_bad_image_is_skipped_and_counted_through_the_cli(tmp_path, images):
         (folder / p.rsplit("/", 1)[1]).symlink_to(p)
     (folder / "broken.jpg").write_bytes(b"not a jpeg")
     out = tmp_path / "evo.png"
-    run = _atlas("evolution", "--checkpoints", WEIGHTS, "--images", folder, "--layer", "conv2d0", "--channels", "0-1",
+    run = cli_process("evolution", "--checkpoints", WEIGHTS, "--images", folder, "--layer", "conv2d0", "--channels", "0-1",
                  "--workers", "0", "--out", out)
     assert run.returncode == 0, run.stderr
     assert "2 units of conv2d0 x 1 checkpoints over 2 images; 1 unreadable skipped (first: " in run.stdout
@@ -150,12 +139,12 @@ def test_bad_input_is_one_line(tmp_path, images, checkpoints):
 
     torch.save(torchvision.models.resnet18().state_dict(), other)
     out = tmp_path / "evo.png"
-    line = _one_error_line(_atlas("evolution", "--checkpoints", WEIGHTS, other, "--images", images[0], "--layer", LAYER,
+    line = one_line(cli_process("evolution", "--checkpoints", WEIGHTS, other, "--images", images[0], "--layer", LAYER,
                                   "--out", out))
     assert line == (f"atlas: error: checkpoint {other} is not InceptionV1 weights: first mismatching key 'conv2d0.0.weight' is "
                     "missing (the checkpoint's first key is 'conv1.weight')")
     assert not out.exists()
-    line = _one_error_line(_atlas("evolution", "--checkpoints", WEIGHTS, tmp_path / "gone.pth", "--images", images[0],
+    line = one_line(cli_process("evolution", "--checkpoints", WEIGHTS, tmp_path / "gone.pth", "--images", images[0],
                                   "--layer", LAYER, "--out", out))
     assert line == f"atlas: error: checkpoint not found: {tmp_path / 'gone.pth'}"
     broken = tmp_path / "broken"

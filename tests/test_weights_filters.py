@@ -3,31 +3,16 @@ filters from random ones, deeper layers as grey grids, and the bad input of `atl
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
 from conftest import WEIGHTS
 from PIL import Image
+from tiny_run import cli_process, one_line
 
 from atlas.errors import AtlasError
 from atlas.weights import filter_sheet, filter_stats, input_filters, random_network, write_filters
 from atlas.weights.filters import GAP
-
-
-def _atlas(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", "from atlas.cli import main; main()", *map(str, args)], capture_output=True,
-                          text=True, timeout=300)
-
-
-def _one_error_line(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("atlas: error:"), result.stderr
-    return lines[0]
 
 
 def test_trained_first_layer_filters_are_smoother_and_more_colour_opponent_than_random(net, tmp_path):
@@ -107,19 +92,19 @@ def test_layers_without_one_convolution_are_one_line(net):
 
 def test_atlas_weights_cli(tmp_path):
     out = tmp_path / "sheet.png"
-    ok = _atlas("weights", "--weights", WEIGHTS, "--out", out)
+    ok = cli_process("weights", "--weights", WEIGHTS, "--out", out)
     assert ok.returncode == 0, ok.stderr
     assert "conv2d0.0: 64 filters 3x7x7" in ok.stdout and "high-frequency share 0." in ok.stdout and Image.open(out).size == (466, 602)
     before = out.read_bytes()
-    line = _one_error_line(_atlas("weights", "--weights", WEIGHTS, "--layer", "pool", "--out", out))
+    line = one_line(cli_process("weights", "--weights", WEIGHTS, "--layer", "pool", "--out", out))
     assert "layer 'pool' of model inceptionv1 (MaxPool2d) has no weights; convolutions: conv2d0.0" in line
     assert out.read_bytes() == before  # nothing written over
-    line = _one_error_line(_atlas("weights", "--weights", tmp_path / "missing.pth", "--out", out))
+    line = one_line(cli_process("weights", "--weights", tmp_path / "missing.pth", "--out", out))
     assert line == f"atlas: error: checkpoint not found: {tmp_path / 'missing.pth'}"
     other = tmp_path / "resnet18.pth"
     import torchvision
 
     torch.save(torchvision.models.resnet18().state_dict(), other)
-    line = _one_error_line(_atlas("weights", "--weights", other, "--out", out))
+    line = one_line(cli_process("weights", "--weights", other, "--out", out))
     assert line == (f"atlas: error: checkpoint {other} is not InceptionV1 weights: first mismatching key 'conv2d0.0.weight' is missing "
                     "(the checkpoint's first key is 'conv1.weight')")

@@ -61,6 +61,13 @@ def cli(*args) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
+def cli_process(*args, timeout: float = 300) -> subprocess.CompletedProcess:
+    """The real command line in a fresh Python process (where a test is about start-up: what is imported, or checked
+    before torch is)."""
+    return subprocess.run([sys.executable, "-c", "from atlas.cli import main; main()", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout)
+
+
 def one_line(result: subprocess.CompletedProcess, *needles: str) -> str:
     """The command failed with exit 2 and exactly one `atlas: error:` line holding every needle."""
     assert "Traceback" not in result.stderr, result.stderr

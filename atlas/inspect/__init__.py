@@ -27,7 +27,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -47,12 +47,7 @@ SYNSET_NAME = re.compile(r"^(n\d{8})[_.\-]")
 
 
 def _settings(settings: InspectSettings | None, options: dict) -> InspectSettings:
-    base = settings or InspectSettings()
-    known = {f.name for f in fields(InspectSettings)}
-    unknown = [k for k in options if k not in known]
-    if unknown:
-        raise AtlasError(f"unknown setting inspect.{unknown[0]}; known: {', '.join(sorted(known))}")
-    return replace(base, **options) if options else base
+    return InspectSettings.merged(settings, options)
 
 
 def report_name(images: Sequence[str | os.PathLike]) -> str:

@@ -22,7 +22,6 @@ import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -159,12 +158,7 @@ def write_class_scores(run_dir: str | Path, layer: str) -> dict | None:
 
 
 def _settings(settings: UnitsSettings | None, options: dict) -> UnitsSettings:
-    base = settings or UnitsSettings()
-    known = {f.name for f in fields(UnitsSettings)}
-    unknown = [k for k in options if k not in known]
-    if unknown:
-        raise AtlasError(f"unknown setting units.{unknown[0]}; known: {', '.join(sorted(known))}")
-    return replace(base, **options) if options else base
+    return UnitsSettings.merged(settings, options)
 
 
 @store.writer

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -68,12 +68,7 @@ class Evolution:
 
 
 def _settings(settings: EvolutionSettings | None, options: dict) -> EvolutionSettings:
-    base = settings or EvolutionSettings()
-    known = {f.name for f in fields(EvolutionSettings)}
-    unknown = [k for k in options if k not in known]
-    if unknown:
-        raise AtlasError(f"unknown setting evolution.{unknown[0]}; known: {', '.join(sorted(known))}")
-    return replace(base, **options) if options else base
+    return EvolutionSettings.merged(settings, options)
 
 
 def _labels(checkpoints: Sequence) -> list[str]:
