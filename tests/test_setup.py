@@ -88,7 +88,9 @@ def _undeclared(folder: Path, declared: set[str], local: set[str], optional: dic
 # ------------------------------------------------------------------------------------- dependencies
 def test_every_import_of_the_package_is_a_declared_dependency():
     declared = _declared(PYPROJECT["project"]["dependencies"])
-    assert _undeclared(REPO / "atlas", declared, local={"atlas"}, optional={}) == []
+    # Ray is the optional [ray] extra: atlas.engine imports it only for --engine ray (one line says how to install it)
+    assert "ray" in _declared(PYPROJECT["project"]["optional-dependencies"]["ray"])
+    assert _undeclared(REPO / "atlas", declared, local={"atlas"}, optional={"ray": "atlas/engine.py, the [ray] extra"}) == []
 
 
 def test_every_import_of_the_benchmarks_is_declared_in_dependencies_or_the_bench_extra():
@@ -354,7 +356,7 @@ def _venv_env(tmp: Path) -> dict:
     return env
 
 
-def test_wheel_carries_openseadragon_and_the_installed_viewer_works(installed, tmp_path):
+def test_wheel_carries_openseadragon_and_the_installed_viewer_works(installed, tmp_path, browser):
     _require_chromium()
     from tiles_helpers import make_tile_run
 
@@ -380,24 +382,21 @@ def test_wheel_carries_openseadragon_and_the_installed_viewer_works(installed, t
         line = server.stdout.readline()
         match = re.search(r"http://127\.0\.0\.1:\d+/tiles/index\.html", line)
         assert match, line + (server.stderr.read() if server.poll() is not None else "")
-        from playwright.sync_api import sync_playwright
-
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROME_ARGS)
-            try:
-                page = browser.new_page(viewport={"width": 1000, "height": 700})
-                requested, errors = [], []
-                page.on("request", lambda r: requested.append(r.url))
-                page.on("pageerror", lambda e: errors.append(str(e)))
-                page.goto(match.group(0))
-                page.wait_for_function("document.body.dataset.loaded === '1'", timeout=20000)
-                assert page.evaluate("typeof window.OpenSeadragon") == "function"
-                assert page.evaluate("window.OpenSeadragon.version.versionStr") == json.loads(
-                    (REPO / "package-lock.json").read_text())["packages"]["node_modules/openseadragon"]["version"]
-                assert any(re.search(r"/atlas_files/\d+/\d+_\d+\.jpg", u) for u in requested), requested
-                assert errors == []
-            finally:
-                browser.close()
+        # the session's browser: a second sync Playwright in the same thread is refused while that one is alive
+        page = browser.new_page(viewport={"width": 1000, "height": 700})
+        try:
+            requested, errors = [], []
+            page.on("request", lambda r: requested.append(r.url))
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(match.group(0))
+            page.wait_for_function("document.body.dataset.loaded === '1'", timeout=20000)
+            assert page.evaluate("typeof window.OpenSeadragon") == "function"
+            assert page.evaluate("window.OpenSeadragon.version.versionStr") == json.loads(
+                (REPO / "package-lock.json").read_text())["packages"]["node_modules/openseadragon"]["version"]
+            assert any(re.search(r"/atlas_files/\d+/\d+_\d+\.jpg", u) for u in requested), requested
+            assert errors == []
+        finally:
+            page.close()
     finally:
         server.terminate()
         server.wait(10)
