@@ -163,5 +163,6 @@ def test_the_correspondence_table_of_the_dog_boxes_is_in_the_report(tmp_path, ph
     assert table["columns"] == ["mixed4c", "mixed5b"]
     assert all(0.0 <= r[c]["mean"] <= 1.0 for r in table["rows"] for c in table["columns"])
     assert "left eye" in (out / "index.html").read_text()
+    assert "left eye" in result.stdout and "random" in result.stdout  # the table is printed too
     one_line(cli("inspect", *dogs, "--out", tmp_path / "x", "--weights", WEIGHTS, "--boxes", tmp_path / "none.json"),
              "none.json", "no such file")

@@ -75,5 +75,7 @@ def inspect_command(
     from atlas.inspect import inspect
 
     report = inspect(images, run, settings, out, model=model, weights=weights, name=name, echo=typer.echo)
+    if report.get("correspondence", {}).get("markdown"):  # the paper's table, printed as well as in the report
+        typer.echo(report["correspondence"]["markdown"])
     typer.echo(f"report of {len(report['images'])} image(s) -> {report['index']}"
                + (f" ({len(report['skipped'])} skipped)" if report["skipped"] else "") + f"; {report['seconds']:.0f}s")
