@@ -20,6 +20,7 @@ from pathlib import Path
 
 from atlas import store
 from atlas.errors import AtlasError
+from atlas.settings import LayersSettings as L
 
 LAYERS_MANIFEST = "layers.json"
 MAX_LAYERS = 3
@@ -55,7 +56,7 @@ def _entry(tiles_dir: Path, layer: str, atlas: str) -> dict | None:
         return None
 
 
-def side_by_side(run_dir: str | Path, layers: Sequence[str], atlas: str = store.FULL_ATLAS, highlight: str | int | None = None,
+def side_by_side(run_dir: str | Path, layers: Sequence[str], atlas: str = L.atlas, highlight: str | int | None = L.highlight,
                  name: str | None = None, echo=None) -> dict:
     """Show ``layers`` (2 or 3, each ``LAYER`` or ``RUN:LAYER`` of this run) of one ``atlas`` side by side.
 
@@ -64,6 +65,8 @@ def side_by_side(run_dir: str | Path, layers: Sequence[str], atlas: str = store.
     ``tiles/layers.json``: ``name``, ``layers``, ``atlas``, ``ids`` (the atlases' ids in ``atlases.json``),
     ``highlight`` and ``url`` (relative to ``tiles/``).
     """
+    # The [layers] settings' checks (a class index stays an int: resolve_class takes both).
+    atlas = L(atlas=atlas, highlight=None if highlight is None or isinstance(highlight, int) else highlight).atlas
     from atlas.tiles import make_tiles
     from atlas.viewer import install_viewer, update_listing
 
@@ -100,13 +103,19 @@ def _same_class(run_dir: Path, have: dict, wanted: str | int) -> bool:
     return resolve_class(wanted, list(meta.get("classes", [])), meta.get("weights")).index == have.get("index")
 
 
-def class_layers(run_dir: str | Path, cls: str | int, layers: Sequence[str], top_k: int = 2000, method: str = "tsne",
-                 sizes: tuple[int, ...] = (8,), quality: str = "draft", seed: int = 0, render_kwargs: dict | None = None,
+def class_layers(run_dir: str | Path, cls: str | int, layers: Sequence[str], top_k: int = L.top_k, method: str = L.method,
+                 sizes: Sequence[int] = L.sizes, quality: str = L.quality, seed: int = L.seed, render_kwargs: dict | None = None,
                  echo=None) -> dict:
     """A class atlas of ``cls`` per layer (:func:`atlas.classes.class_atlas`, each highlighted with the class), shown
-    side by side; returns the view (:func:`side_by_side`) with ``atlases``, the class atlas of every layer."""
+    side by side; returns the view (:func:`side_by_side`) with ``atlases``, the class atlas of every layer.
+
+    Defaults and checks of ``top_k``, ``method``, ``sizes``, ``quality`` and ``seed``: :class:`atlas.settings.LayersSettings`.
+    """
     from atlas.classes import class_atlas
 
+    checked = L(top_k=top_k, method=method, sizes=tuple(sizes) if isinstance(sizes, (list, tuple)) else sizes, quality=quality,
+                seed=seed)
+    top_k, method, sizes, quality, seed = checked.top_k, checked.method, checked.sizes, checked.quality, checked.seed
     layers = parse_layers(run_dir, layers)
     names = [class_atlas(run_dir, layer, cls, top_k=top_k, method=method, sizes=sizes, quality=quality, seed=seed, tiles=True,
                          render_kwargs=render_kwargs) for layer in layers]

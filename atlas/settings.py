@@ -611,11 +611,42 @@ class PatchSettings(StageSettings):
     device: str = setting("cpu", Device(), "Where the model runs.", speed=True)
 
 
+@_documented
+@dataclass(frozen=True)
+class LayersSettings(StageSettings):
+    """Layers side by side and aligned layouts: one run's layers shown together with one class highlighted, a class atlas
+    per layer, and AlignedUMAP layouts of consecutive layers (``[layers]`` table, ``atlas side-by-side``, ``atlas class-layers``,
+    ``atlas align``; docs/experiments.md)."""
+
+    TABLE: ClassVar[str] = "layers"
+    atlas: str = setting("full", Text(what="an atlas name"), "The atlas of every layer shown side by side (full, aligned, class-...).")
+    highlight: str | None = setting(None, Text(optional=True, what="a class name, synset or index"),
+                                    "Class whose attribution shades every layer side by side (None: no highlight).")
+    aligned_atlas: str = setting("aligned", Text(what="an atlas name"), "Name of the aligned layouts (atlas align).")
+    n_neighbors: int = setting(15, Integer(2), "AlignedUMAP's neighbourhood size, the same for every layer.")
+    min_dist: float = setting(0.1, Number(0.0, 1.0), "AlignedUMAP's minimum distance between laid-out points.")
+    alignment: float = setting(1.0, Number(0.0), "AlignedUMAP's alignment_regularisation: how strongly corresponding samples are "
+                               "pulled together (umap-learn's default 0.01 barely ties sparse samples).")
+    tolerance: float = setting(1.0, Number(0.0), "Cells of the coarser layer two samples' input-pixel centres may be apart to "
+                               "correspond (more than 0).")
+    n_epochs: int | None = setting(None, Integer(1, optional=True), "AlignedUMAP's optimisation epochs (None: umap-learn's choice).")
+    seed: int = setting(0, Integer(0, SEED_MAX), "Seed of the aligned layouts and of the class atlases' layouts.")
+    top_k: int = setting(2000, Integer(1), "Class atlases per layer: samples with the highest positive attribution added to the winners.")
+    method: str = setting("tsne", Choice(PROJECT_METHODS), "Class atlases per layer: projection method.")
+    sizes: tuple[int, ...] = setting((8,), IntList(GRID_MIN, GRID_MAX, "grid sizes"), "Class atlases per layer: grid sizes.")
+    quality: str = setting("draft", Choice(tuple(PRESETS)), "Class atlases per layer: icon preset (docs/render.md).")
+
+    def _check_together(self) -> None:
+        if self.tolerance <= 0:
+            raise AtlasError(f"layers.tolerance must be a number > 0; got {self.tolerance!r}")
+
+
 STAGES: dict[str, type[StageSettings]] = {"run": RunSettings, "sample": SampleSettings, "project": ProjectSettings,
                                           "grid": GridSettings, "render": RenderSettings, "tiles": TilesSettings,
                                           "units": UnitsSettings, "inspect": InspectSettings, "weights": WeightsSettings,
                                           "reconstruct": ReconstructSettings, "evolution": EvolutionSettings,
-                                          "patch": PatchSettings}
+                                          "patch": PatchSettings,
+                                          "layers": LayersSettings}
 
 
 def defaults() -> dict[str, dict]:

@@ -10,8 +10,9 @@ import pytest
 import zarr
 from conftest import serving
 from PIL import Image
-from tiny_run import cli, one_line
+from tiny_run import cli, one_line, snapshot
 
+from atlas.errors import AtlasError
 from atlas.layout.aligned import corresponding_pairs, input_centres, mean_displacement
 from atlas.viewer import url_of
 
@@ -127,3 +128,98 @@ def test_bad_input_is_one_line(run, tmp_path):
     one_line(cli("side-by-side", out, "--layer", LAYERS[0], "--layer", "mixed3b"), "layer 'mixed3b' was not sampled")
     one_line(cli("align", out, "--layer", LAYERS[0]), "at least two layers")
     one_line(cli("class-layers", out, "--layer", LAYERS[0], "--layer", LAYERS[1], "--class", "snorkle"), "unknown class 'snorkle'")
+
+
+def test_the_layers_settings_are_the_commands_and_the_library_functions_defaults(run):
+    import inspect
+
+    from atlas.layers import class_layers, side_by_side
+    from atlas.layout.aligned import aligned_layouts
+    from atlas.settings import STAGES, LayersSettings
+
+    assert STAGES["layers"] is LayersSettings
+    d = LayersSettings()
+
+    def defaults(fn):
+        return {k: p.default for k, p in inspect.signature(fn).parameters.items() if p.default is not inspect.Parameter.empty}
+
+    assert {k: v for k, v in defaults(aligned_layouts).items() if k != "compare"} == {
+        "atlas": d.aligned_atlas, "n_neighbors": d.n_neighbors, "min_dist": d.min_dist, "seed": d.seed, "tolerance": d.tolerance,
+        "alignment": d.alignment, "n_epochs": d.n_epochs}
+    assert defaults(side_by_side)["atlas"] == d.atlas and defaults(side_by_side)["highlight"] == d.highlight
+    got = defaults(class_layers)
+    assert (got["top_k"], got["method"], tuple(got["sizes"]), got["quality"], got["seed"]) == (d.top_k, d.method, d.sizes, d.quality,
+                                                                                            d.seed)
+    # bad options: one line naming the [layers] setting, before the store is touched
+    out, _ = run
+    before = snapshot(out / "store.zarr")
+    two = ("--layer", LAYERS[0], "--layer", LAYERS[1])
+    one_line(cli("align", out, *two, "--tolerance", "0"), "layers.tolerance must be a number > 0; got 0.0")
+    one_line(cli("align", out, *two, "--neighbors", "1"), "layers.n_neighbors must be an integer >= 2; got 1")
+    one_line(cli("align", out, *two, "--min-dist", "2"), "layers.min_dist must be a number in 0.0..1.0; got 2.0")
+    one_line(cli("align", out, *two, "--n-epochs", "0"), "layers.n_epochs must be an integer >= 1; got 0")
+    one_line(cli("class-layers", out, *two, "--class", HIGHLIGHT, "--top-k", "0"), "layers.top_k must be an integer >= 1; got 0")
+    one_line(cli("class-layers", out, *two, "--class", HIGHLIGHT, "--method", "mds"), "layers.method must be one of umap, tsne, pca")
+    one_line(cli("class-layers", out, *two, "--class", HIGHLIGHT, "--grid", "1"), "layers.sizes must be a list of integers in 2..2048")
+    one_line(cli("class-layers", out, *two, "--class", HIGHLIGHT, "--quality", "ultra"), "layers.quality must be one of draft")
+    one_line(cli("side-by-side", out, *two, "--atlas", " "), "layers.atlas must be an atlas name")
+    with pytest.raises(AtlasError, match=r"layers.tolerance must be a number >= 0.0; got -1.0"):
+        aligned_layouts(out, LAYERS, normalize=None, save=None, tolerance=-1.0)
+    with pytest.raises(AtlasError, match="layers.quality must be one of draft"):
+        class_layers(out, HIGHLIGHT, LAYERS, quality="ultra")
+    assert snapshot(out / "store.zarr") == before
+
+
+def test_align_command_writes_the_aligned_layouts_and_a_second_run_is_the_same(run):
+    out, r = run
+    args = ("align", out, "--layer", LAYERS[0], "--layer", LAYERS[1], "--atlas", "aligned-cli", "--n-epochs", "100")
+    first = cli(*args)
+    assert first.returncode == 0, first.stderr
+    lines = first.stdout.splitlines()
+    # the same correspondence as the library call of the fixture (same samples, same tolerance)
+    assert lines[0].startswith(f"{LAYERS[0]} -> {LAYERS[1]}: {r['pairs'][0]} corresponding samples (of 48 and 48)"), lines
+    assert lines[-1].startswith(f"layouts {LAYERS[0]}/aligned-cli, {LAYERS[1]}/aligned-cli in "), lines
+    root = zarr.open_group(out / "store.zarr", mode="r")
+    xy = {}
+    for layer in LAYERS:
+        node = root[f"layouts/{layer}/aligned-cli"]
+        assert node.attrs["kind"] == "aligned" and node.attrs["layers"] == LAYERS and node.attrs["params"]["n_epochs"] == 100
+        xy[layer] = node["xy"][:]
+        assert xy[layer].shape == (48, 2) and np.isfinite(xy[layer]).all() and xy[layer].min() >= 0 and xy[layer].max() <= 1
+    assert root[f"layouts/{LAYERS[1]}/aligned-cli"].attrs["pairs_before"] == r["pairs"][0]
+    second = cli(*args)  # the same seed and settings: the same layouts, the same report
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.splitlines()[0] == lines[0]
+    root = zarr.open_group(out / "store.zarr", mode="r")
+    for layer in LAYERS:
+        assert np.array_equal(root[f"layouts/{layer}/aligned-cli"]["xy"][:], xy[layer])
+
+
+def test_class_layers_command_builds_a_class_atlas_per_layer_and_one_view(run):
+    out, _ = run
+    args = ("class-layers", out, "--layer", LAYERS[0], "--layer", LAYERS[1], "--class", HIGHLIGHT, "--top-k", "20", "--method", "pca",
+            "--grid", "3", "--steps", "2", "--size", "48")
+    first = cli(*args)
+    assert first.returncode == 0, first.stderr
+    name = "class-snorkel"
+    assert first.stdout.splitlines()[-1].startswith(f"atlas {name} of {', '.join(LAYERS)} -> "), first.stdout
+    root = zarr.open_group(out / "store.zarr", mode="r")
+    for layer in LAYERS:
+        assert f"layouts/{layer}/{name}" in root and root[f"layouts/{layer}/{name}"]["xy"].shape[0] >= 4
+        entry = json.loads((out / "tiles" / layer / name / "atlas.json").read_text())
+        assert entry["highlight"]["class"] == HIGHLIGHT
+        assert (out / "tiles" / layer / name / "highlight" / "3.png").is_file()
+    views = [v for v in json.loads((out / "tiles" / "layers.json").read_text())["views"] if v["atlas"] == name]
+    assert len(views) == 1 and views[0]["layers"] == LAYERS and views[0]["highlight"] == HIGHLIGHT
+    assert views[0]["ids"] == [f"{layer}/{name}" for layer in LAYERS]
+
+    def arrays(layer: str) -> dict[str, int]:  # the layout's arrays (its group's attrs record the run and may be rewritten)
+        return {k: v for k, v in snapshot(out / "store.zarr" / "layouts" / layer / name).items() if k != "zarr.json"}
+
+    kept = {layer: arrays(layer) for layer in LAYERS}
+    second = cli(*args)  # an identical second run: the same class atlases, the view listed once
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.splitlines()[-1] == first.stdout.splitlines()[-1]
+    assert {layer: arrays(layer) for layer in LAYERS} == kept
+    views2 = [v for v in json.loads((out / "tiles" / "layers.json").read_text())["views"] if v["atlas"] == name]
+    assert views2 == views

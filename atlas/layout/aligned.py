@@ -27,8 +27,9 @@ import numpy as np
 
 from atlas import store
 from atlas.errors import AtlasError
+from atlas.settings import LayersSettings as L
 
-ALIGNED_ATLAS = "aligned"
+ALIGNED_ATLAS = L.aligned_atlas
 
 
 def input_centres(positions: np.ndarray, grid_hw: tuple[int, int], crop: int = 224) -> np.ndarray:
@@ -117,9 +118,9 @@ def independent_embeddings(datasets: Sequence[np.ndarray], n_neighbors: int = 15
     return out
 
 
-def aligned_layouts(run_dir: str | Path, layers: Sequence[str], *, normalize: Callable, save: Callable, atlas: str = ALIGNED_ATLAS,
-                    n_neighbors: int = 15, min_dist: float = 0.1, seed: int = 0, tolerance: float = 1.0, alignment: float = 1.0,
-                    n_epochs: int | None = None, compare: bool = False) -> dict:
+def aligned_layouts(run_dir: str | Path, layers: Sequence[str], *, normalize: Callable, save: Callable, atlas: str = L.aligned_atlas,
+                    n_neighbors: int = L.n_neighbors, min_dist: float = L.min_dist, seed: int = L.seed, tolerance: float = L.tolerance,
+                    alignment: float = L.alignment, n_epochs: int | None = L.n_epochs, compare: bool = False) -> dict:
     """Lay out consecutive ``layers`` of a run together with AlignedUMAP and store each as ``layouts/{layer}/{atlas}``.
 
     Parameters
@@ -128,6 +129,7 @@ def aligned_layouts(run_dir: str | Path, layers: Sequence[str], *, normalize: Ca
     layers : two or more sampled layers, in network order (consecutive ones are tied).
     atlas : the layouts' name (default "aligned"); grid, render and tile it like any atlas (``--atlas aligned``).
     n_neighbors, min_dist, seed, n_epochs : UMAP's settings, the same for every layer.
+    (Defaults and checks of every setting: :class:`atlas.settings.LayersSettings`, the ``[layers]`` table.)
     tolerance : how far apart, in cells of the coarser layer, two samples' input-pixel centres may be to correspond.
     alignment : AlignedUMAP's ``alignment_regularisation`` (how strongly related points are pulled together).
     compare : also lay out each layer on its own with the same UMAP and report both mean displacements.
@@ -142,11 +144,14 @@ def aligned_layouts(run_dir: str | Path, layers: Sequence[str], *, normalize: Ca
         ``independent_displacement`` and ``independent_procrustes`` (after the best similarity transform), ``seconds``.
     """
     start = time.perf_counter()
+    # The settings' own checks (one line naming layers.<field>), the same as the command's and a [layers] table's.
+    checked = L(aligned_atlas=atlas, n_neighbors=n_neighbors, min_dist=min_dist, seed=seed, tolerance=tolerance, alignment=alignment,
+                n_epochs=n_epochs)
+    atlas, n_neighbors, min_dist, seed = checked.aligned_atlas, checked.n_neighbors, checked.min_dist, checked.seed
+    tolerance, alignment, n_epochs = checked.tolerance, checked.alignment, checked.n_epochs
     layers = list(dict.fromkeys(layers))
     if len(layers) < 2:
         raise AtlasError("aligned layouts need at least two layers (--layer A --layer B)")
-    if not (tolerance > 0):
-        raise AtlasError(f"the correspondence tolerance must be positive; got {tolerance}")
     run_dir = Path(run_dir)
     root = store.open_store(run_dir)
     store.verify(root, [f"samples/{layer}" for layer in layers] + ["images"])
