@@ -116,6 +116,8 @@ def stage_keys(config: dict, image_digest: str, weights_sha: str) -> dict[str, s
     keys, upstream = {}, f"{image_digest}:{weights_sha}:{','.join(config['run']['layers'])}"
     for stage in STAGES:
         settings = {k: v for k, v in config[stage].items() if k not in SPEED_ONLY.get(stage, set())}
+        if stage == "sample" and not settings.get("aligned_positions"):
+            settings.pop("aligned_positions", None)  # off (the default): the keys of runs recorded before the setting existed
         upstream = keys[stage] = _key(settings, upstream)
     # The unit lens reads only the sampled run; its gallery links to the atlas, so it follows both.
     unit_settings = {k: v for k, v in config["units"].items() if k not in SPEED_ONLY.get("units", set()) | {"build"}}
@@ -257,7 +259,7 @@ def build(config: dict, dry_run: bool = False, echo=print) -> BuildResult:
         s = config["sample"]
         sample.sample(images, layers, out, net=net, per_image=s["per_image"], seed=s["seed"], batch_size=s["batch_size"],
                       workers=s["workers"], attribution=s["attribution"], dtype=s["dtype"], precision=s["precision"],
-                      device=s["device"], engine=run_on)
+                      device=s["device"], engine=run_on, aligned_positions=s["aligned_positions"])
 
     def run_project() -> None:
         s = config["project"]

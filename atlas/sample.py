@@ -44,7 +44,9 @@ BORDER = 1
 TOP_K = 5
 # Settings that must match for a run folder to be resumed rather than rejected.
 RESUME_KEYS = ("model", "weights_sha256", "layers", "seed", "per_image", "image_list_hash", "dtype", "attribution", "preprocessing",
-               "shard_size", "precision")
+               "shard_size", "precision", "aligned_positions")
+# Resume keys a store may lack: written only when not at their default, so the stores of a default run stay as they were.
+RESUME_ABSENT = {"aligned_positions": False}
 
 
 @dataclass
@@ -70,6 +72,30 @@ def sample_positions(seed: int, image_index: int, layer_index: int, hw: tuple[in
 
 def shard_positions(seed: int, indices: Sequence[int], layer_index: int, hw: tuple[int, int], k: int) -> np.ndarray:
     return np.concatenate([sample_positions(seed, i, layer_index, hw, k) for i in indices])
+
+
+def corresponding_positions(positions: np.ndarray, hw_from: tuple[int, int], hw_to: tuple[int, int], crop: int) -> np.ndarray:
+    """(n, 2) int16 positions of a layer of ``hw_to`` corresponding to (n, 2) ``positions`` of a layer of ``hw_from``: each
+    position's input-pixel centre (:func:`atlas.data.position_to_pixels`), then the cell of the other grid holding it (the
+    cell whose centre is nearest). Pure."""
+    p = np.asarray(positions, np.float64)
+    out = []
+    for axis in (0, 1):
+        centre = (p[:, axis] + 0.5) * crop / hw_from[axis]
+        out.append(np.clip(np.floor(centre * hw_to[axis] / crop), 0, hw_to[axis] - 1))
+    return np.stack(out, 1).astype(np.int16)
+
+
+def layer_positions(settings: dict, indices: Sequence[int], grids: dict[str, tuple[int, int]]) -> dict[str, np.ndarray]:
+    """Every layer's positions of the images ``indices`` (``grids``: layer -> (h, w), in the run's layer order): each
+    layer's own seeded draw, or with ``settings["aligned_positions"]`` the first layer's draw carried to the others."""
+    k, seed, layers = settings["per_image"], settings["seed"], list(grids)
+    if not settings.get("aligned_positions", RESUME_ABSENT["aligned_positions"]):
+        return {layer: shard_positions(seed, indices, li, grids[layer], k) for li, layer in enumerate(layers)}
+    first = shard_positions(seed, indices, 0, grids[layers[0]], k)
+    crop = settings["preprocessing"]["crop"]
+    return {layer: first if li == 0 else corresponding_positions(first, grids[layers[0]], grids[layer], crop)
+            for li, layer in enumerate(layers)}
 
 
 def _gather(activation: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -151,7 +177,8 @@ def sample(images: str | Path | ImageList, layers: Sequence[str], out: str | Pat
            batch_size: int = 32, workers: int = 2, attribution: bool = True, dtype: str = "float16",
            resize: int = 256, crop: int = 224, device: str = "cpu", progress: bool = True,
            shard_size: int = SHARD, precision: str = "auto", net: Network | None = None,
-           labels: str | Path | None = None, engine: str | Engine = "local", ray_address: str | None = None) -> SampleResult:
+           labels: str | Path | None = None, engine: str | Engine = "local", ray_address: str | None = None,
+           aligned_positions: bool = False) -> SampleResult:
     """Sample ``per_image`` activations per image at each layer into ``out``/store.zarr: the sample stage.
 
     Each image is resized and centre-cropped, run through the model once, and at ``per_image`` random spatial
@@ -178,6 +205,9 @@ def sample(images: str | Path | ImageList, layers: Sequence[str], out: str | Pat
         Use the first N images of the deterministic order, at least 1; None: all (``SampleSettings.max_images``).
     per_image : int, default 1
         Positions sampled per image and layer, at least 1 (``SampleSettings.per_image``).
+    aligned_positions : bool, default False
+        Layers after the first take the positions corresponding to the first layer's (:func:`layer_positions`) instead of
+        their own random ones (``SampleSettings.aligned_positions``); part of the settings a resume must match.
     seed : int, default 0
         Seed of the positions, 0 to 2**32 - 1 (``SampleSettings.seed``).
     batch_size : int, default 32
@@ -228,7 +258,8 @@ def sample(images: str | Path | ImageList, layers: Sequence[str], out: str | Pat
         raise AtlasError("give at least one --layer")
     # Every argument is checked before anything is loaded or created (a bad --shard-size must not leave a folder behind).
     SampleSettings(model=model, weights=weights, max_images=max_images, per_image=per_image, seed=seed, batch_size=batch_size,
-                   workers=workers, attribution=attribution, dtype=dtype, precision=precision, device=device, shard_size=shard_size)
+                   workers=workers, attribution=attribution, dtype=dtype, precision=precision, device=device, shard_size=shard_size,
+                   aligned_positions=aligned_positions)
     check_out_folder(out)
     check_device(device)
     run_on = engine if isinstance(engine, Engine) else make_engine(engine, ray_address)
@@ -248,6 +279,8 @@ def sample(images: str | Path | ImageList, layers: Sequence[str], out: str | Pat
         "shard_size": shard_size,
         "precision": resolve_precision(precision, device) if not attribution else "float32",
     }
+    if aligned_positions:  # only when on: a default run's store attributes stay what they were
+        settings["aligned_positions"] = True
     root = _open_or_create(out, images, net, shapes, settings)
 
     n = len(images)
@@ -340,10 +373,11 @@ def _open_or_create(out: Path, images: ImageList, net: Network, shapes: dict, se
     if path.exists():
         root = store.open_store(out, "r+")
         have = store.attrs(root)
-        diff = [k for k in RESUME_KEYS if have.get(k) != settings[k]]
+        diff = [k for k in RESUME_KEYS if have.get(k, RESUME_ABSENT.get(k)) != settings.get(k, RESUME_ABSENT.get(k))]
         if diff:
             key = diff[0]
-            raise AtlasError(f"{out} holds a run with different settings ({key}: {have.get(key)!r} there, {settings[key]!r} now); "
+            there, now = have.get(key, RESUME_ABSENT.get(key)), settings.get(key, RESUME_ABSENT.get(key))
+            raise AtlasError(f"{out} holds a run with different settings ({key}: {there!r} there, {now!r} now); "
                              "use another --out or delete the folder")
         _repair(out, root, images, settings)
         return root
@@ -420,10 +454,10 @@ class ShardResult:
 def compute_shard(net: Network, images: ImageList, layers: list[str], shapes: dict, shard: int, settings: dict, batch_size: int,
                   workers: int, device: str, advance=None) -> ShardResult:
     """Sample one shard: arrays in memory, nothing written (the same on the driver and on a Ray worker)."""
-    n, k, seed, size = len(images), settings["per_image"], settings["seed"], settings["shard_size"]
+    n, k, size = len(images), settings["per_image"], settings["shard_size"]
     lo, hi = shard * size, min((shard + 1) * size, n)
     indices = list(range(lo, hi))
-    positions = {layer: shard_positions(seed, indices, li, shapes[layer][1:], k) for li, layer in enumerate(layers)}
+    positions = layer_positions(settings, indices, {layer: tuple(shapes[layer][1:]) for layer in layers})
     acts = {layer: np.zeros(((hi - lo) * k, shapes[layer][0]), np.float32) for layer in layers}
     attrs = {layer: np.zeros(((hi - lo) * k, len(net.classes)), np.float32) for layer in layers} if settings["attribution"] else {}
     ok = np.zeros(hi - lo, bool)
@@ -477,8 +511,7 @@ def _write_shard(root, out: Path, images: ImageList, layers: list[str], settings
     for index, error in result.errors:
         store.log(out, f"skipped image {index} {images.paths[index]}: {error}")
         first_error = first_error or (error if images.paths[index] in error else f"{images.paths[index]}: {error}")
-    positions = {layer: shard_positions(settings["seed"], range(lo, hi), li, tuple(root[f"samples/{layer}"].attrs["grid_hw"]), k)
-                 for li, layer in enumerate(layers)}
+    positions = layer_positions(settings, range(lo, hi), {layer: tuple(root[f"samples/{layer}"].attrs["grid_hw"]) for layer in layers})
     valid = np.repeat(result.ok, k)
     row_lo, row_hi = lo * k, hi * k
     image_index = np.repeat(np.arange(lo, hi, dtype=np.int32), k)

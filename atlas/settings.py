@@ -371,6 +371,9 @@ class SampleSettings(StageSettings):
     weights: str | None = setting(None, Text(optional=True, what="a path"), "Weights file (None: the model's default weights).")
     max_images: int | None = setting(None, Integer(1, optional=True), "Use the first N images of the deterministic order (None: all).")
     per_image: int = setting(1, Integer(1), "Random spatial positions sampled per image and layer.")
+    aligned_positions: bool = setting(False, Flag(), "Layers after the first take the positions corresponding to the first layer's "
+                                      "(each mapped to its input-pixel centre, then the cell of the other layer holding it) "
+                                      "instead of their own random ones (docs/experiments.md).")
     seed: int = setting(0, Integer(0, SEED_MAX), "Seed of the sampled positions.")
     batch_size: int = setting(32, Integer(1), "Images per forward pass.", speed=True)
     workers: int = setting(2, Integer(0), "DataLoader worker processes decoding images (0: in the main process).", speed=True)

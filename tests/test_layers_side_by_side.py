@@ -223,3 +223,37 @@ def test_class_layers_command_builds_a_class_atlas_per_layer_and_one_view(run):
     assert {layer: arrays(layer) for layer in LAYERS} == kept
     views2 = [v for v in json.loads((out / "tiles" / "layers.json").read_text())["views"] if v["atlas"] == name]
     assert views2 == views
+
+
+def test_aligned_positions_carry_the_first_layers_positions_to_the_others(run, net, photos, tmp_path):
+    from atlas.sample import corresponding_positions, sample
+
+    # the pure mapping: 14x14 centres 8 + 16k fall in the 7x7 cell k // 2; a 7x7 position to 14x14 is the cell below-right
+    assert corresponding_positions(np.array([[0, 0], [5, 6], [13, 13]]), (14, 14), (7, 7), 224).tolist() == [[0, 0], [2, 3], [6, 6]]
+    assert corresponding_positions(np.array([[0, 0], [6, 3]]), (7, 7), (14, 14), 224).tolist() == [[1, 1], [13, 7]]
+    out = tmp_path / "run"
+    listing = tmp_path / "images.txt"
+    listing.write_text("".join(f"{photos / n}\n" for n in PHOTOS[:3]))
+    sample(listing, LAYERS, out, net=net, per_image=4, workers=0, progress=False, attribution=False, aligned_positions=True)
+    root = zarr.open_group(out / "store.zarr", mode="r")
+    assert root.attrs["aligned_positions"] is True
+    pos = {layer: root[f"samples/{layer}/position"][:] for layer in LAYERS}
+    images = {layer: root[f"samples/{layer}/image_index"][:] for layer in LAYERS}
+    assert np.array_equal(images[LAYERS[0]], images[LAYERS[1]])
+    assert np.array_equal(pos[LAYERS[1]], corresponding_positions(pos[LAYERS[0]], (14, 14), (7, 7), 224))
+    # every sample finds its partner (8 px apart in both axes; the independent draw of the fixture pairs only part of them)
+    pairs = corresponding_pairs(images[LAYERS[0]], input_centres(pos[LAYERS[0]], (14, 14)), images[LAYERS[1]],
+                                input_centres(pos[LAYERS[1]], (7, 7)), 32.0)
+    assert pairs.shape[0] == 12
+    # the setting is part of what a resume must match, both ways; the refused run's store is unchanged
+    kept = snapshot(out / "store.zarr")
+    with pytest.raises(AtlasError, match=r"different settings \(aligned_positions: True there, False now\)"):
+        sample(listing, LAYERS, out, net=net, per_image=4, workers=0, progress=False, attribution=False)
+    assert snapshot(out / "store.zarr") == kept
+    fixture_run, _ = run
+    assert "aligned_positions" not in zarr.open_group(fixture_run / "store.zarr", mode="r").attrs  # off: the store as before
+    kept = snapshot(fixture_run / "store.zarr")
+    with pytest.raises(AtlasError, match=r"different settings \(aligned_positions: False there, True now\)"):
+        sample(fixture_run.parent / "images.txt", LAYERS, fixture_run, net=net, per_image=6, workers=0, progress=False,
+               batch_size=8, aligned_positions=True)
+    assert snapshot(fixture_run / "store.zarr") == kept

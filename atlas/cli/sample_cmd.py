@@ -23,6 +23,7 @@ def sample_command(
     weights: Annotated[Path | None, typer.Option(help="weights file (default: $ATLAS_WEIGHTS, then ~/.cache/atlas)")] = None,
     max_images: Annotated[int | None, typer.Option(help=S.option_help("max_images"))] = S.max_images,
     per_image: Annotated[int, typer.Option(help=S.option_help("per_image"))] = S.per_image,
+    aligned_positions: Annotated[bool, typer.Option("--aligned-positions", help=S.option_help("aligned_positions"))] = S.aligned_positions,
     seed: Annotated[int, typer.Option(help=S.option_help("seed"))] = S.seed,
     batch_size: Annotated[int, typer.Option(help=S.option_help("batch_size"))] = S.batch_size,
     workers: Annotated[int, typer.Option(help=S.option_help("workers"))] = S.workers,
@@ -39,7 +40,8 @@ def sample_command(
     """Sample one random spatial activation per image (and its class attributions) into RUN/store.zarr."""
     # Checked before the stage (and torch) is imported: a bad option fails at once, before anything is created.
     S(model=model, weights=weights, max_images=max_images, per_image=per_image, seed=seed, batch_size=batch_size, workers=workers,
-      attribution=not no_attribution, dtype=dtype, precision=precision, device=device, shard_size=shard_size)
+      attribution=not no_attribution, dtype=dtype, precision=precision, device=device, shard_size=shard_size,
+      aligned_positions=aligned_positions)
     check_out_folder(out)
     from atlas.engine import make_engine
 
@@ -48,7 +50,7 @@ def sample_command(
 
     result = sample(images, layer, out, model=model, weights=weights, max_images=max_images, per_image=per_image, seed=seed,
                     batch_size=batch_size, workers=workers, attribution=not no_attribution, dtype=dtype, device=device,
-                    shard_size=shard_size, precision=precision, labels=labels, engine=run_on)
+                    shard_size=shard_size, precision=precision, labels=labels, engine=run_on, aligned_positions=aligned_positions)
     typer.echo(result.images_summary)
     counts = ", ".join(f"{k}: {v}" for k, v in result.n_samples.items())
     typer.echo(f"{result.n_images} images ({result.n_skipped} skipped, see {out}/log.txt), samples {counts} -> {out}")

@@ -9,9 +9,11 @@ Its position is mapped to the centre of its cell in input pixels (``(y + 0.5) * 
 ``sample_patches`` do); a sample of the next layer corresponds to it when it comes from the same image and its own
 input-pixel centre is the nearest among that image's samples of the next layer and lies within ``tolerance`` cells of
 the coarser of the two layers (default 1: the two centres are less than one coarse stride apart, so the
-coarse position covers the fine one's centre or its neighbour). The sampler draws each layer's positions
+coarse position covers the fine one's centre or its neighbour). By default the sampler draws each layer's positions
 independently (``atlas.sample.sample_positions``), so with ``--per-image K`` only part of the samples find a partner;
-unmatched samples are laid out too, just not tied. Every pair is used once (one-to-one, nearest first).
+unmatched samples are laid out too, just not tied. A run sampled with ``aligned_positions`` (``atlas sample
+--aligned-positions``) takes every layer's positions from the first layer's (``atlas.sample.corresponding_positions``),
+so every sample has its partner. Every pair is used once (one-to-one, nearest first).
 
 The atlas's own optimiser stays the default for single layers (``atlas project``); this is the multi-layer option.
 """
