@@ -166,3 +166,13 @@ def test_the_correspondence_table_of_the_dog_boxes_is_in_the_report(tmp_path, ph
     assert "left eye" in result.stdout and "random" in result.stdout  # the table is printed too
     one_line(cli("inspect", *dogs, "--out", tmp_path / "x", "--weights", WEIGHTS, "--boxes", tmp_path / "none.json"),
              "none.json", "no such file")
+
+
+def test_bad_input_found_after_the_model_loads_is_one_line_and_leaves_no_folder(tmp_path, photos):
+    """A range that crops the photo away, an unknown class, a folder given as an image: one line, before any part runs,
+    and no report folder (nor its .partial) is left."""
+    out = tmp_path / "r"
+    one_line(cli("inspect", photos / TENCH, "--out", out, "--weights", WEIGHTS, "--shifts", "500"), "shift 500 px crops the image away")
+    one_line(cli("inspect", photos / TENCH, "--out", out, "--weights", WEIGHTS, "--label", "no such class"), "unknown class")
+    one_line(cli("inspect", photos, "--out", out, "--weights", WEIGHTS), "is a folder", "give image files")
+    assert list(tmp_path.iterdir()) == []

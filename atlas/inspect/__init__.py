@@ -138,8 +138,6 @@ def inspect(images: Sequence[str | os.PathLike] | str | os.PathLike, run: str | 
     dict
         The report: ``{"name", "index" (path of index.html), "images": [...], "skipped": [...], ...}``.
     """
-    from atlas.inspect import report as report_page
-
     s = _settings(settings, options)
     say = echo or (lambda _line: None)
     start = time.perf_counter()
@@ -190,8 +188,43 @@ def inspect(images: Sequence[str | os.PathLike] | str | os.PathLike, run: str | 
         raise AtlasError(f"no image could be read ({skipped[0]['error']})" if len(skipped) == 1 else
                          f"none of the {len(skipped)} images could be read (first: {skipped[0]['error']})")
 
+    if s.label is not None:  # an unknown class is one line before any work
+        from atlas.classnames import resolve_class
+
+        resolve_class(s.label, net.classes)
+    photos = None
+    if s.invariance:  # a range that crops a photo away is one line before any work
+        from atlas.inspect.invariance import check_ranges
+
+        photos = check_ranges([p for p, _, _ in loaded], s.shifts, s.scales, s.angles, [Path(p).name for p, _, _ in loaded],
+                              net.input_size)
+
     work = target.with_name(target.name + ".partial")
     _fresh(work)
+    try:
+        summary = _report(loaded, skipped, photos, s, net, root, run_dir, out, layer, shown, name, galleries, run_labels, crop,
+                          work, start, say)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)  # a failed report leaves no half-written folder behind
+        raise
+    _publish(work, target)
+    if run_dir is not None and out is None:
+        _list_report(run_dir, summary)
+        if (run_dir / "tiles" / "atlases.json").is_file():  # a page being served now loads the overlay add-on too
+            from atlas.viewer import install_viewer
+
+            install_viewer(run_dir / "tiles")
+    summary["index"] = str(target / "index.html")
+    return summary
+
+
+def _report(loaded, skipped, photos, s: InspectSettings, net, root, run_dir, out, layer: str, shown: list[str], name: str,
+            galleries: set[str], run_labels: dict[str, int], crop: int, work: Path, start: float, say) -> dict:
+    """Every part of the report for the loaded photos, written into ``work``; returns the summary."""
+    from atlas.inspect import report as report_page
+
     summary: dict = {"name": name, "model": net.name, "weights": net.weights, "run": str(run_dir) if run_dir else None,
                      "layer": layer, "atlas": s.atlas, "settings": asdict(s), "images": [], "skipped": skipped,
                      "timings": {"load": round(time.perf_counter() - start, 2)}}
@@ -217,8 +250,8 @@ def inspect(images: Sequence[str | os.PathLike] | str | os.PathLike, run: str | 
         _save_png(picture, work / sub / "photo.png")
         for layer_name in shown:
             a = acts[layer_name][0].float().cpu().numpy()
-            pic, layout = views.channel_grid(a)
-            strongest = views.strongest_channel(a)
+            pic, layout = channel_grid(a)
+            strongest = strongest_channel(a)
             file = f"{sub}/layer-{_safe(layer_name)}.png"
             _save_png(pic, work / file)
             entry["layers"].append({"layer": layer_name, "figure": file, "shape": list(a.shape), "layout": layout.as_dict(),
@@ -248,7 +281,7 @@ def inspect(images: Sequence[str | os.PathLike] | str | os.PathLike, run: str | 
         from atlas.inspect.invariance import invariance_curves, write_invariance
 
         say(f"inspect: invariance curves ({len(s.shifts)} shifts, {len(s.scales)} scales, {len(s.angles)} angles)")
-        curves = invariance_curves(net, [p for p, _, _ in loaded], shifts=s.shifts, scales=s.scales, angles=s.angles,
+        curves = invariance_curves(net, photos, shifts=s.shifts, scales=s.scales, angles=s.angles,
                                    low_layer=s.low_layer, high_layer=s.high_layer, targets=targets, batch_size=s.batch_size,
                                    names=[Path(p).name for p, _, _ in loaded])
         summary["invariance"] = write_invariance(curves, work, [Path(p).name for p, _, _ in loaded])
@@ -270,14 +303,6 @@ def inspect(images: Sequence[str | os.PathLike] | str | os.PathLike, run: str | 
     summary["seconds"] = round(time.perf_counter() - start, 1)
     (work / "report.json").write_text(json.dumps(summary, indent=1, default=_jsonable))
     report_page.write_page(summary, work)
-    _publish(work, target)
-    if run_dir is not None and out is None:
-        _list_report(run_dir, summary)
-        if (run_dir / "tiles" / "atlases.json").is_file():  # a page being served now loads the overlay add-on too
-            from atlas.viewer import install_viewer
-
-            install_viewer(run_dir / "tiles")
-    summary["index"] = str(target / "index.html")
     return summary
 
 

@@ -8,6 +8,7 @@ same pass, so a report never runs the network twice for the same input.
 from __future__ import annotations
 
 import copy
+import os
 import weakref
 from collections.abc import Sequence
 from dataclasses import replace
@@ -91,6 +92,8 @@ def top_classes(logits: torch.Tensor, names: Sequence[str], k: int = 5) -> list[
 def read_image(path: str, resize: int = 256, crop: int = 224) -> tuple[torch.Tensor, np.ndarray]:
     """One photo as the model sees it (shorter side ``resize``, centre crop ``crop``): the (3, crop, crop) tensor in
     [0, 1] and the (crop, crop, 3) uint8 picture. An unreadable file is one line naming it."""
+    if os.path.isdir(path):
+        raise AtlasError(f"{path} is a folder; give image files (e.g. {os.path.join(str(path), '*.jpg')})")
     try:
         image = load_image(path, resize, crop)
     except FileNotFoundError:

@@ -214,6 +214,31 @@ def _vector(act: torch.Tensor, pool: bool) -> torch.Tensor:
     return act.reshape(act.shape[0], -1)
 
 
+def checked_photos(photos: Sequence[str | Path | torch.Tensor], names: Sequence[str], steps: dict[str, list[float]],
+                   crop: int = 224) -> list[torch.Tensor]:
+    """The photos loaded uncropped (:func:`load_photo`), every shift and scale checked against each: a step that
+    leaves less than :data:`MIN_COVER` of the crop showing the photo is one line, before any forward pass."""
+    loaded = [p if isinstance(p, torch.Tensor) else load_photo(p, crop=crop) for p in photos]
+    for photo, name in zip(loaded, names, strict=True):
+        if photo.dim() != 3 or photo.shape[0] != 3 or min(photo.shape[1:]) < crop:
+            raise AtlasError(f"{name}: a photo must be a (3, H, W) tensor with H, W >= {crop}, got {tuple(photo.shape)}")
+        for kind in ("shift", "scale"):
+            for v in steps[kind]:
+                cover = coverage(photo.shape, kind, v, crop)
+                if cover < MIN_COVER:
+                    unit = " px" if kind == "shift" else ""
+                    raise AtlasError(f"{kind} {v:g}{unit} crops the image away: {cover:.0%} of the {crop} px crop would show {name} "
+                                     f"(at least {MIN_COVER:.0%} must)")
+    return loaded
+
+
+def check_ranges(photos: Sequence[str | Path | torch.Tensor], shifts: Sequence[int], scales: Sequence[float], angles: Sequence[float],
+                 names: Sequence[str], crop: int = 224) -> list[torch.Tensor]:
+    """:func:`checked_photos` for the ranges as given (what :func:`invariance_curves` checks first), so a caller can
+    refuse a bad range before other work; returns the loaded photos, which :func:`invariance_curves` accepts."""
+    return checked_photos(photos, names, _checked_steps(shifts, scales, angles), crop)
+
+
 def invariance_curves(net: Network, photos: Sequence[str | Path | torch.Tensor], *, shifts: Sequence[int] = (),
                       scales: Sequence[float] = (), angles: Sequence[float] = (), low_layer: str | None = None,
                       high_layer: str | None = None, targets: Sequence[int] | None = None, pool_high: bool = True,
@@ -234,17 +259,7 @@ def invariance_curves(net: Network, photos: Sequence[str | Path | torch.Tensor],
         if layer is not None:
             net.resolve(layer)
     crop = net.input_size
-    loaded = [p if isinstance(p, torch.Tensor) else load_photo(p, crop=crop) for p in photos]
-    for photo, name in zip(loaded, names, strict=True):
-        if photo.dim() != 3 or photo.shape[0] != 3 or min(photo.shape[1:]) < crop:
-            raise AtlasError(f"{name}: a photo must be a (3, H, W) tensor with H, W >= {crop}, got {tuple(photo.shape)}")
-        for kind in ("shift", "scale"):
-            for v in steps[kind]:
-                cover = coverage(photo.shape, kind, v, crop)
-                if cover < MIN_COVER:
-                    unit = " px" if kind == "shift" else ""
-                    raise AtlasError(f"{kind} {v:g}{unit} crops the image away: {cover:.0%} of the {crop} px crop would show {name} "
-                                     f"(at least {MIN_COVER:.0%} must)")
+    loaded = checked_photos(photos, names, steps, crop)
     if low_layer is None or high_layer is None:  # after the checks: finding the defaults runs the model once
         lo_default, hi_default = default_layers(net)
         low_layer, high_layer = low_layer or lo_default, high_layer or hi_default
