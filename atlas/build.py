@@ -299,7 +299,8 @@ def build(config: dict, dry_run: bool = False, echo=print) -> BuildResult:
             "units": run_units, "gallery": run_gallery}
     steps = [Step(stage, keys[stage], work[stage], costs[stage], *_outputs(stage, layers, sizes)) for stage in stages]
     start = time.perf_counter()
-    report = run_stages(out, steps, echo)
+    with run_on.session():  # on Ray: started once, at the first unit to compute, for every stage of the build
+        report = run_stages(out, steps, echo)
     result = BuildResult(out, report.ran, report.skipped, report.seconds)
     result.summary = _summary(out, layers, time.perf_counter() - start, result)
     return result

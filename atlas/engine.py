@@ -38,6 +38,11 @@ MAX_RESTARTS = 4  # a killed actor is started again this often (a worker that ke
 MAX_TASK_RETRIES = 4
 LOCAL_OBJECT_STORE = 300 * 1024**2  # a local Ray's object store: results are a shard or a batch at a time
 DEPTH = 2  # units queued per actor: the next one is ready while the driver writes the last
+# The environment of every actor process (Ray starts it with these set, before torch loads OpenMP). Each actor runs the
+# driver's torch thread count for bit-identical results, so on a CPU node the actors' threads outnumber the cores;
+# OpenMP's default busy-waiting at its barriers then burns the cores another actor needs. PASSIVE makes waiting
+# threads sleep; it changes no arithmetic (bench/ray.py compares the stores and measures the difference).
+ACTOR_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 # The HTTP/2 client connection preface followed by an empty SETTINGS frame (RFC 9113, section 3.4).
 HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
 CURRENT_CLUSTER = Path("/tmp/ray/ray_current_cluster")  # where `ray start --head` records its address
@@ -157,19 +162,29 @@ class Engine:
     """``local`` or ``ray`` (at ``address``: None starts Ray on this machine, ``auto`` joins the running cluster).
 
     ``workers`` is the number of actors (None: one per GPU of the cluster when the stage runs on CUDA, else one
-    per CPU); ``threads`` the torch threads of each (None: this process's, for results identical to a local run).
+    per ``cpus`` CPUs); ``threads`` the torch threads of each (None: this process's, for results identical to a
+    local run); ``cpus`` the CPUs Ray reserves for each actor on a CPU stage (1: one actor per core; a node's core
+    count: one actor per node using all its cores); ``depth`` the units queued per actor; ``env`` the environment
+    variables of each actor process (None: :data:`ACTOR_ENV`).
     """
 
     kind: str = "local"
     address: str | None = None
     workers: int | None = None
     threads: int | None = None
+    cpus: int = 1
+    depth: int = DEPTH
+    env: dict[str, str] | None = None
     last: MapStats = field(default_factory=MapStats)
 
     def __post_init__(self):
         RunSettings(engine=self.kind, ray_address=self.address)
-        if self.workers is not None and self.workers < 1:
-            raise AtlasError(f"engine workers must be at least 1; got {self.workers}")
+        for name in ("workers", "threads"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise AtlasError(f"engine {name} must be at least 1; got {getattr(self, name)}")
+        for name in ("cpus", "depth"):
+            if getattr(self, name) < 1:
+                raise AtlasError(f"engine {name} must be at least 1; got {getattr(self, name)}")
 
     @property
     def is_ray(self) -> bool:
@@ -200,16 +215,19 @@ class Engine:
 
     @contextlib.contextmanager
     def session(self) -> Iterator[Engine]:
-        """Ray started (or joined) for the duration of a stage, shut down after it when this engine started it."""
-        # Re-entrant: `atlas build` holds one session over sample and render, each stage opens its own inside it.
-        self._depth = getattr(self, "_depth", 0) + 1
+        """A span of work over which Ray, once started (or joined) by :meth:`map`, stays up; shut down at its end when
+        this engine started it.
+
+        Re-entrant: `atlas build` holds one session over all its stages, each stage opens its own inside it, so Ray
+        starts once per build. Ray starts on the first unit to compute, not here: a resumed stage with nothing left
+        to do, or a build whose stages are all up to date, never starts it.
+        """
+        self._sessions = getattr(self, "_sessions", 0) + 1
         try:
-            if self.is_ray:
-                self.start()
             yield self
         finally:
-            self._depth -= 1
-            if not self._depth:
+            self._sessions -= 1
+            if not self._sessions:
                 self.stop()
 
     def stop(self) -> None:
@@ -224,28 +242,32 @@ class Engine:
 
         ``factory`` must be a module-level function (Ray pickles it by reference); ``args`` travel once per actor
         through the object store. ``gpus`` is each actor's share of a GPU (1 on CUDA, 0 on a CPU). Results are
-        yielded in the order of ``units``, at most ``DEPTH`` units queued per actor.
+        yielded in the order of ``units``, at most ``depth`` units queued per actor.
         """
         import torch
 
-        ray = self.start()
         units = list(units)
+        if not units:  # nothing to compute: Ray is not started for it
+            self.last = MapStats()
+            return
+        ray = self.start()
         actors: list = []
         try:
             resources = ray.cluster_resources()
             if gpus and resources.get("GPU", 0) < gpus:
                 raise AtlasError(f"the Ray cluster has no GPU (resources: {int(resources.get('CPU', 0))} CPUs); "
                                  "use --device cpu, or add GPU nodes")
-            n = self.workers or max(1, int(resources.get("GPU", 0) // gpus) if gpus else int(resources.get("CPU", 1)))
+            cpus = 1 if gpus else self.cpus  # a GPU actor's CPU work is the GPU's feeding: one core each
+            n = self.workers or max(1, int(resources.get("GPU", 0) // gpus) if gpus else int(resources.get("CPU", 1) // cpus))
             n = max(1, min(n, len(units)))
-            self.last = stats = MapStats(units=len(units), actors=n if units else 0)
-            if not units:
-                return
+            self.last = stats = MapStats(units=len(units), actors=n)
             threads = self.threads or torch.get_num_threads()
             remote = ray.remote(_Worker)
             shared = ray.put(args)
-            actors = [remote.options(name=actor_name(name, i), namespace=NAMESPACE, num_cpus=1, num_gpus=gpus,
-                                     max_restarts=MAX_RESTARTS, max_task_retries=MAX_TASK_RETRIES, lifetime=None)
+            env = ACTOR_ENV if self.env is None else self.env
+            actors = [remote.options(name=actor_name(name, i), namespace=NAMESPACE, num_cpus=cpus, num_gpus=gpus,
+                                     max_restarts=MAX_RESTARTS, max_task_retries=MAX_TASK_RETRIES, lifetime=None,
+                                     runtime_env={"env_vars": dict(env)} if env else None)
                       .remote(factory, threads) for i in range(n)]
             try:
                 stats.first = dict(enumerate(ray.get([actor.pid.remote() for actor in actors])))
@@ -254,7 +276,7 @@ class Engine:
             queue: collections.deque = collections.deque()
             submitted = 0
             for index in range(len(units)):
-                while submitted < len(units) and submitted < index + DEPTH * n:
+                while submitted < len(units) and submitted < index + self.depth * n:
                     queue.append(actors[submitted % n].run.remote([shared], units[submitted]))
                     submitted += 1
                 try:

@@ -38,6 +38,8 @@ PROJECT_METHODS = ("umap", "tsne", "pca")
 # cosine/euclidean/l2 use atlas's own kNN search; the others go through umap-learn, openTSNE and scikit-learn,
 # which all know them by these names.
 PROJECT_METRICS = ("cosine", "euclidean", "l2", "manhattan", "correlation")
+# The model kernels of the passes that only read activations (atlas.models.inference).
+FORWARDS = ("fused", "channels-last", "nchw")
 KNN_BACKENDS = ("atlas", "faiss")
 OUTSIDE = ("edge", "drop")
 ICON_MODES = ("optimize", "examples")
@@ -253,7 +255,14 @@ def check_device(device: str) -> str:
 
 
 def check_out_folder(path: str | os.PathLike, option: str = "--out") -> None:
-    """A run (or output) folder must be a folder or not exist yet: a file there is one line, before anything is created."""
+    """A run (or output) folder must be a folder or not exist yet: a file there is one line, before anything is created.
+
+    An object-storage URL (``s3://bucket/run``, also as ``pathlib`` leaves it: ``s3:/bucket/run``) is one line too:
+    it would otherwise become a local folder named ``s3:`` (docs/ray.md, "Where the store can live").
+    """
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]+:/", os.fspath(path)):
+        raise AtlasError(f"{option} {os.fspath(path)} is a URL: atlas writes a run to a folder (local or a shared file system), "
+                         "not to object storage; build into a folder and copy it to the bucket afterwards (docs/ray.md)")
     if os.path.exists(path) and not os.path.isdir(path):
         raise AtlasError(f"{option} {os.fspath(path)} is a file, not a folder; give a folder")
 
@@ -382,6 +391,10 @@ class SampleSettings(StageSettings):
     precision: str = setting("auto", Choice(("auto", "float32", "bfloat16")),
                              "Arithmetic of the forward pass without attribution (auto: bfloat16 where the CPU/GPU has it).")
     device: str = setting("cpu", Device(), "Where the model runs.", speed=True)
+    forward: str = setting("fused", Choice(FORWARDS),
+                           "The model's kernels: fused (channels-last memory, each convolution and its ReLU one oneDNN call), "
+                           "channels-last, or nchw (the reference arithmetic); the same values to float rounding "
+                           "(docs/sample.md).", speed=True)
     shard_size: int = setting(256, Integer(1), "Images per resumable unit of work.", config=False)
 
 
