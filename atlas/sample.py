@@ -29,10 +29,11 @@ from tqdm.auto import tqdm
 
 import atlas
 from atlas import store
-from atlas.data import ImageDataset, ImageList, class_table, list_images
+from atlas.data import ImageDataset, ImageList, batch_to_float, class_table, list_images
 from atlas.engine import Engine, make_engine
 from atlas.errors import AtlasError
 from atlas.models import Network, autocast_dtype, load_model, load_run_model
+from atlas.models.inference import as_input, inference_net
 from atlas.settings import SampleSettings, check_device, check_out_folder
 
 SHARD = 256
@@ -114,17 +115,21 @@ Tensors = dict[str, torch.Tensor]
 
 
 def forward_samples(net: Network, images: torch.Tensor, layers: Sequence[str], positions: Tensors,
-                    attribution: bool, precision: str = "float32") -> tuple[Tensors, Tensors, torch.Tensor | None]:
+                    attribution: bool, precision: str = "float32", forward: str = "nchw") -> tuple[Tensors, Tensors, torch.Tensor | None]:
     """Activations at the sampled positions, their attributions (if asked) and the logits.
 
     ``positions[layer]`` is (B*k, 2). Without attribution the forward stops at the deepest
     layer, in ``precision`` (bfloat16 keeps activations to a cosine of 0.9999 and is faster
     on a bf16 CPU; see bench/sample.py), and logits are None. With it, one float32 forward-AD pass per
     layer (the JVP loses ~2% cosine in bfloat16); the first also yields every layer's
-    activations and the logits.
+    activations and the logits. ``forward`` names the kernels (:data:`atlas.settings.FORWARDS`): "nchw" runs ``net``
+    as it is, the others a cached copy (:func:`atlas.models.inference.inference_net`; forward-mode AD runs on the
+    channels-last one, which has its rules).
     """
     acts: dict[str, torch.Tensor] = {}
     attrs: dict[str, torch.Tensor] = {}
+    net = inference_net(net, forward, layers, dual=attribution)
+    images = as_input(images, forward)
     if not attribution:
         with torch.inference_mode(), torch.autocast(images.device.type, torch.bfloat16, enabled=precision == "bfloat16"):
             out = net.activations(images, layers)
@@ -178,7 +183,7 @@ def sample(images: str | Path | ImageList, layers: Sequence[str], out: str | Pat
            resize: int = 256, crop: int = 224, device: str = "cpu", progress: bool = True,
            shard_size: int = SHARD, precision: str = "auto", net: Network | None = None,
            labels: str | Path | None = None, engine: str | Engine = "local", ray_address: str | None = None,
-           aligned_positions: bool = False) -> SampleResult:
+           aligned_positions: bool = False, forward: str = "fused") -> SampleResult:
     """Sample ``per_image`` activations per image at each layer into ``out``/store.zarr: the sample stage.
 
     Each image is resized and centre-cropped, run through the model once, and at ``per_image`` random spatial
@@ -235,6 +240,10 @@ def sample(images: str | Path | ImageList, layers: Sequence[str], out: str | Pat
         An already loaded model (``atlas.models.load_model``), to skip loading it again.
     labels : str, Path or None, default None
         A labels file for the images (docs/images.md, ``atlas.data``).
+    forward : str, default "fused"
+        The model's kernels (speed only): "fused" (channels-last memory, each convolution and its ReLU one oneDNN call),
+        "channels-last", or "nchw", the reference arithmetic the stores of earlier versions were made with. They agree
+        to float rounding, not bit for bit, like runs with other thread counts (``SampleSettings.forward``).
     engine : str or Engine, default "local"
         "local" (this process) or "ray": the shards run on a pool of Ray actors, one model each, and come back
         here to be written; the store is bit-identical to a local run's (``atlas.engine``, docs/ray.md).
@@ -259,7 +268,7 @@ def sample(images: str | Path | ImageList, layers: Sequence[str], out: str | Pat
     # Every argument is checked before anything is loaded or created (a bad --shard-size must not leave a folder behind).
     SampleSettings(model=model, weights=weights, max_images=max_images, per_image=per_image, seed=seed, batch_size=batch_size,
                    workers=workers, attribution=attribution, dtype=dtype, precision=precision, device=device, shard_size=shard_size,
-                   aligned_positions=aligned_positions)
+                   aligned_positions=aligned_positions, forward=forward)
     check_out_folder(out)
     check_device(device)
     run_on = engine if isinstance(engine, Engine) else make_engine(engine, ray_address)
@@ -294,8 +303,9 @@ def sample(images: str | Path | ImageList, layers: Sequence[str], out: str | Pat
     finished = np.repeat(done, shard_size)[:n]
     tried, readable = int(finished.sum()), int(root["images/ok"][:][finished].sum()) if finished.any() else 0
     with run_on.session():
-        processed, first_error = _sample_shards(root, out, net, images, layers, shapes, settings, todo, batch_size, workers, device,
-                                                bar, run_on, tried, readable)
+        # The kernels travel with the settings the shards are computed with, not into the store: speed only.
+        processed, first_error = _sample_shards(root, out, net, images, layers, shapes, settings | {"forward": forward}, todo,
+                                                batch_size, workers, device, bar, run_on, tried, readable)
     seconds = time.perf_counter() - start
     if run_on.is_ray and todo:
         store.log(out, f"sample on Ray: {run_on.last.describe()}")
@@ -463,7 +473,8 @@ def compute_shard(net: Network, images: ImageList, layers: list[str], shapes: di
     ok = np.zeros(hi - lo, bool)
     top5 = np.full((hi - lo, TOP_K), -1, np.int32)
 
-    dataset = ImageDataset(images, settings["preprocessing"]["resize"], settings["preprocessing"]["crop"], indices)
+    forward = settings.get("forward", "nchw")
+    dataset = ImageDataset(images, settings["preprocessing"]["resize"], settings["preprocessing"]["crop"], indices, uint8=True)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                                          persistent_workers=False, prefetch_factor=4 if workers else None)
     errors: list[tuple[int, str]] = []
@@ -473,10 +484,10 @@ def compute_shard(net: Network, images: ImageList, layers: list[str], shapes: di
         errors += [(index, error) for index, error in zip(batch_index.tolist(), batch_errors, strict=True) if error]
         if good.any():
             sel = local[good]
-            x = batch[torch.from_numpy(good)].to(device)
+            x = batch_to_float(batch[torch.from_numpy(good)].to(device), channels_last=forward != "nchw")
             rows = (sel[:, None] * k + np.arange(k)).ravel()
             pos = {layer: torch.from_numpy(positions[layer][rows]).to(device) for layer in layers}
-            a, t, logits = forward_samples(net, x, layers, pos, settings["attribution"], settings["precision"])
+            a, t, logits = forward_samples(net, x, layers, pos, settings["attribution"], settings["precision"], forward)
             for layer in layers:
                 acts[layer][rows] = a[layer].cpu().numpy()
                 if settings["attribution"]:

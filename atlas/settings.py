@@ -38,6 +38,8 @@ PROJECT_METHODS = ("umap", "tsne", "pca")
 # cosine/euclidean/l2 use atlas's own kNN search; the others go through umap-learn, openTSNE and scikit-learn,
 # which all know them by these names.
 PROJECT_METRICS = ("cosine", "euclidean", "l2", "manhattan", "correlation")
+# The model kernels of the passes that only read activations (atlas.models.inference).
+FORWARDS = ("fused", "channels-last", "nchw")
 KNN_BACKENDS = ("atlas", "faiss")
 OUTSIDE = ("edge", "drop")
 ICON_MODES = ("optimize", "examples")
@@ -389,6 +391,10 @@ class SampleSettings(StageSettings):
     precision: str = setting("auto", Choice(("auto", "float32", "bfloat16")),
                              "Arithmetic of the forward pass without attribution (auto: bfloat16 where the CPU/GPU has it).")
     device: str = setting("cpu", Device(), "Where the model runs.", speed=True)
+    forward: str = setting("fused", Choice(FORWARDS),
+                           "The model's kernels: fused (channels-last memory, each convolution and its ReLU one oneDNN call), "
+                           "channels-last, or nchw (the reference arithmetic); the same values to float rounding "
+                           "(docs/sample.md).", speed=True)
     shard_size: int = setting(256, Integer(1), "Images per resumable unit of work.", config=False)
 
 

@@ -32,6 +32,7 @@ def sample_command(
     device: Annotated[str, typer.Option(help=S.option_help("device"))] = S.device,
     shard_size: Annotated[int, typer.Option(help=S.option_help("shard_size"))] = S.shard_size,
     precision: Annotated[str, typer.Option(help=S.option_help("precision"))] = S.precision,
+    forward: Annotated[str, typer.Option(help=S.option_help("forward"))] = S.forward,
     labels: Annotated[Path | None, typer.Option("--labels", help="labels file for the images: 'name label' lines, "
                                                 "one label per line in image order, or LOC_val_solution.csv")] = None,
     engine: Annotated[str, typer.Option(help=RunSettings.option_help("engine"))] = RunSettings.engine,
@@ -41,7 +42,7 @@ def sample_command(
     # Checked before the stage (and torch) is imported: a bad option fails at once, before anything is created.
     S(model=model, weights=weights, max_images=max_images, per_image=per_image, seed=seed, batch_size=batch_size, workers=workers,
       attribution=not no_attribution, dtype=dtype, precision=precision, device=device, shard_size=shard_size,
-      aligned_positions=aligned_positions)
+      aligned_positions=aligned_positions, forward=forward)
     check_out_folder(out)
     from atlas.engine import make_engine
 
@@ -50,7 +51,8 @@ def sample_command(
 
     result = sample(images, layer, out, model=model, weights=weights, max_images=max_images, per_image=per_image, seed=seed,
                     batch_size=batch_size, workers=workers, attribution=not no_attribution, dtype=dtype, device=device,
-                    shard_size=shard_size, precision=precision, labels=labels, engine=run_on, aligned_positions=aligned_positions)
+                    shard_size=shard_size, precision=precision, labels=labels, engine=run_on, aligned_positions=aligned_positions,
+                    forward=forward)
     typer.echo(result.images_summary)
     counts = ", ".join(f"{k}: {v}" for k, v in result.n_samples.items())
     typer.echo(f"{result.n_images} images ({result.n_skipped} skipped, see {out}/log.txt), samples {counts} -> {out}")

@@ -7,11 +7,8 @@ same pass, so a report never runs the network twice for the same input.
 
 from __future__ import annotations
 
-import copy
 import os
-import weakref
 from collections.abc import Sequence
-from dataclasses import replace
 
 import numpy as np
 import torch
@@ -19,6 +16,7 @@ import torch
 from atlas.data import load_image, to_tensor
 from atlas.errors import AtlasError
 from atlas.models import Network
+from atlas.models.inference import channels_last  # noqa: F401  (re-exported: the inspect engine's channels-last copy)
 
 
 def forward(net: Network, images: torch.Tensor, layers: Sequence[str] = ()) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -39,22 +37,6 @@ def forward(net: Network, images: torch.Tensor, layers: Sequence[str] = ()) -> t
     if missing:
         raise AtlasError(f"layer '{missing[0]}' of model {net.name} was not reached by the forward pass; choose a layer the model runs")
     return {layer: captured[layer] for layer in layers}, logits.float()
-
-
-# A channels-last copy of each model, made once: InceptionV1's convolutions run ~1.8x faster on this CPU in that
-# memory format (bench/inspect.py, bench/live.py). A copy, because converting the caller's module would change the
-# memory format (and so the float summation order) of everything else that uses it.
-_CHANNELS_LAST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def channels_last(net: Network) -> Network:
-    """The same network with a channels-last copy of its module (cached per module); feed it
-    ``images.contiguous(memory_format=torch.channels_last)``. Its results equal the original's to float noise."""
-    module = _CHANNELS_LAST.get(net.module)
-    if module is None:
-        module = copy.deepcopy(net.module).to(memory_format=torch.channels_last).eval()
-        _CHANNELS_LAST[net.module] = module
-    return replace(net, module=module)
 
 
 def batched_forward(net: Network, images: torch.Tensor, layers: Sequence[str] = (), batch_size: int = 32,
