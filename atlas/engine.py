@@ -23,6 +23,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,10 +39,12 @@ MAX_RESTARTS = 4  # a killed actor is started again this often (a worker that ke
 MAX_TASK_RETRIES = 4
 LOCAL_OBJECT_STORE = 300 * 1024**2  # a local Ray's object store: results are a shard or a batch at a time
 DEPTH = 2  # units queued per actor: the next one is ready while the driver writes the last
-# The environment of every actor process (Ray starts it with these set, before torch loads OpenMP). Each actor runs the
-# driver's torch thread count for bit-identical results, so on a CPU node the actors' threads outnumber the cores;
-# OpenMP's default busy-waiting at its barriers then burns the cores another actor needs. PASSIVE makes waiting
-# threads sleep; it changes no arithmetic (bench/ray.py compares the stores and measures the difference).
+# The environment of every actor process, set before the actor imports torch (OpenMP reads it when torch loads it).
+# Each actor runs the driver's torch thread count for bit-identical results, so on a CPU node the actors' threads
+# outnumber the cores; OpenMP's default busy-waiting at its barriers then burns the cores another actor needs.
+# PASSIVE makes waiting threads sleep; it changes no arithmetic (bench/ray.py compares the stores and measures it).
+# (Set in the actor, not as a Ray runtime_env: an actor with its own runtime_env cannot use the worker processes Ray
+# has already started, and waits for a new one.)
 ACTOR_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 # The HTTP/2 client connection preface followed by an empty SETTINGS frame (RFC 9113, section 3.4).
 HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
@@ -117,7 +120,12 @@ def _cause(exc: BaseException) -> str:
 class _Worker:
     """One Ray actor: a stage's worker built on its first unit (its model loaded once per process), then called per unit."""
 
-    def __init__(self, factory: Callable[..., Callable[[Any], Any]], threads: int):
+    def __init__(self, factory: Callable[..., Callable[[Any], Any]], threads: int, env: dict[str, str]):
+        # An actor's process is its own and has not imported torch yet (atlas.engine does not import it), so the
+        # variables are in place when torch loads OpenMP. One the node already sets (`ray start` inherits the
+        # shell's environment) is left as the node's operator chose it.
+        for name, value in env.items():
+            os.environ.setdefault(name, value)
         import torch
 
         # The arithmetic's reduction order on a CPU depends on the thread count: the driver's count keeps the
@@ -147,6 +155,7 @@ class MapStats:
     actors: int = 0
     first: dict[int, int] = field(default_factory=dict)  # actor index -> pid of its first process
     pids: dict[int, set[int]] = field(default_factory=dict)  # actor index -> pids that returned results
+    ready: float = 0.0  # seconds from asking for the actors until every actor's process answered (bench/ray.py)
 
     @property
     def restarts(self) -> int:
@@ -265,12 +274,13 @@ class Engine:
             remote = ray.remote(_Worker)
             shared = ray.put(args)
             env = ACTOR_ENV if self.env is None else self.env
+            asked = time.perf_counter()
             actors = [remote.options(name=actor_name(name, i), namespace=NAMESPACE, num_cpus=cpus, num_gpus=gpus,
-                                     max_restarts=MAX_RESTARTS, max_task_retries=MAX_TASK_RETRIES, lifetime=None,
-                                     runtime_env={"env_vars": dict(env)} if env else None)
-                      .remote(factory, threads) for i in range(n)]
+                                     max_restarts=MAX_RESTARTS, max_task_retries=MAX_TASK_RETRIES, lifetime=None)
+                      .remote(factory, threads, dict(env)) for i in range(n)]
             try:
                 stats.first = dict(enumerate(ray.get([actor.pid.remote() for actor in actors])))
+                stats.ready = time.perf_counter() - asked
             except ray.exceptions.RayError as exc:
                 raise AtlasError(f"{name} on Ray failed: {_cause(exc)}") from None
             queue: collections.deque = collections.deque()
