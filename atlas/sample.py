@@ -32,8 +32,8 @@ from atlas import store
 from atlas.data import ImageDataset, ImageList, batch_to_float, class_table, list_images
 from atlas.engine import Engine, make_engine
 from atlas.errors import AtlasError
-from atlas.models import Network, autocast_dtype, load_model, load_run_model
-from atlas.models.inference import as_input, inference_net
+from atlas.models import InceptionV1, Network, autocast_dtype, load_model, load_run_model
+from atlas.models.inference import as_input, fusable, inference_net
 from atlas.settings import SampleSettings, check_device, check_out_folder
 
 SHARD = 256
@@ -124,10 +124,12 @@ def forward_samples(net: Network, images: torch.Tensor, layers: Sequence[str], p
     layer (the JVP loses ~2% cosine in bfloat16); the first also yields every layer's
     activations and the logits. ``forward`` names the kernels (:data:`atlas.settings.FORWARDS`): "nchw" runs ``net``
     as it is, the others a cached copy (:func:`atlas.models.inference.inference_net`; forward-mode AD runs on the
-    channels-last one, which has its rules).
+    channels-last one, which has its rules). With "fused", InceptionV1's attribution is :func:`_split_attribution`.
     """
     acts: dict[str, torch.Tensor] = {}
     attrs: dict[str, torch.Tensor] = {}
+    if attribution and forward == "fused" and isinstance(net.module, InceptionV1) and fusable(net, layers):
+        return _split_attribution(net, images, layers, positions)
     net = inference_net(net, forward, layers, dual=attribution)
     images = as_input(images, forward)
     if not attribution:
@@ -140,14 +142,7 @@ def forward_samples(net: Network, images: torch.Tensor, layers: Sequence[str], p
         k = positions[target].shape[0] // images.shape[0]
 
         def edit(name: str, out: torch.Tensor, target=target, k=k):
-            if name != target:
-                return None
-            rows = out.repeat_interleave(k, 0) if k > 1 else out
-            pos = positions[target]
-            tangent = torch.zeros_like(rows)
-            idx = torch.arange(rows.shape[0], device=rows.device)
-            tangent[idx, :, pos[:, 0].long(), pos[:, 1].long()] = rows[idx, :, pos[:, 0].long(), pos[:, 1].long()]
-            return fwAD.make_dual(rows, tangent)
+            return _dual_rows(out, positions[target], k) if name == target else None
 
         with torch.no_grad(), fwAD.dual_level():
             with net.hooks(layers if logits is None else [target], edit=edit, stop=False) as captured:
@@ -161,6 +156,40 @@ def forward_samples(net: Network, images: torch.Tensor, layers: Sequence[str], p
                     if value.shape[0] != images.shape[0]:  # deeper than the dual layer: batch was repeated
                         value = value[:: value.shape[0] // images.shape[0]]
                     acts[name] = _gather(value, positions[name]).float()
+    return acts, attrs, logits
+
+
+def _dual_rows(out: torch.Tensor, positions: torch.Tensor, k: int) -> torch.Tensor:
+    """The layer's output ``out`` (B, C, H, W), each image repeated for its ``k`` sampled positions, as a dual tensor whose
+    tangent is the activation at that row's position and zero elsewhere: the logits' tangent is then h . d logit / d h."""
+    rows = out.repeat_interleave(k, 0) if k > 1 else out
+    tangent = torch.zeros_like(rows)
+    idx = torch.arange(rows.shape[0], device=rows.device)
+    y, x = positions[:, 0].long(), positions[:, 1].long()
+    tangent[idx, :, y, x] = rows[idx, :, y, x]
+    return fwAD.make_dual(rows, tangent)
+
+
+def _split_attribution(net: Network, images: torch.Tensor, layers: Sequence[str],
+                       positions: Tensors) -> tuple[Tensors, Tensors, torch.Tensor]:
+    """InceptionV1's attribution with the fused kernels wherever no dual numbers flow: one fused pass to the deepest
+    layer gives every layer's activations, then for each layer forward-mode AD runs through the steps after it only
+    (:meth:`InceptionV1.forward_after`), on the channels-last copy. The same values as the one-pass JVP to float
+    rounding; the layers below the deepest one are computed once, by the faster kernels."""
+    fused, dual = inference_net(net, "fused", layers), inference_net(net, "channels-last", layers, dual=True)
+    images = as_input(images, "fused")
+    with torch.no_grad():  # not inference mode: the activations become the primal of dual tensors below
+        out = fused.activations(images, layers)
+    acts = {name: _gather(out[name], positions[name]).float() for name in layers}
+    attrs: Tensors = {}
+    logits = None
+    for target in layers:
+        k = positions[target].shape[0] // images.shape[0]
+        with torch.no_grad(), fwAD.dual_level():
+            primal, tangent = fwAD.unpack_dual(dual.module.forward_after(_dual_rows(out[target], positions[target], k),
+                                                                         net.resolve(target)))
+        attrs[target] = tangent.float()
+        logits = primal[::k].float() if logits is None else logits
     return acts, attrs, logits
 
 

@@ -1,18 +1,28 @@
-"""Sampler throughput, measured side by side in one run on the same images.
+"""Sampler throughput, measured side by side in one run on the same images (issue 19's targets).
 
-(a) the model forward alone (to the sampled layer) on preloaded tensors: the ceiling;
-(b) `atlas sample` without attribution;
+(a) the model forward alone (to the sampled layer) on preloaded tensors, for each kernel choice (``--forward``):
+    the reference NCHW model, its channels-last copy, the fused copy (the default);
+(b) `atlas sample --no-attribution`: the default, the reference kernels, and the code of ``--baseline`` (the
+    commit before this work, unpacked with ``git archive`` into a temporary folder and run in a subprocess on the
+    same photos in the same run), plus decoder-worker and batch-size variants;
 (c) a plain loop: torchvision ImageFolder + full forward + a forward hook;
-(d) `atlas sample` with attribution (one forward-mode JVP per batch).
+(d) `atlas sample` with attribution (one forward-mode JVP per batch): the default and the baseline's;
+(e) decoding alone: the sampler's DataLoader without the model, uint8 batches (now) and float ones (before).
+Every row prints images/s and, from torch's flop counter, the GFLOP/s achieved and its share of this machine's fp32
+and bf16 matmul throughput, measured at the start of the same run. (-P: bench/ holds an inspect.py that would shadow
+the standard library module of that name.)
 
-    .venv/bin/python bench/sample.py [--images ../shared/data/imagenet-samples] [--n 256]
+    .venv/bin/python -P bench/sample.py [--images ../shared/data/imagenet-samples] [--n 256] [--baseline 1342adf] [--rounds 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -22,21 +32,45 @@ import torch
 import torchvision
 from torchvision import transforms
 
-from atlas.data import list_images, load_image, to_tensor
-from atlas.models import load_model, synset_words
-from atlas.sample import resolve_precision, sample
+from atlas.data import ImageDataset, list_images, load_image, to_tensor
+from atlas.models import as_input, inference_net, load_model, synset_words
+from atlas.sample import forward_samples, resolve_precision, sample
+
+sys.path.append(str(Path(__file__).parent))
+import flops  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*")
 REPO = Path(__file__).resolve().parents[1]
+BASELINE = "1342adf"  # the last commit before issue 19's kernels and data path
+
+BASELINE_SCRIPT = """
+import json, sys, tempfile, time, warnings
+warnings.filterwarnings("ignore")
+import atlas, torch
+from atlas.data import list_images
+from atlas.models import load_model, synset_words
+from atlas.sample import sample
+assert atlas.__file__.startswith(sys.argv[1]), atlas.__file__
+net = load_model("inceptionv1", sys.argv[2])
+images = list_images(sys.argv[3], [s for s, _ in synset_words(net.weights)])
+rates = {}
+for attribution in (False, True):
+    start = time.perf_counter()
+    sample(images, [sys.argv[4]], tempfile.mkdtemp(), net=net, batch_size=int(sys.argv[5]), workers=int(sys.argv[6]),
+           attribution=attribution, progress=False)
+    rates[str(attribution)] = len(images) / (time.perf_counter() - start)
+print(json.dumps(rates))
+"""
 
 
-def ceiling(net, paths, layer, batch, precision):
-    x = torch.stack([to_tensor(load_image(p)) for p in paths])
+def forward_only(net, x, layer, batch, forward, precision):
+    fast = inference_net(net, forward, [layer])
+    x = as_input(x, forward)
     with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=precision == "bfloat16"):
-        net.activations(x[:batch], [layer])
+        fast.activations(x[:batch], [layer])
         start = time.perf_counter()
         for i in range(0, len(x), batch):
-            net.activations(x[i : i + batch], [layer])
+            fast.activations(x[i : i + batch], [layer])
     return len(x) / (time.perf_counter() - start)
 
 
@@ -60,14 +94,40 @@ def plain_loop(net, paths, layer, batch, workers):
     return len(paths) / seconds
 
 
-def atlas_sample(net, images, layer, batch, workers, attribution, precision="auto"):
+def atlas_sample(net, images, layer, batch, workers, attribution, forward="fused"):
     out = Path(tempfile.mkdtemp())
     start = time.perf_counter()
-    sample(images, [layer], out, net=net, batch_size=batch, workers=workers, attribution=attribution, progress=False,
-           precision=precision)
+    sample(images, [layer], out, net=net, batch_size=batch, workers=workers, attribution=attribution, progress=False, forward=forward)
     seconds = time.perf_counter() - start
     shutil.rmtree(out)
     return len(images) / seconds
+
+
+def decoding(images, batch, workers, uint8):
+    loader = torch.utils.data.DataLoader(ImageDataset(images, uint8=uint8), batch_size=batch, num_workers=workers)
+    start = time.perf_counter()
+    for _ in loader:
+        pass
+    return len(images) / (time.perf_counter() - start)
+
+
+def baseline(rev, weights, images, layer, batch, workers):
+    """(b) and (d) rates of the code at ``rev``, run from an unpacked copy in a subprocess; None if git cannot."""
+    folder = Path(tempfile.mkdtemp(prefix="atlas-baseline-"))
+    try:
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", rev], capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+        listing = folder / "images.txt"
+        listing.write_text("".join(f"{p}\n" for p in images.paths))
+        env = os.environ | {"PYTHONPATH": str(folder)}
+        result = subprocess.run([sys.executable, "-c", BASELINE_SCRIPT, str(folder), str(weights), str(listing), layer, str(batch),
+                                 str(workers)], capture_output=True, text=True, env=env, cwd=folder, check=True)
+        return {k == "True": v for k, v in json.loads(result.stdout.strip().splitlines()[-1]).items()}
+    except (subprocess.CalledProcessError, OSError, ValueError) as exc:
+        print(f"baseline {rev} not measured: {exc}")
+        return None
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def main() -> None:
@@ -77,29 +137,70 @@ def main() -> None:
     parser.add_argument("--layer", default="mixed4c")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--baseline", default=BASELINE, help="git revision to compare with ('' to skip)")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds; each row is its best round")
     args = parser.parse_args()
-    net = load_model("inceptionv1", os.environ.get("ATLAS_WEIGHTS") or REPO.parent / "shared" / "models" / "bvlc_googlenet.safetensors")
+    weights = os.environ.get("ATLAS_WEIGHTS") or REPO.parent / "shared" / "models" / "bvlc_googlenet.safetensors"
+    net = load_model("inceptionv1", weights)
     images = list_images(args.images, [s for s, _ in synset_words(net.weights)]).head(args.n)
-    torch.set_num_threads(torch.get_num_threads())
     precision = resolve_precision("auto", "cpu")
-    rows = {
-        f"(a) forward only, preloaded tensors ({precision})": ceiling(net, images.paths, args.layer, args.batch, precision),
-        f"(b) atlas sample --no-attribution ({precision})": atlas_sample(net, images, args.layer, args.batch, args.workers, False),
-        "(a') forward only, preloaded tensors (float32)": ceiling(net, images.paths, args.layer, args.batch, "float32"),
-        "(b') atlas sample --no-attribution --precision float32": atlas_sample(net, images, args.layer, args.batch, args.workers,
-                                                                               False, "float32"),
-        "(c) ImageFolder + full forward + hook": plain_loop(net, images.paths, args.layer, args.batch, args.workers),
-        "(d) atlas sample (with attribution)": atlas_sample(net, images, args.layer, args.batch, args.workers, True),
+    print(f"uptime before: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
+    limits = flops.ceilings()
+    x1 = to_tensor(load_image(images.paths[0]))[None]
+    pos = {args.layer: torch.tensor([[7, 7]])}
+    per_image = {
+        "forward": flops.gflop(lambda: net.activations(x1, [args.layer])),
+        "attribution": flops.gflop(lambda: forward_samples(net, x1, [args.layer], pos, attribution=True)),
     }
-    a, b, c = (rows[f"(a) forward only, preloaded tensors ({precision})"], rows[f"(b) atlas sample --no-attribution ({precision})"],
-               rows["(c) ImageFolder + full forward + hook"])
-    a32, b32 = rows["(a') forward only, preloaded tensors (float32)"], rows["(b') atlas sample --no-attribution --precision float32"]
-    print(f"{len(images)} images, layer {args.layer}, batch {args.batch}, workers {args.workers}, torch threads {torch.get_num_threads()}")
-    print("| pipeline | images/s |\n|---|---|")
-    for name, value in rows.items():
-        print(f"| {name} | {value:.1f} |")
-    print(f"\n(b)/(a) = {b / a:.2f} (target >= 0.8); (b)/(c) = {b / c:.2f} (target >= 2)")
-    print(f"(b')/(a') = {b32 / a32:.2f}; (b')/(c) = {b32 / c:.2f} (float32 throughout)")
+    x = torch.stack([to_tensor(load_image(p)) for p in images.paths])
+
+    # Every row is the best of --rounds runs, the rounds interleaved (the baseline's subprocess included), so a load
+    # that comes and goes on this shared machine hits every row alike.
+    runs: dict[str, tuple[object, str]] = {}
+    for forward in ("nchw", "channels-last", "fused"):
+        runs[f"(a) forward only to {args.layer}, preloaded tensors, --forward {forward} ({precision})"] = (
+            lambda forward=forward: forward_only(net, x, args.layer, args.batch, forward, precision), "forward")
+    b_name = f"(b) atlas sample --no-attribution (default: --forward fused, {args.workers} workers, batch {args.batch})"
+    d_name = "(d) atlas sample, attribution to every class (default)"
+    runs[b_name] = (lambda: atlas_sample(net, images, args.layer, args.batch, args.workers, False), "forward")
+    runs["(b) ... --forward nchw (the reference kernels, this code's data path)"] = (
+        lambda: atlas_sample(net, images, args.layer, args.batch, args.workers, False, "nchw"), "forward")
+    runs["(b) ... --workers 1"] = (lambda: atlas_sample(net, images, args.layer, args.batch, 1, False), "forward")
+    runs["(b) ... --batch-size 64"] = (lambda: atlas_sample(net, images, args.layer, 64, args.workers, False), "forward")
+    runs["(c) ImageFolder + full forward + hook (float32)"] = (
+        lambda: plain_loop(net, images.paths, args.layer, args.batch, args.workers), "full")
+    runs[d_name] = (lambda: atlas_sample(net, images, args.layer, args.batch, args.workers, True), "attribution")
+    runs[f"(e) decoding only, {args.workers} workers, uint8 batches (now)"] = (
+        lambda: decoding(images, args.batch, args.workers, True), "")
+    runs[f"(e) decoding only, {args.workers} workers, float batches (before)"] = (
+        lambda: decoding(images, args.batch, args.workers, False), "")
+    old_b = f"(b) atlas sample --no-attribution at {args.baseline} (before this work)"
+    old_d = f"(d) atlas sample with attribution at {args.baseline} (before this work)"
+    best: dict[str, float] = {}
+    kinds = {name: kind for name, (_, kind) in runs.items()} | {old_b: "forward", old_d: "attribution"}
+    for _ in range(args.rounds):
+        if args.baseline and (old := baseline(args.baseline, weights, images, args.layer, args.batch, args.workers)):
+            best[old_b], best[old_d] = max(best.get(old_b, 0), old[False]), max(best.get(old_d, 0), old[True])
+        for name, (run, _) in runs.items():
+            best[name] = max(best.get(name, 0.0), run())
+    rows = [(name, best[name], kinds[name]) for name in [*runs, old_b, old_d] if name in best]
+    b, d = best[b_name], best[d_name]
+    old = {False: best[old_b], True: best[old_d]} if old_b in best else None
+    per_image["full"] = flops.gflop(lambda: net.module(x1))
+
+    print(f"{len(images)} images, layer {args.layer}, torch threads {torch.get_num_threads()}, precision auto = {precision}")
+    print(flops.ceiling_line(limits))
+    print(f"GFLOP per image: forward to {args.layer} {per_image['forward']:.2f}, full forward {per_image['full']:.2f}, "
+          f"forward + JVP (attribution) {per_image['attribution']:.2f}")
+    print("| pipeline | images/s | achieved |\n|---|---|---|")
+    for name, rate, kind in rows:
+        achieved = flops.share(rate * per_image[kind], limits) if kind else "(no model)"
+        print(f"| {name} | {rate:.1f} | {achieved} |")
+    print(f"\n(d)/(b) = {d / b:.2f} (target >= 0.5)")
+    if old:
+        print(f"(b) now / (b) at {args.baseline} = {b / old[False]:.2f} (target >= 2); "
+              f"(d) now / (d) at {args.baseline} = {d / old[True]:.2f}")
+    print(f"uptime after: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ the model from a weights file.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -87,16 +88,29 @@ class InceptionV1(nn.Module):
             setattr(self, name, Mixed(*blocks[name], same=same))
         self.logits = nn.Linear(blocks["mixed5b"][1] + blocks["mixed5b"][3] + blocks["mixed5b"][5] + blocks["mixed5b"][6], num_classes)
 
+    def steps(self) -> list[tuple[str, Callable[[torch.Tensor], torch.Tensor]]]:
+        """The forward pass as a list of (layer name, function) steps, "" for the unnamed ones (pools, LRN, the
+        spatial mean), so a pass can start after a layer (:meth:`forward_after`)."""
+        pool, lrn = self.pool, self.lrn
+        named = lambda *names: [(name, getattr(self, name)) for name in names]  # noqa: E731
+        return [*named("preprocess", "conv2d0"), ("", pool), ("", lrn), *named("conv2d1", "conv2d2"), ("", lrn), ("", pool),
+                *named("mixed3a", "mixed3b"), ("", pool), *named("mixed4a", "mixed4b", "mixed4c", "mixed4d", "mixed4e"),
+                ("", pool), *named("mixed5a", "mixed5b"), ("", lambda x: x.mean((2, 3))), *named("logits")]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.preprocess(x)
-        x = self.lrn(self.pool(self.conv2d0(x)))
-        x = self.pool(self.lrn(self.conv2d2(self.conv2d1(x))))
-        x = self.mixed3b(self.mixed3a(x))
-        x = self.pool(x)
-        for name in ("mixed4a", "mixed4b", "mixed4c", "mixed4d", "mixed4e"):
-            x = getattr(self, name)(x)
-        x = self.mixed5b(self.mixed5a(self.pool(x)))
-        return self.logits(x.mean((2, 3)))
+        for _, step in self.steps():
+            x = step(x)
+        return x
+
+    def forward_after(self, x: torch.Tensor, layer: str) -> torch.Tensor:
+        """The logits, from ``x``, the output of the named ``layer`` (the steps after it)."""
+        steps = self.steps()
+        names = [name for name, _ in steps]
+        if not layer or layer not in names:
+            raise AtlasError(f"'{layer}' is not a layer of the InceptionV1 forward pass; layers: {', '.join(n for n in names if n)}")
+        for _, step in steps[names.index(layer) + 1 :]:
+            x = step(x)
+        return x
 
 
 BVLC_BLOCKS: dict[str, tuple[int, ...]] = {
