@@ -781,6 +781,22 @@ class ImageDataset(torch.utils.data.Dataset):
         return index, image, error
 
 
+def image_loader(dataset: ImageDataset, batch_size: int, workers: int, device: str = "cpu") -> torch.utils.data.DataLoader:
+    """The stages' DataLoader over ``dataset``: ``workers`` decoding processes (0: in this one) keeping 4 batches each
+    ahead of the model; for a CUDA device the batches land in pinned memory, so the copy to the GPU can overlap."""
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, persistent_workers=False,
+                                       prefetch_factor=4 if workers else None, pin_memory=str(device).startswith("cuda"))
+
+
+def device_batch(batch: torch.Tensor, good: np.ndarray, device: str = "cpu", channels_last: bool = True) -> torch.Tensor:
+    """The readable images (``good``) of a uint8 batch from :class:`ImageDataset` as float32 on ``device``: copied
+    there as uint8 (a quarter of the bytes; asynchronously from pinned memory), then :func:`batch_to_float`."""
+    x = batch.to(device, non_blocking=True)
+    if not good.all():
+        x = x[torch.from_numpy(good).to(x.device)]
+    return batch_to_float(x, channels_last)
+
+
 def batch_to_float(batch: torch.Tensor, channels_last: bool = True) -> torch.Tensor:
     """(B, H, W, 3) uint8 images as (B, 3, H, W) float32 in [0, 1], the values :func:`to_tensor` gives: channels-last
     memory as it comes (the permutation is a view), or contiguous NCHW."""

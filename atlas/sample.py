@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 import atlas
 from atlas import store
-from atlas.data import ImageDataset, ImageList, batch_to_float, class_table, list_images
+from atlas.data import ImageDataset, ImageList, class_table, device_batch, image_loader, list_images
 from atlas.engine import Engine, make_engine
 from atlas.errors import AtlasError
 from atlas.models import InceptionV1, Network, autocast_dtype, load_model, load_run_model
@@ -504,8 +504,7 @@ def compute_shard(net: Network, images: ImageList, layers: list[str], shapes: di
 
     forward = settings.get("forward", "nchw")
     dataset = ImageDataset(images, settings["preprocessing"]["resize"], settings["preprocessing"]["crop"], indices, uint8=True)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                                         persistent_workers=False, prefetch_factor=4 if workers else None)
+    loader = image_loader(dataset, batch_size, workers, device)
     errors: list[tuple[int, str]] = []
     for batch_index, batch, batch_errors in loader:
         local = (batch_index - lo).numpy()
@@ -513,7 +512,7 @@ def compute_shard(net: Network, images: ImageList, layers: list[str], shapes: di
         errors += [(index, error) for index, error in zip(batch_index.tolist(), batch_errors, strict=True) if error]
         if good.any():
             sel = local[good]
-            x = batch_to_float(batch[torch.from_numpy(good)].to(device), channels_last=forward != "nchw")
+            x = device_batch(batch, good, device, channels_last=forward != "nchw")
             rows = (sel[:, None] * k + np.arange(k)).ravel()
             pos = {layer: torch.from_numpy(positions[layer][rows]).to(device) for layer in layers}
             a, t, logits = forward_samples(net, x, layers, pos, settings["attribution"], settings["precision"], forward)

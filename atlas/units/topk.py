@@ -27,7 +27,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from atlas import store
-from atlas.data import ImageDataset, ImageList, batch_to_float, load_image, real_path
+from atlas.data import ImageDataset, ImageList, device_batch, image_loader, load_image, real_path
 from atlas.engine import Engine, make_engine
 from atlas.errors import AtlasError
 from atlas.models import Network, inference_net, load_run_model
@@ -251,15 +251,14 @@ def shard_tops(net: Network, images: ImageList, resize: int, crop: int, k: int, 
     if not wanted:
         return tops, errors, tried, readable
     dataset = ImageDataset(images, resize, crop, wanted, uint8=True)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, persistent_workers=False,
-                                         prefetch_factor=4 if workers else None)
+    loader = image_loader(dataset, batch_size, workers, device)
     names = [name for name, _ in layer_todo]
     fast = inference_net(net, "fused", names)  # the sampler's fused kernels: the same values to float rounding, faster
     for batch_index, batch, batch_errors in loader:
         good = np.array([not e for e in batch_errors])
         errors += [(index, error) for index, error in zip(batch_index.tolist(), batch_errors, strict=True) if error]
         if good.any():
-            x = batch_to_float(batch[torch.from_numpy(good)].to(device))
+            x = device_batch(batch, good, device)
             idx = batch_index.numpy()[good]
             with torch.inference_mode(), torch.autocast(x.device.type, torch.bfloat16, enabled=precision == "bfloat16"):
                 out = fast.activations(x, names)
