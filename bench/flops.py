@@ -9,7 +9,8 @@ from __future__ import annotations
 import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 
 def matmul_gflops(dtype: torch.dtype, seconds: float = 1.0) -> float:
@@ -43,6 +44,34 @@ def gflop(fn) -> float:
     with FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops() / 1e9
+
+
+class _Flops(TorchDispatchMode):
+    """torch's flop formulas without FlopCounterMode's module tracker, whose tensor hooks break ``autograd.grad`` inside
+    vmap (batched VJPs: "A leaf node was passed to _will_engine_execute_node ..."). No per-module breakdown."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        count = flop_registry.get(func._overloadpacket)
+        if count is None:  # as FlopCounterMode: an op without a formula may decompose into ops with one
+            with self:
+                if (out := func.decompose(*args, **kwargs)) is not NotImplemented:
+                    return out
+        out = func(*args, **kwargs)
+        if count is not None:
+            self.total += count(*args, **kwargs, out_val=out)
+        return out
+
+
+def gflop_vjp(fn) -> float:
+    """:func:`gflop` for calls that run ``autograd.grad`` under vmap (batched VJPs), where FlopCounterMode fails."""
+    with _Flops() as counter:
+        fn()
+    return counter.total / 1e9
 
 
 def share(rate: float, limits: dict[str, float]) -> str:

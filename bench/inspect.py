@@ -17,6 +17,12 @@ square is), to keep the run short on a loaded machine.
    layer's views, occlusion 32 px / stride 8, the invariance curves; with ``--run RUN`` also the placement on that
    run's atlas), in a temporary folder; prints the seconds of each part as ``report.json`` records them. Aim: under
    30 s on this machine. The model is loaded before the clock starts (a report of a served run reuses it too).
+
+Every rate also prints the GFLOP/s it achieves and its share of this machine's fp32 and bf16 matmul throughput,
+measured at the start of the same run (bench/flops.py), from torch's flop counter: per occluder position, what each
+path actually runs (the loop: one whole forward; the batched paths: one timed batch, divided by its positions; the
+incremental path recomputes only what the square changes, so it counts fewer); for the report, a second, untimed
+report of the same photo under the counter (every part's network work), over the timed report's seconds.
 """
 
 from __future__ import annotations
@@ -36,6 +42,9 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
+sys.path.append(str(Path(__file__).parent))  # appended: this folder's inspect.py must not shadow the standard library's
+import flops  # noqa: E402
+
 from atlas.inspect import inspect, occlusion  # noqa: E402
 from atlas.inspect.engine import batched_forward, forward, probabilities, read_image  # noqa: E402
 from atlas.inspect.occlusion import occlude, occluder_grid  # noqa: E402
@@ -51,7 +60,7 @@ def _load() -> str:
 
 
 def bench_occlusion(net, image: torch.Tensor, layer: str = "mixed4c", occluder: int = 32, stride: int = 8, batch_size: int = 32,
-                    rounds: int | None = None) -> dict:
+                    rounds: int | None = None, limits: dict[str, float] | None = None) -> dict:
     """Time the occlusion maps' batched paths against the plain loop, interleaved batch by batch; print and return
     the rates (positions/s).
 
@@ -80,6 +89,13 @@ def bench_occlusion(net, image: torch.Tensor, layer: str = "mixed4c", occluder: 
     seconds = {"loop": 0.0, "incremental": 0.0, "channels-last": 0.0}
     out: dict[str, list] = {k: [] for k in seconds}
     incremental.run(occlude(image, boxes[:2]), boxes[:2], channel)  # warm-up
+    first = boxes[starts[0]:starts[0] + batch_size]  # GFLOP per position of each path, from the first timed batch
+    per_position = {
+        "loop": flops.gflop(lambda: forward(net, occlude(image, first[:1]), [layer])),
+        "incremental": flops.gflop(lambda: incremental.run(occlude(image, first), first, channel)) / len(first),
+        "channels-last": flops.gflop(lambda: batched_forward(fast, occlude(image, first).contiguous(memory_format=torch.channels_last),
+                                                             [layer], len(first), reduce)) / len(first),
+    }
     for lo in starts:
         chunk = boxes[lo:lo + batch_size]
         t = time.perf_counter()
@@ -99,8 +115,9 @@ def bench_occlusion(net, image: torch.Tensor, layer: str = "mixed4c", occluder: 
     rates = {k: n / v for k, v in seconds.items()}
     labels = {"loop": "plain loop (batch 1, unmodified)", "incremental": "batched: incremental + channels-last",
               "channels-last": "batched: channels-last only"}
+    print("  GFLOP per position: " + ", ".join(f"{k} {v:.2f}" for k, v in per_position.items()))
     for k in seconds:
-        line = f"  {labels[k]:<38} {seconds[k]:7.1f} s {rates[k]:6.2f} positions/s"
+        line = f"  {labels[k]:<38} {seconds[k]:7.1f} s {rates[k]:6.2f} positions/s ({flops.share(rates[k] * per_position[k], limits)})"
         if k != "loop":
             act = float((sums[k] - sums["loop"]).abs().max() / sums["loop"].abs().max())
             prob = float((probabilities(logits[k]) - probabilities(logits["loop"])).abs().max())
@@ -112,7 +129,7 @@ def bench_occlusion(net, image: torch.Tensor, layer: str = "mixed4c", occluder: 
     return {"positions": n, **{f"{k}_per_s": v for k, v in rates.items()}, "ratio": rates["incremental"] / rates["loop"]}
 
 
-def bench_report(net, photo: str, run: str | None = None) -> dict:
+def bench_report(net, photo: str, run: str | None = None, limits: dict[str, float] | None = None) -> dict:
     """Time one whole report at the default settings (model already loaded); print the seconds per part."""
     print(f"report: {Path(photo).name} at the default settings{f', placed on {run}' if run else ''}; load average {_load()}",
           flush=True)
@@ -122,7 +139,12 @@ def bench_report(net, photo: str, run: str | None = None) -> dict:
             _in_run(net, photo, run, Path(tmp))
         seconds = time.perf_counter() - t
     parts = ", ".join(f"{k} {v:.1f} s" for k, v in summary["timings"].items())
-    print(f"  whole report {seconds:.1f} s ({parts}); aim: under 30 s; load average {_load()}")
+    print(f"  whole report {seconds:.1f} s ({parts}); aim: under 30 s; load average {_load()}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:  # the same report again, untimed, under the flop counter
+        total = flops.gflop_vjp(lambda: inspect([photo], None, out=Path(tmp) / "report", net=net, echo=None) if run is None else
+                            _in_run(net, photo, run, Path(tmp)))
+    print(f"  whole report: {total:.1f} GFLOP (a second, untimed report under the counter) in the timed {seconds:.1f} s: "
+          f"{flops.share(total / seconds, limits)}")
     return {"seconds": seconds, **summary["timings"]}
 
 
@@ -147,13 +169,15 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=None, help="time only this many evenly spaced batches (default: all)")
     args = parser.parse_args()
+    limits = flops.ceilings()
+    print(flops.ceiling_line(limits))
     start = time.perf_counter()
     net = load_model("inceptionv1", WEIGHTS)
     image, _ = read_image(args.image)
     if not args.report:
-        bench_occlusion(net, image, args.layer, args.occluder, args.stride, args.batch_size, args.rounds)
+        bench_occlusion(net, image, args.layer, args.occluder, args.stride, args.batch_size, args.rounds, limits)
     if not args.occlusion:
-        bench_report(net, args.image, args.run)
+        bench_report(net, args.image, args.run, limits)
     print(f"total {time.perf_counter() - start:.0f} s")
 
 

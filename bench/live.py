@@ -9,6 +9,11 @@
    the JPEG, a full forward, :func:`atlas.inspect.views.channel_grid` and a PNG encode of the grid, as a
    request-per-frame endpoint would do.
 
+Every frames/s figure also prints the GFLOP/s it achieves and its share of this machine's fp32 and bf16 matmul
+throughput, measured at the start of the same run (bench/flops.py): frames/s x the GFLOP of one whole forward of a
+224 px frame (torch's flop counter on the reference model; the server runs the same forward on its channels-last copy,
+the plain approach on the model itself; decoding, maps, top-5 and PNG are not counted).
+
 Every figure is printed with the machine's load (``os.getloadavg``) when it was measured: on a shared 2-core
 machine the load moves the numbers more than anything else.
 
@@ -38,6 +43,9 @@ import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
+
+sys.path.append(HERE)  # appended (after the standard library), for bench/flops.py
+import flops  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 PHOTOS = SHARED / "data" / "imagenet-samples"
@@ -74,10 +82,12 @@ def throwaway_run(root: Path) -> Path:
     return run
 
 
-def summary(name: str, latencies: list[float], elapsed: float, count: int, extra: str = "") -> None:
+def summary(name: str, latencies: list[float], elapsed: float, count: int, extra: str = "", per_frame: float = 0.0,
+            limits: dict[str, float] | None = None) -> None:
     lat = sorted(latencies)
     p90 = lat[min(len(lat) - 1, int(0.9 * len(lat)))]
-    print(f"{name:<44} {count / elapsed:6.1f} frames/s   latency median {1000 * statistics.median(lat):6.0f} ms, "
+    achieved = f" ({flops.share(count / elapsed * per_frame, limits)})" if limits else ""
+    print(f"{name:<44} {count / elapsed:6.1f} frames/s{achieved}   latency median {1000 * statistics.median(lat):6.0f} ms, "
           f"p90 {1000 * p90:6.0f} ms   {extra}  [{load()}]", flush=True)
 
 
@@ -106,7 +116,8 @@ async def closed_loop(url: str, data: list[bytes], layer: str, rounds: int, offs
     return latencies, elapsed, compute, len(maps)
 
 
-async def open_loop(url: str, data: list[bytes], layer: str, fps: float, seconds: float) -> None:
+async def open_loop(url: str, data: list[bytes], layer: str, fps: float, seconds: float, per_frame: float = 0.0,
+                    limits: dict[str, float] | None = None) -> None:
     import websockets
 
     from atlas.live import unpack
@@ -138,7 +149,7 @@ async def open_loop(url: str, data: list[bytes], layer: str, fps: float, seconds
         elapsed = time.perf_counter() - start
         task.cancel()
     summary(f"live, open loop at {fps:g} frames/s sent", latencies, elapsed, len(latencies),
-            f"({i} sent, {last['dropped']} dropped by the server)")
+            f"({i} sent, {last['dropped']} dropped by the server)", per_frame, limits)
 
 
 def plain(net, data: list[bytes], layer: str, rounds: int, offset: int = 0) -> tuple[list[float], float, list[float], list[int]]:
@@ -182,6 +193,8 @@ def main() -> None:
     from atlas.server import make_server
 
     print(f"bench/live.py: {os.cpu_count()} cores, torch threads {args.threads}, 224 px, layer {args.layer}  [{load()}]", flush=True)
+    limits = flops.ceilings()
+    print(flops.ceiling_line(limits), flush=True)
     root = Path(tempfile.mkdtemp(prefix="atlas-bench-live-"))
     try:
         run = args.run or throwaway_run(root)
@@ -201,6 +214,8 @@ def main() -> None:
             net = load_model("inceptionv1", WEIGHTS)  # the plain approach's own model, in this thread
             torch.set_num_threads(args.threads)
             forward(net, decode_frame(data[0]).tensor, [args.layer])
+            per_frame = flops.gflop(lambda: forward(net, decode_frame(data[0]).tensor, [args.layer]))
+            print(f"GFLOP per frame (one whole forward, 224 px): {per_frame:.2f}", flush=True)
             # rounds alternate (live, plain, live, ...) so that the machine's load hits both alike
             live = {"lat": [], "elapsed": 0.0, "compute": [], "bytes": 0}
             base = {"lat": [], "elapsed": 0.0, "forward": [], "png": []}
@@ -217,11 +232,12 @@ def main() -> None:
                 base["forward"] += fw
                 base["png"] += png
             summary(f"live, closed loop ({args.layer} grid + top-5)", live["lat"], live["elapsed"], len(live["lat"]),
-                    f"(server compute median {statistics.median(live['compute']):.0f} ms, {live['bytes'] / 1024:.0f} kB of maps)")
+                    f"(server compute median {statistics.median(live['compute']):.0f} ms, {live['bytes'] / 1024:.0f} kB of maps)",
+                    per_frame, limits)
             summary(f"plain: forward + channel_grid + PNG ({args.layer})", base["lat"], base["elapsed"], len(base["lat"]),
                     f"(forward alone median {1000 * statistics.median(base['forward']):.0f} ms, "
-                    f"PNG {statistics.median(base['png']) / 1024:.0f} kB)")
-            asyncio.run(open_loop(url, data, args.layer, args.camera_fps, args.seconds))
+                    f"PNG {statistics.median(base['png']) / 1024:.0f} kB)", per_frame, limits)
+            asyncio.run(open_loop(url, data, args.layer, args.camera_fps, args.seconds, per_frame, limits))
         finally:
             srv.shutdown()
             srv.server_close()

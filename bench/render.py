@@ -8,7 +8,10 @@ with its default (upsampling to 224). The two are stepped in interleaved slices 
 process, so machine load (2 shared cores) hits both alike. Reported: image-steps/s, mean
 final cos(h, v) measured identically for both (the finished 80 px icon through our
 network, centre position, float32), and the time each needs to reach the mean cosine
-lucent reaches in its last step.
+lucent reaches in its last step. Each row also prints the GFLOP/s it achieves (image-steps/s x the GFLOP of one
+optimisation step, forward + backward, of one icon: torch's flop counter on one extra step of a whole batch of that
+row's kind, divided by the batch) and its share of this machine's fp32 and bf16 matmul throughput, measured at the
+start of the same run (bench/flops.py).
 
     .venv/bin/python bench/render.py [--steps 512] [--default-steps 32] [--out outputs/]
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -33,6 +37,9 @@ from atlas.models import LocalResponseNorm, SpaceToDepthConv2d, autocast_dtype, 
 from atlas.render.export import sheet
 from atlas.render.objectives import Direction
 from atlas.render.optimize import Optimization, Settings, layer_output
+
+sys.path.append(str(Path(__file__).parent))
+import flops  # noqa: E402
 
 LAYER = "mixed4c"
 SHARED = Path(__file__).resolve().parents[2] / "shared"  # the project's test data beside the checkout
@@ -137,7 +144,13 @@ class Ours:
         return float(self.run.measure()[2].mean())
 
 
-def table(args, runs, seconds, curves, have_lucent: bool, final: bool) -> str:
+def step_gflop(run, n: int) -> float:
+    """GFLOP of one optimisation step (forward + backward) of one icon: one step of ``run``, a fresh run of ``n`` icons
+    (not one of the timed runs, whose step counts stay as they are), under torch's flop counter, divided by ``n``."""
+    return flops.gflop(lambda: run.step(1)) / n
+
+
+def table(args, runs, seconds, curves, have_lucent: bool, final: bool, limits=None, per_step=None) -> str:
     """Print the results so far (a markdown table when ``final``); returns the name of our default run."""
     first = next(iter(runs))
     target_name = "lucent fixed_image_size=80" if have_lucent else first
@@ -149,12 +162,16 @@ def table(args, runs, seconds, curves, have_lucent: bool, final: bool) -> str:
         return first
     print(f"\n{args.n} directions at {LAYER} (means of real activations), {args.size} px icons, "
           "objective dot(h, v) * cos(h, v)^2 at the centre, Adam lr 0.05\n")
-    print(f"| renderer | steps | image-steps/s | mean final cos(h, v) | time to mean cos >= {target:.3f} |")
-    print("|---|---|---|---|---|")
+    print(flops.ceiling_line(limits))
+    print("GFLOP per image-step (forward + backward, torch's flop counter): "
+          + ", ".join(f"{name} {g:.3f}" for name, g in per_step.items()) + "\n")
+    print(f"| renderer | steps | image-steps/s | achieved | mean final cos(h, v) | time to mean cos >= {target:.3f} |")
+    print("|---|---|---|---|---|---|")
     for name, r in runs.items():
         hit = next(((s, t) for s, t, c in curves[name] if c >= target), None)
         reach = f"{hit[1]:.0f} s (step {hit[0]})" if hit else "not reached"
-        print(f"| {name} | {r.done} | {rates[name]:.1f} | {curves[name][-1][2]:.3f} | {reach} |")
+        achieved = flops.share(rates[name] * per_step[name], limits)
+        print(f"| {name} | {r.done} | {rates[name]:.1f} | {achieved} | {curves[name][-1][2]:.3f} | {reach} |")
     if have_lucent:
         for name in ("lucent fixed_image_size=80", "lucent fixed_image_size=80, atlas's model"):
             print(f"\nspeed-up of {first} over {name}: {rates[first] / rates[name]:.2f}x")
@@ -185,6 +202,7 @@ def main() -> None:
               "pip install --no-deps torch-lucent kornia==0.4.1 && pip install decorator ipython")
         have_lucent = False
 
+    limits = flops.ceilings()
     torch.manual_seed(0)
     net = load_model("inceptionv1", os.environ.get("ATLAS_WEIGHTS") or SHARED / "models" / "bvlc_googlenet.safetensors")
     v = directions(net, args.n)
@@ -198,7 +216,15 @@ def main() -> None:
         "ours (fp32, NCHW)": Ours(net, Direction(v), args.n,
                                   replace(settings, steps=args.fp32_steps, precision="fp32", channels_last=False)),
     }
+    # the GFLOP of one icon-step of each row: one step of a separate run of the same kind (so the timed runs' step counts
+    # stay as they are); lucent's on fresh copies of the model, counted before any lucent run hooks ``net``
+    # (hook_model leaves its hooks on the module)
+    per_step = {name: step_gflop(Ours(net, Direction(v), args.n, replace(r.run.settings, steps=1)), args.n) for name, r in runs.items()}
     if have_lucent:
+        for name, model, fixed in (("lucent fixed_image_size=80", stock(net), args.size),
+                                   ("lucent fixed_image_size=80, atlas's model", copy.deepcopy(net), args.size),
+                                   ("lucent default (224 px)", stock(net), None)):
+            per_step[name] = step_gflop(Lucent(model, Direction(v), args.n, args.size, fixed, 1, 0), args.n)
         runs["lucent fixed_image_size=80"] = Lucent(stock(net), Direction(v), args.n, args.size, args.size, args.steps, 0)
         runs["lucent fixed_image_size=80, atlas's model"] = Lucent(net, Direction(v), args.n, args.size, args.size, args.steps, 0)
         runs["lucent default (224 px)"] = Lucent(stock(net), Direction(v), args.n, args.size, None, args.default_steps, 0)
@@ -214,7 +240,7 @@ def main() -> None:
             curves[name].append((r.done, seconds[name], r.cosine()))
 
         table(args, runs, seconds, curves, have_lucent, final=False)
-    first = table(args, runs, seconds, curves, have_lucent, final=True)
+    first = table(args, runs, seconds, curves, have_lucent, final=True, limits=limits, per_step=per_step)
     args.out.mkdir(parents=True, exist_ok=True)
     for name, r in ((first, runs[first]), *((("lucent80", runs["lucent fixed_image_size=80"]),) if have_lucent else ())):
         icons = np.clip(np.rint(r.images().permute(0, 2, 3, 1).cpu().numpy()[:16] * 255), 0, 255).astype(np.uint8)

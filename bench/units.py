@@ -12,6 +12,12 @@
    scale: lucent's ``render_vis`` as it runs by default, upsampling every image to 224 px before the network
    (``--default-steps`` steps per round, its time scaled to ``--steps``).
 
+Every row also prints the GFLOP/s it achieves and its share of this machine's fp32 and bf16 matmul throughput, measured
+at the start of the same run (bench/flops.py), from torch's flop counter: per image, the forward to the layer on the
+reference model (what the sampler's and the top-k pass's fused kernels compute; patches and boxes are not counted);
+per unit-step, one optimisation step (forward + backward) of the whole batch of channels divided by the channels (ours:
+a 2-step run minus a 1-step run, so set-up and final measurement drop out; lucent's: one step of a fresh run).
+
     .venv/bin/python bench/units.py [--images 200] [--channels 16] [--steps 64] [--layer mixed4c]
 
 lucent is not a project dependency: ``pip install --no-deps torch-lucent kornia==0.4.1`` and
@@ -31,8 +37,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/render.py's lucent pieces
+import flops  # noqa: E402
 from render import Lucent, stock  # noqa: E402
 
+from atlas.data import load_image, to_tensor  # noqa: E402
 from atlas.models import load_model  # noqa: E402
 from atlas.render.optimize import Settings  # noqa: E402
 from atlas.sample import sample  # noqa: E402
@@ -43,7 +51,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 PHOTOS = SHARED / "data" / "imagenet-samples"
 
 
-def topk_table(net, layer: str, n_images: int, batch_size: int, workers: int) -> None:
+def topk_table(net, layer: str, n_images: int, batch_size: int, workers: int, limits: dict[str, float]) -> None:
     root = Path(tempfile.mkdtemp(prefix="atlas-bench-units-"))
     try:
         run = root / "run"
@@ -62,12 +70,16 @@ def topk_table(net, layer: str, n_images: int, batch_size: int, workers: int) ->
     finally:
         shutil.rmtree(root, ignore_errors=True)
     base = n_images / ((t_sample + t_again) / 2)
+    x1 = to_tensor(load_image(sorted(PHOTOS.glob("*.JPEG"))[0]))[None]
+    per_image = flops.gflop(lambda: net.activations(x1, [layer]))
     print(f"\n{n_images} shared photos, layer {layer}, batch {batch_size}, {workers} workers, {torch.get_num_threads()} threads\n")
-    print("| pass | seconds | images/s |")
-    print("|---|---|---|")
-    print(f"| atlas sample --no-attribution (1st) | {t_sample:.1f} | {n_images / t_sample:.1f} |")
-    print(f"| atlas sample --no-attribution (2nd) | {t_again:.1f} | {n_images / t_again:.1f} |")
-    print(f"| top-9 pass (values, positions, boxes, patches) | {t_top:.1f} | {n_images / t_top:.1f} |")
+    print(flops.ceiling_line(limits))
+    print(f"GFLOP per image (forward to {layer}, counted on the reference model): {per_image:.2f}\n")
+    print("| pass | seconds | images/s | achieved |")
+    print("|---|---|---|---|")
+    for name, t in (("atlas sample --no-attribution (1st)", t_sample), ("atlas sample --no-attribution (2nd)", t_again),
+                    ("top-9 pass (values, positions, boxes, patches)", t_top)):
+        print(f"| {name} | {t:.1f} | {n_images / t:.1f} | {flops.share(n_images / t * per_image, limits)} |")
     print(f"\ntop-k pass / sampler (mean of both): {n_images / t_top / base:.2f}x (target >= 0.8x)", flush=True)
 
 
@@ -91,8 +103,26 @@ class LucentChannels(Lucent):
         self.layer = layer
 
 
+def unit_step_gflop(net, layer: str, channels: list[int], kinds: list[str], size: int, default_steps: int,
+                    have_lucent: bool) -> dict[str, float]:
+    """GFLOP of one optimisation step (forward + backward) of one channel's image, for each row of the table.
+
+    Ours: a 2-step run minus a 1-step run of ``unit_images`` (set-up and the final measurement cancel). lucent's: one step
+    of a fresh run on a fresh copy of the model (hook_model leaves its hooks on the module it hooks)."""
+    n = len(channels)
+    out = {f"ours {kind}": (flops.gflop(lambda kind=kind: unit_images(net, layer, channels, kind, size=size, steps=2))
+                            - flops.gflop(lambda kind=kind: unit_images(net, layer, channels, kind, size=size, steps=1))) / n
+           for kind in kinds}
+    if have_lucent:
+        for name, fft, fixed in (("lucent FFT + decorrelated", True, True), ("lucent pixel", False, True),
+                                 *((("lucent FFT, render_vis default (224 px)", True, False),) if default_steps else ())):
+            run = LucentChannels(stock(net), layer, channels, size, 1, fft=fft, fixed=fixed)
+            out[name] = flops.gflop(lambda run=run: run.step(1)) / n
+    return out
+
+
 def vis_table(net, layer: str, channels: list[int], size: int, steps: int, rounds: int, kinds: list[str],
-              default_steps: int = 0) -> None:
+              default_steps: int = 0, limits: dict[str, float] | None = None) -> None:
     try:
         import lucent  # noqa: F401
 
@@ -106,6 +136,7 @@ def vis_table(net, layer: str, channels: list[int], size: int, steps: int, round
     bench_render.LAYER = layer  # the Lucent class hooks this layer
     seconds: dict[str, float] = {}
     n = len(channels)
+    per_step = unit_step_gflop(net, layer, channels, kinds, size, default_steps, have_lucent)
     lucent_net = stock(net) if have_lucent else None
     # Whole runs of `steps` steps, alternating ours and lucent's, `rounds` times: machine load hits both alike, and
     # each run's time includes its set-up (ours: parameterisation, loop, final measurement; lucent: its image,
@@ -130,10 +161,12 @@ def vis_table(net, layer: str, channels: list[int], size: int, steps: int, round
     steps *= rounds
     rates = {name: n * steps / s for name, s in seconds.items()}
     print(f"\n{n} channels of {layer}, {size} px, {steps // rounds} steps x {rounds} runs each, channel objective (mean activation)\n")
-    print("| visualiser | unit-steps/s |")
-    print("|---|---|")
+    print(flops.ceiling_line(limits))
+    print("GFLOP per unit-step (forward + backward, torch's flop counter): " + ", ".join(f"{k} {v:.3f}" for k, v in per_step.items()))
+    print("\n| visualiser | unit-steps/s | achieved |")
+    print("|---|---|---|")
     for name, rate in rates.items():
-        print(f"| {name} | {rate:.1f} |")
+        print(f"| {name} | {rate:.1f} | {flops.share(rate * per_step[name], limits)} |")
     if have_lucent:
         print(f"\nours fft / lucent FFT: {rates['ours fft'] / rates['lucent FFT + decorrelated']:.2f}x (target >= 3x)")
         default = rates.get("lucent FFT, render_vis default (224 px)")
@@ -161,14 +194,15 @@ def main() -> None:
     parser.add_argument("--skip-topk", action="store_true")
     parser.add_argument("--skip-vis", action="store_true")
     args = parser.parse_args()
+    limits = flops.ceilings()
     torch.manual_seed(0)
     net = load_model("inceptionv1", os.environ.get("ATLAS_WEIGHTS") or SHARED / "models" / "bvlc_googlenet.safetensors")
     print(f"precision: {Settings().precision} (float32 unless this CPU has native bf16)")
     if not args.skip_topk:
-        topk_table(net, args.layer, args.images, args.batch_size, args.workers)
+        topk_table(net, args.layer, args.images, args.batch_size, args.workers, limits)
     if not args.skip_vis:
         vis_table(net, args.layer, list(range(0, 8 * args.channels, 8))[: args.channels], args.size, args.steps, args.rounds,
-                  [k for k in args.kinds.split(",") if k], args.default_steps)
+                  [k for k in args.kinds.split(",") if k], args.default_steps, limits)
 
 
 if __name__ == "__main__":
