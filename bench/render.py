@@ -211,8 +211,10 @@ def main() -> None:
     print(f"{torch.get_num_threads()} threads; ours: network input {settings.transforms.out_size(args.size)} px, "
           f"autocast {auto}, channels-last")
     runs: dict[str, Ours | Lucent] = {
-        f"ours ({'bf16' if auto else 'fp32'}, channels-last)": Ours(net, Direction(v), args.n, settings),
-        "ours (fp32, channels-last)": Ours(net, Direction(v), args.n, replace(settings, steps=args.fp32_steps, precision="fp32")),
+        # named apart from the fp32 variant below even where auto is fp32 (no native bf16), so neither row overwrites the other
+        f"ours (default: {'bf16' if auto else 'fp32'}, channels-last, --steps)": Ours(net, Direction(v), args.n, settings),
+        "ours (fp32, channels-last, --fp32-steps)": Ours(net, Direction(v), args.n,
+                                                          replace(settings, steps=args.fp32_steps, precision="fp32")),
         "ours (fp32, NCHW)": Ours(net, Direction(v), args.n,
                                   replace(settings, steps=args.fp32_steps, precision="fp32", channels_last=False)),
     }
