@@ -115,7 +115,8 @@ Tensors = dict[str, torch.Tensor]
 
 
 def forward_samples(net: Network, images: torch.Tensor, layers: Sequence[str], positions: Tensors,
-                    attribution: bool, precision: str = "float32", forward: str = "nchw") -> tuple[Tensors, Tensors, torch.Tensor | None]:
+                    attribution: bool, precision: str = "float32",
+                    forward: str = SampleSettings.forward) -> tuple[Tensors, Tensors, torch.Tensor | None]:
     """Activations at the sampled positions, their attributions (if asked) and the logits.
 
     ``positions[layer]`` is (B*k, 2). Without attribution the forward stops at the deepest
@@ -502,7 +503,7 @@ def compute_shard(net: Network, images: ImageList, layers: list[str], shapes: di
     ok = np.zeros(hi - lo, bool)
     top5 = np.full((hi - lo, TOP_K), -1, np.int32)
 
-    forward = settings.get("forward", "nchw")
+    forward = settings.get("forward", SampleSettings.forward)
     dataset = ImageDataset(images, settings["preprocessing"]["resize"], settings["preprocessing"]["crop"], indices, uint8=True)
     loader = image_loader(dataset, batch_size, workers, device)
     errors: list[tuple[int, str]] = []

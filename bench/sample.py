@@ -150,7 +150,7 @@ def main() -> None:
     pos = {args.layer: torch.tensor([[7, 7]])}
     per_image = {
         "forward": flops.gflop(lambda: net.activations(x1, [args.layer])),
-        "attribution": flops.gflop(lambda: forward_samples(net, x1, [args.layer], pos, attribution=True)),
+        "attribution": flops.gflop(lambda: forward_samples(net, x1, [args.layer], pos, attribution=True, forward="nchw")),
     }
     x = torch.stack([to_tensor(load_image(p)) for p in images.paths])
 
