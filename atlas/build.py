@@ -38,7 +38,7 @@ DEFAULTS: dict[str, dict] = defaults()
 # Settings that change what a stage computes; the rest (workers, batch size, device) only change how fast.
 SPEED_ONLY = {table: cls.speed_only() for table, cls in SETTINGS.items() if cls.speed_only()}
 # Rough single-machine costs for --dry-run, from the bench/ figures on a 2-core CPU.
-CPU_IMAGES_PER_S = {True: 6.0, False: 20.0}
+CPU_IMAGES_PER_S = {True: 10.0, False: 23.0}  # 2026-12-01, fused kernels, float32: 1,000 photos x 2 in 104.5 s; bench (b) 23.5
 CPU_ICON_STEPS_PER_S = 240.0  # bench/render.py: 264 at 80 px, batch 32
 
 
