@@ -213,7 +213,7 @@ def sample(images: str | Path | ImageList, layers: Sequence[str], out: str | Pat
            resize: int = 256, crop: int = 224, device: str = "cpu", progress: bool = True,
            shard_size: int = SHARD, precision: str = "auto", net: Network | None = None,
            labels: str | Path | None = None, engine: str | Engine = "local", ray_address: str | None = None,
-           aligned_positions: bool = False, forward: str = "fused") -> SampleResult:
+           aligned_positions: bool = False, forward: str = SampleSettings.forward) -> SampleResult:
     """Sample ``per_image`` activations per image at each layer into ``out``/store.zarr: the sample stage.
 
     Each image is resized and centre-cropped, run through the model once, and at ``per_image`` random spatial
