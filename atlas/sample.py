@@ -33,7 +33,7 @@ from atlas.data import ImageDataset, ImageList, class_table, device_batch, image
 from atlas.engine import Engine, make_engine
 from atlas.errors import AtlasError
 from atlas.models import InceptionV1, Network, autocast_dtype, load_model, load_run_model
-from atlas.models.inference import as_input, fusable, inference_net
+from atlas.models.inference import as_input, fusable, inference_net, micro_batch
 from atlas.settings import SampleSettings, check_device, check_out_folder
 
 SHARD = 256
@@ -127,6 +127,10 @@ def forward_samples(net: Network, images: torch.Tensor, layers: Sequence[str], p
     as it is, the others a cached copy (:func:`atlas.models.inference.inference_net`; forward-mode AD runs on the
     channels-last one, which has its rules). With "fused", InceptionV1's attribution is :func:`_split_attribution`.
     """
+    chunk = micro_batch(images, forward)
+    if chunk < images.shape[0]:
+        return _in_chunks(images, positions, chunk, lambda part, where: forward_samples(
+            net, part, layers, where, attribution, precision, forward))
     acts: dict[str, torch.Tensor] = {}
     attrs: dict[str, torch.Tensor] = {}
     if attribution and forward == "fused" and isinstance(net.module, InceptionV1) and fusable(net, layers):
@@ -157,6 +161,20 @@ def forward_samples(net: Network, images: torch.Tensor, layers: Sequence[str], p
                     if value.shape[0] != images.shape[0]:  # deeper than the dual layer: batch was repeated
                         value = value[:: value.shape[0] // images.shape[0]]
                     acts[name] = _gather(value, positions[name]).float()
+    return acts, attrs, logits
+
+
+def _in_chunks(images: torch.Tensor, positions: Tensors, chunk: int, run) -> tuple[Tensors, Tensors, torch.Tensor | None]:
+    """``run(images, positions)`` on ``chunk`` images at a time (their positions with them), results concatenated in
+    order: the rows one call would give, to float rounding (nothing in an image's numbers depends on the others)."""
+    n = images.shape[0]
+    parts = []
+    for lo in range(0, n, chunk):
+        hi = min(lo + chunk, n)
+        where = {name: p[lo * (p.shape[0] // n): hi * (p.shape[0] // n)] for name, p in positions.items()}
+        parts.append(run(images[lo:hi], where))
+    acts, attrs = ({name: torch.cat([part[i][name] for part in parts]) for name in parts[0][i]} for i in (0, 1))
+    logits = None if parts[0][2] is None else torch.cat([part[2] for part in parts])
     return acts, attrs, logits
 
 

@@ -15,9 +15,10 @@ import zarr
 from conftest import PHOTOS, require_shared
 
 from atlas.data import ImageDataset, batch_to_float, list_images, load_image, to_tensor
-from atlas.models import INCEPTION_LAYERS, LUCID_BLOCKS, InceptionV1, Network, as_input, inference_net
-from atlas.models.inference import ConvReLU, FusedMixed
-from atlas.sample import sample
+from atlas.models import INCEPTION_LAYERS, LUCID_BLOCKS, InceptionV1, Network, as_input, inference, inference_net
+from atlas.models.inference import ConvReLU, FusedLRN, FusedMixed, micro_batch
+from atlas.models.layers import LocalResponseNorm
+from atlas.sample import forward_samples, sample
 
 NAMED = [name for name in INCEPTION_LAYERS if name != "logits"]
 
@@ -108,6 +109,47 @@ def test_sampled_store_with_the_default_kernels_agrees_with_the_reference(net, p
             assert np.abs(a).max() > 0
             assert np.abs(a - b).max() <= 2e-3 * np.abs(a).max()  # float16 storage: a unit in the last place at most
     assert fast.attrs["precision"] == ref.attrs["precision"] and "forward" not in fast.attrs  # speed only: not in the store
+
+
+@pytest.mark.parametrize("size, beta", [(5, 0.75), (9, 0.5), (5, 0.6), (4, 0.75)])
+def test_inference_lrn_equals_the_reference(size, beta):
+    """The shifted-slice band sum and the rsqrt powers (Caffe's size 5 / beta 0.75, Lucid's 9 / 0.5, any other beta
+    through pow, an even window), in both memory formats; with autograd recording it is the reference module."""
+    torch.manual_seed(0)
+    lrn = LocalResponseNorm(size, alpha=1e-4, beta=beta, k=1.0)
+    x = torch.relu(torch.randn(3, 40, 7, 9) * 40)
+    for memory in (torch.contiguous_format, torch.channels_last):
+        with torch.inference_mode():
+            reference, fast = lrn(x), FusedLRN(lrn)(x.contiguous(memory_format=memory))
+        assert reference.shape == fast.shape and (fast - reference).abs().max() <= 1e-6 * reference.abs().max()
+        assert (fast != x).any()  # the band really normalises
+    graph = x.clone().requires_grad_()
+    FusedLRN(lrn)(graph).sum().backward()
+    assert graph.grad is not None and torch.isfinite(graph.grad).all()
+
+
+def test_micro_batches_give_the_rows_of_one_call(net, monkeypatch):
+    """11 images run as chunks of 8 + 3 on CPU: activations, attributions and logits those of one call of 11 (to
+    float rounding), each row where it belongs; the reference kernels and other sizes keep or scale the chunk."""
+    x = as_input(_photos(11), "fused")
+    torch.manual_seed(1)
+    positions = {"mixed4c": torch.randint(0, 14, (22, 2)), "mixed3b": torch.randint(0, 28, (11, 2))}
+    assert micro_batch(x, "fused") == 8 and micro_batch(x, "nchw") == 11
+    assert micro_batch(torch.zeros(11, 3, 448, 448), "fused") == 2 and micro_batch(torch.zeros(3, 3, 64, 64), "fused") == 3
+    layers = ["mixed3b", "mixed4c"]
+    for attribution in (False, True):
+        chunked = forward_samples(net, x, layers, positions, attribution)
+        monkeypatch.setattr(inference, "CPU_CHUNK_PIXELS", 10**9)
+        whole = forward_samples(net, x, layers, positions, attribution)
+        monkeypatch.undo()
+        for i in (0, 1) if attribution else (0,):
+            for layer in layers:
+                assert chunked[i][layer].shape == whole[i][layer].shape == (positions[layer].shape[0], whole[i][layer].shape[1])
+                _agree(whole[i][layer], chunked[i][layer])
+        if attribution:
+            _agree(whole[2], chunked[2])
+        else:
+            assert chunked[2] is None and whole[2] is None
 
 
 def test_unknown_forward_is_one_line(tmp_path):

@@ -14,7 +14,7 @@ The package, one module per concern (each imports only those listed before it):
 - ``inception``: the InceptionV1 architecture, its block sizes and key maps, ``inceptionv1()``;
 - ``network``: the hook-based ``Network`` every stage uses, ``StopForward``, ``describe_layers``;
 - ``inference``: cached inference-only copies (channels-last, fused convolution + ReLU) for passes that only read
-  activations: ``inference_net``, ``as_input``, ``channels_last``;
+  activations: ``inference_net``, ``as_input``, ``channels_last``, ``micro_batch``;
 - ``zoo``: ``load_model`` and the torchvision classifiers.
 
 Every public name is re-exported here, so ``from atlas.models import X`` is the way to use them. A test that
@@ -33,7 +33,7 @@ from atlas.models.inception import (
     _lucid_key_map,
     inceptionv1,
 )
-from atlas.models.inference import as_input, channels_last, inference_net
+from atlas.models.inference import as_input, channels_last, inference_net, micro_batch
 from atlas.models.layers import LocalResponseNorm, Preprocess, SamePad, SpaceToDepthConv2d
 from atlas.models.network import Network, StopForward, describe_layers
 from atlas.models.precision import autocast_dtype, native_bf16
@@ -56,6 +56,6 @@ __all__ = [
     "BVLC_BLOCKS", "DOWNLOAD_TIMEOUT", "GOOGLENET_ALIASES", "INCEPTION_FILES", "INCEPTION_LAYERS", "InceptionV1", "LUCENT_SHA256",
     "LUCENT_URL", "LUCID_BLOCKS", "LocalResponseNorm", "Mixed", "Network", "Preprocess", "SamePad", "SpaceToDepthConv2d", "StopForward",
     "_bvlc_key_map", "_lucid_key_map", "as_input", "autocast_dtype", "cache_dir", "channels_last", "describe_layers", "imagenet_classes",
-    "inceptionv1", "inference_net", "load_model", "load_run_model", "local_weights", "native_bf16", "resolve_weights", "sha256",
-    "synset_words", "synset_words_file"
+    "inceptionv1", "inference_net", "load_model", "load_run_model", "local_weights", "micro_batch", "native_bf16", "resolve_weights",
+    "sha256", "synset_words", "synset_words_file"
 ]  # fmt: skip

@@ -30,7 +30,7 @@ from atlas import store
 from atlas.data import ImageDataset, ImageList, device_batch, image_loader, load_image, real_path
 from atlas.engine import Engine, make_engine
 from atlas.errors import AtlasError
-from atlas.models import Network, inference_net, load_run_model
+from atlas.models import Network, inference_net, load_run_model, micro_batch
 from atlas.settings import check_device, parse_channels
 from atlas.units.receptive import receptive_field
 
@@ -260,14 +260,17 @@ def shard_tops(net: Network, images: ImageList, resize: int, crop: int, k: int, 
         if good.any():
             x = device_batch(batch, good, device)
             idx = batch_index.numpy()[good]
-            with torch.inference_mode(), torch.autocast(x.device.type, torch.bfloat16, enabled=precision == "bfloat16"):
-                out = fast.activations(x, names)
-            for name, todo in layer_todo:
-                act = out[name]
-                if len(todo) < act.shape[1]:
-                    act = act[:, torch.tensor(todo, dtype=torch.long, device=act.device)]
-                values, pos = max_positions(act.float())
-                tops[name] = merge_topk(tops[name], batch_top(values.cpu().numpy(), pos.cpu().numpy(), idx, k), k)
+            chunk = micro_batch(x, "fused")  # cache-sized chunks on CPU, as the sampler runs them
+            for lo in range(0, x.shape[0], chunk):
+                with torch.inference_mode(), torch.autocast(x.device.type, torch.bfloat16, enabled=precision == "bfloat16"):
+                    out = fast.activations(x[lo:lo + chunk], names)
+                for name, todo in layer_todo:
+                    act = out[name]
+                    if len(todo) < act.shape[1]:
+                        act = act[:, torch.tensor(todo, dtype=torch.long, device=act.device)]
+                    values, pos = max_positions(act.float())
+                    top = batch_top(values.cpu().numpy(), pos.cpu().numpy(), idx[lo:lo + chunk], k)
+                    tops[name] = merge_topk(tops[name], top, k)
         tried, readable = tried + len(batch_errors), readable + int(good.sum())
         if advance is not None:
             advance(len(batch_index))
