@@ -1,7 +1,8 @@
 """Sampler throughput, measured side by side in one run on the same images (issue 19's targets).
 
 (a) the model forward alone (to the sampled layer) on preloaded tensors, for each kernel choice (``--forward``):
-    the reference NCHW model, its channels-last copy, the fused copy (the default);
+    the reference NCHW model (one call per batch), its channels-last copy and the fused copy (the default), both in
+    the sampler's CPU micro-batches (:func:`atlas.models.micro_batch`), and the fused copy in one call per batch;
 (b) `atlas sample --no-attribution`: the default, the reference kernels, and the code of ``--baseline`` (the
     commit before this work, unpacked with ``git archive`` into a temporary folder and run in a subprocess on the
     same photos in the same run), plus decoder-worker and batch-size variants;
@@ -33,7 +34,7 @@ import torchvision
 from torchvision import transforms
 
 from atlas.data import ImageDataset, list_images, load_image, to_tensor
-from atlas.models import as_input, inference_net, load_model, synset_words
+from atlas.models import as_input, inference_net, load_model, micro_batch, synset_words
 from atlas.sample import forward_samples, resolve_precision, sample
 
 sys.path.append(str(Path(__file__).parent))
@@ -63,14 +64,18 @@ print(json.dumps(rates))
 """
 
 
-def forward_only(net, x, layer, batch, forward, precision):
+def forward_only(net, x, layer, batch, forward, precision, chunked=True):
+    """Batches of ``batch`` through the forward ``forward``, each in the sampler's CPU micro-batches (``chunked``)
+    or in one call."""
     fast = inference_net(net, forward, [layer])
     x = as_input(x, forward)
+    chunk = micro_batch(x[:batch], forward) if chunked else batch
     with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=precision == "bfloat16"):
-        fast.activations(x[:batch], [layer])
+        fast.activations(x[:chunk], [layer])
         start = time.perf_counter()
         for i in range(0, len(x), batch):
-            fast.activations(x[i : i + batch], [layer])
+            for part in x[i : i + batch].split(chunk):
+                fast.activations(part, [layer])
     return len(x) / (time.perf_counter() - start)
 
 
@@ -157,9 +162,12 @@ def main() -> None:
     # Every row is the best of --rounds runs, the rounds interleaved (the baseline's subprocess included), so a load
     # that comes and goes on this shared machine hits every row alike.
     runs: dict[str, tuple[object, str]] = {}
+    chunk = micro_batch(as_input(x[: args.batch], "fused"), "fused")
     for forward in ("nchw", "channels-last", "fused"):
         runs[f"(a) forward only to {args.layer}, preloaded tensors, --forward {forward} ({precision})"] = (
             lambda forward=forward: forward_only(net, x, args.layer, args.batch, forward, precision), "forward")
+    runs[f"(a) ... fused, each batch of {args.batch} in one call (not in chunks of {chunk})"] = (
+        lambda: forward_only(net, x, args.layer, args.batch, "fused", precision, chunked=False), "forward")
     b_name = f"(b) atlas sample --no-attribution (default: --forward fused, {args.workers} workers, batch {args.batch})"
     d_name = "(d) atlas sample, attribution to every class (default)"
     runs[b_name] = (lambda: atlas_sample(net, images, args.layer, args.batch, args.workers, False), "forward")
