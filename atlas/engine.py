@@ -39,10 +39,14 @@ MAX_RESTARTS = 4  # a killed actor is started again this often (a worker that ke
 MAX_TASK_RETRIES = 4
 LOCAL_OBJECT_STORE = 300 * 1024**2  # a local Ray's object store: results are a shard or a batch at a time
 DEPTH = 2  # units queued per actor: the next one is ready while the driver writes the last
-# The environment of every actor process, set before the actor imports torch (OpenMP reads it when torch loads it).
-# Each actor runs the driver's torch thread count for bit-identical results, so on a CPU node the actors' threads
-# outnumber the cores; OpenMP's default busy-waiting at its barriers then burns the cores another actor needs.
-# PASSIVE makes waiting threads sleep; it changes no arithmetic (bench/ray.py compares the stores and measures it).
+# The environment of an actor process whose threads outnumber the CPUs it reserved, set before the actor imports
+# torch (OpenMP reads it when torch loads it). Each actor runs the driver's torch thread count for bit-identical
+# results (oneDNN's sums depend on it: a 1-thread and a 2-thread run differ from mixed4d on), so with one actor per
+# core the actors' threads outnumber the cores; OpenMP's default busy-waiting at its barriers then burns the cores
+# another actor needs. PASSIVE makes waiting threads sleep; it changes no arithmetic. Measured here (InceptionV1
+# forward + backward to mixed4c, 4 x 80 px, 2 cores): two 2-thread processes at once ran 3.6 + 3.6 steps/s spinning,
+# 13.0 + 11.8 passive; one 2-thread process 16.9 spinning but 10.2 passive, so an actor that has its cores to itself
+# (threads <= reserved CPUs) keeps OpenMP's default.
 # (Set in the actor, not as a Ray runtime_env: an actor with its own runtime_env cannot use the worker processes Ray
 # has already started, and waits for a new one.)
 ACTOR_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
@@ -120,13 +124,21 @@ def _cause(exc: BaseException) -> str:
 class _Worker:
     """One Ray actor: a stage's worker built on its first unit (its model loaded once per process), then called per unit."""
 
-    def __init__(self, factory: Callable[..., Callable[[Any], Any]], threads: int, env: dict[str, str]):
+    def __init__(self, factory: str, threads: int, env: dict[str, str]):
         # An actor's process is its own and has not imported torch yet (atlas.engine does not import it), so the
         # variables are in place when torch loads OpenMP. One the node already sets (`ray start` inherits the
-        # shell's environment) is left as the node's operator chose it.
+        # shell's environment) is left as the node's operator chose it. The factory comes as "module:name" and is
+        # imported only after that: as a function argument Ray would unpickle it, importing the stage's module and
+        # with it torch, before this line ran (then PASSIVE never took effect: 2 actors rendered at a quarter of
+        # the speed of two plain processes, bench/ray.py).
         for name, value in env.items():
             os.environ.setdefault(name, value)
+        import importlib
+
         import torch
+
+        module, _, name = factory.partition(":")
+        factory = getattr(importlib.import_module(module), name)
 
         # The arithmetic's reduction order on a CPU depends on the thread count: the driver's count keeps the
         # results bit-identical to a local run on the same kind of machine.
@@ -174,7 +186,7 @@ class Engine:
     per ``cpus`` CPUs); ``threads`` the torch threads of each (None: this process's, for results identical to a
     local run); ``cpus`` the CPUs Ray reserves for each actor on a CPU stage (1: one actor per core; a node's core
     count: one actor per node using all its cores); ``depth`` the units queued per actor; ``env`` the environment
-    variables of each actor process (None: :data:`ACTOR_ENV`).
+    variables of each actor process (None: :data:`ACTOR_ENV` when an actor's threads outnumber its CPUs, else none).
     """
 
     kind: str = "local"
@@ -273,11 +285,11 @@ class Engine:
             threads = self.threads or torch.get_num_threads()
             remote = ray.remote(_Worker)
             shared = ray.put(args)
-            env = ACTOR_ENV if self.env is None else self.env
+            env = (ACTOR_ENV if threads > cpus else {}) if self.env is None else self.env
             asked = time.perf_counter()
             actors = [remote.options(name=actor_name(name, i), namespace=NAMESPACE, num_cpus=cpus, num_gpus=gpus,
                                      max_restarts=MAX_RESTARTS, max_task_retries=MAX_TASK_RETRIES, lifetime=None)
-                      .remote(factory, threads, dict(env)) for i in range(n)]
+                      .remote(f"{factory.__module__}:{factory.__qualname__}", threads, dict(env)) for i in range(n)]
             try:
                 stats.first = dict(enumerate(ray.get([actor.pid.remote() for actor in actors])))
                 stats.ready = time.perf_counter() - asked

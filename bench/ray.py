@@ -1,7 +1,7 @@
 """Benchmark: sample and render locally against the same stages on Ray, every engine variant side by side, one run.
 
 Sample: ``--images`` photos (default 32 shared ones) with attribution, in shards of ``--shard`` images. Render: the
-icons of a 4x4 grid of that run (PCA layout, min_count 1), ``--steps`` steps at ``--size`` px, in batches of
+icons of a ``--grid`` x ``--grid`` grid (default 4) of that run (PCA layout, min_count 1), ``--steps`` steps at ``--size`` px, in batches of
 ``--batch`` cells. For every Ray variant each stage runs locally (``engine="local"``, this process, both cores
 through torch's threads) and right after it on one local Ray cluster (``ray.init(num_cpus=2)``, started once; its
 start is timed apart): each pair sees the same load of this shared machine, and the ratio is the pair's. An untimed
@@ -26,7 +26,8 @@ printed before and after; run it on a quiet machine (1-minute load below 1.5).
 
 (-P: bench/ holds an inspect.py that would shadow the standard library module of that name.)
 
-    .venv/bin/python -P bench/ray.py [--images 32] [--shard 8] [--steps 32] [--size 80] [--batch 4]
+    .venv/bin/python -P bench/ray.py [--images 32] [--shard 8] [--steps 32] [--size 80] [--batch 4] [--grid 4]
+        [--variants '2 actors,1 actor per node']
 """
 
 from __future__ import annotations
@@ -84,7 +85,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--size", type=int, default=80)
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--grid", type=int, default=4, help="render the icons of this grid size (min_count 1)")
+    parser.add_argument("--variants", default="", help="comma-separated row names to run (default: all)")
     args = parser.parse_args()
+    variants = [v for v in VARIANTS if not args.variants or v[0] in args.variants.split(",")]
 
     import ray
     import torch
@@ -103,7 +107,7 @@ def main() -> None:
                           namespace=NAMESPACE, logging_level=logging.ERROR)
         kwargs = {"weights": WEIGHTS, "shard_size": args.shard, "batch_size": args.shard, "progress": False}
         sample(PHOTOS, [LAYER], tmp / "warm-up", max_images=2, workers=0, **kwargs)  # imports, file cache: not timed
-        for i, (variant, options, loader) in enumerate(VARIANTS):
+        for i, (variant, options, loader) in enumerate(variants):
             # Each Ray run right after a local run of the same work: the pair sees the same machine load.
             local = timed(sample, PHOTOS, [LAYER], tmp / f"sample-local-{i}", max_images=args.images, workers=0, **kwargs)
             engine = Engine("ray", **options)
@@ -115,20 +119,20 @@ def main() -> None:
 
         base = tmp / "sample-local-0"
         project(base, LAYER, method="pca")
-        grid(base, LAYER, [4], min_count=1)
+        grid(base, LAYER, [args.grid], min_count=1)
         rkw = {"quality": "draft", "steps": args.steps, "size": args.size, "batch": args.batch, "progress": False}
         icons = 0
-        for i, (variant, options, loader) in enumerate(VARIANTS):
+        for i, (variant, options, loader) in enumerate(variants):
             if loader:  # decoding is the sampler's
                 continue
             for folder in (f"render-local-{i}", f"render-{i}"):
                 shutil.copytree(base, tmp / folder)
             t = time.perf_counter()
-            icons = render(tmp / f"render-local-{i}", LAYER, [4], **rkw)[4]["rendered_now"]
+            icons = render(tmp / f"render-local-{i}", LAYER, [args.grid], **rkw)[args.grid]["rendered_now"]
             local = time.perf_counter() - t
             engine = Engine("ray", **options)
-            seconds = timed(render, tmp / f"render-{i}", LAYER, [4], engine=engine, **rkw)
-            equal = same(tmp / f"render-local-{i}", tmp / f"render-{i}", f"icons/{LAYER}/full/4")
+            seconds = timed(render, tmp / f"render-{i}", LAYER, [args.grid], engine=engine, **rkw)
+            equal = same(tmp / f"render-local-{i}", tmp / f"render-{i}", f"icons/{LAYER}/full/{args.grid}")
             rows.append(("render", f"{variant} ({engine.last.actors} on Ray)", local, seconds, engine.last.ready, equal))
             print(f"  render {variant}: local {local:.1f} s, Ray {seconds:.1f} s, equal {equal}", flush=True)
     finally:
