@@ -23,6 +23,7 @@ import contextlib
 import logging
 import os
 import socket
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -131,6 +132,7 @@ class _Worker:
         # imported only after that: as a function argument Ray would unpickle it, importing the stage's module and
         # with it torch, before this line ran (then PASSIVE never took effect: 2 actors rendered at a quarter of
         # the speed of two plain processes, bench/ray.py).
+        self.torch_first = "torch" in sys.modules  # True would mean the variables below come too late (probe_worker)
         for name, value in env.items():
             os.environ.setdefault(name, value)
         import importlib
@@ -153,10 +155,25 @@ class _Worker:
             import ray
 
             self.call = self.factory(*ray.get(shared[0]))
+        if unit is _PROBE:
+            return os.getpid(), {"torch_first": self.torch_first} | self.call(unit)
         return os.getpid(), self.call(unit)
 
     def pid(self) -> int:
         return os.getpid()
+
+
+_PROBE = "atlas-engine-probe"
+
+
+def probe_worker() -> Callable[[Any], dict]:
+    """A factory for :meth:`Engine.probe`: each unit returns what the actor's process runs with."""
+    import torch
+
+    def run(_unit) -> dict:
+        return {"pid": os.getpid(), "threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+
+    return run
 
 
 @dataclass
@@ -310,6 +327,15 @@ class Engine:
         finally:
             for actor in actors:
                 ray.kill(actor, no_restart=True)
+
+
+def probe(engine: Engine) -> list[dict]:
+    """What each actor of ``engine``'s pool runs with — pid, torch threads, ``OMP_WAIT_POLICY``, and ``torch_first``
+    (torch was already imported when the actor set its environment: the variables would then have no effect) — one
+    dict per actor, for checking a cluster before a long run."""
+    # More units than any pool has actors: the pool takes its usual size, unit i runs on actor i % size.
+    results = list(engine.map(probe_worker, (), [_PROBE] * max(engine.workers or 0, 256), "probe"))
+    return results[: engine.last.actors]
 
 
 def make_engine(kind: str = "local", address: str | None = None, workers: int | None = None) -> Engine:

@@ -22,7 +22,7 @@ from conftest import PHOTOS, REPO, WEIGHTS, require_shared
 from tiny_run import CONFIG, LAYER, build_tiny, cli, cli_process, copy_run, one_line, snapshot
 
 from atlas import store
-from atlas.engine import NAMESPACE, Engine, actor_name
+from atlas.engine import NAMESPACE, Engine, actor_name, probe
 
 N_PHOTOS = 64
 SHARD = 8
@@ -185,6 +185,22 @@ def _cli(*args: str, hide_ray: bool = False, cwd=REPO) -> subprocess.CompletedPr
     code = ("import sys\n" + ("sys.modules['ray'] = None\n" if hide_ray else "") +
             "from atlas.cli import main\nsys.argv = ['atlas', *sys.argv[1:]]\nmain()\n")
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120, cwd=cwd)
+
+
+def test_actors_set_their_environment_before_torch_loads(ray_cluster):
+    """The actors' environment takes effect: torch is not yet imported when an actor sets it (the stage's factory is
+    imported after), 2 one-core actors with 2 threads each sleep at OpenMP barriers, an actor with both cores keeps
+    OpenMP's default, and every actor runs the driver's thread count."""
+    import torch
+
+    for engine, policy in ((Engine("ray", workers=2), "PASSIVE"), (Engine("ray", cpus=2), None)):
+        with engine.session():
+            seen = probe(engine)
+        assert len(seen) == engine.last.actors == (2 if policy else 1)
+        assert len({row["pid"] for row in seen}) == len(seen)
+        for row in seen:
+            assert row["torch_first"] is False and row["threads"] == torch.get_num_threads()
+            assert row["omp_wait_policy"] == policy
 
 
 def test_engine_ray_without_ray_installed_is_one_line(tmp_path, photos):
