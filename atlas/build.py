@@ -38,8 +38,11 @@ DEFAULTS: dict[str, dict] = defaults()
 # Settings that change what a stage computes; the rest (workers, batch size, device) only change how fast.
 SPEED_ONLY = {table: cls.speed_only() for table, cls in SETTINGS.items() if cls.speed_only()}
 # Rough single-machine costs for --dry-run, from the bench/ figures on a 2-core CPU.
-CPU_IMAGES_PER_S = {True: 10.0, False: 23.0}  # 2026-12-01, fused kernels, float32: 1,000 photos x 2 in 104.5 s; bench (b) 23.5
-CPU_ICON_STEPS_PER_S = 240.0  # bench/render.py: 264 at 80 px, batch 32
+# 2026-12-01 20:10, float32 (no native bf16), micro-batched fused kernels: the CPU config's 1,000 photos x 2 positions
+# with attribution in 89.9 s; bench/sample.py (b) 32.6 images/s without attribution.
+CPU_IMAGES_PER_S = {True: 11.0, False: 32.0}
+# The same build: 300 draft icons x 128 steps in 360.8 s, float32 (a machine with native bf16 rendered 240-264 at 80 px).
+CPU_ICON_STEPS_PER_S = 106.0
 
 
 @dataclass

@@ -155,7 +155,7 @@ class _Worker:
             import ray
 
             self.call = self.factory(*ray.get(shared[0]))
-        if unit is _PROBE:
+        if isinstance(unit, str) and unit == _PROBE:
             return os.getpid(), {"torch_first": self.torch_first} | self.call(unit)
         return os.getpid(), self.call(unit)
 
@@ -284,6 +284,10 @@ class Engine:
         """
         import torch
 
+        target = f"{factory.__module__}:{factory.__qualname__}"
+        if factory.__module__ == "__main__" or "<" in factory.__qualname__ or "." in factory.__qualname__:
+            raise AtlasError(f"{name} on Ray: the worker factory {target} must be a module-level function of an importable "
+                             "module (each actor imports it by name)")
         units = list(units)
         if not units:  # nothing to compute: Ray is not started for it
             self.last = MapStats()
@@ -306,7 +310,7 @@ class Engine:
             asked = time.perf_counter()
             actors = [remote.options(name=actor_name(name, i), namespace=NAMESPACE, num_cpus=cpus, num_gpus=gpus,
                                      max_restarts=MAX_RESTARTS, max_task_retries=MAX_TASK_RETRIES, lifetime=None)
-                      .remote(f"{factory.__module__}:{factory.__qualname__}", threads, dict(env)) for i in range(n)]
+                      .remote(target, threads, dict(env)) for i in range(n)]
             try:
                 stats.first = dict(enumerate(ray.get([actor.pid.remote() for actor in actors])))
                 stats.ready = time.perf_counter() - asked

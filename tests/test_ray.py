@@ -23,6 +23,7 @@ from tiny_run import CONFIG, LAYER, build_tiny, cli, cli_process, copy_run, one_
 
 from atlas import store
 from atlas.engine import NAMESPACE, Engine, actor_name, probe
+from atlas.errors import AtlasError
 
 N_PHOTOS = 64
 SHARD = 8
@@ -201,6 +202,8 @@ def test_actors_set_their_environment_before_torch_loads(ray_cluster):
         for row in seen:
             assert row["torch_first"] is False and row["threads"] == torch.get_num_threads()
             assert row["omp_wait_policy"] == policy
+    with pytest.raises(AtlasError, match="module-level function"):  # an actor could not import it by name
+        list(Engine("ray").map(lambda: (lambda unit: unit), (), [1], "probe"))
 
 
 def test_engine_ray_without_ray_installed_is_one_line(tmp_path, photos):
