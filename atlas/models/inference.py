@@ -190,7 +190,7 @@ def channels_last(net: Network) -> Network:
 
 # Images per forward call on CPU for the copies: a batch of 8 at 224 px keeps the largest activation (conv2d0's,
 # 64 x 112 x 112 float32, 3.2 MB an image) within this CPU's 32 MB L3 cache, so the passes over memory between the
-# convolutions (ReLU-free now, but pooling, LRN, concatenation) read cache instead of DRAM: InceptionV1 to mixed4c
+# convolutions (pooling, the LRN's pieces, concatenation; the ReLUs are fused) read cache, not DRAM: InceptionV1 to mixed4c
 # ran at 40.0 images/s in chunks of 8 against 28.8 in one call of 32 (chunks of 2/4/6/12/16: 32/39/39/32/36;
 # docs/sample.md). Scaled by the image area for other sizes.
 CPU_CHUNK_PIXELS = 8 * 224 * 224
