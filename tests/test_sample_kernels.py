@@ -123,6 +123,9 @@ def test_inference_lrn_equals_the_reference(size, beta):
             reference, fast = lrn(x), FusedLRN(lrn)(x.contiguous(memory_format=memory))
         assert reference.shape == fast.shape and (fast - reference).abs().max() <= 1e-6 * reference.abs().max()
         assert (fast != x).any()  # the band really normalises
+    with torch.inference_mode():  # a bfloat16 input (autocast) is normalised in float32 and handed back in bfloat16
+        low = FusedLRN(lrn)(x.bfloat16())
+        assert low.dtype == torch.bfloat16 and (low.float() - reference).abs().max() <= 1e-2 * reference.abs().max()
     graph = x.clone().requires_grad_()
     FusedLRN(lrn)(graph).sum().backward()
     assert graph.grad is not None and torch.isfinite(graph.grad).all()

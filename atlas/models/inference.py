@@ -112,6 +112,8 @@ class FusedLRN(nn.Module):
         lrn = self.lrn
         if torch.is_grad_enabled():  # the fused copy never carries dual numbers (inference_net), only maybe a graph
             return lrn(x)
+        if x.dtype in (torch.bfloat16, torch.float16):  # under autocast: sums and powers in float32, as the band conv's
+            return self.forward(x.float()).to(x.dtype)
         c, before = x.shape[1], lrn.size // 2
         squares = F.pad((x * x).permute(0, 2, 3, 1), (before, lrn.size - 1 - before))  # (n, h, w, c + size - 1)
         total = squares[..., :c].clone()
