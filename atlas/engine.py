@@ -132,7 +132,8 @@ class _Worker:
         # imported only after that: as a function argument Ray would unpickle it, importing the stage's module and
         # with it torch, before this line ran (then PASSIVE never took effect: 2 actors rendered at a quarter of
         # the speed of two plain processes, bench/ray.py).
-        self.torch_first = "torch" in sys.modules  # True would mean the variables below come too late (probe_worker)
+        global _TORCH_FIRST
+        _TORCH_FIRST = "torch" in sys.modules  # True would mean the variables below come too late (probe_worker reads it)
         for name, value in env.items():
             os.environ.setdefault(name, value)
         import importlib
@@ -155,23 +156,22 @@ class _Worker:
             import ray
 
             self.call = self.factory(*ray.get(shared[0]))
-        if isinstance(unit, str) and unit == _PROBE:
-            return os.getpid(), {"torch_first": self.torch_first} | self.call(unit)
         return os.getpid(), self.call(unit)
 
     def pid(self) -> int:
         return os.getpid()
 
 
-_PROBE = "atlas-engine-probe"
+_TORCH_FIRST: bool | None = None  # set by an actor's _Worker: was torch loaded before the actor set its environment?
 
 
 def probe_worker() -> Callable[[Any], dict]:
-    """A factory for :meth:`Engine.probe`: each unit returns what the actor's process runs with."""
+    """A factory for :func:`probe`: each unit returns what the actor's process runs with."""
     import torch
 
     def run(_unit) -> dict:
-        return {"pid": os.getpid(), "threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+        return {"pid": os.getpid(), "threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                "torch_first": _TORCH_FIRST}
 
     return run
 
@@ -338,7 +338,7 @@ def probe(engine: Engine) -> list[dict]:
     (torch was already imported when the actor set its environment: the variables would then have no effect) — one
     dict per actor, for checking a cluster before a long run."""
     # More units than any pool has actors: the pool takes its usual size, unit i runs on actor i % size.
-    results = list(engine.map(probe_worker, (), [_PROBE] * max(engine.workers or 0, 256), "probe"))
+    results = list(engine.map(probe_worker, (), [None] * max(engine.workers or 0, 256), "probe"))
     return results[: engine.last.actors]
 
 

@@ -254,6 +254,7 @@ def shard_tops(net: Network, images: ImageList, resize: int, crop: int, k: int, 
     loader = image_loader(dataset, batch_size, workers, device)
     names = [name for name, _ in layer_todo]
     fast = inference_net(net, "fused", names)  # the sampler's fused kernels: the same values to float rounding, faster
+    picks: dict[str, torch.Tensor] = {}  # per layer, the channels to rank when not all of them (made once, not per batch)
     for batch_index, batch, batch_errors in loader:
         good = np.array([not e for e in batch_errors])
         errors += [(index, error) for index, error in zip(batch_index.tolist(), batch_errors, strict=True) if error]
@@ -267,7 +268,9 @@ def shard_tops(net: Network, images: ImageList, resize: int, crop: int, k: int, 
                 for name, todo in layer_todo:
                     act = out[name]
                     if len(todo) < act.shape[1]:
-                        act = act[:, torch.tensor(todo, dtype=torch.long, device=act.device)]
+                        if name not in picks:
+                            picks[name] = torch.tensor(todo, dtype=torch.long, device=act.device)
+                        act = act[:, picks[name]]
                     values, pos = max_positions(act.float())
                     top = batch_top(values.cpu().numpy(), pos.cpu().numpy(), idx[lo:lo + chunk], k)
                     tops[name] = merge_topk(tops[name], top, k)
