@@ -2,6 +2,7 @@
 
 from atlas.cli import (
     build_cmd,  # noqa: F401
+    fetch_cmd,  # noqa: F401
     inspect_cmd,  # noqa: F401
     layers_cmd,  # noqa: F401
     layout_cmd,  # noqa: F401

@@ -10,7 +10,9 @@ The package, one module per concern (each imports only those listed before it):
 
 - ``layers``: fast building blocks (``SamePad``, ``LocalResponseNorm``, ``SpaceToDepthConv2d``, ``Preprocess``);
 - ``precision``: ``native_bf16``, ``autocast_dtype``;
-- ``weights``: the cache, the weights lookup and checked download, file hashes, class names;
+- ``caffe``: a reader of Caffe's ``.caffemodel`` (protobuf wire format, no Caffe needed);
+- ``weights``: the cache, the weights lookup, the checked download and conversion of the BVLC release, file hashes,
+  class names;
 - ``inception``: the InceptionV1 architecture, its block sizes and key maps, ``inceptionv1()``;
 - ``network``: the hook-based ``Network`` every stage uses, ``StopForward``, ``describe_layers``;
 - ``inference``: cached inference-only copies (channels-last, fused convolution + ReLU) for passes that only read
@@ -38,11 +40,14 @@ from atlas.models.layers import LocalResponseNorm, Preprocess, SamePad, SpaceToD
 from atlas.models.network import Network, StopForward, describe_layers
 from atlas.models.precision import autocast_dtype, native_bf16
 from atlas.models.weights import (
+    BVLC_FILE,
+    BVLC_SHA1,
+    BVLC_URL,
     DOWNLOAD_TIMEOUT,
     INCEPTION_FILES,
-    LUCENT_SHA256,
-    LUCENT_URL,
+    Fetched,
     cache_dir,
+    fetch_weights,
     imagenet_classes,
     local_weights,
     resolve_weights,
@@ -53,9 +58,9 @@ from atlas.models.weights import (
 from atlas.models.zoo import GOOGLENET_ALIASES, load_model, load_run_model
 
 __all__ = [
-    "BVLC_BLOCKS", "DOWNLOAD_TIMEOUT", "GOOGLENET_ALIASES", "INCEPTION_FILES", "INCEPTION_LAYERS", "InceptionV1", "LUCENT_SHA256",
-    "LUCENT_URL", "LUCID_BLOCKS", "LocalResponseNorm", "Mixed", "Network", "Preprocess", "SamePad", "SpaceToDepthConv2d", "StopForward",
-    "_bvlc_key_map", "_lucid_key_map", "as_input", "autocast_dtype", "cache_dir", "channels_last", "describe_layers", "imagenet_classes",
-    "inceptionv1", "inference_net", "load_model", "load_run_model", "local_weights", "micro_batch", "native_bf16", "resolve_weights",
-    "sha256", "synset_words", "synset_words_file"
+    "BVLC_BLOCKS", "BVLC_FILE", "BVLC_SHA1", "BVLC_URL", "DOWNLOAD_TIMEOUT", "Fetched", "GOOGLENET_ALIASES", "INCEPTION_FILES",
+    "INCEPTION_LAYERS", "InceptionV1", "LUCID_BLOCKS", "LocalResponseNorm", "Mixed", "Network", "Preprocess", "SamePad",
+    "SpaceToDepthConv2d", "StopForward", "_bvlc_key_map", "_lucid_key_map", "as_input", "autocast_dtype", "cache_dir", "channels_last",
+    "describe_layers", "fetch_weights", "imagenet_classes", "inceptionv1", "inference_net", "load_model", "load_run_model",
+    "local_weights", "micro_batch", "native_bf16", "resolve_weights", "sha256", "synset_words", "synset_words_file"
 ]  # fmt: skip

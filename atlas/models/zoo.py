@@ -15,7 +15,7 @@ from atlas.errors import AtlasError
 from atlas.models.inception import BVLC_BLOCKS, INCEPTION_LAYERS, InceptionV1, inceptionv1
 from atlas.models.layers import Preprocess
 from atlas.models.network import Network
-from atlas.models.weights import cache_dir, download_reason, imagenet_classes, local_weights, reading_weights, resolve_weights, sha256
+from atlas.models.weights import download_reason, imagenet_classes, local_weights, reading_weights, resolve_weights, sha256
 
 # torchvision's googlenet names its blocks inception3a ... inception5b.
 GOOGLENET_ALIASES = {n: "inception" + n[len("mixed") :] for n in INCEPTION_LAYERS if n.startswith("mixed")} | {"logits": "fc"}
@@ -26,8 +26,9 @@ def load_model(name: str = "inceptionv1", weights: str | Path | None = None, dev
 
     ``inceptionv1`` reads BVLC (.safetensors) or Lucid inception5h (.pth) weights, found by
     :func:`resolve_weights`; any other name is a torchvision classifier, with ``weights`` a
-    local state dict or, when None, torchvision's pretrained weights from the user cache
-    (``cache_dir()/torchvision``), downloaded there with torchvision's hash check when missing.
+    local state dict or, when None, torchvision's pretrained weights from torch's own hub cache
+    (``torch.hub.get_dir()/checkpoints``, where torchvision itself keeps them: one copy per machine), downloaded
+    there with torchvision's hash check when missing.
     ``pretrained=False`` builds the architecture alone when no weights are given (enough
     to list layers): no download, random parameters; for InceptionV1 it still reads local
     weights when there are some, since they decide the variant (BVLC or Lucid).
@@ -57,8 +58,12 @@ def _num_classes(module: nn.Module) -> int:
 
 
 def _torchvision_state(name: str, default) -> tuple[dict, Path]:
-    """torchvision's pretrained state dict for ``default`` (a Weights entry), from the user cache or downloaded into it."""
-    model_dir = cache_dir() / "torchvision"
+    """torchvision's pretrained state dict for ``default`` (a Weights entry), from torch's hub cache or downloaded into it.
+
+    The folder is torch's own (``$TORCH_HOME/hub/checkpoints``, by default ``~/.cache/torch/hub/checkpoints``), the
+    one ``torchvision.models.resnet50(weights="DEFAULT")`` uses: weights a user already has are found, not fetched twice.
+    """
+    model_dir = Path(torch.hub.get_dir()) / "checkpoints"
     file = model_dir / Path(urllib.parse.urlsplit(default.url).path).name
     try:
         # check_hash: torchvision's file names carry the first hex digits of the file's sha256
