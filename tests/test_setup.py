@@ -113,7 +113,9 @@ def no_weights(tmp_path, monkeypatch) -> Path:
     """No --weights, no ATLAS_WEIGHTS, an empty user cache under tmp_path; returns the cache folder."""
     monkeypatch.delenv("ATLAS_WEIGHTS", raising=False)
     monkeypatch.delenv("ATLAS_WEIGHTS_URL", raising=False)
+    monkeypatch.delenv("ATLAS_WEIGHTS_SHA1", raising=False)
     monkeypatch.delenv("ATLAS_WEIGHTS_SHA256", raising=False)
+    monkeypatch.delenv("TORCH_HOME", raising=False)  # torch's hub cache then follows XDG_CACHE_HOME too
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     return tmp_path / "xdg" / "atlas"
 
@@ -182,7 +184,8 @@ def _one_line_error(result: subprocess.CompletedProcess) -> str:
 
 
 def test_offline_without_weights_is_one_line(no_weights, tmp_path):
-    env = {**os.environ, "ATLAS_WEIGHTS_URL": f"http://127.0.0.1:{_free_port()}/inception5h.pth"}  # as offline: nothing answers
+    url = f"http://127.0.0.1:{_free_port()}/bvlc_googlenet.caffemodel"  # as offline: nothing answers
+    env = {**os.environ, "ATLAS_WEIGHTS_URL": url}
     images = tmp_path / "images"
     images.mkdir()
     Image.new("RGB", (64, 64), (120, 80, 40)).save(images / "a.jpg")  # a readable image: the weights are the only thing missing
@@ -190,8 +193,8 @@ def test_offline_without_weights_is_one_line(no_weights, tmp_path):
                              "--out", str(tmp_path / "run")], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     line = _one_line_error(result)
     assert str(no_weights) in line and "ATLAS_WEIGHTS unset" in line  # where it looked
-    assert "tried to download http://127.0.0.1:" in line and "couldn't" in line  # what it tried
-    assert "pass --weights PATH" in line  # what to do
+    assert f"could not download {url}" in line  # what it tried: what to download
+    assert f"put it at {no_weights / 'bvlc_googlenet.caffemodel'}" in line and "pass --weights PATH" in line  # what to do
     assert not no_weights.exists() or list(no_weights.iterdir()) == []  # no half-written file left behind
 
 
@@ -244,27 +247,31 @@ def test_download_with_a_wrong_sha256_is_refused_and_deleted(no_weights, weights
     assert list(no_weights.iterdir()) == []
 
 
-def test_download_without_a_known_sha256_is_not_used_until_vouched_for(no_weights, weights_server, monkeypatch):
+def test_download_without_its_checksum_is_not_used_until_vouched_for(no_weights, weights_server, monkeypatch):
     url, served = weights_server
-    monkeypatch.setenv("ATLAS_WEIGHTS_URL", url)
-    with pytest.raises(AtlasError, match=rf"no sha256 is known for it.*ATLAS_WEIGHTS_SHA256={_sha(WEIGHTS)}"):
+    monkeypatch.setenv("ATLAS_WEIGHTS_URL", url)  # no checksum given: held to the published sha1 of the BVLC caffemodel
+    sha1 = hashlib.sha1(WEIGHTS.read_bytes()).hexdigest()
+    with pytest.raises(AtlasError, match=rf"has sha1 {sha1}, not the expected {models.BVLC_SHA1}; deleted it.*ATLAS_WEIGHTS_SHA1={sha1}"):
         load_model("inceptionv1")
-    assert [p.name for p in no_weights.iterdir()] == [WEIGHTS.name + ".unverified"]
-    monkeypatch.setenv("ATLAS_WEIGHTS_SHA256", _sha(WEIGHTS))  # the user vouches: the file already there is checked and used
-    assert load_model("inceptionv1").weights == str(no_weights / WEIGHTS.name) and len(served) == 1
+    assert list(no_weights.iterdir()) == []  # never kept unchecked
+    monkeypatch.setenv("ATLAS_WEIGHTS_SHA1", sha1)  # the user vouches: downloaded again, checked and used
+    assert load_model("inceptionv1").weights == str(no_weights / WEIGHTS.name) and len(served) == 2
 
 
-def test_the_default_inceptionv1_download_has_no_invented_sha256():
-    # nobody has published a sha256 of lucent's inception5h.pth; atlas must not pretend to know one
-    assert models.LUCENT_SHA256 is None and models.LUCENT_URL.endswith("/inception5h.pth")
+def test_the_default_inceptionv1_download_is_the_published_bvlc_release():
+    # the Caffe model zoo's own URL and the sha1 its readme publishes; no unchecked default download remains
+    assert models.BVLC_URL == "http://dl.caffe.berkeleyvision.org/bvlc_googlenet.caffemodel"
+    assert models.BVLC_SHA1 == "405fc5acd08a3bb12de8ee5e23a96bec22f08204" and not hasattr(models, "LUCENT_URL")
 
 
-def test_torchvision_weights_come_from_the_user_cache(no_weights):
+def test_torchvision_weights_come_from_torchs_own_cache(no_weights):
     import torch
     import torchvision
 
     default = torchvision.models.ResNet18_Weights.DEFAULT
-    cached = no_weights / "torchvision" / Path(default.url).name  # the file name torchvision's own download gives it
+    # where torchvision.models.resnet18(weights="DEFAULT") itself keeps them, under the file name its download gives
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(default.url).name
+    assert cached.is_relative_to(no_weights.parent)  # torch's cache follows XDG_CACHE_HOME, here the test's folder
     cached.parent.mkdir(parents=True)
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), cached)
     net = load_model("resnet18")
@@ -272,7 +279,7 @@ def test_torchvision_weights_come_from_the_user_cache(no_weights):
 
 
 def test_torchvision_offline_is_one_line(no_weights):
-    with pytest.raises(AtlasError, match=r"no torchvision weights for resnet18: none in .*torchvision; tried to download "
+    with pytest.raises(AtlasError, match=r"no torchvision weights for resnet18: none in .*torch/hub/checkpoints; tried to download "
                                          r"https://download.pytorch.org/\S+ and couldn't .*pass --weights PATH") as info:
         load_model("resnet18")
     assert "\n" not in str(info.value)
