@@ -54,8 +54,10 @@ from __future__ import annotations
 import csv
 import difflib
 import hashlib
+import io
 import os
 import re
+import signal
 import stat
 import urllib.parse
 import warnings
@@ -77,6 +79,9 @@ FS_PREFIX = "fs-bytes:"
 # Largest image decoded (pixels, after JPEG draft reduction): ~150 MB as RGB, more than a 50-megapixel
 # camera frame; larger files (decompression bombs, giant scans) are refused before any pixel is decoded.
 MAX_PIXELS = 50_000_000
+# Longest side of a resized image, as a multiple of its shorter side: an image of a more extreme aspect ratio (a
+# 1 x 4,000,000 strip) is resampled only in the part that is kept, so its intermediate never grows with its length.
+MAX_ASPECT = 8
 # Column names recognised in the header of a CSV/TSV list.
 PATH_COLUMNS = {"path", "file", "filename", "file_name", "filepath", "file_path", "image", "image_path", "imageid", "image_id",
                 "img", "fname", "name"}
@@ -87,6 +92,11 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False  # truncated files must fail, so they ar
 
 class ImageTooLarge(ValueError):
     """An image with more pixels than ``MAX_PIXELS`` (after JPEG draft reduction)."""
+
+
+class UnreadableImage(OSError):
+    """A file the decoder failed on in a way that is not an OSError (a MemoryError, a PIL DecompressionBombError, a
+    struct.error of a damaged header...): an OSError, so that every reader skips and counts it like any other."""
 
 
 @dataclass
@@ -708,43 +718,103 @@ def _to_8bit(im: Image.Image) -> Image.Image:
     return Image.fromarray(np.nan_to_num(np.clip(np.rint(scaled), 0, 255)).astype(np.uint8), "L")
 
 
+def _resample(im: Image.Image, resize: int, crop: int | None) -> Image.Image:
+    """Shorter side to ``resize`` (bilinear), then the centre ``crop`` x ``crop`` (None: not cropped).
+
+    The resized image is never made whole when it would be large: for an image more than ``MAX_ASPECT`` times longer
+    than wide (a 1 x 100,000 strip becomes 256 x 25,600,000 pixels, 20 GB), only the part that is kept is resampled,
+    straight from the source (PIL's ``box``: the same sample centres and filter support as the whole resize, so the
+    same pixels). Ordinary images take the plain path, pixel for pixel what they always gave.
+    """
+    w, h = im.size
+    scale = resize / min(w, h)
+    least = crop or 0
+    size = (max(least, round(w * scale)), max(least, round(h * scale)))
+    limit = MAX_ASPECT * max(resize, least)
+    if max(size) <= limit:
+        im = im.resize(size, Image.BILINEAR, reducing_gap=None)
+        if crop is None:
+            return im
+        left, top = (size[0] - crop) // 2, (size[1] - crop) // 2
+        return im.crop((left, top, left + crop, top + crop))
+    out = (crop, crop) if crop is not None else (min(size[0], limit), min(size[1], limit))
+    left, top = (size[0] - out[0]) // 2, (size[1] - out[1]) // 2
+    fx, fy = w / size[0], h / size[1]
+    box = (left * fx, top * fy, (left + out[0]) * fx, (top + out[1]) * fy)
+    return im.resize(out, Image.BILINEAR, box=box, reducing_gap=None)
+
+
+def decode_image(source: str | os.PathLike | bytes, resize: int = 256, crop: int | None = 224, max_pixels: int = MAX_PIXELS,
+                 formats: Sequence[str] | None = None) -> Image.Image:
+    """The one image decoder: a file or encoded bytes -> RGB, shorter side ``resize``, centre crop ``crop`` x ``crop``.
+
+    Every reader of images goes through here (the sampler's workers, the unit lens, inspect, reconstruct, patch, the
+    example icons, the live page's frames), so every one has the same limits and the same pixels. The size is read
+    from the header first: more than ``max_pixels`` pixels (after JPEG draft reduction) is refused before anything is
+    decoded. The memory a file can take is bounded by its decoded size (at most ``max_pixels``) plus the output: an
+    image of an extreme aspect ratio is cut to its centre while resampling (:func:`_resample`), never resized whole.
+
+    Parameters
+    ----------
+    source : str, os.PathLike or bytes
+        A file (a ``storable_path`` string works) or an encoded image in memory.
+    resize : int, default 256
+        Length of the shorter side after resizing (small images are enlarged).
+    crop : int or None, default 224
+        Side of the centre crop; None: not cropped (the long side is then at most ``MAX_ASPECT`` x ``resize``, the
+        centre kept).
+    max_pixels : int, default MAX_PIXELS
+        Largest image decoded, in pixels after JPEG draft reduction.
+    formats : sequence of str or None, default None
+        PIL formats accepted (e.g. ``("JPEG", "PNG", "WEBP")``); None: any PIL reads.
+
+    Raises
+    ------
+    ImageTooLarge
+        More than ``max_pixels`` pixels.
+    OSError
+        Anything else that stops the decoding, whatever the decoder raised (``UnreadableImage`` wraps a MemoryError,
+        a DecompressionBombError, a struct.error of a damaged header...): readers skip and count an OSError.
+    """
+    opened = io.BytesIO(source) if isinstance(source, bytes | bytearray) else source
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels below decides
+            with Image.open(opened, formats=formats) as im:
+                if im.format == "JPEG":
+                    im.draft("RGB", (resize, resize))
+                if im.size[0] * im.size[1] > max_pixels:
+                    raise ImageTooLarge(f"image too large to decode: {im.size[0]} x {im.size[1]} pixels (limit {max_pixels:,})")
+                if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+                    im = _to_8bit(im)
+                if im.mode in ("P", "PA", "LA", "RGBA") or "transparency" in im.info:
+                    im = im.convert("RGBA")
+                    background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+                    im = Image.alpha_composite(background, im)
+                return _resample(im.convert("RGB"), resize, crop)
+    except (ImageTooLarge, OSError):
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(f"image too large to decode ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - whatever a decoder raises (MemoryError included) means "unreadable file"
+        raise UnreadableImage(f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}") from None
+
+
 def load_image(path: str | Path, resize: int = 256, crop: int = 224) -> Image.Image:
-    """RGB image, shorter side resized to ``resize`` then centre-cropped to ``crop`` x ``crop``.
+    """RGB image of a file, shorter side resized to ``resize`` then centre-cropped to ``crop`` x ``crop``
+    (:func:`decode_image`).
 
     ``path`` may be a ``storable_path`` string. Small images are enlarged; JPEGs are decoded at a
     reduced scale when they are much larger than needed (draft mode), which is most of the
     decoding time for ImageNet. Raises OSError (or ValueError) for unreadable, truncated,
-    non-regular (FIFO, device) or oversized files.
+    non-regular (FIFO, device) or oversized files, whatever the decoder itself raised.
     """
     file = real_path(path) if isinstance(path, str) else path
     mode = os.stat(file).st_mode
     if not stat.S_ISREG(mode):  # opening a FIFO would block forever, a device would read without end
         kind = "FIFO" if stat.S_ISFIFO(mode) else "device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "special file"
         raise OSError(f"not a regular file ({kind})")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # MAX_PIXELS below decides
-        try:
-            im = Image.open(file)
-        except Image.DecompressionBombError as exc:
-            raise ImageTooLarge(f"image too large to decode ({exc})") from None
-    with im:
-        if im.format == "JPEG":
-            im.draft("RGB", (resize, resize))
-        if im.size[0] * im.size[1] > MAX_PIXELS:
-            raise ImageTooLarge(f"image too large to decode: {im.size[0]} x {im.size[1]} pixels (limit {MAX_PIXELS:,})")
-        if im.mode in ("I", "F") or im.mode.startswith("I;16"):
-            im = _to_8bit(im)
-        if im.mode in ("P", "PA", "LA", "RGBA") or "transparency" in im.info:
-            im = im.convert("RGBA")
-            background = Image.new("RGBA", im.size, (255, 255, 255, 255))
-            im = Image.alpha_composite(background, im)
-        im = im.convert("RGB")
-        w, h = im.size
-        scale = resize / min(w, h)
-        size = (max(crop, round(w * scale)), max(crop, round(h * scale)))
-        im = im.resize(size, Image.BILINEAR, reducing_gap=None)
-        left, top = (size[0] - crop) // 2, (size[1] - crop) // 2
-        return im.crop((left, top, left + crop, top + crop))
+    return decode_image(file, resize, crop)
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
@@ -775,7 +845,7 @@ class ImageDataset(torch.utils.data.Dataset):
             image = load_image(self.images.paths[index], self.resize, self.crop)
             image = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)) if self.uint8 else to_tensor(image)
             error = ""
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        except Exception as exc:  # noqa: BLE001 - a file that fails the decoder in any way is skipped and counted, not the run's end
             image = torch.zeros(self.crop, self.crop, 3, dtype=torch.uint8) if self.uint8 else torch.zeros(3, self.crop, self.crop)
             error = printable(f"{type(exc).__name__}: {exc}".replace("\n", " "))[:200]
         return index, image, error
@@ -785,7 +855,16 @@ def image_loader(dataset: ImageDataset, batch_size: int, workers: int, device: s
     """The stages' DataLoader over ``dataset``: ``workers`` decoding processes (0: in this one) keeping 4 batches each
     ahead of the model; for a CUDA device the batches land in pinned memory, so the copy to the GPU can overlap."""
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, persistent_workers=False,
-                                       prefetch_factor=4 if workers else None, pin_memory=str(device).startswith("cuda"))
+                                       prefetch_factor=4 if workers else None, pin_memory=str(device).startswith("cuda"),
+                                       worker_init_fn=_stopped_by_parent if workers else None)
+
+
+def _stopped_by_parent(worker_id: int) -> None:
+    """A decoding worker ignores SIGINT and SIGTERM: Ctrl-C (sent to the whole process group) and a SIGTERM to it
+    stop the main process, which ends its workers as it leaves the loader. A worker killed by the signal instead would
+    make torch report it, with a traceback, on the main process's way out."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def device_batch(batch: torch.Tensor, good: np.ndarray, device: str = "cpu", channels_last: bool = True) -> torch.Tensor:

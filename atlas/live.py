@@ -20,13 +20,12 @@ import json
 import os
 import struct
 import time
-import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from atlas.errors import AtlasError
 
@@ -62,41 +61,27 @@ def unpack(message: bytes) -> tuple[dict, bytes]:
     return json.loads(message[4:4 + n]), message[4 + n:]
 
 
-def _square(im: Image.Image, size: int = SIZE) -> Image.Image:
-    """Shorter side to ``size``, centre crop: what the browser already sends, for frames that are not square."""
-    w, h = im.size
-    if (w, h) != (size, size):
-        scale = size / min(w, h)
-        im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
-        left, top = (im.size[0] - size) // 2, (im.size[1] - size) // 2
-        im = im.crop((left, top, left + size, top + size))
-    return im
-
-
 def decode_frame(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS) -> Frame:
-    """A frame's bytes (JPEG, PNG or WebP) -> :class:`Frame`; :class:`FrameError` (one line) for anything else."""
+    """A frame's bytes (JPEG, PNG or WebP) -> :class:`Frame`; :class:`FrameError` (one line) for anything else.
+
+    Decoded by :func:`atlas.data.decode_image`, the decoder of every other reader (shorter side to ``SIZE``, centre
+    crop): the same limits on size and aspect ratio, the same handling of 16-bit and transparent images.
+    """
     import torch
+
+    from atlas.data import ImageTooLarge, decode_image
 
     if len(data) > max_bytes:
         raise FrameError(f"frame too large: {len(data):,} bytes, the limit is {max_bytes:,}; send a downscaled JPEG")
     if not data:
         raise FrameError("empty frame; send a JPEG, PNG or WebP image")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels below decides
-        try:
-            im = Image.open(io.BytesIO(data), formats=FORMATS)
-            w, h = im.size
-            if w * h > max_pixels:
-                raise FrameError(f"frame too large: {w} x {h} pixels, the limit is {max_pixels:,} pixels; send a downscaled JPEG")
-            if im.format == "JPEG":
-                im.draft("RGB", (SIZE, SIZE))
-            if im.mode in ("P", "PA", "LA", "RGBA") or "transparency" in im.info:
-                im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im.convert("RGBA"))
-            im = _square(im.convert("RGB"))
-        except FrameError:
-            raise
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError, struct.error):
-            raise FrameError("frame is not a decodable JPEG, PNG or WebP image") from None
+    try:
+        im = decode_image(bytes(data), SIZE, SIZE, max_pixels=max_pixels, formats=FORMATS)
+    except ImageTooLarge as exc:
+        size = str(exc).split(": ", 1)[-1].split(" (")[0]  # "W x H pixels" as the decoder read it from the header
+        raise FrameError(f"frame too large: {size}, the limit is {max_pixels:,} pixels; send a downscaled JPEG") from None
+    except (OSError, ValueError):
+        raise FrameError("frame is not a decodable JPEG, PNG or WebP image") from None
     picture = np.asarray(im, dtype=np.uint8)
     tensor = torch.from_numpy(picture.copy()).permute(2, 0, 1).float().div_(255.0)[None]
     return Frame(tensor, picture, hashlib.blake2b(data, digest_size=16).hexdigest())
@@ -188,12 +173,15 @@ class LiveEngine:
         """The ``onatlas`` message: the frame's activation at every position of ``layer`` placed on the run's atlas
         (:func:`atlas.inspect.onatlas.place_on_atlas`, k nearest samples), with each position's attribution to the
         frame's top class (:func:`atlas.inspect.onatlas.image_positions`). ``(layer, atlas)`` must be a listed atlas."""
+        from atlas import store
         from atlas.inspect import image_positions, place_on_atlas
+        from atlas.models.inference import run_kernels
 
         if not any(a["layer"] == layer and a["atlas"] == atlas for a in self.atlases()):
             raise AtlasError(f"atlas: the run has no rendered atlas {str(layer)[:60]}/{str(atlas)[:60]}")
         t0 = time.perf_counter()
-        acts, attribution, hw, target = image_positions(self.net, frame.tensor[0], layer)
+        arithmetic = run_kernels(store.attrs(store.open_store(self.run_dir)))  # the run's precision and kernels
+        acts, attribution, hw, target = image_positions(self.net, frame.tensor[0], layer, arithmetic=arithmetic)
         placement = place_on_atlas(self.run_dir, layer, acts, atlas=atlas, k=k)
         points = [[round(float(x), 4), round(float(y), 4), round(float(v), 3)] for (x, y), v in zip(placement.xy, attribution, strict=True)]
         return {"type": "onatlas", "layer": layer, "atlas": atlas, "hw": list(hw), "target": self.net.classes[target],

@@ -5,11 +5,20 @@ Each stage registers its commands in its own module here; errors the user can fi
 integer option) print as one line and exit with status 2. Option defaults, ranges and help
 come from the settings classes of :mod:`atlas.settings`; each command checks its options
 there before importing its stage (and torch), so a bad value fails in well under a second.
+
+Ctrl-C (SIGINT) and SIGTERM stop every command within about a second: the handler :func:`main` installs raises
+:class:`Interrupted` in the main thread, a ``BaseException`` that no ``except Exception`` of the library (nor click's
+handling of KeyboardInterrupt, which would turn it into a silent return) can swallow; the ``finally`` blocks on the
+way up close DataLoader workers, Ray sessions and servers, and leave what was finished in the run folder. One line
+is printed and the exit status is 128 + the signal (130, 143).
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+import threading
 import warnings
 
 import typer
@@ -17,20 +26,78 @@ import typer
 from atlas.cli.commands import app
 from atlas.errors import AtlasError
 
-__all__ = ["app", "main"]
+__all__ = ["Interrupted", "app", "main"]
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(BaseException):  # noqa: N818 - a signal, not an error
+    """SIGINT or SIGTERM arrived (``signum``); raised in the main thread by the handler :func:`main` installs."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _install_stop_handlers(received: list[int]) -> dict[int, object] | None:
+    """Make SIGINT and SIGTERM raise :class:`Interrupted` in this process; returns the handlers they replace (None
+    where handlers cannot be set: not the main thread, as when a test calls ``main`` from another thread).
+
+    An inherited "ignore SIGINT" (what a shell gives a job started with ``&``) is overridden on purpose: an interrupt
+    sent to atlas must stop it. A process forked from this one (a DataLoader worker) inherits the handler; there it
+    raises KeyboardInterrupt, on which torch's worker loop ends quietly, and the main process does the rest.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    pid = os.getpid()
+
+    def stop(signum, frame):
+        if os.getpid() != pid:
+            raise KeyboardInterrupt
+        received.append(signum)
+        raise Interrupted(signum)
+
+    return {signum: signal.signal(signum, stop) for signum in STOP_SIGNALS}
+
+
+def _interrupted_exit(signum: int) -> SystemExit:
+    command = next((a for a in sys.argv[1:] if not a.startswith("-")), "")
+    then = "the server stopped" if command == "serve" else "run the same command again to resume"
+    print(f"atlas: interrupted; {then}", file=sys.stderr, flush=True)
+    return SystemExit(128 + signum)
 
 
 def main() -> None:
-    """Console entry point: run the app, turning AtlasError into one clear line."""
+    """Console entry point: run the app, turning AtlasError into one clear line and SIGINT/SIGTERM into one line
+    and exit status 130/143."""
     warnings.filterwarnings("ignore", message=".*torch.jit.script.*")
+    received: list[int] = []
+    previous = _install_stop_handlers(received)
+    try:
+        _run()
+        if received:  # swallowed on its way up (click turns a KeyboardInterrupt into a quiet return): still an interruption
+            raise Interrupted(received[0])
+    except Interrupted as exc:
+        raise _interrupted_exit(exc.signum) from None
+    except KeyboardInterrupt:  # where the handler could not be installed
+        raise _interrupted_exit(signal.SIGINT) from None
+    except BaseException as exc:
+        # Anything a signal caused on its way up (a DataLoader worker gone, a broken pipe) is the interruption.
+        if received and not (isinstance(exc, SystemExit) and exc.code in (0, None)):
+            raise _interrupted_exit(received[0]) from None
+        raise
+    finally:
+        if previous is not None:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+
+def _run() -> None:
     try:
         app(standalone_mode=False)
     except AtlasError as exc:
         print(f"atlas: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    except KeyboardInterrupt:
-        print("atlas: interrupted; finished work is kept in the run folder, run the same command again to resume", file=sys.stderr)
-        raise SystemExit(130) from None
     except typer.Exit as exc:
         raise SystemExit(exc.exit_code) from None
     except Exception as exc:  # usage errors of the click that typer bundles (bad option value, missing option, ...)

@@ -59,21 +59,12 @@ TITLES = {"shift": "vertical translation (px)", "scale": "scale (ratio)", "angle
 def load_photo(path: str | Path, resize: int = 256, crop: int = 224) -> torch.Tensor:
     """A photo as ``(3, H, W)`` float32 in [0, 1], shorter side ``resize``, *not* cropped (its centre ``crop`` x
     ``crop`` is what :func:`read_image` returns). An unreadable file is one line naming it."""
-    from PIL import Image
+    from atlas.data import decode_image
 
     read_image(path, resize, crop)  # the checks and one-line messages of the engine (missing, FIFO, corrupt, too large)
-    with Image.open(path) as im:
-        if im.format == "JPEG":
-            im.draft("RGB", (resize, resize))  # the same reduced decode as load_image, so the crops agree
-        if im.mode in ("P", "PA", "LA", "RGBA") or "transparency" in im.info:
-            im = im.convert("RGBA")
-            im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im)
-        im = im.convert("RGB")
-        w, h = im.size
-        scale = resize / min(w, h)
-        size = (max(crop, round(w * scale)), max(crop, round(h * scale)))
-        im = im.resize(size, Image.BILINEAR, reducing_gap=None)
-        array = np.array(im, dtype=np.uint8, copy=True)
+    # The one decoder, uncropped: the same reduced decode and resampling as load_image, so the crops agree; the long
+    # side of an extreme strip is cut to its centre (atlas.data.MAX_ASPECT), which keeps the crop where it was.
+    array = np.array(decode_image(path, resize, None), dtype=np.uint8, copy=True)
     return torch.from_numpy(array).permute(2, 0, 1).float().div_(255.0)
 
 
