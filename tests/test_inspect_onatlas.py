@@ -20,6 +20,7 @@ from atlas import store
 from atlas.errors import AtlasError
 from atlas.inspect.engine import read_image
 from atlas.inspect.onatlas import cell_of, image_positions, nearest_samples, place_on_atlas, weighted_points, write_placement
+from atlas.models.inference import run_kernels
 from atlas.viewer import STATIC, VIEWER_FILES, install_viewer, url_of
 
 LAYER = "mixed4c"
@@ -48,9 +49,10 @@ def test_a_sampled_image_lands_in_the_cells_of_its_own_samples(run, net):
     image_index, position = samples["image_index"][:], samples["position"][:]
     layout = root[f"layouts/{LAYER}/full"]
     rows, xy = layout["rows"][:], layout["xy"][:]
+    arithmetic = run_kernels(store.attrs(root))  # the run's precision (bfloat16 under "auto" on a CPU with native bf16)
     for i in (0, 5):
         _, x = _image(run, i)
-        acts, _, (h, w), _ = image_positions(net, x, LAYER)
+        acts, _, (h, w), _ = image_positions(net, x, LAYER, arithmetic=arithmetic)
         placement = place_on_atlas(run, LAYER, acts, k=8, net=net)
         assert placement.hw == (h, w) == (14, 14) and placement.xy.shape == (h * w, 2)
         mine = np.flatnonzero(image_index == i)

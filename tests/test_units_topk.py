@@ -90,7 +90,9 @@ def sampled(tmp_path_factory, folder, net) -> Path:
     from atlas.sample import sample
 
     out = tmp_path_factory.mktemp("units") / "run"
-    sample(folder, LAYERS, out, max_images=13, attribution=False, shard_size=5, batch_size=4, workers=0, progress=False, net=net)
+    # float32 pinned: the brute force below is float32 (the bfloat16 pass is tests/test_precision.py's)
+    sample(folder, LAYERS, out, max_images=13, attribution=False, shard_size=5, batch_size=4, workers=0, progress=False, net=net,
+           precision="float32")
     return out
 
 
@@ -319,7 +321,8 @@ def test_torchvision_resnet_blocks(tmp_path, folder):
     torch.manual_seed(0)
     net = load_model("resnet18", pretrained=False)
     run = tmp_path / "run"
-    sample(folder, ["layer3"], run, max_images=6, attribution=False, shard_size=4, workers=0, progress=False, net=net)
+    sample(folder, ["layer3"], run, max_images=6, attribution=False, shard_size=4, workers=0, progress=False, net=net,
+           precision="float32")
     summary = top_examples(run, ["layer3", "layer2.0.conv1"], k=2, channels=range(4), workers=0, progress=False, net=net)
     assert summary["layer3"]["shards_computed"] == 2
     want = brute_force(net, run, layers=("layer3", "layer2.0.conv1"), k=2)

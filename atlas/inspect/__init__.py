@@ -37,6 +37,7 @@ from atlas.errors import AtlasError
 from atlas.inspect.engine import batched_forward, channels_last, forward, probabilities, read_image, top_classes
 from atlas.inspect.onatlas import image_positions, place_on_atlas
 from atlas.inspect.views import channel_grid, grid_layout, strongest_channel, view_layers
+from atlas.models.inference import run_kernels
 from atlas.settings import InspectSettings, check_device, check_out_folder
 
 # The engine and its cores are public: the live page (atlas.live) calls them per frame.
@@ -315,7 +316,8 @@ def _placement(run_dir: Path, net, x, layer: str, target: int, s: InspectSetting
         say(f"inspect {shown}: not placed on the atlas: the run has no layout '{s.atlas}' of {layer} yet (`atlas build`)")
         return None
     say(f"inspect {shown}: placing its {layer} activations on the atlas ({s.neighbors} nearest samples)")
-    acts, attribution, _hw, _t = image_positions(net, x, layer, target)
+    # the run's own arithmetic (precision, kernels): a photo of the run lands exactly on its samples
+    acts, attribution, _hw, _t = image_positions(net, x, layer, target, arithmetic=run_kernels(store.attrs(root)))
     placement = place_on_atlas(run_dir, layer, acts, atlas=s.atlas, k=s.neighbors, net=net)
     return write_placement(run_dir, placement, attribution, folder, shown, target=target, classes=net.classes)
 

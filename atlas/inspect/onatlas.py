@@ -30,6 +30,7 @@ import torch
 from atlas import store
 from atlas.errors import AtlasError
 from atlas.models import Network
+from atlas.models.inference import run_activations
 from atlas.store import FULL_ATLAS
 
 BLOCK = 32768  # sample rows read and compared at once: 32k x 512 float32 is 64 MB
@@ -77,13 +78,16 @@ class Placement:
 # ----------------------------------------------------------------------------- the image's activations
 
 
-def image_positions(net: Network, image: torch.Tensor, layer: str, target: int | None = None
-                    ) -> tuple[np.ndarray, np.ndarray, tuple[int, int], int]:
+def image_positions(net: Network, image: torch.Tensor, layer: str, target: int | None = None,
+                    arithmetic: tuple[str, str] | None = None) -> tuple[np.ndarray, np.ndarray, tuple[int, int], int]:
     """The image's activation at every spatial position of ``layer`` and each position's attribution to ``target``.
 
     ``image`` is one RGB [0, 1] tensor ``(3, H, W)`` as the model sees it (the run's resize and crop). The attribution
     of position p is ``h_p . d logit_c / d h_p`` (summed over channels), the sampler's definition
-    (:mod:`atlas.sample`), for all positions from one backward pass of ``logit_c``; ``target`` None is the top-1 class.
+    (:mod:`atlas.sample`), for all positions from one backward pass of ``logit_c`` in float32; ``target`` None is the
+    top-1 class. ``arithmetic``, a run's ``(precision, forward)`` (:func:`atlas.models.inference.run_kernels`), computes
+    the activations as that run's sampler did (its kernels and precision: a photo of the run gives exactly its samples,
+    docs/precision.md); None takes them from the float32 attribution pass.
 
     Returns ``(acts (H*W, C) float32, attribution (H*W,) float32, (h, w), target)``, positions in row-major order.
     """
@@ -115,7 +119,10 @@ def image_positions(net: Network, image: torch.Tensor, layer: str, target: int |
     (grad,) = torch.autograd.grad(logits[c], h)
     _, channels, hh, ww = h.shape
     attribution = (h * grad).sum(1)[0].reshape(-1)
-    acts = h.detach()[0].permute(1, 2, 0).reshape(hh * ww, channels)
+    acts = h.detach()[0]
+    if arithmetic is not None:
+        acts = run_activations(net, image[None].float(), [layer], *arithmetic)[layer][0].float()
+    acts = acts.permute(1, 2, 0).reshape(hh * ww, channels)
     return acts.numpy().astype(np.float32), attribution.detach().numpy().astype(np.float32), (int(hh), int(ww)), c
 
 

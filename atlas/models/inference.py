@@ -33,6 +33,7 @@ from atlas.errors import AtlasError
 from atlas.models.inception import INCEPTION_LAYERS, InceptionV1, Mixed
 from atlas.models.layers import LocalResponseNorm, SamePad
 from atlas.models.network import Network
+from atlas.models.precision import computing_in, run_precision
 from atlas.settings import FORWARDS
 
 _COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -212,3 +213,34 @@ def as_input(images: torch.Tensor, forward: str) -> torch.Tensor:
     """``images`` in the memory format the forward ``forward`` reads (no copy when they already are)."""
     fmt = torch.contiguous_format if forward == "nchw" else torch.channels_last
     return images.contiguous(memory_format=fmt)
+
+
+def run_kernels(meta) -> tuple[str, str]:
+    """``(precision, forward)``: the arithmetic a run's activations were computed with, from its store attributes.
+
+    The precision is the recorded one (:func:`atlas.models.precision.run_precision`); the forward is recorded only for
+    bfloat16 runs sampled with other kernels than the default "fused" (in float32 every forward gives the same values
+    to float rounding; in bfloat16 the kernels' own roundings show)."""
+    return run_precision(meta), str(meta.get("forward") or "fused")
+
+
+def run_activations(net: Network, images: torch.Tensor, layers, precision: str = "float32", forward: str = "fused"
+                    ) -> dict[str, torch.Tensor]:
+    """The full activation maps (N, C, H, W) of ``layers`` for RGB [0, 1] ``images`` (N, 3, H, W), as every pass that
+    reads a run's activations computes them: the inference copy of kind ``forward``, cache-sized micro-batches on
+    CPU (:func:`micro_batch`), in the concrete ``precision`` ("float32" or "bfloat16", e.g. from :func:`run_kernels`).
+
+    The sampler (without attribution), the unit lens's top-k pass and an image placed on a run all call this, so a
+    photo gives the same numbers in each of them. The maps come back in the dtype they were computed in (bfloat16
+    maps stay bfloat16, half the memory); widen with ``.float()`` where needed."""
+    layers = list(layers)
+    copy_ = inference_net(net, forward, layers)
+    images = as_input(images, forward)
+    chunk = micro_batch(images, forward)
+    parts: list[dict[str, torch.Tensor]] = []
+    with torch.inference_mode(), computing_in(precision, images.device.type):
+        for lo in range(0, images.shape[0], chunk):
+            parts.append(copy_.activations(images[lo:lo + chunk], layers))
+    if len(parts) == 1:
+        return parts[0]
+    return {name: torch.cat([part[name] for part in parts]) for name in layers}

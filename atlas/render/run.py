@@ -13,6 +13,7 @@ an older layout.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -238,6 +239,11 @@ def _render_optimize(root: zarr.Group, grid: zarr.Group, net: Network, layer: st
     means = grid["mean_activation"]
     wpath = f"whitening/{layer}/matrix"
     whitening = root[wpath][...].astype(np.float32) if whiten and wpath in root else None
+    old = root.get(f"icons/{layer}/{atlas}/{grid_size}")
+    recorded = (dict(old.attrs).get("settings") or {}).get("precision") if old is not None else None
+    if settings.precision == "auto" and recorded in ("float32", "bfloat16"):
+        # "auto" resumes in the precision the grid's icons were started in, on any machine (docs/precision.md)
+        settings = dataclasses.replace(settings, precision=recorded)
     autocast = autocast_dtype(settings.precision, torch.device(device))
     settings_attrs = settings.key_dict() | {"seed": seed, "whitened": whitening is not None,
                                             "precision": str(autocast).replace("torch.", "") if autocast else "float32"}

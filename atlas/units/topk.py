@@ -30,7 +30,8 @@ from atlas import store
 from atlas.data import ImageDataset, ImageList, device_batch, image_loader, load_image, real_path
 from atlas.engine import Engine, make_engine
 from atlas.errors import AtlasError
-from atlas.models import Network, inference_net, load_run_model, micro_batch
+from atlas.models import Network, load_run_model
+from atlas.models.inference import run_activations, run_kernels
 from atlas.settings import check_device, parse_channels
 from atlas.units.receptive import receptive_field
 
@@ -168,7 +169,8 @@ def _key(meta: dict, k: int, patch: int) -> dict:
     prep = meta.get("preprocessing") or {}
     return {"k": k, "patch": patch, "model": meta.get("model"), "weights_sha256": meta.get("weights_sha256", ""),
             "image_list_hash": meta.get("image_list_hash"), "n_images": meta.get("n_images"), "resize": prep.get("resize", 256),
-            "crop": prep.get("crop", 224), "precision": meta.get("precision", "float32"), "shard_size": meta.get("shard_size")}
+            "crop": prep.get("crop", 224), "precision": meta.get("precision", "float32"), "shard_size": meta.get("shard_size")} | (
+                {"forward": meta["forward"]} if meta.get("forward") else {})
 
 
 def _complete(root, layer: str, key: dict, chosen: list[int]) -> bool:
@@ -241,10 +243,12 @@ class _Layer:
 
 
 def shard_tops(net: Network, images: ImageList, resize: int, crop: int, k: int, batch_size: int, workers: int, device: str,
-               precision: str, wanted: list[int], layer_todo: list[tuple[str, list[int]]], advance=None
+               arithmetic: tuple[str, str], wanted: list[int], layer_todo: list[tuple[str, list[int]]], advance=None
                ) -> tuple[dict[str, Top], list[tuple[int, str]], int, int]:
     """One shard's top-k per (layer, channels to rank): arrays in memory, nothing written (the same here and on a Ray
-    worker). Returns (tops by layer, [(image index, error)] of unreadable images, images tried, images read)."""
+    worker). ``arithmetic`` is the run's ``(precision, forward)`` (:func:`atlas.models.inference.run_kernels`): the maxima
+    are the activations the sampler computes for the same photo and position. Returns (tops by layer, [(image index,
+    error)] of unreadable images, images tried, images read)."""
     tops = {name: empty_top(len(todo), k) for name, todo in layer_todo}
     errors: list[tuple[int, str]] = []
     tried = readable = 0
@@ -253,7 +257,6 @@ def shard_tops(net: Network, images: ImageList, resize: int, crop: int, k: int, 
     dataset = ImageDataset(images, resize, crop, wanted, uint8=True)
     loader = image_loader(dataset, batch_size, workers, device)
     names = [name for name, _ in layer_todo]
-    fast = inference_net(net, "fused", names)  # the sampler's fused kernels: the same values to float rounding, faster
     picks: dict[str, torch.Tensor] = {}  # per layer, the channels to rank when not all of them (made once, not per batch)
     for batch_index, batch, batch_errors in loader:
         good = np.array([not e for e in batch_errors])
@@ -261,33 +264,31 @@ def shard_tops(net: Network, images: ImageList, resize: int, crop: int, k: int, 
         if good.any():
             x = device_batch(batch, good, device)
             idx = batch_index.numpy()[good]
-            chunk = micro_batch(x, "fused")  # cache-sized chunks on CPU, as the sampler runs them
-            for lo in range(0, x.shape[0], chunk):
-                with torch.inference_mode(), torch.autocast(x.device.type, torch.bfloat16, enabled=precision == "bfloat16"):
-                    out = fast.activations(x[lo:lo + chunk], names)
-                for name, todo in layer_todo:
-                    act = out[name]
-                    if len(todo) < act.shape[1]:
-                        if name not in picks:
-                            picks[name] = torch.tensor(todo, dtype=torch.long, device=act.device)
-                        act = act[:, picks[name]]
-                    values, pos = max_positions(act.float())
-                    top = batch_top(values.cpu().numpy(), pos.cpu().numpy(), idx[lo:lo + chunk], k)
-                    tops[name] = merge_topk(tops[name], top, k)
+            out = run_activations(net, x, names, *arithmetic)  # the sampler's function: its kernels, chunks and precision
+            for name, todo in layer_todo:
+                act = out[name]
+                if len(todo) < act.shape[1]:
+                    if name not in picks:
+                        picks[name] = torch.tensor(todo, dtype=torch.long, device=act.device)
+                    act = act[:, picks[name]]
+                values, pos = max_positions(act.float())
+                top = batch_top(values.cpu().numpy(), pos.cpu().numpy(), idx, k)
+                tops[name] = merge_topk(tops[name], top, k)
         tried, readable = tried + len(batch_errors), readable + int(good.sum())
         if advance is not None:
             advance(len(batch_index))
     return tops, errors, tried, readable
 
 
-def topk_worker(meta: dict, paths, resize: int, crop: int, k: int, batch_size: int, workers: int, device: str, precision: str):
+def topk_worker(meta: dict, paths, resize: int, crop: int, k: int, batch_size: int, workers: int, device: str,
+                arithmetic: tuple[str, str]):
     """A Ray worker's shard function (``atlas.engine``): the run's model loaded once, then one call per shard."""
     net = load_run_model(meta, device)
     images = ImageList(paths=[str(p) for p in paths], labels=np.zeros(len(paths), np.int32))
 
     def run(unit: tuple[list[int], list[tuple[str, list[int]]]]):
         wanted, layer_todo = unit
-        return shard_tops(net, images, resize, crop, k, batch_size, workers, device, precision, wanted, layer_todo)
+        return shard_tops(net, images, resize, crop, k, batch_size, workers, device, arithmetic, wanted, layer_todo)
 
     return run
 
@@ -386,7 +387,7 @@ def top_examples(run_dir: str | Path, layers: str | Sequence[str], k: int = 9, c
     images = ImageList(paths=[str(p) for p in paths], labels=np.zeros(n, np.int32)) if todo else None
     skipped: set[int] = {i for i in range(n) if not ok[i]}
     failed_now, tried, readable, first_error = 0, 0, 0, ""
-    precision = str(meta.get("precision") or "float32")
+    arithmetic = run_kernels(meta)
     total = sum(min(shard_size, n - sh * shard_size) for sh in todo)
     bar = tqdm(total=total, unit="img", disable=None if progress else True, desc=f"units top-{k} {','.join(layers)}", dynamic_ncols=True)
     # The work units: per shard, the images to read and the (layer, channels) still to rank there.
@@ -396,7 +397,7 @@ def top_examples(run_dir: str | Path, layers: str | Sequence[str], k: int = 9, c
         needs = [s for s in active if not s.shard_done[shard]]
         units.append((shard, [i for i in range(lo, hi) if ok[i]], [(s.name, s.todo) for s in needs], needs))
     with run_on.session():  # Ray started (or joined) for the pass, when the engine is ray
-        spec = (paths, resize, crop, k, batch_size, workers, device, precision)
+        spec = (paths, resize, crop, k, batch_size, workers, device, arithmetic)
         if run_on.is_ray:
             # One model per Ray actor; each returns its shards' top-ks, written and flagged here in shard order.
             results = run_on.map(topk_worker, (meta, *spec), [(wanted, layer_todo) for _, wanted, layer_todo, _ in units],
