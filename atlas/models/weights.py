@@ -239,6 +239,8 @@ def convert_caffemodel(source: Path, dest: Path, what: str | None = None) -> Pat
         save_file(state, tmp, metadata={"source": f"{CAFFEMODEL_FILE} (BVLC, Caffe model zoo), converted by atlas",
                                         "layout": "conv OIHW, fc (out,in); input BGR 0-255 minus mean [104,117,123]"})
         os.replace(tmp, dest)
+    except OSError as exc:  # a full disk, a read-only cache
+        raise AtlasError(f"could not write {dest}: {exc.strerror or exc}") from None
     finally:
         Path(tmp).unlink(missing_ok=True)
     return dest
