@@ -205,8 +205,10 @@ def test_conversion_equals_the_shared_tensors_and_drops_the_auxiliary_heads(zoo,
         assert np.array_equal(state[key], value), key
 
 
-def test_bad_files_are_one_line(zoo, tmp_path):
+def test_bad_files_are_one_line(zoo, tmp_path, shared_state):
     good = (zoo["folder"] / "v2.caffemodel").read_bytes()
+    damaged = dict(shared_state, **{"conv2/3x3.bias": np.full(192, np.nan, np.float32)})
+    nan = write_caffemodel(tmp_path / "nan.caffemodel", damaged, v1=False).read_bytes()
     cases = {
         "empty": b"",
         "random": np.random.default_rng(1).integers(0, 256, 4096, dtype=np.uint8).tobytes(),
@@ -214,6 +216,7 @@ def test_bad_files_are_one_line(zoo, tmp_path):
         "truncated": good[: len(good) // 3],
         "truncated_late": good[:-7],
         "safetensors": WEIGHTS.read_bytes()[:200_000],
+        "nan": nan,
     }
     for case, data in cases.items():
         path = tmp_path / f"{case}.caffemodel"

@@ -135,7 +135,8 @@ def _blob(buf: memoryview, start: int, end: int, where: str) -> np.ndarray:
         if buf[pos] in (0x2D, 0x41):
             width = 4 if buf[pos] == 0x2D else 8
             raw, pos = _unpacked_run(buf, pos, end, width)
-            chunks.append(raw.copy().view("<f4" if width == 4 else "<f8").reshape(-1).astype(np.float32))
+            with np.errstate(over="ignore"):  # a double beyond float32's range becomes inf (refused by the caller)
+                chunks.append(raw.copy().view("<f4" if width == 4 else "<f8").reshape(-1).astype(np.float32))
             continue
         at = pos
         number, wire, value, pos = _field(buf, pos, end)
@@ -144,7 +145,8 @@ def _blob(buf: memoryview, start: int, end: int, where: str) -> np.ndarray:
             width = 4 if number == 5 else 8
             if (b - a) % width:
                 raise CaffeError(f"{where}: packed {'float' if width == 4 else 'double'} data of {b - a} bytes at byte {a}")
-            chunks.append(np.frombuffer(buf, "<f4" if width == 4 else "<f8", count=(b - a) // width, offset=a).astype(np.float32))
+            with np.errstate(over="ignore"):
+                chunks.append(np.frombuffer(buf, "<f4" if width == 4 else "<f8", count=(b - a) // width, offset=a).astype(np.float32))
         elif number == 7 and wire == LENGTH:  # BlobShape
             dims = _shape(buf, *value, where)
         elif number in legacy and wire == VARINT:

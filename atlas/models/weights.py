@@ -272,6 +272,8 @@ def caffemodel_state(source: Path, what: str | None = None) -> dict:
             shape = tuple(expected[f"{key_map[layer.name]}.{param}"].shape)
             if blob.size != int(np.prod(shape)) or (layer.type == "Convolution" and param == "weight" and blob.shape != shape):
                 raise AtlasError(f"{what}: {layer.name}.{param} has shape {blob.shape}, InceptionV1 has {shape}: not BVLC GoogLeNet")
+            if not np.isfinite(blob).all():  # trained weights are finite; NaN or inf means damaged bytes
+                raise AtlasError(f"{what}: {layer.name}.{param} holds non-finite values: not usable weights")
             # V1 files store an inner product's weight as 1x1xOxI and biases as 1x1x1xO: drop the unit axes
             state[f"{layer.name}.{param}"] = np.ascontiguousarray(blob.reshape(shape), dtype=np.float32)
     missing = [name for name in key_map if f"{name}.weight" not in state]
