@@ -110,6 +110,9 @@ class ImageList:
     paths: list[str]
     labels: np.ndarray
     summary: str = ""
+    # Indices not to read (reported unreadable without opening): files a resumed run keeps in its list although the
+    # list given now no longer names them (:func:`compare_lists`).
+    skip: frozenset[int] = frozenset()
 
     @property
     def digest(self) -> str:
@@ -125,6 +128,42 @@ class ImageList:
         if n is None or n >= len(self.paths):
             return self
         return ImageList(self.paths[:n], self.labels[:n], f"using the first {n:,} of {self.summary}")
+
+
+def compare_lists(stored: ImageList, new: ImageList, window: bool = False) -> tuple[list[int] | None, str]:
+    """How ``new`` differs from ``stored``, the list a run was started with (entries are (path, label) pairs).
+
+    Returns ``(removed, description)``. ``removed`` holds the indices of the stored entries ``new`` no longer names
+    when that is the only difference: ``new`` is ``stored`` with those entries taken out, in the same order (with
+    ``window``, ``new`` may go on past the run's last image, as a longer list cut by ``max_images`` does); else None.
+    ``description`` says what differs in a few words: how many files were added, removed or relabelled, the first
+    few names of each.
+    """
+    old = list(zip(stored.paths, stored.labels.tolist(), strict=True))
+    now = list(zip(new.paths, new.labels.tolist(), strict=True))
+    present = set(now)
+    removed: list[int] | None = []
+    j = 0
+    for i, entry in enumerate(old):
+        if j < len(now) and now[j] == entry:
+            j += 1
+        elif entry not in present:
+            removed.append(i)
+        else:  # still listed, but elsewhere: reordered, or files were inserted before it
+            removed = None
+            break
+    if removed is not None and not window and j < len(now):
+        removed = None  # files added at the end
+    old_paths, new_paths = dict(old), dict(now)
+    # With a window, only the part of the new list the run's images can stand for is compared.
+    seen = new.paths if not window else new.paths[:j] if removed is not None else new.paths[:len(old)]
+    parts = []
+    for what, names in (("added", [p for p in seen if p not in old_paths]), ("removed", [p for p in stored.paths if p not in new_paths]),
+                        ("relabelled", [p for p in stored.paths if p in new_paths and new_paths[p] != old_paths[p]])):
+        if names:
+            shown = ", ".join(printable(os.path.basename(n)) for n in names[:3])
+            parts.append(f"{len(names):,} {what} ({shown}{', ...' if len(names) > 3 else ''})")
+    return removed, "; ".join(parts) or "the same files in another order"
 
 
 # --------------------------------------------------------------------------------------
@@ -842,6 +881,8 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         index = self.indices[i]
         try:
+            if index in self.images.skip:
+                raise OSError("no longer in the image list (the run keeps its own list; nothing of it was sampled)")
             image = load_image(self.images.paths[index], self.resize, self.crop)
             image = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)) if self.uint8 else to_tensor(image)
             error = ""

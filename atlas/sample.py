@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 import atlas
 from atlas import store
-from atlas.data import ImageDataset, ImageList, class_table, device_batch, image_loader, list_images
+from atlas.data import ImageDataset, ImageList, class_table, compare_lists, device_batch, image_loader, list_images
 from atlas.engine import Engine, make_engine
 from atlas.errors import AtlasError
 from atlas.models import InceptionV1, Network, autocast_dtype, load_model, load_run_model
@@ -325,9 +325,10 @@ def sample(images: str | Path | ImageList, layers: Sequence[str], out: str | Pat
     shapes = check_layers(net, layers, crop)
     if not isinstance(images, ImageList):
         images = list_images(images, class_table(net.weights), labels=labels)
-    images = images.head(max_images)
+    listed, images = images, images.head(max_images)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    images = _resumable_list(out, images, listed, window=max_images is not None)
 
     settings = {
         "model": net.name, "weights": net.weights, "weights_sha256": net.weights_sha256, "layers": layers, "seed": seed,
@@ -418,6 +419,42 @@ def _stop(out: Path, tried: int, readable: int, first_error: str | None) -> None
 def _sample_paths(settings: dict) -> list[str]:
     """The store nodes the sample stage writes (for the ledger: marks, seals, checks)."""
     return ["images", *(f"samples/{layer}" for layer in settings["layers"])]
+
+
+def _resumable_list(out: Path, images: ImageList, listed: ImageList, window: bool) -> ImageList:
+    """The image list to sample into ``out``: ``images``, or, when ``out`` holds a run started on another list, that
+    run's own list, if the only difference is files gone from it that gave no samples.
+
+    A run keeps the list it was started with (the images' indices fix shards and positions). Files the new list no
+    longer names are fine when none of them was sampled (unreadable, or in a shard not yet done): the run resumes on
+    its own list, those files skipped and counted as unreadable. Any other difference (files added, relabelled or
+    reordered, or a sampled file gone) is one line naming the files, before anything is written.
+    """
+    if not store.store_path(out).is_dir():
+        return images
+    try:
+        root = store.open_store(out)
+        have = store.attrs(root)
+        if have.get("image_list_hash") in (None, images.digest):
+            return images
+        stored = ImageList([str(p) for p in root["images/path"][:].tolist()], root["images/label"][:].astype(np.int32))
+        ok, done = root["images/ok"][:], np.repeat(store.read_flags(root["images/shard_done"]), have["shard_size"])[:len(stored)]
+    except (AtlasError, KeyError, OSError, ValueError):
+        return images  # a damaged store: the checks of _open_or_create say what is wrong
+    if stored.digest != have["image_list_hash"]:
+        return images
+    removed, differs = compare_lists(stored, listed if window else images, window)
+    sampled = [i for i in removed or () if ok[i] and done[i]]
+    if removed is None or sampled:
+        why = (f"{len(sampled):,} removed file(s) were sampled already ({', '.join(Path(stored.paths[i]).name for i in sampled[:3])})"
+               if removed is not None else "a resumed run keeps its list; it may only lose files that gave no samples")
+        raise AtlasError(f"{out} holds a run of another image list ({differs}): {why}; to resume it give the list it was started "
+                         f"with ({len(stored):,} images, stored in {store.STORE_NAME}/images/path), or sample into another --out")
+    gone = ", ".join(Path(stored.paths[i]).name for i in removed[:3]) + (", ..." if len(removed) > 3 else "")
+    store.log(out, f"image list: {len(removed):,} file(s) of the run no longer listed ({gone}); none gave samples: resuming the "
+              "run's own list, those files skipped as unreadable")
+    return ImageList(stored.paths, stored.labels, f"{len(stored):,} images of the run in {out.name} ({len(removed):,} no longer "
+                     f"listed, none sampled: skipped)", skip=frozenset(removed))
 
 
 def _open_or_create(out: Path, images: ImageList, net: Network, shapes: dict, settings: dict):
