@@ -19,6 +19,7 @@ parsers must accept both. A file that is not a NetParameter (truncated, random b
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -97,7 +98,7 @@ def _field(buf: memoryview, pos: int, end: int) -> tuple[int, int, int | tuple[i
     return number, wire, (after, after + size), after + size
 
 
-def _fields(buf: memoryview, start: int, end: int):
+def _fields(buf: memoryview, start: int, end: int) -> Iterator[tuple[int, int, int | tuple[int, int], int]]:
     """Yield ``(field_number, wire_type, value, position)`` for each field of the message in ``buf[start:end]``."""
     pos = start
     while pos < end:
@@ -189,7 +190,7 @@ def _string(buf: memoryview, value: tuple[int, int], at: int) -> str:
         raise CaffeError(f"a layer name or type that is not UTF-8 at byte {at}") from None
 
 
-def _layer(buf: memoryview, start: int, end: int, v1: bool, keep) -> CaffeLayer | None:
+def _layer(buf: memoryview, start: int, end: int, v1: bool, keep: Callable[[str], bool]) -> CaffeLayer:
     """A LayerParameter (``v1=False``) or V1LayerParameter; its blobs decoded only when ``keep(name)``."""
     name_field, type_field, blobs_field = (4, 5, 6) if v1 else (1, 2, 7)
     name, kind, blob_spans = None, "", []
@@ -207,7 +208,7 @@ def _layer(buf: memoryview, start: int, end: int, v1: bool, keep) -> CaffeLayer 
     return CaffeLayer(name, kind, [_blob(buf, a, b, f"layer {name!r}, blob {i}") for i, (a, b) in enumerate(blob_spans)])
 
 
-def read_caffemodel(path: str | Path, keep=None) -> list[CaffeLayer]:
+def read_caffemodel(path: str | Path, keep: Callable[[str], bool] | None = None) -> list[CaffeLayer]:
     """The layers of a ``.caffemodel`` in file order, with their parameter blobs.
 
     Parameters
