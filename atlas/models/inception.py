@@ -14,7 +14,6 @@ from torch import nn
 
 from atlas.errors import AtlasError
 from atlas.models.layers import LocalResponseNorm, Preprocess, SamePad, SpaceToDepthConv2d
-from atlas.models.weights import resolve_weights
 
 INCEPTION_LAYERS = [
     "conv2d0", "conv2d1", "conv2d2",
@@ -170,9 +169,12 @@ def _remap(state: dict[str, torch.Tensor], key_map: dict[str, str]) -> dict[str,
     return out
 
 
-def inceptionv1(weights: str | Path | None = None) -> InceptionV1:
-    """InceptionV1 with BVLC Caffe weights (.safetensors) or Lucid's inception5h (.pth)."""
-    path = resolve_weights(weights)
+def inceptionv1(weights: str | Path) -> InceptionV1:
+    """InceptionV1 with the weights of the file ``weights``: BVLC Caffe (.safetensors) or Lucid's inception5h (.pth).
+
+    Finding (or fetching) the file is :func:`atlas.models.weights.resolve_weights`'s, which ``load_model`` calls first:
+    the architecture does not depend on where weights come from (and the fetch converts into this architecture)."""
+    path = Path(weights)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
