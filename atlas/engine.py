@@ -11,7 +11,7 @@ Results come back in the order of the units (the stage writes and flags them in 
 killed actor is restarted by Ray (``max_restarts``) and its unfinished tasks are run again (``max_task_retries``);
 the stage never sees it except as a delay.
 
-Ray is optional (``pip install 'atlas[ray]'``): this module imports it only when ``--engine ray`` is asked for, and
+Ray is optional (``pip install 'activation-atlas[ray]'``): this module imports it only when ``--engine ray`` is asked for, and
 without it that is one line saying how to install it. An address that cannot be reached is one line after at most
 ``CONNECT_TIMEOUT`` seconds, never a hang.
 """
@@ -33,7 +33,7 @@ from typing import Any
 from atlas.errors import AtlasError
 from atlas.settings import ENGINES, RunSettings
 
-INSTALL = "pip install 'atlas[ray]'"
+INSTALL = "pip install 'activation-atlas[ray]'"
 CONNECT_TIMEOUT = 5.0  # seconds to reach a cluster's GCS port before giving up with one line
 NAMESPACE = "atlas"  # the namespace of atlas's named actors (tests find an actor by name to kill it)
 MAX_RESTARTS = 4  # a killed actor is started again this often (a worker that keeps dying is an error, not a hang)

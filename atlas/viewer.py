@@ -1,13 +1,11 @@
 """The browser viewer: static files beside the tiles (served by :mod:`atlas.server`).
 
-The viewer (``atlas/viewer_static``) is plain HTML/JS on top of OpenSeadragon, which is
-installed from npm at the version pinned in the repository's ``package.json`` and copied
-into ``RUN/tiles/openseadragon/`` (never vendored into the repository). It is looked up in
-``$ATLAS_OPENSEADRAGON`` when that is set (a folder holding ``openseadragon.min.js``, or the
-npm package folder holding ``build/openseadragon``; a user's own copy, and nothing else is
-tried then), otherwise in the installed package (``atlas/viewer_static/openseadragon``, which
-a built wheel carries: setup.py copies it there from npm at build time), then in
-``node_modules/openseadragon/build/openseadragon`` of the repository and of the working folder.
+The viewer (``atlas/viewer_static``) is plain HTML/JS on top of OpenSeadragon, whose pinned release
+(``OSD_VERSION``: its minified build, button images and BSD licence) ships inside the package in
+``atlas/viewer_static/openseadragon`` and is copied into ``RUN/tiles/openseadragon/`` beside the tiles, so
+``pip install``, an editable install and the wheel all serve the viewer with nothing else installed.
+``$ATLAS_OPENSEADRAGON``, when set, replaces that copy (a folder holding ``openseadragon.min.js``, or an npm
+package folder holding ``build/openseadragon``; a user's own copy, and nothing else is tried then).
 :func:`require_viewer_assets` checks this before any work, so ``atlas build``/``tiles``/
 ``class``/``compare``/``serve`` fail at once, in one line.
 
@@ -34,9 +32,7 @@ from pathlib import Path
 from atlas.errors import AtlasError
 
 STATIC = Path(__file__).with_name("viewer_static")
-REPO = Path(__file__).resolve().parents[1]
-OSD_VERSION = "5.0.1"
-OSD_SUBDIR = Path("node_modules/openseadragon/build/openseadragon")
+OSD_VERSION = "5.0.1"  # the release vendored in viewer_static/openseadragon (its README says where it came from)
 VIEWER_FILES = ("index.html", "viewer.js", "viewer.css")
 # The unit gallery's pages (atlas.units.gallery), installed once a gallery exists (``tiles/units.json``); the atlas
 # page then also loads atlas_units.js (menu link, cell -> units, ?unit= veil). Without a gallery the viewer's files
@@ -57,24 +53,34 @@ LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
 
 def find_openseadragon() -> Path:
-    """The folder holding ``openseadragon.min.js`` and ``images/``, or a one-line error saying how to install it."""
+    """The folder holding ``openseadragon.min.js`` and ``images/``: ``$ATLAS_OPENSEADRAGON``, else the package's own copy.
+
+    Returns
+    -------
+    pathlib.Path
+        The folder to copy OpenSeadragon from.
+
+    Raises
+    ------
+    AtlasError
+        One line when ``$ATLAS_OPENSEADRAGON`` names a folder without ``openseadragon.min.js``, or when the
+        package's copy is missing (a broken install), saying what to do.
+    """
     env = os.environ.get("ATLAS_OPENSEADRAGON")
     if env:  # the user's own copy: authoritative, a wrong folder is an error rather than a silent fallback
         given = Path(env).expanduser()
         for folder in (given, given / "build" / "openseadragon"):
             if (folder / "openseadragon.min.js").is_file():
                 return folder
-        raise AtlasError(f"ATLAS_OPENSEADRAGON={env} holds no openseadragon.min.js; point it at OpenSeadragon's build folder "
-                         f"(node_modules/openseadragon/build/openseadragon, from `npm ci` in the atlas checkout or "
-                         f"`npm install openseadragon@{OSD_VERSION}`) or unset it")
-    # the copy a built wheel carries (setup.py puts it there from npm), then node_modules of a checkout (editable install)
-    candidates = [STATIC / "openseadragon", REPO / OSD_SUBDIR, Path.cwd() / OSD_SUBDIR]
-    for folder in candidates:
-        if (folder / "openseadragon.min.js").is_file():
-            return folder
-    raise AtlasError(f"OpenSeadragon is not installed: run `npm ci` in the atlas checkout ({REPO}) "
-                     f"(or `npm install openseadragon@{OSD_VERSION}`), install atlas from a wheel (which bundles it), "
-                     f"or set ATLAS_OPENSEADRAGON=DIR to a folder holding openseadragon.min.js")
+        raise AtlasError(f"ATLAS_OPENSEADRAGON={env} holds no openseadragon.min.js; point it at a folder holding OpenSeadragon's "
+                         f"openseadragon.min.js and images/ (a release's build folder), or unset it to use the copy atlas ships "
+                         f"(OpenSeadragon {OSD_VERSION})")
+    shipped = STATIC / "openseadragon"
+    if (shipped / "openseadragon.min.js").is_file():
+        return shipped
+    raise AtlasError(f"OpenSeadragon {OSD_VERSION}, which atlas ships for its viewer, is missing from {shipped}: reinstall "
+                     f"atlas (pip install --force-reinstall activation-atlas), or set ATLAS_OPENSEADRAGON=DIR to a folder holding "
+                     f"openseadragon.min.js")
 
 
 def require_viewer_assets() -> Path:

@@ -36,7 +36,7 @@ def _require_ray():
     except ImportError:
         if os.environ.get("CI") == "true":
             pytest.fail("Ray is not installed (make test installs the 'ray' extra)")
-        pytest.skip("Ray is not installed: pip install 'atlas[ray]'")
+        pytest.skip("Ray is not installed: pip install 'activation-atlas[ray]'")
     return ray
 
 
@@ -209,10 +209,10 @@ def test_actors_set_their_environment_before_torch_loads(ray_cluster):
 def test_engine_ray_without_ray_installed_is_one_line(tmp_path, photos):
     out = tmp_path / "run"
     result = _cli("sample", "--images", str(photos), "--layer", LAYER, "--out", str(out), "--engine", "ray", hide_ray=True)
-    one_line(result, "--engine ray needs Ray", "pip install 'atlas[ray]'")
+    one_line(result, "--engine ray needs Ray", "pip install 'activation-atlas[ray]'")
     assert not out.exists()
     result = _cli("render", str(out), "--layer", LAYER, "--grid", "4", "--engine", "ray", hide_ray=True)
-    one_line(result, "pip install 'atlas[ray]'")
+    one_line(result, "pip install 'activation-atlas[ray]'")
 
 
 def test_an_unreachable_or_wrong_ray_address_is_one_line(tmp_path, photos):

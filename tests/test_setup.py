@@ -1,7 +1,7 @@
-"""Set-up: declared dependencies, where the weights come from, and a wheel that carries the viewer.
+"""Set-up: declared dependencies, where the weights come from, a wheel that carries the viewer, the two make commands.
 
-The wheel test builds atlas from a copy of this checkout into a temporary folder, installs it
-into a fresh venv and serves a run from there to headless Chromium. To stay well under a
+The wheel test builds atlas from a copy of this checkout into a temporary folder with no npm or node
+on PATH, installs it into a fresh venv and serves a run from there to headless Chromium. To stay well under a
 minute it does not re-install torch and the rest: the fresh venv gets only the wheel
 (``pip install --no-deps``), and then a ``.pth`` file naming the test interpreter's
 site-packages, so its dependencies resolve there. A ``.pth`` line only appends that folder to
@@ -13,10 +13,10 @@ this checkout; the test checks that, from a working folder outside the repositor
 from __future__ import annotations
 
 import ast
+import email
 import hashlib
 import http.server
 import importlib.metadata
-import json
 import os
 import re
 import shutil
@@ -26,10 +26,12 @@ import sys
 import sysconfig
 import threading
 import tomllib
+import zipfile
 from pathlib import Path
 
 import pytest
 from conftest import WEIGHTS, require_shared
+from packaging.requirements import Requirement
 from PIL import Image
 
 import atlas.models as models
@@ -304,21 +306,26 @@ def test_inceptionv1_architecture_without_weights(no_weights):
 
 
 # ------------------------------------------------------------------------------------- the wheel
-def _copy_checkout(dest: Path, node_modules: bool) -> Path:
-    """The checkout's sources (no venv, git, outputs, build products; node_modules only if asked) copied to ``dest``."""
+def _copy_checkout(dest: Path) -> Path:
+    """The checkout's sources (no venv, git, outputs, build products, nor a node_modules left from older set-ups) copied to ``dest``."""
     skip = {"__pycache__", ".pytest_cache", ".ruff_cache"}
-    top = {".venv", ".git", "outputs", "build", "dist"} | (set() if node_modules else {"node_modules"})
+    top = {".venv", ".git", "outputs", "build", "dist", "node_modules"}
 
     def ignore(folder: str, names: list[str]) -> set[str]:
         drop = {n for n in names if n in skip or n.endswith(".egg-info")}
         if Path(folder) == REPO:
             drop |= top & set(names)
-        if Path(folder) == REPO / "atlas" / "viewer_static":
-            drop.add("openseadragon")  # a copy a previous build may have left: the build must make its own
         return drop
 
     shutil.copytree(REPO, dest, ignore=ignore)
     return dest
+
+
+def _without_node(path: str) -> str:
+    """``path`` (a PATH value) without the folders holding npm or node, and without this checkout's venv."""
+    keep = [p for p in path.split(os.pathsep) if p and not p.startswith(str(REPO))
+            and not any(Path(p, tool).exists() for tool in ("npm", "node", "nodejs"))]
+    return os.pathsep.join(keep)
 
 
 def _build_wheel(src: Path, out: Path, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -335,21 +342,32 @@ def _require_chromium() -> None:
         pytest.skip(reason)
 
 
+def _venv_env(tmp: Path) -> dict:
+    """The environment of a user with the fresh venv: no ATLAS_OPENSEADRAGON, no PYTHONPATH, and no npm or node on PATH."""
+    env = {k: v for k, v in os.environ.items() if k not in ("ATLAS_OPENSEADRAGON", "PYTHONPATH", "VIRTUAL_ENV")}
+    env["PATH"] = _without_node(env.get("PATH", ""))
+    return env
+
+
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory) -> Path:
-    """A fresh venv with atlas installed from a wheel built from a copy of the checkout; returns the venv folder."""
-    if not (REPO / "node_modules" / "openseadragon").is_dir() and shutil.which("npm") is None:
-        pytest.skip("neither node_modules (npm ci) nor npm available to fetch OpenSeadragon for the wheel")
+def wheel(tmp_path_factory) -> Path:
+    """The wheel built from a copy of the checkout with no npm or node on PATH; returns its path."""
     tmp = tmp_path_factory.mktemp("wheel")
-    src = _copy_checkout(tmp / "src", node_modules=True)
-    built = _build_wheel(src, tmp / "dist")
+    src = _copy_checkout(tmp / "src")
+    built = _build_wheel(src, tmp / "dist", _venv_env(tmp))
     assert built.returncode == 0, built.stdout + built.stderr
-    (wheel,) = (tmp / "dist").glob("atlas-*.whl")
-    venv = tmp / "venv"
+    (path,) = (tmp / "dist").glob("activation_atlas-*.whl")
+    return path
+
+
+@pytest.fixture(scope="module")
+def installed(wheel, tmp_path_factory) -> Path:
+    """A fresh venv with atlas installed from the wheel; returns the venv folder."""
+    venv = tmp_path_factory.mktemp("venv") / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     python = venv / "bin" / "python"
     subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-cache-dir", "-q", str(wheel)],
-                   check=True, timeout=300)
+                   check=True, timeout=300, env=_venv_env(venv))
     # after the install, so pip never sees (or touches) the checkout's editable atlas in the main site-packages
     site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], capture_output=True,
                           text=True, check=True).stdout.strip()
@@ -357,25 +375,48 @@ def installed(tmp_path_factory) -> Path:
     return venv
 
 
-def _venv_env(tmp: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("ATLAS_OPENSEADRAGON", "PYTHONPATH", "VIRTUAL_ENV")}
-    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if not p.startswith(str(REPO)))
-    return env
+def test_the_wheel_is_activation_atlas_with_its_licence_ranges_and_the_vendored_viewer(wheel):
+    from atlas.viewer import OSD_VERSION, STATIC
+
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        (meta_name,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+        meta = email.message_from_bytes(archive.read(meta_name))
+        vendored = {p.relative_to(STATIC.parent.parent).as_posix(): p.read_bytes()
+                    for p in (STATIC / "openseadragon").rglob("*") if p.is_file()}
+        assert len(vendored) >= 40
+        for name, content in vendored.items():  # every vendored file, byte for byte
+            assert name in names and archive.read(name) == content, name
+        assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
+        assert "atlas/viewer_static/index.html" in names
+    assert meta["Name"] == "activation-atlas" and meta["Version"] == PYPROJECT["project"]["version"]
+    assert meta["License-Expression"] == "Apache-2.0"
+    requires = {r.name: r for r in map(Requirement, meta.get_all("Requires-Dist"))}
+    # ranges, not pins: installing atlas keeps a research environment's torch
+    assert [name for name, r in requires.items() if any(s.operator in ("==", "===") for s in r.specifier)] == []
+    assert {(s.operator, s.version.split(".")[0]) for s in requires["torch"].specifier} == {(">=", "2"), ("<", "3")}
+    assert requires["ray"].extras == {"data"} and str(requires["ray"].marker) == 'extra == "ray"'
+    assert any(c.startswith("Topic :: Scientific/Engineering") for c in meta.get_all("Classifier"))
+    assert OSD_VERSION in (STATIC / "openseadragon" / "README.md").read_text()
 
 
-def test_wheel_carries_openseadragon_and_the_installed_viewer_works(installed, tmp_path, browser):
+def test_wheel_installed_without_npm_serves_the_viewer(installed, tmp_path, browser):
     _require_chromium()
     from tiles_helpers import make_tile_run
 
+    from atlas.viewer import OSD_VERSION, STATIC
+
     python, atlas = installed / "bin" / "python", installed / "bin" / "atlas"
     env = _venv_env(tmp_path)
+    assert shutil.which("npm", path=env["PATH"]) is None and shutil.which("node", path=env["PATH"]) is None
+    version = subprocess.run([str(atlas), "--version"], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60)
+    assert version.returncode == 0 and version.stdout == f"atlas {PYPROJECT['project']['version']}\n", version.stdout + version.stderr
     where = subprocess.run([str(python), "-c", "import atlas, atlas.viewer as v; print(atlas.__file__); print(v.find_openseadragon())"],
                            capture_output=True, text=True, cwd=tmp_path, env=env, check=True).stdout.split()
     assert Path(where[0]).is_relative_to(installed), where  # the wheel's atlas, not this checkout
     assert Path(where[1]) == Path(where[0]).parent / "viewer_static" / "openseadragon", where
-    npm_build = REPO / "node_modules" / "openseadragon" / "build" / "openseadragon"
-    if npm_build.is_dir():  # the wheel carries exactly the pinned npm build
-        assert (Path(where[1]) / "openseadragon.min.js").read_bytes() == (npm_build / "openseadragon.min.js").read_bytes()
+    # the installed copy is the vendored release, byte for byte
+    assert (Path(where[1]) / "openseadragon.min.js").read_bytes() == (STATIC / "openseadragon" / "openseadragon.min.js").read_bytes()
 
     run = make_tile_run(tmp_path / "run", sizes=(4, 8), icon=32)
     result = subprocess.run([str(atlas), "tiles", str(run), "--layer", "mixed4c", "--no-examples"], capture_output=True, text=True,
@@ -398,9 +439,9 @@ def test_wheel_carries_openseadragon_and_the_installed_viewer_works(installed, t
             page.goto(match.group(0))
             page.wait_for_function("document.body.dataset.loaded === '1'", timeout=20000)
             assert page.evaluate("typeof window.OpenSeadragon") == "function"
-            assert page.evaluate("window.OpenSeadragon.version.versionStr") == json.loads(
-                (REPO / "package-lock.json").read_text())["packages"]["node_modules/openseadragon"]["version"]
+            assert page.evaluate("window.OpenSeadragon.version.versionStr") == OSD_VERSION
             assert any(re.search(r"/atlas_files/\d+/\d+_\d+\.jpg", u) for u in requested), requested
+            assert any(u.endswith("/openseadragon/images/zoomin_rest.png") for u in requested), requested  # the vendored buttons
             assert errors == []
         finally:
             page.close()
@@ -409,14 +450,31 @@ def test_wheel_carries_openseadragon_and_the_installed_viewer_works(installed, t
         server.wait(10)
 
 
-def test_wheel_build_without_npm_is_a_clear_error(tmp_path):
-    src = _copy_checkout(tmp_path / "src", node_modules=False)
-    env = {k: v for k, v in os.environ.items() if k != "ATLAS_OPENSEADRAGON"}
-    env["PATH"] = str(tmp_path / "empty")  # no npm (pip itself runs by absolute path)
-    result = _build_wheel(src, tmp_path / "dist", env)
-    assert result.returncode != 0
-    assert "building the atlas wheel needs npm to fetch OpenSeadragon" in result.stdout + result.stderr
-    assert not list(tmp_path.glob("dist/*.whl"))
+def test_npm_is_gone_from_set_up_build_and_ci():
+    for name in ("package.json", "package-lock.json", "setup.py"):
+        assert not (REPO / name).exists(), name
+    for name in ("Makefile", ".ci/run", "pyproject.toml", "MANIFEST.in"):
+        assert not re.search(r"\bnpm\b|node_modules", (REPO / name).read_text()), name
+
+
+# ------------------------------------------------------------------------------------- name, version, help
+def test_version_and_the_ray_extra_in_help():
+    result = subprocess.run([*ATLAS, "--version"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout == f"atlas {importlib.metadata.version('activation-atlas')}\n", result.stderr
+    assert importlib.metadata.version("activation-atlas") == PYPROJECT["project"]["version"]
+    env = {**os.environ, "COLUMNS": "240"}  # one help line per option, so the install line is not wrapped
+    for command in ("build", "sample", "render", "units"):
+        result = subprocess.run([*ATLAS, command, "--help"], capture_output=True, text=True, env=env, timeout=60)
+        # rich markup would swallow "[ray]" (a style tag) and leave 'activation-atlas'
+        assert result.returncode == 0 and "pip install 'activation-atlas[ray]'" in result.stdout, (command, result.stdout)
+
+
+def test_install_lines_name_the_distribution_not_the_other_atlas_on_pypi():
+    """`pip install atlas` installs an unrelated project: no doc, help text or message may say it."""
+    wrong = re.compile(r"pip install (-U |--upgrade )?['\"]?atlas(\[[a-z,]+\])?['\"]?(\s|$|`|\))")
+    files = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), *sorted((REPO / "atlas").rglob("*.py"))]
+    found = [f"{f.relative_to(REPO)}:{i}" for f in files for i, line in enumerate(f.read_text().splitlines(), 1) if wrong.search(line)]
+    assert found == []
 
 
 # ------------------------------------------------------------------------------------- the two commands
@@ -437,17 +495,52 @@ def test_make_demo_without_images_asks_for_them_in_one_line():
     assert "make demo IMAGES=DIR" in line and result.stdout == ""  # stopped before any set-up step ran
 
 
+def test_make_demo_installs_the_package_alone_and_make_test_the_extras_at_the_tested_versions():
+    # -B plans every step as if nothing were set up yet; -n only prints it
+    demo = _make("-n", "-B", "setup-demo").stdout
+    installs = [ln for ln in demo.splitlines() if " -m pip install " in ln and "--upgrade pip" not in ln]
+    assert len(installs) == 1 and installs[0].endswith(" -e ."), demo  # no dev, no ray, no constraints
+    test = _make("-n", "-B", "setup").stdout
+    installs = [ln for ln in test.splitlines() if " -m pip install " in ln and "--upgrade pip" not in ln]
+    assert len(installs) == 1 and installs[0].endswith(" -e '.[dev,ray]' -c constraints/ci.txt"), test
+    pins = dict(ln.split("==") for ln in (REPO / "constraints" / "ci.txt").read_text().splitlines() if "==" in ln)
+    assert pins["torch"] == "2.14.1" and pins["torchvision"] == "0.29.1"
+
+
+def test_set_up_hints_without_apt_name_no_apt(tmp_path):
+    """Where apt-get is absent (macOS, ...), a missing Chromium or ffmpeg is a hint that names what to install, not apt."""
+    bin_dir = tmp_path / "bin"  # a PATH with what the recipes call, and no apt-get
+    bin_dir.mkdir()
+    for tool in ("id", "bash"):
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    env = {**os.environ, "PATH": str(bin_dir)}
+    make = shutil.which("make")
+    if make is None:
+        pytest.skip("make is not installed (sudo apt-get install make)")
+    for target, variable, hint in (("system-chromium", "CHROMIUM", "install chromium or set CHROMIUM=/path/to/chromium"),
+                                   ("system-ffmpeg", "FFMPEG", "install ffmpeg or set FFMPEG=/path/to/ffmpeg")):
+        result = subprocess.run([make, "--no-print-directory", "-C", str(REPO), target, f"{variable}={tmp_path}/absent"],
+                                capture_output=True, text=True, env=env, timeout=60)
+        assert result.returncode == 0 and result.stdout == "", result.stdout + result.stderr  # a warning; the tests skip
+        (line,) = result.stderr.splitlines()
+        assert line.startswith("atlas: warning: ") and hint in line and "apt-get" not in line and "sudo" not in line, line
+
+
 def test_make_test_set_up_is_done_once():
-    """After `make test` (or `make setup`) has set up, a second run redoes nothing: only lint and the tests are left."""
-    if not (REPO / ".venv" / ".atlas-stamps" / "python").is_file():
+    """After `make test` (or `make setup`) has set up, a second run redoes nothing: only the report, lint and the tests are left."""
+    if not (REPO / ".venv" / ".atlas-stamps" / "test").is_file():
         if os.environ.get("CI") == "true":
             pytest.fail("under CI the suite runs from `make test`, which must have left its set-up stamps")
         pytest.skip("the set-up of `make test` has not run in this checkout (run make setup)")
     if _make("-q", "setup").returncode != 0:  # -q: exit 0 only when every set-up target is up to date
-        reason = "the set-up of `make test` is out of date (pyproject.toml, setup.py or package-lock.json changed since)"
+        reason = "the set-up of `make test` is out of date (pyproject.toml or constraints/ci.txt changed since)"
         if os.environ.get("CI") == "true":
             pytest.fail(reason + ", right after `make test` set it up")
         pytest.skip(reason + ": run make setup")
     planned = _make("-n", "test").stdout
-    assert "pip install" not in planned and "npm ci" not in planned and "venv" not in planned.replace(".venv/bin/", ""), planned
+    assert "pip install" not in planned and "venv" not in planned.replace(".venv/bin/", ""), planned
     assert ".venv/bin/ruff check ." in planned and ".venv/bin/python -m pytest -q" in planned, planned
+    report = _make("-s", "env-report")
+    assert report.returncode == 0, report.stderr
+    assert re.fullmatch(r"== environment: .+, \d+ CPUs; native bfloat16: .+; torch \d+\.\d+\S* \(\S+ kernels, \d+ threads\); "
+                        r"Python 3\.\d+\.\d+\n", report.stdout), report.stdout
