@@ -324,9 +324,10 @@ class StageSettings:
         """Command-line help of a field: what it does and what is allowed (the option shows its default itself)."""
         f = next(f for f in fields(cls) if f.name == name)
         check = f.metadata["check"]
-        if isinstance(check, Text) and not isinstance(check, Device):  # free text: nothing to list
-            return f.metadata["doc"]
-        return f"{f.metadata['doc']} Allowed: {check.what}."
+        free = isinstance(check, Text) and not isinstance(check, Device)  # free text: nothing to list
+        text = f.metadata["doc"] if free else f"{f.metadata['doc']} Allowed: {check.what}."
+        # Typer renders help as rich markup, where "[ray]" would be a style tag and vanish: every bracket escaped
+        return text.replace("[", "\\[")
 
     @classmethod
     def from_table(cls, table: dict) -> StageSettings:
@@ -364,7 +365,7 @@ class RunSettings(StageSettings):
     out: str | None = setting(None, Text(optional=True, what="a path"), "Run folder (atlas build's default: outputs/MODEL-LAYERS).")
     layers: tuple[str, ...] = setting(("mixed4c",), TextList(), "Layers to sample and lay out, each a convolutional layer of the model.")
     engine: str = setting("local", Choice(ENGINES), "Where sample, render and the unit lens's top-k pass run: local (this process) "
-                          "or ray (a pool of Ray actors, one model each; pip install 'atlas[ray]'; docs/ray.md).", speed=True)
+                          "or ray (a pool of Ray actors, one model each; pip install 'activation-atlas[ray]'; docs/ray.md).", speed=True)
     ray_address: str | None = setting(None, Text(optional=True, pattern=RAY_ADDRESS_PATTERN, what="auto, HOST:PORT or ray://HOST:PORT"),
                                       "Ray cluster of --engine ray: auto (the running one), HOST:PORT or ray://HOST:PORT "
                                       "(None: start Ray on this machine).", speed=True)
