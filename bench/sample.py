@@ -35,7 +35,8 @@ from torchvision import transforms
 
 from atlas.data import ImageDataset, list_images, load_image, to_tensor
 from atlas.models import as_input, inference_net, load_model, micro_batch, synset_words
-from atlas.sample import forward_samples, resolve_precision, sample
+from atlas.models.precision import resolve_precision
+from atlas.sample import forward_samples, sample
 
 sys.path.append(str(Path(__file__).parent))
 import flops  # noqa: E402
