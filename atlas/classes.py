@@ -6,6 +6,12 @@ to it. A class-difference atlas lays out the union of two selections with
 x = attribution to the second class minus attribution to the first (normalised by its
 99th percentile of absolute value, clipped to [-1, 1]) and y = a 1-D t-SNE of the
 activations, so the horizontal position says which class a sample argues for.
+
+``top_k`` is scaled to what the run holds for the class (:func:`scaled_top_k`): a class's "own" samples are its
+winners and the samples of photos labelled with it, and at most ``TOP_K_PER_OWN`` times as many (at least
+``TOP_K_FLOOR``) are added by attribution, so a class with a handful of photos does not get an atlas of thousands
+of other classes' samples. Before building, one line per class says how many samples are its own, and one line warns
+when most of the selection is other classes' samples.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +29,13 @@ from atlas.classnames import ClassRef, resolve_class
 from atlas.errors import AtlasError
 from atlas.runner import Step, run_stages
 
-__all__ = ["ClassRef", "class_atlas", "compare_atlas", "difference_layout", "resolve_class", "select_class", "slug"]
+__all__ = ["ClassRef", "class_atlas", "compare_atlas", "difference_layout", "resolve_class", "scaled_top_k", "select_class", "slug"]
+
+# The rule that sizes a class's selection to the run: top_k is capped at TOP_K_PER_OWN samples per own sample of the
+# class (winners and samples of photos labelled so), but never below TOP_K_FLOOR (a layout of a few points says
+# nothing) -- a class with 500 own samples keeps the default 2,000, one with a single sample gets 50, not 2,000.
+TOP_K_PER_OWN = 4
+TOP_K_FLOOR = 50
 
 
 def _attribution_columns(run_dir: str | Path, layer: str, columns: list[int], rows: np.ndarray,
@@ -49,6 +62,52 @@ def select_class(run_dir: str | Path, layer: str, cls: ClassRef, top_k: int = 20
     rows = store.valid_rows(store.open_store(run_dir), layer)
     values, winners = _attribution_columns(run_dir, layer, [cls.index], rows)
     return _selection(rows, values[:, 0], winners == cls.index, top_k)
+
+
+def scaled_top_k(top_k: int, own: int) -> int:
+    """The ``top_k`` a class atlas uses: ``min(top_k, max(TOP_K_FLOOR, TOP_K_PER_OWN * own))``.
+
+    Parameters
+    ----------
+    top_k : int
+        The requested number of samples added by attribution, at least 0.
+    own : int
+        The class's own samples in the run: winners (highest attribution to the class) and samples of photos
+        labelled with it.
+
+    Returns
+    -------
+    int
+        The number of samples of highest positive attribution to add.
+    """
+    return min(int(top_k), max(TOP_K_FLOOR, TOP_K_PER_OWN * int(own)))
+
+
+def _labelled(run_dir: str | Path, layer: str, rows: np.ndarray, index: int) -> tuple[np.ndarray, int]:
+    """(mask over ``rows`` of samples whose photo is labelled ``index``, number of such readable photos)."""
+    root = store.open_store(run_dir)
+    labels = root["images/label"][:] if "images/label" in root else np.full(0, -1)
+    if not labels.size:
+        return np.zeros(rows.size, bool), 0
+    ok = root["images/ok"][:] if "images/ok" in root else np.ones(labels.size, bool)
+    image = store.read_rows(root[f"samples/{layer}/image_index"], rows).astype(np.int64)
+    return labels[image] == index, int(((labels == index) & ok).sum())
+
+
+def _own_report(ref: ClassRef, layer: str, winning: np.ndarray, labelled: np.ndarray, photos: int, top_k: int, used: int) -> str:
+    own = int((winning | labelled).sum())
+    scaled = "" if used == top_k else f"; top-k {top_k} scaled to {used} ({TOP_K_PER_OWN} per own sample, at least {TOP_K_FLOOR})"
+    return (f"{ref.name} at {layer}: {own} own samples ({int(winning.sum())} whose strongest attribution is {ref.name}, "
+            f"{int(labelled.sum())} from {photos} photos labelled so){scaled}")
+
+
+def _filler_warning(what: str, selected: int, own: int) -> str | None:
+    """One line when most of a selection is other classes' samples."""
+    others = selected - own
+    if selected and others * 2 > selected:
+        return (f"warning: {others} of {selected} selected samples ({others / selected:.0%}) belong to other classes: the "
+                f"atlas of {what} shows mostly what else argues for it; sample more photos of it (or more --per-image)")
+    return None
 
 
 def _selection(rows: np.ndarray, attribution: np.ndarray, winning: np.ndarray, top_k: int) -> np.ndarray:
@@ -120,7 +179,7 @@ def _run(run_dir, layer: str, atlas: str, lay_out, sizes, quality: str, render_k
 
 def class_atlas(run_dir: str | Path, layer: str, cls: str | int, top_k: int = 2000, method: str = "tsne",
                 sizes: tuple[int, ...] = (8,), quality: str = "draft", seed: int = 0, tiles: bool = True,
-                render_kwargs: dict | None = None) -> str:
+                render_kwargs: dict | None = None, echo: Callable[[str], None] | None = print) -> str:
     """Build the atlas of the activations that matter for one class; returns its atlas name.
 
     The selection is the samples whose highest attribution goes to the class plus the ``top_k`` of highest positive
@@ -138,7 +197,8 @@ def class_atlas(run_dir: str | Path, layer: str, cls: str | int, top_k: int = 20
         The class: a name ("scuba diver", any synonym, case and spaces ignored), a synset ("n10565667") or an
         index ("983" or 983) (:func:`atlas.classnames.resolve_class`).
     top_k : int, default 2000
-        Samples of highest positive attribution added to the winners, at least 0.
+        Samples of highest positive attribution added to the winners, at least 0; scaled to the run by
+        :func:`scaled_top_k` (at most 4 per own sample of the class, at least 50).
     method : str, default "tsne"
         Layout method: "umap", "tsne" or "pca" (``ProjectSettings.method``).
     sizes : tuple of int, default (8,)
@@ -154,6 +214,9 @@ def class_atlas(run_dir: str | Path, layer: str, cls: str | int, top_k: int = 20
     render_kwargs : dict or None, default None
         Further keyword arguments of :func:`atlas.render.render` (``steps``, ``size``, ``attempts``, ``batch``, ``p``,
         ``device``, ``icons``, ``seed``, ``network``, ...), with :class:`atlas.settings.RenderSettings`' ranges.
+    echo : callable or None, default print
+        Receives, before any layout work, one line per class with its own samples (winners and samples of photos
+        labelled with it) and the scaled ``top_k``, and a warning line when most of the selection is other classes'.
 
     Returns
     -------
@@ -168,9 +231,15 @@ def class_atlas(run_dir: str | Path, layer: str, cls: str | int, top_k: int = 20
         OpenSeadragon (with ``tiles``) or a render setting out of range.
     """
     _require_viewer(tiles)
+    say = echo or (lambda _line: None)
     classes, weights = _run_classes(run_dir)
     ref = resolve_class(cls, classes, weights)
-    rows = select_class(run_dir, layer, ref, top_k)
+    all_rows = store.valid_rows(store.open_store(run_dir), layer)
+    values, winners = _attribution_columns(run_dir, layer, [ref.index], all_rows)
+    own, used = _own(run_dir, layer, ref, all_rows, winners, top_k, say)
+    rows = _selection(all_rows, values[:, 0], winners == ref.index, used)
+    _warn_filler(say, f"'{ref.name}'", rows, all_rows[own])
+    top_k = used
     if rows.size < 4:
         raise AtlasError(f"only {rows.size} samples matter for '{ref.name}' at {layer}; sample more images or positions")
     name = f"class-{slug(ref.name)}"
@@ -184,6 +253,23 @@ def class_atlas(run_dir: str | Path, layer: str, cls: str | int, top_k: int = 20
     keys = _keys(run_dir, layer, name, rows, {"kind": "class", "method": method, "seed": seed, "top_k": top_k}, sizes, quality, kwargs,
                  ref.name)
     return _run(run_dir, layer, name, lay_out, sizes, quality, kwargs, tiles, ref.name, keys)
+
+
+def _own(run_dir, layer: str, ref: ClassRef, rows: np.ndarray, winners: np.ndarray, top_k: int,
+         say: Callable[[str], None]) -> tuple[np.ndarray, int]:
+    """(mask over ``rows`` of the class's own samples, the scaled top-k), after saying both in one line."""
+    winning = winners == ref.index
+    labelled, photos = _labelled(run_dir, layer, rows, ref.index)
+    own = winning | labelled
+    used = scaled_top_k(top_k, int(own.sum()))
+    say(_own_report(ref, layer, winning, labelled, photos, top_k, used))
+    return own, used
+
+
+def _warn_filler(say: Callable[[str], None], what: str, selected: np.ndarray, own_rows: np.ndarray) -> None:
+    warning = _filler_warning(what, int(selected.size), int(np.isin(selected, own_rows).sum()))
+    if warning:
+        say(warning)
 
 
 def difference_layout(diff: np.ndarray, activations: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -200,7 +286,7 @@ def difference_layout(diff: np.ndarray, activations: np.ndarray, seed: int = 0) 
 
 def compare_atlas(run_dir: str | Path, layer: str, first: str | int, second: str | int, top_k: int = 2000,
                   sizes: tuple[int, ...] = (8,), quality: str = "draft", seed: int = 0, tiles: bool = True,
-                  render_kwargs: dict | None = None) -> str:
+                  render_kwargs: dict | None = None, echo: Callable[[str], None] | None = print) -> str:
     """Build the class-difference atlas of two classes; returns its atlas name.
 
     The union of both classes' selections (as in :func:`class_atlas`) is laid out with x = attribution to
@@ -219,7 +305,8 @@ def compare_atlas(run_dir: str | Path, layer: str, first: str | int, second: str
         Two different classes, each a name, synset or index (:func:`atlas.classnames.resolve_class`); ``first``
         is drawn on the left, ``second`` on the right.
     top_k : int, default 2000
-        Samples of highest positive attribution added to each class's winners, at least 0.
+        Samples of highest positive attribution added to each class's winners, at least 0; scaled to the run for
+        each class by :func:`scaled_top_k`.
     sizes : tuple of int, default (8,)
         Grid sizes, 1 to 2048 (``GridSettings.sizes``, 2 to 2048, is what the CLI asks). Every cell with a sample gets an icon
         (``min_count`` 1: a class selection is small).
@@ -233,6 +320,9 @@ def compare_atlas(run_dir: str | Path, layer: str, first: str | int, second: str
     render_kwargs : dict or None, default None
         Further keyword arguments of :func:`atlas.render.render` (``steps``, ``size``, ``attempts``, ``batch``, ``p``,
         ``device``, ``icons``, ``seed``, ``network``, ...), with :class:`atlas.settings.RenderSettings`' ranges.
+    echo : callable or None, default print
+        Receives, before any layout work, one line per class with its own samples (winners and samples of photos
+        labelled with it) and the scaled ``top_k``, and a warning line when most of the selection is other classes'.
 
     Returns
     -------
@@ -247,14 +337,19 @@ def compare_atlas(run_dir: str | Path, layer: str, first: str | int, second: str
     """
     _require_viewer(tiles)
     classes, weights = _run_classes(run_dir)
+    say = echo or (lambda _line: None)
     a, b = resolve_class(first, classes, weights), resolve_class(second, classes, weights)
     if a.index == b.index:
         raise AtlasError("compare needs two different classes")
     root = store.open_store(run_dir)
     all_rows = store.valid_rows(root, layer)
     values, winners = _attribution_columns(run_dir, layer, [a.index, b.index], all_rows)
-    rows = np.union1d(_selection(all_rows, values[:, 0], winners == a.index, top_k),
-                      _selection(all_rows, values[:, 1], winners == b.index, top_k))
+    own_a, used_a = _own(run_dir, layer, a, all_rows, winners, top_k, say)
+    own_b, used_b = _own(run_dir, layer, b, all_rows, winners, top_k, say)
+    rows = np.union1d(_selection(all_rows, values[:, 0], winners == a.index, used_a),
+                      _selection(all_rows, values[:, 1], winners == b.index, used_b))
+    _warn_filler(say, f"'{a.name}' vs '{b.name}'", rows, all_rows[own_a | own_b])
+    top_k = used_a if used_a == used_b else [used_a, used_b]
     if rows.size < 4:
         raise AtlasError(f"only {rows.size} samples matter for '{a.name}' or '{b.name}' at {layer}; sample more images or positions")
     picked = np.searchsorted(all_rows, rows)

@@ -69,7 +69,8 @@ Grids = Annotated[list[int] | None, typer.Option("--grid", help="grid size(s), d
 Quality = Annotated[str, typer.Option(help=RenderSettings.option_help("quality"))]
 Steps = Annotated[int | None, typer.Option(help=RenderSettings.option_help("steps"))]
 IconSize = Annotated[int | None, typer.Option(help=RenderSettings.option_help("size"))]
-TopK = Annotated[int, typer.Option(help="samples with the highest positive attribution to add to the winners (at least 1)")]
+TopK = Annotated[int, typer.Option(help="samples with the highest positive attribution to add to the winners (at least 1); "
+                                       "scaled to the run: at most 4 per own sample of the class, at least 50")]
 Seed = Annotated[int, typer.Option(help=RenderSettings.option_help("seed"))]
 
 
@@ -103,7 +104,7 @@ def class_command(
     from atlas.classes import class_atlas
 
     name = class_atlas(run_dir, layer, cls, top_k=top_k, method=method, sizes=tuple(grid or [8]), quality=quality, seed=seed,
-                       render_kwargs={"steps": steps, "size": size})
+                       render_kwargs={"steps": steps, "size": size}, echo=typer.echo)
     typer.echo(f"atlas {name} of {layer} -> {run_dir}/tiles (atlas serve {run_dir})")
 
 
@@ -125,5 +126,5 @@ def compare_command(
     from atlas.classes import compare_atlas
 
     name = compare_atlas(run_dir, layer, first, second, top_k=top_k, sizes=tuple(grid or [8]), quality=quality, seed=seed,
-                         render_kwargs={"steps": steps, "size": size})
+                         render_kwargs={"steps": steps, "size": size}, echo=typer.echo)
     typer.echo(f"atlas {name} of {layer} -> {run_dir}/tiles (atlas serve {run_dir})")

@@ -56,6 +56,10 @@ def sample_command(
     typer.echo(result.images_summary)
     counts = ", ".join(f"{k}: {v}" for k, v in result.n_samples.items())
     typer.echo(f"{result.n_images} images ({result.n_skipped} skipped, see {out}/log.txt), samples {counts} -> {out}")
+    if result.labels is not None:
+        from atlas.info import format_agreement
+
+        typer.echo(format_agreement(result.labels))
 
 
 @app.command("layers")

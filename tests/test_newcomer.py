@@ -1,0 +1,88 @@
+"""What a new user hits on a small run of real photos: class atlases sized to the run, labels checked against the model,
+failures up front, `atlas info` that lists what the run holds, wording that does not contradict itself."""
+
+from __future__ import annotations
+
+import pytest
+import zarr
+from tiny_run import cli
+
+from atlas.classes import TOP_K_FLOOR, class_atlas, compare_atlas, scaled_top_k
+from atlas.info import format_info, info, label_agreement
+from atlas.sample import sample
+
+SEA = ["n04251144_snorkel", "n10565667_scuba_diver", "n01491361_tiger_shark", "n09256479_coral_reef"]
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory, net, photos):
+    """mixed5b, 4 positions per photo, with attribution: 24 labelled photos, one snorkel and one scuba diver among them."""
+    names = [f"{m}.JPEG" for m in SEA] + sorted(p.name for p in photos.glob("*.JPEG"))[::50][:20]
+    listing = tmp_path_factory.mktemp("small") / "images.txt"
+    listing.write_text("".join(f"{photos / n} {n.split('_')[0]}\n" for n in dict.fromkeys(names)))
+    run = tmp_path_factory.mktemp("run") / "r"
+    result = sample(listing, ["mixed5b"], run, net=net, per_image=4, workers=0, progress=False, batch_size=16)
+    return run, listing, result
+
+
+@pytest.fixture(scope="module")
+def shifted_run(tmp_path_factory, net, small_run):
+    """The same photos with the labels of the 1001-class convention: every class index one higher."""
+    run, _, _ = small_run
+    root = zarr.open_group(run / "store.zarr", mode="r")
+    paths, labels = root["images/path"][:].tolist(), root["images/label"][:]
+    listing = tmp_path_factory.mktemp("shifted") / "dataset_1001.txt"
+    listing.write_text("".join(f"{p} {int(lab) + 1}\n" for p, lab in zip(paths, labels, strict=True)))
+    out = tmp_path_factory.mktemp("run") / "shifted"
+    return out, sample(listing, ["mixed5b"], out, net=net, per_image=1, workers=0, progress=False, batch_size=16)
+
+
+def test_the_top_k_rule():
+    assert scaled_top_k(2000, 0) == TOP_K_FLOOR
+    assert scaled_top_k(2000, 7) == TOP_K_FLOOR
+    assert scaled_top_k(2000, 100) == 400
+    assert scaled_top_k(2000, 10_000) == 2000
+    assert scaled_top_k(10, 100) == 10
+
+
+def test_a_class_of_one_photo_gets_a_small_selection_and_a_warning(small_run):
+    run, _, _ = small_run
+    lines: list[str] = []
+    name = class_atlas(run, "mixed5b", "snorkel", top_k=2000, sizes=(2,), tiles=False, echo=lines.append,
+                       render_kwargs={"steps": 2, "size": 48})
+    root = zarr.open_group(run / "store.zarr", mode="r")
+    n = root[f"layouts/mixed5b/{name}/rows"].shape[0]
+    valid = int(root["samples/mixed5b/valid"][:].sum())
+    assert lines[0].startswith("snorkel at mixed5b: ") and "own samples" in lines[0] and "from 1 photos labelled so" in lines[0]
+    assert f"top-k 2000 scaled to {TOP_K_FLOOR}" in lines[0], lines
+    own = int(lines[0].split(": ")[1].split(" own")[0])
+    # at most the class's own samples and the scaled top-k: not most of the run, as the unscaled 2,000 gave
+    assert n <= own + TOP_K_FLOOR < valid, (n, valid)
+    assert any(line.startswith("warning: ") and "belong to other classes" in line for line in lines), lines
+
+
+def test_compare_says_both_classes_and_warns(small_run):
+    run, _, _ = small_run
+    lines: list[str] = []
+    compare_atlas(run, "mixed5b", "snorkel", "scuba diver", top_k=2000, sizes=(2,), tiles=False, echo=lines.append,
+                  render_kwargs={"steps": 2, "size": 48})
+    assert lines[0].startswith("snorkel at mixed5b") and lines[1].startswith("scuba diver at mixed5b"), lines
+    assert sum(line.startswith("warning: ") for line in lines) == 1, lines
+
+
+def test_right_labels_agree_with_the_model(small_run):
+    run, _, result = small_run
+    agreement = result.labels
+    assert agreement is not None and agreement["labelled"] == 24
+    assert agreement["top5"] > 0.6 and agreement["warning"] is None, agreement
+    assert "labels vs the model: top-1" in format_info(info(run))
+
+
+def test_labels_shifted_by_one_are_named(shifted_run, small_run):
+    out, result = shifted_run
+    agreement = result.labels
+    assert agreement["top1"] < 0.1 and agreement["shifted"]["-1"] == pytest.approx(small_run[2].labels["top1"])
+    assert "shifted by one" in agreement["warning"] and "1001-class" in agreement["warning"]
+    text = cli("info", out).stdout
+    assert "warning: the labels agree with the model's top-5 on only" in text and "shifted by one" in text
+    assert label_agreement(zarr.open_group(out / "store.zarr", mode="r")) == agreement
