@@ -32,6 +32,7 @@ from atlas import store
 from atlas.data import ImageDataset, ImageList, class_table, compare_lists, device_batch, image_loader, list_images
 from atlas.engine import Engine, make_engine
 from atlas.errors import AtlasError
+from atlas.info import label_agreement
 from atlas.models import InceptionV1, Network, autocast_dtype, load_model, load_run_model
 from atlas.models.inference import as_input, fusable, inference_net, micro_batch
 from atlas.settings import SampleSettings, check_device, check_out_folder
@@ -59,6 +60,8 @@ class SampleResult:
     seconds: float
     images_per_second: float
     images_summary: str = ""
+    # agreement of the labels with the model's top-1/top-5 (atlas.info.label_agreement), None without labels
+    labels: dict | None = None
 
 
 def sample_positions(seed: int, image_index: int, layer_index: int, hw: tuple[int, int], k: int, border: int = BORDER) -> np.ndarray:
@@ -363,10 +366,11 @@ def sample(images: str | Path | ImageList, layers: Sequence[str], out: str | Pat
     counts = {layer: int(root[f"samples/{layer}/valid"][:].sum()) for layer in layers}
     if not any(counts.values()):
         _stop(out, n, 0, first_error)
+    agreement = label_agreement(root)
     root.attrs["summary"] = {"n_images": n, "n_skipped": n_skipped, "samples": counts, "complete": True}
     store.finish_stage(out, "sample", _sample_paths(settings))
     return SampleResult(out, n, n_skipped, counts, seconds, processed / seconds if seconds > 0 and processed else 0.0,
-                        images.summary)
+                        images.summary, agreement)
 
 
 def _sample_shards(root, out: Path, net: Network, images: ImageList, layers: list[str], shapes: dict, settings: dict,
