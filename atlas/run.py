@@ -147,6 +147,11 @@ class Run:
         root = self._root()
         return [Path(p) for p in root["images/path"][:]] if "images/path" in root else []
 
+    @property
+    def classes(self) -> list[str]:
+        """The model's class names, in the order of the attributions' columns and ``class_top`` indices."""
+        return list(store.attrs(self._root()).get("classes") or [])
+
     def atlases(self, layer: str) -> list[str]:
         """The atlases laid out for ``layer`` (``"full"``, ``"class-snorkel"``, ...), sorted."""
         self._layer(layer)
@@ -317,8 +322,56 @@ class Run:
             canvas[gy * s:(gy + 1) * s, gx * s:(gx + 1) * s] = icon
         return Image.fromarray(canvas)
 
+    def unit_views(self, layer: str, channels: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+        """What the unit lens (``atlas.units``) computed for ``layer``, per channel.
+
+        Parameters
+        ----------
+        layer : str
+            A layer the lens ran on.
+        channels : sequence of int or None, default None
+            Channels to read; None: every channel whose top-k examples are done.
+
+        Returns
+        -------
+        dict of str to numpy.ndarray
+            ``channels`` (n,); ``top_value`` (n, k) the top-k activations, ``top_image`` (n, k) their images (into
+            :attr:`images`), ``top_patch`` (n, k, P, P, 3) uint8 the patches their receptive fields cover; for each
+            projection computed ``projection/METHOD`` (n, k, P, P, 3) uint8; for each visualisation kind
+            ``vis/KIND`` (n, m, S, S, 3 or 4) uint8 (m images per unit: 1, or the diverse set); with attributions
+            ``class_top`` (n, 5) class indices and ``class_score`` (n, 5). Parts not computed for a channel are zeros.
+
+        Raises
+        ------
+        AtlasError
+            If the lens has not run on ``layer`` (the layers it ran on named) or a channel is out of range.
+        """
+        root = self._root()
+        ran = sorted(root["units"].group_keys()) if "units" in root else []
+        if layer not in ran:
+            raise AtlasError(f"the unit lens has not run on {layer!r} in {self.path}; it ran on: {', '.join(ran) or 'no layer'} "
+                             f"(atlas.units(run, {layer!r}, channels='0-7') runs it)")
+        node = f"units/{layer}"
+        store.verify(self.path, [node])
+        g = root[node]
+        n = g["top/done"].shape[0]
+        picked = np.flatnonzero(g["top/done"][:]) if channels is None else np.asarray(channels, np.int64).reshape(-1)
+        if picked.size and (picked.min() < 0 or picked.max() >= n):
+            raise AtlasError(f"channels of {layer} are 0..{n - 1}; got {picked.min()}..{picked.max()}")
+        out: dict[str, np.ndarray] = {"channels": picked}
+        for name in ("value", "image", "patch"):
+            out[f"top_{name}"] = np.asarray(g[f"top/{name}"].get_orthogonal_selection((picked,)))
+        for kind in ("projection", "vis"):
+            for method in sorted(g[kind].group_keys()) if kind in g else []:
+                out[f"{kind}/{method}"] = np.asarray(g[f"{kind}/{method}/image"].get_orthogonal_selection((picked,)))
+        if "classes" in g:
+            out["class_top"] = np.asarray(g["classes/top"].get_orthogonal_selection((picked,)))
+            out["class_score"] = np.asarray(g["classes/score"].get_orthogonal_selection((picked,)))
+        return out
+
     # ------------------------------------------------------------------ the viewer
-    def show(self, layer: str | None = None, atlas: str = store.FULL_ATLAS, height: int = 600, width: str = "100%") -> Viewer:
+    def show(self, layer: str | None = None, atlas: str = store.FULL_ATLAS, height: int = 600, width: str = "100%",
+             page: str = "index.html") -> Viewer:
         """The zoomable viewer of this run, inline in Jupyter (an iframe on a server on this machine).
 
         The first call starts the server of ``atlas serve`` for this run on 127.0.0.1 and a free port, in a
@@ -335,6 +388,9 @@ class Run:
             Height of the frame in pixels.
         width : str, default "100%"
             Width of the frame (any CSS width).
+        page : str, default "index.html"
+            The page of the run's ``tiles/`` folder to show: ``"index.html"`` (the atlas), ``"units.html"`` (the unit
+            gallery, after ``atlas.units``), ``"inspect/NAME/index.html"`` (a report of ``atlas.inspect``).
 
         Returns
         -------
@@ -344,8 +400,15 @@ class Run:
         Raises
         ------
         AtlasError
-            If the run has no tiles yet (``atlas.tiles(run, layer)`` makes them), or ``layer`` has none.
+            If the run has no tiles yet (``atlas.tiles(run, layer)`` makes them), ``layer`` has none, or ``page`` is not
+            in the run's ``tiles/`` folder.
         """
+        target = (self.path / "tiles" / page).resolve()
+        if ".." in Path(page).parts or not target.is_file():
+            reports = sorted((self.path / "tiles").glob("inspect/*/index.html"))
+            raise AtlasError(f"no page {page!r} in {self.path / 'tiles'}; pages: index.html"
+                             + (", units.html" if (self.path / "tiles" / "units.html").is_file() else "")
+                             + "".join(f", inspect/{p.parent.name}/index.html" for p in reports))
         if layer is not None:
             tiled = [(e.get("layer"), e.get("atlas")) for e in self.info()["tiles"]]
             if (layer, atlas) not in tiled:
@@ -353,7 +416,7 @@ class Run:
                                  f"{', '.join(f'{a}/{b}' for a, b in tiled) or 'nothing yet'} (atlas.tiles(run, {layer!r}) makes them)")
         server = self._start()
         host, port = server.server_address[:2]
-        url = f"http://{host}:{port}/tiles/index.html"
+        url = f"http://{host}:{port}/tiles/{urllib.parse.quote(Path(page).as_posix())}"
         if layer is not None:
             url += "#" + urllib.parse.quote(f"{layer}/{atlas}", safe="")
         return Viewer(url, width, height, self.stop)
@@ -386,6 +449,10 @@ class Run:
     # ------------------------------------------------------------------ display
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r}, layers={self.layers})"
+
+    def __fspath__(self) -> str:
+        """The run folder: a Run goes wherever a path does (``atlas.units(run, ...)``, ``Path(run)``)."""
+        return str(self.path)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Run) and other.path == self.path
