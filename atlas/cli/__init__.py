@@ -39,7 +39,7 @@ class Interrupted(BaseException):  # noqa: N818 - a signal, not an error
         self.signum = signum
 
 
-def _install_stop_handlers(received: list[int]) -> dict[int, object] | None:
+def _install_stop_handlers(received: list[int]) -> dict[int | str, object] | None:
     """Make SIGINT and SIGTERM raise :class:`Interrupted` in this process; returns the handlers they replace (None
     where handlers cannot be set: not the main thread, as when a test calls ``main`` from another thread).
 
@@ -50,6 +50,7 @@ def _install_stop_handlers(received: list[int]) -> dict[int, object] | None:
     if threading.current_thread() is not threading.main_thread():
         return None
     pid = os.getpid()
+    hook = sys.unraisablehook
 
     def stop(signum, frame):
         if os.getpid() != pid:
@@ -57,7 +58,19 @@ def _install_stop_handlers(received: list[int]) -> dict[int, object] | None:
         received.append(signum)
         raise Interrupted(signum)
 
-    return {signum: signal.signal(signum, stop) for signum in STOP_SIGNALS}
+    def unraisable(info) -> None:
+        # The signal can land where Python cannot pass an exception on, only print it ("Exception ignored in": an
+        # at-fork callback while a DataLoader worker starts, a __del__): send it again, to be raised at the next point
+        # that can. The KeyboardInterrupt of a forked worker caught there is dropped quietly: its parent ends it.
+        # After an interruption, what a half-built object's __del__ says on the way out (torch's DataLoader iterator
+        # stopped in its constructor) is noise: the one line says it all.
+        if isinstance(info.exc_value, Interrupted) and os.getpid() == pid:
+            signal.pthread_kill(threading.main_thread().ident, info.exc_value.signum)
+        elif not (received or isinstance(info.exc_value, Interrupted | KeyboardInterrupt)):
+            hook(info)
+
+    sys.unraisablehook = unraisable
+    return {"unraisablehook": hook} | {signum: signal.signal(signum, stop) for signum in STOP_SIGNALS}
 
 
 def _interrupted_exit(signum: int) -> SystemExit:
@@ -87,9 +100,13 @@ def main() -> None:
             raise _interrupted_exit(received[0]) from None
         raise
     finally:
-        if previous is not None:
+        if previous is not None and not received:
+            sys.unraisablehook = previous.pop("unraisablehook")
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+        elif previous is not None:  # on the way out: a second Ctrl-C must not turn the exit into a traceback
+            for signum in STOP_SIGNALS:
+                signal.signal(signum, signal.SIG_IGN)
 
 
 def _run() -> None:

@@ -1,0 +1,141 @@
+"""Ctrl-C and SIGTERM: every command stops within seconds with one line and exit 130 / 143, and the run it leaves
+resumes to the run an uninterrupted command gives, array by array.
+
+The real command line runs in its own process group, as a terminal starts it; Ctrl-C is SIGINT sent to the whole group
+(the DataLoader workers with it), SIGTERM is sent to the process alone, as `kill` does. The tiny build of
+``tiny_run.CONFIG`` (8 photos) is the uninterrupted reference.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from conftest import WEIGHTS
+from tiny_run import CONFIG, LAYER, build_tiny
+from tiny_run import cli as _cli
+
+from atlas import store
+from atlas.build import build, load_config, merge
+from atlas.errors import AtlasError
+
+LINE = "atlas: interrupted; run the same command again to resume"
+EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+@pytest.fixture(scope="module")
+def cfg(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cfg") / "tiny.toml"
+    path.write_text(CONFIG)
+    return path
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, cfg, photo_list) -> Path:
+    """The uninterrupted tiny build."""
+    return build_tiny(tmp_path_factory, photo_list, cfg)
+
+
+def _start(*args) -> subprocess.Popen:
+    """`atlas ARGS` in a new process group, SIGINT at its default (a shell's background job would ignore it)."""
+    return subprocess.Popen([sys.executable, "-c", "from atlas.cli import main; main()", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, process_group=0,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def _writing(run: Path) -> dict:
+    try:
+        return store.read_ledger(run)["writing"]
+    except AtlasError:  # no store yet, or read while being replaced
+        return {}
+
+
+def _current(run: Path) -> set[str]:
+    """Stages the build records as complete (an invalidated one keeps only a tombstone without a key)."""
+    return {stage for stage, record in store.read_ledger(run)["records"].items() if "key" in record}
+
+
+def _interrupt(proc: subprocess.Popen, sig: int, group: bool, ready, timeout: float = 180) -> float | None:
+    """Send ``sig`` (to the group or the process) as soon as ``ready()``; assert the one line and the exit status.
+    Returns the seconds from the signal to the exit, None when the command finished before ``ready()`` was seen."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and not ready() and time.monotonic() < deadline:
+        time.sleep(0.002)
+    if proc.poll() is not None:
+        proc.communicate()
+        return None
+    sent = time.monotonic()
+    os.killpg(proc.pid, sig) if group else proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    seconds = time.monotonic() - sent
+    assert "Traceback" not in err and err.strip().splitlines()[-1:] == [LINE], err
+    assert proc.returncode == EXIT[sig], (proc.returncode, err)
+    return seconds
+
+
+def _same(a_run: Path, b_run: Path, names: list[str]) -> None:
+    a, b = (zarr.open_group(run / store.STORE_NAME, mode="r") for run in (a_run, b_run))
+    for name in names:
+        assert np.array_equal(a[name][...], b[name][...]), name
+
+
+def test_ctrl_c_stops_sample_and_its_workers_and_the_run_resumes(tmp_path, photo_list):
+    """`atlas sample` with a decoding worker, Ctrl-C (SIGINT to the group) after its first shard: exit 130 within
+    seconds, no process left; run again, every array equals an uninterrupted run's."""
+    args = ["sample", "--images", photo_list, "--layer", LAYER, "--weights", WEIGHTS, "--max-images", "12", "--per-image", "2",
+            "--no-attribution", "--workers", "1", "--batch-size", "2", "--shard-size", "2"]
+    out = tmp_path / "run"
+    flag = out / store.STORE_NAME / "images" / "shard_done" / "c" / "0"
+    proc = _start(*args, "--out", out)
+    seconds = _interrupt(proc, signal.SIGINT, True, flag.is_file)
+    assert seconds is not None, "the sampler finished before its first shard was seen"
+    assert seconds < 10, seconds
+    with pytest.raises(ProcessLookupError):  # the group is gone: the worker ended with the main process
+        os.killpg(proc.pid, 0)
+    done = store.read_flags(zarr.open_group(out / store.STORE_NAME, mode="r")["images/shard_done"])
+    assert 0 < done.sum() < len(done)  # stopped part-way: finished shards kept
+    assert _cli(*args, "--out", out).returncode == 0
+    assert _cli(*args, "--out", tmp_path / "whole").returncode == 0
+    _same(out, tmp_path / "whole", ["images/ok", "images/top5", f"samples/{LAYER}/activations", f"samples/{LAYER}/position",
+                                    f"samples/{LAYER}/image_index", f"samples/{LAYER}/valid"])
+
+
+def test_a_build_interrupted_in_sample_then_in_render_resumes_to_the_uninterrupted_build(tmp_path, base, cfg, photo_list):
+    """`atlas build`: Ctrl-C during sample (exit 130), then its re-run SIGTERMed during render (exit 143), then run to
+    the end: the samples, layout, grid and icons equal the uninterrupted build's, array by array."""
+    out = tmp_path / "run"
+    args = ["build", "--config", cfg, "--images", photo_list, "--out", out]
+    seconds = _interrupt(_start(*args), signal.SIGINT, True, lambda: f"samples/{LAYER}" in _writing(out))
+    assert seconds is not None and seconds < 10, seconds
+    assert "sample" not in _current(out)
+    render = f"icons/{LAYER}/full/4"
+    seconds = _interrupt(_start(*args), signal.SIGTERM, False, lambda: render in _writing(out))
+    if seconds is None:
+        pytest.skip("the build's render finished every time before it could be interrupted")
+    assert seconds < 10, seconds
+    assert {"sample", "project", "grid"} <= _current(out) and "render" not in _current(out)
+    config = merge(load_config(cfg), {"run": {"images": str(photo_list), "out": str(out)}})
+    result = build(config, echo=lambda *_: None)
+    assert result.skipped[:3] == ["sample", "project", "grid"] and "render" in result.ran
+    _same(out, base, ["images/ok", f"samples/{LAYER}/activations", f"samples/{LAYER}/position", f"layouts/{LAYER}/full/xy",
+                      f"grids/{LAYER}/full/4/count", f"{render}/images", f"{render}/done"])
+
+
+def test_ctrl_c_stops_serve(base):
+    """`atlas serve`: Ctrl-C once it listens stops it at once, in one line."""
+    proc = subprocess.Popen([sys.executable, "-c", "from atlas.cli import main; main()", "serve", str(base), "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, process_group=0,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert "atlas viewer:" in proc.stdout.readline()
+    sent = time.monotonic()
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert time.monotonic() - sent < 10 and proc.returncode == 130, (proc.returncode, err)
+    assert "Traceback" not in err and err.strip().splitlines() == ["atlas: interrupted; the server stopped"], err
