@@ -282,3 +282,31 @@ def test_build_again_skips_every_stage_and_checks_settings(run, photos):
         atlas.build(photos, run.path, qualty="draft")
     with pytest.raises(AtlasError, match="quality"):
         atlas.build(photos, run.path, config=cfg, quality="ultra")
+
+
+def test_unit_views_read_what_the_lens_computed(run):
+    """Last in this file: it adds the unit lens to the shared run."""
+    with pytest.raises(AtlasError, match=r"the unit lens has not run on 'mixed4c' .*; it ran on: no layer \(atlas.units\(run,"):
+        run.unit_views(LAYER)
+    atlas.units(run, LAYER, channels="2-3", top_k=3, projections=["deconvnet"], kinds=["fft"], steps=4, size=24, progress=False,
+                echo=None)  # a Run goes where a run folder does
+    views = run.unit_views(LAYER)
+    g = group(run, f"units/{LAYER}")
+    assert views["channels"].tolist() == [2, 3]
+    assert views["top_patch"].shape[:2] == (2, 3) and views["top_patch"].dtype == np.uint8
+    np.testing.assert_array_equal(views["top_value"], g["top/value"][2:4])
+    np.testing.assert_array_equal(views["top_image"], g["top/image"][2:4])
+    np.testing.assert_array_equal(views["projection/deconvnet"], g["projection/deconvnet/image"][2:4])
+    assert views["vis/fft"].shape == (2, 1, 24, 24, 3) and views["vis/fft"].any()
+    assert views["class_top"].shape == (2, 5) and len(run.classes) == 1000
+    assert (views["top_value"][:, :-1] >= views["top_value"][:, 1:]).all()  # strongest first
+    assert run.unit_views(LAYER, channels=[3])["channels"].tolist() == [3]
+    with pytest.raises(AtlasError, match="channels of mixed4c are 0..511; got 0..600"):
+        run.unit_views(LAYER, channels=[0, 600])
+    viewer = run.show(page="units.html")
+    try:
+        assert viewer.url.endswith("/tiles/units.html") and _get(viewer.url) == 200
+    finally:
+        viewer.stop()
+    with pytest.raises(AtlasError, match="no page 'nope.html' in .*; pages: index.html, units.html"):
+        run.show(page="nope.html")
