@@ -86,3 +86,43 @@ def test_labels_shifted_by_one_are_named(shifted_run, small_run):
     text = cli("info", out).stdout
     assert "warning: the labels agree with the model's top-5 on only" in text and "shifted by one" in text
     assert label_agreement(zarr.open_group(out / "store.zarr", mode="r")) == agreement
+
+
+@pytest.mark.parametrize("kind", ["jpeg", "synset_words", "readme", "binary"])
+def test_a_file_that_is_no_image_list_is_one_line_before_anything(tmp_path, photos, kind):
+    import shutil
+
+    from tiny_run import one_line
+
+    source = {"jpeg": photos / "n04251144_snorkel.JPEG", "synset_words": photos.parents[1] / "models" / "synset_words.txt",
+              "readme": photos.parent / "README.md"}.get(kind)
+    if kind == "binary":
+        source = tmp_path / "weights.bin"
+        source.write_bytes(bytes(range(256)) * 8)
+    elif kind == "readme" and not source.is_file():
+        source = tmp_path / "README.md"
+        source.write_text("# Photos\n\nThese are the photos of the held-out set, one per class, named by synset.\n"
+                          "They are used by the tests and the demo, and never copied into the repository.\n")
+    copy = tmp_path / source.name
+    if source != copy:
+        shutil.copy(source, copy)
+    out = tmp_path / "run"
+    expected = {"jpeg": "is an image, not an image list", "synset_words": "class names (synset words), not an image list",
+                "readme": "looks like text, not an image list", "binary": "is a binary file, not an image list"}[kind]
+    one_line(cli("sample", "--images", copy, "--layer", "mixed4c", "--out", out), expected, "--images takes")
+    assert not out.exists()
+    one_line(cli("build", "--images", copy, "--out", out, "--max-images", "2"), expected)
+    assert not out.exists()
+
+
+def test_real_lists_still_pass_the_check(tmp_path, photos, photo_list):
+    from atlas.data import check_image_source
+
+    check_image_source(photo_list)
+    plain = tmp_path / "names.txt"  # suffix-less names relative to the list, with synset labels
+    plain.write_text("".join(f"{photos.name}/{p.stem} {p.stem.split('_')[0]}\n" for p in sorted(photos.glob("*.JPEG"))[:5]))
+    (tmp_path / photos.name).symlink_to(photos)
+    check_image_source(plain)
+    csv = tmp_path / "list.csv"
+    csv.write_text("path,label\nmissing/a.jpg,3\n")
+    check_image_source(csv)
