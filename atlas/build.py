@@ -145,7 +145,7 @@ def validate(config: dict):
     check_device(config["sample"]["device"])
     check_device(config["render"]["device"])
     make_engine(config["run"]["engine"], config["run"]["ray_address"])  # --engine ray without Ray: one line, before any work
-    from atlas.data import class_table, list_images
+    from atlas.data import check_image_source, class_table, list_images
     from atlas.models import load_model
     from atlas.sample import check_layers
     from atlas.viewer import require_viewer_assets
@@ -157,6 +157,7 @@ def validate(config: dict):
     images_path = Path(run["images"]).expanduser()
     if not images_path.exists():
         raise AtlasError(f"images not found: {images_path}")
+    check_image_source(images_path)  # a README or a JPEG given as the list: one line before the model loads
     net = load_model(config["sample"]["model"], config["sample"]["weights"], config["sample"]["device"])
     check_layers(net, run["layers"])
     images = list_images(images_path, class_table(net.weights), labels=run.get("labels")).head(config["sample"]["max_images"])

@@ -612,6 +612,66 @@ def _from_list_file(path: Path, classes: Classes) -> tuple[list[str], list[int],
     return paths, labels, f"{_plural(len(paths), 'image')} listed in {printable(path.name)} ({labelled:,} labelled)"
 
 
+# The first bytes of the image formats PIL reads here: a list file given as --images that starts with one is an image.
+_IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM", b"II*\x00", b"MM\x00*", b"RIFF", b"P6", b"P5")
+_SYNSET_WORDS = re.compile(r"^n\d{8}\s+\S")
+
+
+def check_image_source(source: str | Path, probe: int = 50) -> None:
+    """Refuse, in one line and before any model is loaded or folder created, an ``--images`` file that is no image list.
+
+    An image, a binary file, a class-name list (``synset_words.txt``) or prose (a README) would otherwise be parsed
+    line by line into misleading errors about labels or paths. A text file is taken as a list when any of its first
+    ``probe`` entries names an image (an image suffix, or a path that exists) or it has a CSV header naming a path
+    column; otherwise it is refused when its lines look like synset words or sentences. Folders pass unchecked.
+
+    Parameters
+    ----------
+    source : str or Path
+        The ``--images`` argument.
+    probe : int, default 50
+        Entries of a text file looked at.
+
+    Raises
+    ------
+    AtlasError
+        One line saying what the file looks like instead, and what ``--images`` takes.
+    """
+    path = Path(source).expanduser()
+    if not path.is_file():
+        return
+    takes = "--images takes an image folder or a list file of image paths (docs/images.md)"
+    name = printable(str(path))
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8192)
+    except OSError as exc:
+        raise AtlasError(f"cannot read {name}: {exc.strerror or exc}") from None
+    if _has_suffix(str(path)) or head.startswith(_IMAGE_MAGIC):
+        raise AtlasError(f"{name} is an image, not an image list; {takes}")
+    if b"\x00" in head:
+        raise AtlasError(f"{name} is a binary file, not an image list; {takes}")
+    lines = [ln.strip() for ln in head.decode("utf-8", "replace").lstrip("\ufeff").splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith("#")][:probe]
+    if not lines:
+        return  # an empty list: list_images says so
+    first = lines[0]
+    if ("," in first or "\t" in first) and _header(next(csv.reader([first], delimiter="\t" if "\t" in first else ","))):
+        return
+    resolver = _Resolver(_folder_of(path))
+    for line in lines:
+        # an entry is a path (an image suffix, or a file that exists), then at most a label of a few words
+        cuts = [m.start() for m in re.finditer(r"[\s,]+", line)][:8] + [len(line)]
+        for cut in cuts:
+            head, tail = line[:cut].strip(), line[cut:]
+            if len(tail.split()) <= 5 and (_has_suffix(head) or os.path.lexists(resolver(head))):
+                return
+    if sum(bool(_SYNSET_WORDS.match(ln)) for ln in lines) * 2 > len(lines):
+        raise AtlasError(f"{name} is a list of class names (synset words), not an image list; {takes}")
+    if sorted(len(ln.split()) for ln in lines)[len(lines) // 2] >= 4:
+        raise AtlasError(f"{name} looks like text, not an image list: none of its first {len(lines)} lines names an image; {takes}")
+
+
 # --------------------------------------------------------------------------------------
 # Label files
 # --------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 import atlas
 from atlas import store
-from atlas.data import ImageDataset, ImageList, class_table, compare_lists, device_batch, image_loader, list_images
+from atlas.data import ImageDataset, ImageList, check_image_source, class_table, compare_lists, device_batch, image_loader, list_images
 from atlas.engine import Engine, make_engine
 from atlas.errors import AtlasError
 from atlas.info import label_agreement
@@ -322,6 +322,8 @@ def sample(images: str | Path | ImageList, layers: Sequence[str], out: str | Pat
                    aligned_positions=aligned_positions, forward=forward)
     check_out_folder(out)
     check_device(device)
+    if not isinstance(images, ImageList):
+        check_image_source(images)  # a README or a JPEG given as the list: one line before the model loads
     run_on = engine if isinstance(engine, Engine) else make_engine(engine, ray_address)
     layers = list(dict.fromkeys(layers))
     net = net or load_model(model, weights, device)
