@@ -22,8 +22,10 @@ import collections
 import contextlib
 import logging
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -243,11 +245,19 @@ class Engine:
             if not address.startswith("ray://"):
                 kwargs.pop("include_dashboard")
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+        # ray.init takes SIGTERM over (a `sys.exit`, then its core worker's crash handler, which aborts): the command
+        # line's handlers are put back, so that SIGTERM stops a Ray run as it stops a local one (atlas.cli).
+        stop = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
         try:
             ray.init(**kwargs)
         except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
             raise AtlasError(f"cannot start Ray{f' at {self.address}' if self.address else ''}: "
                              f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
+        finally:
+            if threading.current_thread() is threading.main_thread():
+                for signum, handler in stop.items():
+                    if handler is not None:
+                        signal.signal(signum, handler)
         self._started = True
         return ray
 

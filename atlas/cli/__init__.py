@@ -98,6 +98,9 @@ def main() -> None:
         # Anything a signal caused on its way up (a DataLoader worker gone, a broken pipe) is the interruption.
         if received and not (isinstance(exc, SystemExit) and exc.code in (0, None)):
             raise _interrupted_exit(received[0]) from None
+        # ray.init replaces the SIGTERM handler of the driver with its own `sys.exit(signum)`.
+        if isinstance(exc, SystemExit) and exc.code == signal.SIGTERM and "ray" in sys.modules:
+            raise _interrupted_exit(signal.SIGTERM) from None
         raise
     finally:
         if previous is not None and not received:
