@@ -255,7 +255,8 @@ def build(config: dict, dry_run: bool = False, echo=print) -> BuildResult:
         return BuildResult(out)
 
     echo(images.summary)  # what was found where, before any work
-    store.take_lock(out, create=True)  # one writer per run folder, for the whole build
+    # one writer per run folder, for the whole build; a finished run on a read-only folder is read, not locked
+    store.take_lock(out, create=True, unless_current=lambda: all(store.stage_is_current(out, s, keys[s]) for s in stages))
     layers, sizes = run["layers"], list(config["grid"]["sizes"])
     run_on = make_engine(run["engine"], run["ray_address"])  # sample and render run their units here or on Ray
 

@@ -388,7 +388,11 @@ def _from_folder(source: Path, classes: Classes, derived_index: bool) -> tuple[l
     top_files = walk.files(top, real_top, recurse=False)
     subdirs = []
     for entry in sorted(os.scandir(top), key=lambda e: e.name):
-        if not entry.name.startswith(".") and entry.is_dir():
+        try:
+            is_dir = not entry.name.startswith(".") and entry.is_dir()  # follows symlinks
+        except OSError:  # a link to itself (ELOOP) or otherwise unreachable: walk.files counted it already
+            is_dir = False
+        if is_dir:
             real = walk.enter(entry.path)
             if real is not None:
                 files = walk.files(entry.path, real, recurse=True)

@@ -2,11 +2,14 @@
 
 What it serves, and what it refuses, is what the stdlib server before it did (tests/test_server.py holds every rule):
 
-- only files under ``RUN/tiles/`` at ``/tiles/`` (the atlas viewer, OpenSeadragon, the tiles, the unit gallery, the
-  live page); ``store.zarr`` and ``log.txt``, which hold absolute paths, are never served, nor is anything a path or
+- at ``/tiles/``: the pages of the atlas viewer, the unit gallery, the side-by-side view and the live page, and
+  OpenSeadragon, all from the installed package (never copied into the run: ``atlas serve`` writes nothing, so a
+  read-only run is served as it is), and every other file under ``RUN/tiles/`` (the tiles, the manifests, the
+  reports); ``store.zarr`` and ``log.txt``, which hold absolute paths, are never served, nor is anything a path or
   a symlink would reach outside ``tiles/``, nor a folder listing, a FIFO or a device (404). The path is the raw
   request target percent-decoded once, so ``%252e%252e`` stays a name and ``..`` / ``.`` / NUL / backslash
-  segments are refused before anything touches the file system;
+  segments are refused before anything touches the file system; a request target over ``MAX_TARGET`` bytes is
+  414, a name the file system cannot hold (too long) is 404;
 - the ``Host`` header must name this server (localhost, 127.0.0.1, [::1], the bound address, the address the
   connection arrived on, or an ``allow_hosts`` name) with its port, else 403: a DNS-rebinding page cannot read the
   run. A WebSocket handshake that carries an ``Origin`` (every browser's does) must also come from this server's
@@ -21,7 +24,10 @@ The live instrument is a WebSocket at ``/live/ws`` (the page is ``/tiles/live.ht
 server process, loaded on the first live connection; every forward runs on one worker thread (never on the event
 loop), so connections take turns and the network keeps both cores. Each connection has a queue of one frame: a
 frame that arrives while the previous one is computed replaces the waiting one (dropped, counted), so latency
-never grows with a slow machine.
+never grows with a slow machine. The worker's queue is first come, first served and holds at most one job of each
+connection, so connections take turns; at most ``MAX_LIVE`` connections are open at once (one more is told so in
+one line and closed, code 1013), and one that sends nothing for ``LIVE_IDLE`` seconds is closed with one line. A text
+command over ``MAX_COMMAND_BYTES``, or one JSON cannot hold (nested too deep, a number too long), is one error line.
 """
 
 from __future__ import annotations
@@ -31,8 +37,6 @@ import contextlib
 import errno
 import json
 import mimetypes
-import os
-import shutil
 import socket
 import sys
 import threading
@@ -48,7 +52,22 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from atlas.errors import AtlasError
-from atlas.viewer import LOOPBACK_NAMES, SERVED, STATIC, TIMEOUT, UNITS_MANIFEST, install_viewer, require_viewer_assets, split_host, url_of
+from atlas.viewer import (
+    GALLERY_FILES,
+    INSPECT_FILES,
+    INSPECT_MANIFEST,
+    LAYERS_FILES,
+    LOOPBACK_NAMES,
+    SERVED,
+    STATIC,
+    TIMEOUT,
+    UNITS_MANIFEST,
+    VIEWER_FILES,
+    find_openseadragon,
+    require_viewer_assets,
+    split_host,
+    url_of,
+)
 
 BACKLOG = 1024  # listen queue; the kernel caps it at net.core.somaxconn
 LIVE_FILES = ("live.html", "live.js", "live.css")
@@ -57,12 +76,20 @@ MEDIA = {".dzi": "application/xml", ".webp": "image/webp", ".js": "text/javascri
          ".html": "text/html; charset=utf-8", ".css": "text/css", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png",
          ".svg": "image/svg+xml", ".txt": "text/plain; charset=utf-8"}
 HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
+# The pages served from the package itself (atlas/viewer_static), never from the run's tiles/ folder: a run tiled by
+# an older atlas, or a read-only one, gets the pages of the atlas serving it, and serving writes nothing.
+PACKAGE_FILES = frozenset((*VIEWER_FILES, *GALLERY_FILES, *INSPECT_FILES, *LAYERS_FILES, *LIVE_FILES))
+OSD_FOLDER = "openseadragon"  # /tiles/openseadragon/... is served from atlas.viewer.find_openseadragon()
+MAX_TARGET = 8192  # bytes of a request target (path and query); longer is 414 (a browser's own limit is larger, no page needs it)
 
 # Limits of the live socket (per connection). A browser sends 224 px JPEGs of 10-30 kB.
 MAX_FRAME_BYTES = 2 * 1024 * 1024
 MAX_FRAME_PIXELS = 4096 * 4096 // 4  # 4.2 megapixels: a phone photo dropped on the page is downscaled by the browser first
 RATE = 30.0  # messages a second (frames and commands), with a burst of as many
 WS_MAX_SIZE = 2 * MAX_FRAME_BYTES  # beyond this the socket layer closes the connection (1009); up to it, one error line
+MAX_LIVE = 32  # live connections at once: with one model thread, the 33rd would wait behind 32 frames for each of its own
+LIVE_IDLE = 600.0  # seconds a live connection may send nothing before it is closed (a forgotten tab keeps no socket)
+MAX_COMMAND_BYTES = 4096  # a text command is a short JSON object; anything longer is refused before parsing
 
 
 # --------------------------------------------------------------------------------------
@@ -74,17 +101,48 @@ def resolve(root: Path, target: str) -> Path | None:
     ``target`` is the raw request target (percent-encoded, possibly absolute-form); it is decoded once. Any ``..``,
     ``.``, NUL or backslash-made segment, or a symlink leading out of ``root``, names nothing.
     """
+    parts = _parts(target)
+    return None if parts is None else _inside(root, parts)
+
+
+def _parts(target: str) -> list[str] | None:
+    """The segments after ``/tiles/`` of a raw request target (decoded once), or None when it names nothing."""
     raw = urllib.parse.unquote(urllib.parse.urlsplit(target).path)
     parts = [p for p in raw.replace("\\", "/").split("/") if p]
     if not parts or parts[0] != SERVED or any(p in ("..", ".") or "\x00" in p for p in parts):
         return None
+    return parts[1:]
+
+
+def _inside(root: Path, parts: list[str]) -> Path | None:
+    """``root/parts...`` resolved, or None when it leads out of ``root`` (a symlink) or cannot be resolved."""
     try:
-        resolved = root.joinpath(*parts[1:]).resolve()
+        resolved = root.joinpath(*parts).resolve()
     except (OSError, RuntimeError, ValueError):  # symlink loops, over-long names
         return None
     if resolved != root and root not in resolved.parents:
         return None
     return resolved
+
+
+def atlas_page(root: Path) -> bytes:
+    """The atlas page for the tiles folder ``root``: the package's index.html, loading the unit gallery's and the inspect
+    overlay's add-ons after viewer.js when the run holds a gallery or inspect reports (as ``atlas tiles`` writes it)."""
+    html = (STATIC / "index.html").read_text()
+    marker = '<script src="viewer.js"></script>'
+    scripts = [name for name, manifest in (("atlas_units.js", UNITS_MANIFEST), ("atlas_inspect.js", INSPECT_MANIFEST))
+               if (root / manifest).is_file()]
+    return html.replace(marker, marker + "".join(f'\n  <script src="{name}"></script>' for name in scripts)).encode()
+
+
+def _package_path(parts: list[str]) -> Path | None:
+    """The package's own file for a ``/tiles/`` path it serves (a page or OpenSeadragon), or None for the run's files."""
+    if len(parts) == 1 and parts[0] in PACKAGE_FILES:
+        return STATIC / parts[0]
+    if len(parts) > 1 and parts[0] == OSD_FOLDER:
+        osd = find_openseadragon().resolve()
+        return _inside(osd, parts[1:])
+    return None
 
 
 def _redirect(location: str, code: int) -> Response:
@@ -106,28 +164,26 @@ def static_response(root: Path, target: str, method: str) -> Response:
         return _redirect(f"/{SERVED}/index.html", 302)
     if url_path in ("/live", "/live/"):
         return _redirect(f"/{SERVED}/live.html", 302)
-    path = resolve(root, target)
-    if path is not None and path.is_dir():
-        if not url_path.endswith("/"):  # relative to this server only (never the request's own netloc)
-            return _redirect(urllib.parse.quote(urllib.parse.unquote(url_path)) + "/", 301)
-        path = path / "index.html"
-    if path is None or not path.is_file():  # also FIFOs and devices, which would block or stream forever
+    if len(target) > MAX_TARGET:
+        return PlainTextResponse(f"request target over {MAX_TARGET} bytes", 414, HEADERS)
+    parts = _parts(target)
+    try:
+        if parts is not None and parts in ([], ["index.html"]):  # composed in memory: the run folder is never written
+            page = atlas_page(root)
+            return Response(b"" if method == "HEAD" else page, 200, {**HEADERS, "Content-Length": str(len(page))},
+                            media_type=MEDIA[".html"])
+        package = _package_path(parts) if parts is not None else None
+        path = package if package is not None else (_inside(root, parts) if parts is not None else None)
+        if path is not None and path.is_dir():
+            if not url_path.endswith("/"):  # relative to this server only (never the request's own netloc)
+                return _redirect(urllib.parse.quote(urllib.parse.unquote(url_path)) + "/", 301)
+            path = path / "index.html"
+        if path is None or not path.is_file():  # also FIFOs and devices, which would block or stream forever
+            return _not_found()
+    except OSError:  # a name the file system cannot hold (ENAMETOOLONG), a folder it cannot read: nothing there
         return _not_found()
     media = MEDIA.get(path.suffix.lower()) or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
     return FileResponse(path, media_type=media, headers=HEADERS)
-
-
-def install_live(tiles_dir: Path) -> None:
-    """Copy the live page's files into the tiles folder (refreshing changed ones)."""
-    missing = [name for name in LIVE_FILES if not (STATIC / name).is_file()]
-    if missing:
-        raise AtlasError(f"the live page's {', '.join(missing)} missing from {STATIC}; reinstall atlas")
-    for name in LIVE_FILES:
-        src, dst = STATIC / name, tiles_dir / name
-        if not (dst.is_file() and dst.read_bytes() == src.read_bytes()):
-            tmp = dst.with_name(dst.name + ".tmp")
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, dst)
 
 
 # --------------------------------------------------------------------------------------
@@ -136,8 +192,11 @@ def install_live(tiles_dir: Path) -> None:
 class AtlasApp:
     """The ASGI application: the Host check, the static files of ``tiles/``, the live socket."""
 
-    def __init__(self, run_dir: Path, port: int, allowed_names: set[str], quiet: bool = True) -> None:
+    def __init__(self, run_dir: Path, port: int, allowed_names: set[str], quiet: bool = True, max_live: int = MAX_LIVE,
+                 live_idle: float = LIVE_IDLE) -> None:
         self.run_dir = run_dir
+        self.max_live, self.live_idle = max_live, live_idle
+        self.open_live = 0  # live connections now (counted on the event loop's thread only)
         self.root = (run_dir / SERVED).resolve()
         self.port = port
         self.allowed_names = allowed_names
@@ -186,12 +245,20 @@ class AtlasApp:
             await ws.close(code=1008)  # before accept: the handshake is refused with 403
             return
         await ws.accept()
-        session = LiveSession(ws, self.live)
+        if self.open_live >= self.max_live:  # refused after the handshake, so the page can show why
+            with contextlib.suppress(WebSocketDisconnect, OSError, RuntimeError):
+                await ws.send_text(json.dumps({"type": "error", "message": f"too many live connections ({self.max_live} open); "
+                                               "close another live page and reload this one"}))
+                await ws.close(code=1013)  # "try again later"
+            return
+        self.open_live += 1
+        session = LiveSession(ws, self.live, idle=self.live_idle)
         try:
             await session.run()
         except (WebSocketDisconnect, OSError, RuntimeError):
             pass
         finally:
+            self.open_live -= 1
             session.stop()
 
     def close(self) -> None:
@@ -224,6 +291,13 @@ class LiveModel:
         """``engine.method(*args, **kwargs)`` on the worker thread."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.pool, lambda: getattr(self.engine(), method)(*args, **kwargs))
+
+    async def hello(self) -> dict:
+        """The hello message: on the worker thread while the model loads, else at once (a new connection does not wait
+        behind the frames of the others: it reads only the run's manifests)."""
+        if self._engine is None:
+            return await self.call("hello")
+        return await asyncio.to_thread(self._engine.hello)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -258,8 +332,8 @@ class LiveSession:
     ``projection``.
     """
 
-    def __init__(self, ws: WebSocket, live: LiveModel, rate: float = RATE) -> None:
-        self.ws, self.live = ws, live
+    def __init__(self, ws: WebSocket, live: LiveModel, rate: float = RATE, idle: float = LIVE_IDLE) -> None:
+        self.ws, self.live, self.idle = ws, live, idle
         self.limit = RateLimit(rate)
         self.slot: tuple | None = None  # the newest job waiting: ("frame", seq, bytes, t) | ("image", index) | ("again",)
         self.unit: int | None = None  # the newest projection request waiting
@@ -289,7 +363,7 @@ class LiveSession:
     async def run(self) -> None:
         await self.send_json({"type": "status", "message": "loading the model"})
         try:
-            hello = await self.live.call("hello")
+            hello = await self.live.hello()
         except AtlasError as exc:
             await self.error(str(exc))
             await self.ws.close(code=1011)
@@ -298,7 +372,12 @@ class LiveSession:
         await self.send_json(hello)
         self.worker = asyncio.create_task(self.work())
         while True:
-            message = await self.ws.receive()
+            try:
+                message = await asyncio.wait_for(self.ws.receive(), self.idle)
+            except TimeoutError:
+                await self.error(f"closed after {self.idle:g} s without a message; reload the page to go on")
+                await self.ws.close(code=1000)
+                return
             if message["type"] == "websocket.disconnect":
                 return
             if not self.limit.take():
@@ -317,9 +396,13 @@ class LiveSession:
                 await self.command(message["text"])
 
     async def command(self, text: str) -> None:
+        if len(text) > MAX_COMMAND_BYTES:  # no command is this long; parsing it could recurse deep or convert for long
+            await self.error(f"command over {MAX_COMMAND_BYTES} bytes; a command is a short JSON object with type layer, image, "
+                             "unit, atlas or images")
+            return
         try:
             cmd = json.loads(text)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # not JSON, a number beyond int's digit limit, nesting too deep
             cmd = None
         kind = cmd.get("type") if isinstance(cmd, dict) else None
         if kind == "layer":
@@ -531,7 +614,8 @@ def make_server(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, 
 
     ``timeout`` bounds how long a connection may take to send a request head; ``allow_hosts`` adds Host names the
     server answers to besides the loopback names and ``host`` (for a server bound to 0.0.0.0 and reached by this
-    machine's name). Every check (port, tiles, viewer files, the address) comes before anything is written.
+    machine's name). Every check (port, tiles, viewer files, the address) comes before the socket is bound; nothing is
+    written into the run (its pages and OpenSeadragon are served from the package), so a read-only run is served.
     """
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise AtlasError(f"--port must be between 0 and 65535 (0 picks a free port), got {port}")
@@ -545,10 +629,7 @@ def make_server(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, 
     if missing:
         raise AtlasError(f"the live page's {', '.join(missing)} missing from {STATIC}; reinstall atlas")
     sock = _bind(host, port)
-    tiles_dir = (run_dir / SERVED).resolve()
     try:
-        install_viewer(tiles_dir)
-        install_live(tiles_dir)
         names = {n.lower().strip("[]") for n in (*LOOPBACK_NAMES, host, *allow_hosts)}
         app = AtlasApp(run_dir, int(sock.getsockname()[1]), names, quiet)
         return AtlasServer(app, sock, timeout, quiet)

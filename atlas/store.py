@@ -70,7 +70,7 @@ import os
 import shutil
 import time
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -405,6 +405,9 @@ def _seal(array_dir: Path, meta: dict, stage: str) -> dict:
 def _hint(rel: str, metadata: bool = False) -> str:
     """How to recover a damaged node: which stage writes it."""
     parts = rel.split("/")
+    if parts[0] == LEDGER:  # the record of finished stages only: the data is intact, the stages are redone or re-recorded
+        return (f"delete {LEDGER}/ in the store and re-run `atlas build` (it redoes every stage), or re-run each stage's "
+                "command; the sampled data is not affected")
     stage = WRITER.get(parts[0], "sample")
     if stage == "sample" and metadata:
         return "the sampled data cannot be read any more: sample again into a new folder"
@@ -579,6 +582,40 @@ def damaged(where: str | Path | zarr.Group, path: str) -> dict[str, list[tuple[i
     return out | dict.fromkeys(unreadable)
 
 
+def seal_problems(where: str | Path | zarr.Group) -> dict[str, str]:
+    """Every sealed array of the store whose chunks no longer match their seal -> what is wrong and how to recover, in
+    one line each: a missing, extra or resized chunk file (cheap: one ``stat`` per chunk, no content read, so readers
+    such as ``atlas info`` can afford it on a large run), and arrays a stage marked as being written.
+
+    Returns
+    -------
+    dict
+        Relative array path (``samples/mixed4c/acts``) -> "chunk 3.0 missing; re-run ...". Empty for an intact store.
+    """
+    store_dir = _store_dir(where)
+    ledger = read_ledger(store_dir)
+    out: dict[str, str] = {}
+    for marked, info in ledger["writing"].items():
+        stage = info.get("stage")
+        again = "resume it with the same `atlas sample` command" if stage == "sample" else f"re-run `atlas {stage}`"
+        out[marked] = f"incomplete (`atlas {stage}` stopped before it finished); {again} (or `atlas build`)"
+    for rel, seal in ledger["seals"].items():
+        array_dir = store_dir / rel
+        if not (array_dir / "zarr.json").is_file():
+            if array_dir.parent.is_dir():  # its node is there but the array is gone (a whole node removed is no damage)
+                out[rel] = f"missing; {_hint(rel)}"
+            continue
+        want: dict = seal.get("chunks", {})
+        have = _chunk_files(array_dir)
+        words = [f"chunk {k.replace('/', '.')} missing" for k in want if k not in have]
+        words += [f"chunk {k.replace('/', '.')} truncated or changed" for k, (size, _) in want.items()
+                  if k in have and have[k].st_size != size]
+        words += [f"unexpected chunk {k.replace('/', '.')}" for k in have.keys() - want.keys()]
+        if words:
+            out[rel] = words[0] + (f" and {len(words) - 1} more" if len(words) > 1 else "") + f"; {_hint(rel)}"
+    return out
+
+
 def read_flags(array: zarr.Array) -> np.ndarray:
     """A stage's done flags (one per shard or channel), tolerating a flag chunk torn by a kill: it counts as not done."""
     try:
@@ -604,23 +641,30 @@ _HELD: dict[str, tuple[int, Path]] = {}  # resolved run folder -> (open lock fil
 _SCOPES: list[list[str]] = []  # locks taken inside each active @writer call
 
 
-def take_lock(run_dir: str | Path, create: bool = False) -> None:
+def take_lock(run_dir: str | Path, create: bool = False, unless_current: Callable[[], bool] | None = None) -> bool:
     """Hold the run's advisory lock (``RUN/.lock``) until the enclosing :func:`writer` call returns.
 
     Re-entrant within a process. Another process holding it is one line naming its pid. The
     first acquisition removes stray partial files of killed writers. ``create`` makes the run
     folder if needed (sampling, building); otherwise a missing folder is the "no atlas run" error.
+
+    ``unless_current``, when given, is asked only when the lock file cannot be created because the folder is not
+    writable (read-only file system, no permission): if it answers True (everything the caller would write is already
+    current, e.g. every stage of a finished build), no lock is needed since nothing will be written, and False is
+    returned instead of the one-line error. Returns True when the lock is held.
     """
     run = Path(run_dir)
     key = os.path.realpath(run)
     if key in _HELD:
-        return
+        return True
     if not create and not run.is_dir():
         raise AtlasError(f"no atlas run in {run_dir} (missing {STORE_NAME}); run `atlas sample` first")
     try:
         run.mkdir(parents=True, exist_ok=True)
         fd = os.open(run / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
+        if unless_current is not None and exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and run.is_dir() and unless_current():
+            return False  # a read-only run with nothing to do: readers need no lock
         raise AtlasError(describe_fault(exc, run)) from None
     try:
         # A POSIX record lock rather than flock: forked children (DataLoader workers) do not inherit it, so a killed
@@ -642,6 +686,7 @@ def take_lock(run_dir: str | Path, create: bool = False) -> None:
     if _SCOPES:
         _SCOPES[-1].append(key)
     cleanup_partials(run)
+    return True
 
 
 def release_lock(run_dir: str | Path) -> None:
@@ -655,7 +700,10 @@ def describe_fault(exc: OSError, run_dir: str | Path | None = None) -> str:
     what = FAULTS.get(exc.errno, exc.strerror or str(exc))
     if run_dir is None and _HELD:
         run_dir = list(_HELD.values())[-1][1]  # the run being written (a write error from a thread names no file)
-    where = Path(exc.filename).parent if exc.filename else (Path(run_dir) if run_dir else "the run folder")
+    # A copy that fails writing (shutil's sendfile: ENOSPC with filename = the source, filename2 = the destination) names
+    # the folder written into, never the folder read from (OpenSeadragon's, in the package).
+    name = exc.filename2 if exc.filename2 and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) else exc.filename
+    where = Path(name).parent if name else (Path(run_dir) if run_dir else "the run folder")
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return f"{what} while writing into {where}: free some space (or choose another --out) and run the same command again"
     if exc.errno == errno.EROFS:

@@ -383,14 +383,17 @@ def test_the_live_page_in_chromium(server, run, camera_browser):
         context.close()
 
 
-def test_serve_installs_the_live_page_and_live_redirects_to_it(run, server):
+def test_serve_serves_the_live_page_from_the_package_and_live_redirects_to_it(run, server):
     import http.client
 
     tiles = run / "tiles"
-    for name in ("live.html", "live.js", "live.css"):
-        assert (tiles / name).read_bytes() == (REPO / "atlas" / "viewer_static" / name).read_bytes()
     conn = http.client.HTTPConnection("127.0.0.1", server.server_port, timeout=30)
     try:
+        for name in ("live.html", "live.js", "live.css"):
+            assert not (tiles / name).exists()  # serve writes nothing into the run
+            conn.request("GET", f"/tiles/{name}")
+            response = conn.getresponse()
+            assert response.status == 200 and response.read() == (REPO / "atlas" / "viewer_static" / name).read_bytes()
         conn.request("GET", "/live")
         response = conn.getresponse()
         assert response.status == 302 and response.getheader("Location") == "/tiles/live.html"

@@ -354,7 +354,8 @@ def test_the_writer_stores_what_the_pure_core_computes_and_resumes(run, net):
     assert (images[8] == 127).all()  # not asked for: untouched
     # resumable: a rerun skips what is done; a channel whose flag is cleared is redone, the others stay byte-equal
     again = write_projections(out, LAYER, "deconvnet", channels=[7, 300], progress=False, net=net)
-    assert again["channels"] == 0 and again["projections"] == 0
+    assert again["channels_computed"] == 0 and again["computed"] == 0
+    assert again["channels"] == 2 and again["projections"] == 8  # the summary counts what the node holds, not only this call's
     path = f"units/{LAYER}/projection/deconvnet"
     root = store.open_store(out, mode="r+")
     flags = root[f"{path}/done"][...]
@@ -362,7 +363,7 @@ def test_the_writer_stores_what_the_pure_core_computes_and_resumes(run, net):
     root[f"{path}/done"][...] = flags
     root[f"{path}/image"][7] = np.zeros((5, 32, 32, 3), np.uint8)
     redo = write_projections(out, LAYER, "deconvnet", channels=[7, 300], progress=False, net=net)
-    assert redo["channels"] == 1 and redo["projections"] == 4
+    assert redo["channels_computed"] == 1 and redo["computed"] == 4 and redo["projections"] == 8
     np.testing.assert_array_equal(store.open_store(out)[f"{path}/image"][...], images)
     store.verify(out, [path])  # sealed by finish_stage
     # the top-k pass rewrites a channel's row (its examples reordered): that channel's projections are stale and redone
@@ -374,7 +375,7 @@ def test_the_writer_stores_what_the_pure_core_computes_and_resumes(run, net):
         root[f"{tpath}/{name}"][300] = root[f"{tpath}/{name}"][300][order]
     store.finish_stage(out, "units", [tpath])
     stale = write_projections(out, LAYER, "deconvnet", channels=[7, 300], progress=False, net=net)
-    assert stale["channels"] == 1 and stale["projections"] == 4
+    assert stale["channels_computed"] == 1 and stale["computed"] == 4
     now = store.open_store(out)[f"{path}/image"][...]
     np.testing.assert_array_equal(now[300], images[300][order])
     np.testing.assert_array_equal(now[7], images[7])
@@ -436,7 +437,8 @@ def test_an_interrupted_writer_keeps_finished_channels_and_resumes(run, net, mon
         store.verify(out, [path])
     monkeypatch.setattr(projections, "project_units", real)
     resumed = write_projections(out, LAYER, "guided", channels=[20, 21], batch_size=4, progress=False, net=net)
-    assert resumed["channels"] == 1 and resumed["projections"] == 4
+    assert resumed["channels_computed"] == 1 and resumed["computed"] == 4
+    assert resumed["channels"] == 2 and resumed["projections"] == 8  # what the node holds after the resume
     group = store.open_store(out)[path]
     assert group["done"][[20, 21]].all() and (group["scale"][21, :4] > 0).all()
     np.testing.assert_array_equal(group["image"][20], first)

@@ -193,6 +193,10 @@ def inspect(images: Sequence[str | os.PathLike] | str | os.PathLike, run: str | 
         from atlas.classnames import resolve_class
 
         resolve_class(s.label, net.classes)
+    if s.boxes is not None:  # the boxes file's content, against the images read, is one line before any work
+        from atlas.inspect.correspondence import parse_boxes
+
+        parse_boxes(s.boxes, [p for p, _, _ in loaded], crop)
     photos = None
     if s.invariance:  # a range that crops a photo away is one line before any work
         from atlas.inspect.invariance import check_ranges
@@ -302,6 +306,9 @@ def _report(loaded, skipped, photos, s: InspectSettings, net, root, run_dir, out
         summary["correspondence"] = write_correspondence(table, work, [Path(p).name for p, _, _ in loaded])
         timed("correspondence", t0)
     summary["seconds"] = round(time.perf_counter() - start, 1)
+    if out is None:  # the report goes into the run's tiles/, which atlas serve serves: no path of this machine in it
+        summary = _without_paths(summary, run_dir, [p for p, _, _ in loaded] + [e["path"] for e in skipped],
+                                 [net.weights, s.boxes])
     (work / "report.json").write_text(json.dumps(summary, indent=1, default=_jsonable))
     report_page.write_page(summary, work)
     return summary
@@ -340,6 +347,34 @@ def _list_report(run_dir: Path, summary: dict) -> None:
              "images": [i["name"] for i in summary["images"]], "index": f"inspect/{summary['name']}/index.html"}
     update_listing(tiles / "inspect.json", "reports", entry, lambda x: x.get("name") == entry["name"],
                    lambda x: (tiles / "inspect" / str(x.get("name")) / "index.html").is_file(), lambda x: x.get("name", ""))
+
+
+def _without_paths(summary: dict, run_dir: Path, photos: list[str], files: list) -> dict:
+    """``summary`` with every path of this machine replaced by a bare file name: the photos', the weights' and the
+    boxes file's (anywhere in a string, error lines included), and the run folder's (by its name)."""
+    names: dict[str, str] = {}
+    for path in [*photos, *(f for f in files if f)]:
+        text = os.fspath(path)
+        for form in (text, os.path.abspath(text), os.path.realpath(text)):
+            names[form] = Path(text).name
+    for form in (str(run_dir), os.path.abspath(run_dir), os.path.realpath(run_dir)):
+        names[form] = Path(os.path.abspath(run_dir)).name
+    order = sorted((k for k in names if k), key=len, reverse=True)  # a photo inside the run before the run itself
+
+    def clean(value):
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        if isinstance(value, str):
+            for form in order:
+                value = value.replace(form, names[form])
+            return value
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        return value
+
+    return clean(summary)
 
 
 def _prefixed(written: dict, sub: str) -> dict:

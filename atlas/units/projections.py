@@ -356,8 +356,9 @@ def write_projections(run_dir: str | Path, layer: str, method: str = "deconvnet"
     Returns
     -------
     dict
-        A summary (also the ``projection/{method}`` group's ``summary`` attribute): ``method``, ``channels`` (computed
-        now), ``projections`` (now), ``skipped_images``, ``seconds``, ``projections_per_s``.
+        A summary (also the ``projection/{method}`` group's ``summary`` attribute): ``method``, ``channels`` (done, in
+        all), ``projections`` (stored, in all: earlier runs' included, unreadable examples' grey squares not),
+        ``channels_computed`` and ``computed`` (by this call), ``skipped_images``, ``seconds``, ``projections_per_s``.
     """
     if method not in METHODS:
         raise AtlasError(f"unknown projection method '{method}'; choose one of: {', '.join(METHODS)}")
@@ -476,8 +477,12 @@ def write_projections(run_dir: str | Path, layer: str, method: str = "deconvnet"
             bar.update(len(chunk))
     bar.close()
     seconds = time.perf_counter() - started
-    summary = {"method": method, "channels": len(todo), "projections": computed, "skipped_images": len(skipped),
-               "seconds": round(seconds, 3), "projections_per_s": round(computed / seconds, 2) if computed and seconds > 0 else 0.0}
+    # What the node holds (a resumed run's summary counts what earlier runs stored too), then what this call added.
+    held = group["done"][...]
+    stored = int(((image_ids >= 0) & (group["scale"][...] > 0) & held[:, None]).sum())  # grey (unreadable) examples aside
+    summary = {"method": method, "channels": int(held.sum()), "projections": stored, "channels_computed": len(todo),
+               "computed": computed, "skipped_images": len(skipped), "seconds": round(seconds, 3),
+               "projections_per_s": round(computed / seconds, 2) if computed and seconds > 0 else 0.0}
     if skipped:
         store.log(run_dir, f"units {layer} {method}: {len(skipped)} unreadable example images skipped (grey, scale 0)")
     group.attrs["summary"] = summary
