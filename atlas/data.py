@@ -46,7 +46,11 @@ resized so the shorter side is ``resize`` and centre-cropped to ``crop``. 16-bit
 integer images (PIL modes I;16, I) and float images (mode F) are scaled to 0-255 by the
 image's own range (values already within 0-255, or floats within 0-1, are kept as they are),
 not clipped. Images of more than ``MAX_PIXELS`` pixels after JPEG draft reduction are refused
-before decoding. Files that cannot be read are reported to the caller, who skips and counts them.
+before decoding; an image of an extreme aspect ratio (resized long side over ``MAX_ASPECT`` times the
+short side) is resampled only in the part that is kept, so no file costs more memory than its decoded
+size plus the output. Every reader decodes through :func:`decode_image`. Files that cannot be read,
+whatever the decoder raised, are reported to the caller as an OSError (or ``ImageTooLarge``), who
+skips and counts them.
 """
 
 from __future__ import annotations
