@@ -3,6 +3,7 @@ failures up front, `atlas info` that lists what the run holds, wording that does
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import zarr
 from tiny_run import cli
@@ -126,3 +127,49 @@ def test_real_lists_still_pass_the_check(tmp_path, photos, photo_list):
     csv = tmp_path / "list.csv"
     csv.write_text("path,label\nmissing/a.jpg,3\n")
     check_image_source(csv)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, photos):
+    from tiny_run import build_tiny
+
+    return build_tiny(tmp_path_factory, photos)
+
+
+@pytest.fixture
+def half_rendered(tiny, tmp_path):
+    """A copy of the tiny run whose 4x4 icons are being rendered: half the cells done, the node marked as being written."""
+    from tiny_run import copy_run
+
+    from atlas import store
+
+    run = copy_run(tiny, tmp_path)
+    path = "icons/mixed4c/full/4"
+    store.begin_stage(run, "render", [path])
+    root = zarr.open_group(run / "store.zarr", mode="r+")
+    done = root[f"{path}/done"][...]
+    todo = int(zarr.open_group(run / "store.zarr", mode="r")["grids/mixed4c/full/4/render"][...].sum())
+    flat = done.reshape(-1)
+    flat[np.flatnonzero(flat)[: todo // 2]] = False
+    root[f"{path}/done"][...] = flat.reshape(done.shape)
+    return run, int(flat.sum()), todo
+
+
+def test_an_image_is_placed_on_an_atlas_whose_icons_are_incomplete(half_rendered, net, tmp_path):
+    from atlas.inspect.engine import read_image
+    from atlas.inspect.onatlas import image_positions, place_on_atlas, write_placement
+
+    run, _, _ = half_rendered
+    x, _ = read_image(str(zarr.open_group(run / "store.zarr", mode="r")["images/path"][0]), 256, 224)
+    acts, attribution, _, _ = image_positions(net, x, "mixed4c")
+    placement = place_on_atlas(run, "mixed4c", acts, net=net)
+    assert "incomplete: placed without icons" in placement.summary["icons"]
+    assert not any(v.any() for v in placement.has_icon.values())
+    write_placement(run, placement, attribution, tmp_path / "report", "photo")
+    assert (tmp_path / "report" / "placement.png").is_file()
+
+
+def test_info_counts_the_icons_of_a_grid_being_rendered(half_rendered):
+    run, done, todo = half_rendered
+    text = format_info(info(run))
+    assert f"icons 4: {done} of {todo} done" in text and "?" not in text.split("icons 4:")[1].splitlines()[0], text

@@ -251,7 +251,8 @@ def place_on_atlas(run_dir: str | Path, layer: str, acts: np.ndarray, *, atlas: 
         raise AtlasError(f"no layout '{atlas}' for layer '{layer}' in {run_dir}{hint}; run `atlas project {run_dir} --layer {layer}` "
                          "(or `atlas build`) first")
     grids_path, icons_path = f"grids/{layer}/{atlas}", f"icons/{layer}/{atlas}"
-    store.verify(root, [f"samples/{layer}", f"layouts/{layer}/{atlas}", grids_path, icons_path])
+    store.verify(root, [f"samples/{layer}", f"layouts/{layer}/{atlas}", grids_path])
+    icons_intact = _icons_intact(root, icons_path)  # a grid still rendering: placed all the same, without its icons
     activations = samples["activations"]
     acts = np.asarray(acts, dtype=np.float32)
     if acts.ndim != 2 or acts.shape[1] != activations.shape[1]:
@@ -281,7 +282,7 @@ def place_on_atlas(run_dir: str | Path, layer: str, acts: np.ndarray, *, atlas: 
     for size in _grid_sizes(root, grids_path):
         cell = cell_of(points, size)
         count = root[f"{grids_path}/{size}/count"][:].reshape(-1)
-        icons = root.get(f"{icons_path}/{size}")
+        icons = root.get(f"{icons_path}/{size}") if icons_intact else None
         done = (np.asarray(store.read_flags(icons["done"]), bool).reshape(-1) if icons is not None and "done" in icons
                 else np.zeros(size * size, bool))
         cells[size], counts[size], has_icon[size] = cell, count[cell].astype(np.int32), done[cell]
@@ -291,10 +292,21 @@ def place_on_atlas(run_dir: str | Path, layer: str, acts: np.ndarray, *, atlas: 
                "power": power, "outside": outside, "n_positions": int(acts.shape[0]), "n_exact": int(exact.sum()),
                "n_samples": int(rows_k.size),
                "seconds": seconds}
+    if not icons_intact:
+        summary["icons"] = f"incomplete: placed without icons (`atlas render RUN --layer {layer}` completes them)"
     return Placement(layer=layer, atlas=atlas, hw=_hw(acts.shape[0]), xy=points, neighbours=rows_k[index], distances=dist, exact=exact,
                      cells=cells, has_icon=has_icon, counts=counts, method=method, metric=metric, k=int(min(k, rows_k.size)),
                      outside=outside, transform=TRANSFORMS.get(method, "placed by the k nearest sampled activations"),
                      n_samples=int(rows_k.size), seconds=seconds, summary=summary)
+
+
+def _icons_intact(root, icons_path: str) -> bool:
+    """Whether the icons of an atlas can be read (absent icons count as intact: there is nothing to show)."""
+    try:
+        store.verify(root, [icons_path])
+    except AtlasError:
+        return False
+    return True
 
 
 def _hw(p: int) -> tuple[int, int]:
@@ -396,7 +408,8 @@ def write_placement(run_dir: str | Path, placement: Placement, attribution: np.n
         raise AtlasError(f"attribution has {attribution.shape[0]} values for {p} placed positions")
     root = store.open_store(run_dir)
     icons_path = f"icons/{placement.layer}/{placement.atlas}"
-    store.verify(root, [icons_path])
+    if not _icons_intact(root, icons_path):  # icons being rendered: the dots on an empty atlas rather than no report
+        icons_path = f"{icons_path}/missing"
     sizes = sorted(placement.cells)
     if size is None:
         size = _figure_size(sizes, root, icons_path)
