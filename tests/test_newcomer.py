@@ -173,3 +173,33 @@ def test_info_counts_the_icons_of_a_grid_being_rendered(half_rendered):
     run, done, todo = half_rendered
     text = format_info(info(run))
     assert f"icons 4: {done} of {todo} done" in text and "?" not in text.split("icons 4:")[1].splitlines()[0], text
+
+
+def test_serve_on_a_missing_folder_says_so(tmp_path):
+    from tiny_run import one_line
+
+    line = one_line(cli("serve", tmp_path / "nowhere", "--port", "0"), "does not exist")
+    assert "atlas tiles" not in line
+    (tmp_path / "file").write_text("x")
+    one_line(cli("serve", tmp_path / "file", "--port", "0"), "is not a folder")
+
+
+def test_patch_says_the_class_was_kept_without_contradiction(photos, tmp_path):
+    result = cli("patch", "--images", photos / "n02951358_canoe.JPEG", "--patch", photos / "n04251144_snorkel.JPEG", "--size", "48",
+                 "--out", tmp_path / "p")
+    assert result.returncode == 0, result.stderr
+    line = next(ln for ln in result.stdout.splitlines() if "n02951358_canoe.JPEG:" in ln)
+    assert "canoe -> canoe" not in line and line.split(": ", 1)[1].startswith("top-1 'canoe'; patched: "), line
+    assert "'snorkel' in " in line and "of places" in line, line
+
+
+def test_info_lists_the_unit_lens_and_the_instruments(tiny, tmp_path):
+    from tiny_run import copy_run
+
+    run = copy_run(tiny, tmp_path)
+    report = run / "tiles" / "inspect" / "photo"
+    report.mkdir(parents=True)
+    (report / "index.html").write_text("<html></html>")
+    text = format_info(info(run))
+    assert "  inspect: 1 (photo) -> tiles/inspect/" in text, text
+    assert "openseadragon" not in text

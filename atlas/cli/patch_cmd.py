@@ -56,9 +56,11 @@ def patch_command(
     r = patch_images(images, patch=patch, cell=cell, cell_kind=cell_patch, target=target, settings=settings, out=out, weights=weights,
                      echo=typer.echo)
     for row in r["per_image"]:
-        rate = "already the target" if row["already_target"] else f"flip rate {_rate(row['flip_rate'])}"
+        # "before -> after" read as a contradiction beside a flip rate when most places kept the class: say each part
+        rate = "already the target" if row["already_target"] else f"'{r['target']}' in {_rate(row['flip_rate'])} of places"
+        after = (f"still '{row['after']}'" if row["after"] == row["before"] else f"'{row['after']}'") + f" in {row['after_share']:.0%}"
         typer.echo(f"  {Path(row['image'].split(' (')[0]).name}{' (' + row['image'].split(' (')[1] if ' (' in row['image'] else ''}: "
-                   f"{row['before']} -> {row['after']} ({row['after_share']:.0%} of places); {rate}; mean delta {row['mean_delta']:.2f}")
+                   f"top-1 '{row['before']}'; patched: {after} of places (the most common), {rate}; mean delta {row['mean_delta']:.2f}")
     typer.echo(f"{r['n_images']} images, {r['n_variants']} pasted variants: flip rate to '{r['target']}' {_rate(r['flip_rate'])} "
                f"({r['n_flipped']}/{r['n_eligible']}), top-1 changed in {r['changed_rate']:.1%}, mean delta "
                f"logit(target) - logit(original) {r['mean_delta']:+.2f}; {r['already_target']} images already '{r['target']}'")

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from atlas.cli.commands import app
+from atlas.errors import AtlasError
 from atlas.settings import GridSettings, check_port
 from atlas.settings import TilesSettings as T
 
@@ -51,6 +52,9 @@ def serve_command(
 ) -> None:
     """Serve the run's viewer and tiles (RUN/tiles/ only) over HTTP; prints the URL."""
     check_port(port)
+    if not run_dir.is_dir():  # not "run atlas tiles": there is no run there to tile
+        what = "is not a folder" if run_dir.exists() else "does not exist"
+        raise AtlasError(f"run folder {run_dir} {what}; give the folder of a run (atlas build --out RUN) to serve")
     from atlas.server import serve
 
     serve(run_dir, host=host, port=port, quiet=not verbose, allow_hosts=allow_host or ())
