@@ -60,7 +60,7 @@ from atlas.models.zoo import GOOGLENET_ALIASES, load_model, load_run_model
 __all__ = [
     "BVLC_BLOCKS", "BVLC_FILE", "BVLC_SHA1", "BVLC_URL", "DOWNLOAD_TIMEOUT", "Fetched", "GOOGLENET_ALIASES", "INCEPTION_FILES",
     "INCEPTION_LAYERS", "InceptionV1", "LUCID_BLOCKS", "LocalResponseNorm", "Mixed", "Network", "Preprocess", "SamePad",
-    "SpaceToDepthConv2d", "StopForward", "_bvlc_key_map", "_lucid_key_map", "as_input", "autocast_dtype", "cache_dir", "channels_last",
+    "SpaceToDepthConv2d", "StopForward", "as_input", "autocast_dtype", "cache_dir", "channels_last",
     "describe_layers", "fetch_weights", "imagenet_classes", "inceptionv1", "inference_net", "load_model", "load_run_model",
     "local_weights", "micro_batch", "native_bf16", "resolve_weights", "sha256", "synset_words", "synset_words_file"
 ]  # fmt: skip
