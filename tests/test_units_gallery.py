@@ -426,3 +426,53 @@ def test_gallery_of_the_real_unit_lens(real_run, browser):
         context.close()
         srv.shutdown()
         srv.server_close()
+
+
+# ---------------------------------------------------------------------------- channels not visualised yet
+@pytest.fixture(scope="module")
+def partial_server(tmp_path_factory):
+    """The synthetic run with only some channels visualised: LAYER's 0, 2, 4, 6 (thumbnails), BIG's 5..24 (Deep Zoom)."""
+    run = make_run(tmp_path_factory.mktemp("partial") / "run")
+    root = open_store(run, mode="a")
+    for layer, channels, keep in ((LAYER, C, {0, 2, 4, 6}), (BIG, 40, set(range(5, 25)))):
+        for kind in root[f"units/{layer}/vis"].group_keys():
+            root[f"units/{layer}/vis/{kind}/done"][...] = np.isin(np.arange(channels), sorted(keep))
+    write_gallery(run, LAYER)
+    write_gallery(run, BIG, dzi_above=16)
+    with serving(run) as srv:
+        yield srv
+
+
+def test_only_visualised_units_are_squares_and_the_rest_are_counted(page, partial_server):
+    page.goto(f"{base_url(partial_server)}/units.html#{LAYER}")
+    page.wait_for_function("document.body.dataset.loaded === '1'", timeout=20000)
+    cells = page.eval_on_selector_all("#units-grid .unit-cell", "els => els.map(e => Number(e.dataset.c))")
+    assert cells == [0, 2, 4, 6]
+    assert page.inner_text("#units-missing-count") == f"{C - 4} of {C} units not visualised yet"
+    page.click("#units-missing-count")
+    page.click('.unit-chip[data-c="5"]')
+    page.wait_for_function("document.body.dataset.unit === '5'", timeout=10000)
+    assert page.locator("#unit-top .patches .frame").count() == K
+    assert page.errors == []
+
+
+def test_deep_zoom_grid_of_visualised_units_and_zoom_buttons_off_the_units(page, partial_server):
+    page.goto(f"{base_url(partial_server)}/units.html#{BIG}")
+    page.wait_for_function("document.body.dataset.loaded === '1'", timeout=20000)
+    meta = page.evaluate("unitGallery.state.meta")
+    assert meta["order"] == list(range(5, 25)) and page.inner_text("#units-missing-count") == "20 of 40 units not visualised yet"
+    first = page.evaluate("unitGallery.unitCenter(5)")
+    scale = page.evaluate("(() => { const m = unitGallery.state.meta, it = unitGallery.state.osd.world.getItemAt(0);"
+                          " const a = unitGallery.state.osd.viewport.pixelFromPoint(it.imageToViewportCoordinates(0, 0), true);"
+                          " const b = unitGallery.state.osd.viewport.pixelFromPoint(it.imageToViewportCoordinates(m.cell, m.cell), true);"
+                          " return b.x - a.x; })()")
+    square = (first["x"] - scale / 2, first["y"] - scale / 2, first["x"] + scale / 2, first["y"] + scale / 2)
+    buttons = page.eval_on_selector_all("#units-osd [title]", "els => els.map(e => { const r = e.getBoundingClientRect();"
+                                        " return [r.left, r.top, r.right, r.bottom]; }).filter(r => r[2] > r[0])")
+    assert buttons, "no zoom buttons found"
+    for left, top, right, bottom in buttons:
+        assert right <= square[0] or left >= square[2] or bottom <= square[1] or top >= square[3], (buttons, square)
+    page.screenshot(path=str(outputs() / "units_gallery_partial.png"))
+    page.mouse.click(first["x"], first["y"])
+    page.wait_for_function("document.body.dataset.unit === '5'", timeout=10000)
+    assert page.errors == []

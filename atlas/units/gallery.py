@@ -5,9 +5,13 @@ the gallery shows what exists) and the layer's atlas grids, and writes, under ``
 
     units.json                                   the layers that have a gallery (the pages' menu)
     units.html units.js units.css atlas_units.js the gallery page and the atlas viewer's unit links (atlas.viewer)
-    units/{layer}/gallery.json                   the layer: channels, grid columns, kinds, methods, atlases
-    units/{layer}/thumbs/{c}.jpg                 every channel's visualisation (layers up to ``dzi_above`` channels)
+    units/{layer}/gallery.json                   the layer: channels, the grid's channels (order) and columns, kinds,
+                                                 methods, atlases
+    units/{layer}/thumbs/{c}.jpg                 every visualised channel's square (layers up to ``dzi_above`` channels)
     units/{layer}/grid.dzi, grid_files/          the same as one Deep Zoom pyramid (larger layers)
+
+The grid shows only the channels with a visualisation; the page lists the others by number (each still opens its
+panel: top examples, projections and classes may exist without a visualisation).
     units/{layer}/unit/{c}.json                  one unit: visualisations, top examples, projections, classes, cells
                                                  (its veils: S x S alpha bytes per atlas and grid, zlib, base64)
     units/{layer}/vis/{kind}/{c}.jpg|png         its visualisations of one kind side by side (PNG with alpha)
@@ -52,7 +56,6 @@ DZI_ABOVE = 256  # layers with more channels get a Deep Zoom grid instead of one
 MAX_THUMB = 96  # side of a channel's square in the grid (the visualisation's own size when smaller)
 BACKGROUND = (17, 19, 24)  # the viewer's page colour (atlas.tiles.BACKGROUND): empty squares and the veil's colour
 GREY = 127
-EMPTY = (35, 39, 47)  # a channel without a visualisation (the page's empty-square colour)
 MANIFEST = "units.json"
 TILE_SIZE, OVERLAP = 254, 1
 
@@ -359,18 +362,17 @@ def write_gallery(run_dir: str | Path, layer: str, *, dzi_above: int = DZI_ABOVE
             if thumbs[c] is None:
                 thumbs[c], first[int(c)] = kind, block[0]
     side = min(MAX_THUMB, max((im.shape[0] for im in first.values()), default=MAX_THUMB))
-    cols = grid_columns(c_total)
+    # The grid holds the visualised channels only, in channel order: hundreds of empty squares for channels not yet
+    # visualised said nothing; the page lists those by number instead (``order`` maps a square to its channel).
+    order = sorted(first)
+    cols = grid_columns(max(1, len(order)))
     dzi = None
-    if c_total > dzi_above:
+    if c_total > dzi_above and order:
         canvas = np.empty((cols * side, cols * side, 3), np.uint8)
         canvas[:] = BACKGROUND
-        inset = max(1, side // 16)
-        for c in range(c_total):  # every channel's square, so the grid shows which have no visualisation yet
-            y, x = divmod(c, cols)
-            canvas[y * side + inset:(y + 1) * side - inset, x * side + inset:(x + 1) * side - inset] = EMPTY
-        for c, image in first.items():
-            y, x = divmod(c, cols)
-            canvas[y * side:(y + 1) * side, x * side:(x + 1) * side] = _thumb(image, side)
+        for i, c in enumerate(order):
+            y, x = divmod(i, cols)
+            canvas[y * side:(y + 1) * side, x * side:(x + 1) * side] = _thumb(first[c], side)
         dzi = _write_dzi(canvas, work)
     else:
         for c, image in first.items():
@@ -470,7 +472,7 @@ def write_gallery(run_dir: str | Path, layer: str, *, dzi_above: int = DZI_ABOVE
                "with_top": sum(u["top"] is not None for u in units), "kinds": kinds, "methods": methods,
                "atlases": len(atlases), "skipped": parts.skipped, "unfinished": parts.partial}
     meta = {"version": 1, "layer": layer, "model": str(root.attrs.get("model", "unknown")), "channels": c_total, "cols": cols,
-            "cell": side, "thumbs": thumbs, "dzi": dzi, "kinds": kinds, "vis": vis_info, "methods": methods, "k": k,
+            "order": order, "cell": side, "thumbs": thumbs, "dzi": dzi, "kinds": kinds, "vis": vis_info, "methods": methods, "k": k,
             "top": top_ok, "classes": classes_ok, "atlases": atlases, "background": "#{:02x}{:02x}{:02x}".format(*BACKGROUND),
             "summary": summary}
     (work / "gallery.json").write_text(json.dumps(meta, indent=1))

@@ -2,7 +2,8 @@
  *
  * URL: units.html#LAYER shows a layer's channel grid, units.html#LAYER/C also opens unit C. Small layers are a grid
  * of thumbnails (units/{layer}/thumbs/{c}.jpg); large ones one Deep Zoom image (grid.dzi) in OpenSeadragon, where a
- * click picks the square under the cursor. A unit's panel reads units/{layer}/unit/{c}.json: its visualisations
+ * click picks the square under the cursor. The grid holds the visualised channels only (gallery.json's order); the
+ * others are counted and listed by number below it. A unit's panel reads units/{layer}/unit/{c}.json: its visualisations
  * (image strips, alpha ones over a checkerboard), its top dataset patches beside their projections with the
  * images' labels, the classes it contributes to most and links that open the atlas with the unit's cells lit.
  */
@@ -57,12 +58,39 @@
   }
 
   // ---------------------------------------------------------------- the channel grid
+  /** The channels drawn in the grid, in order (galleries written before it was stored: every channel). */
+  function order(meta) { return meta.order || Array.from({ length: meta.channels }, (_, c) => c); }
+
+  /** The channels without a visualisation: a count and their numbers, each opening its panel (no empty squares). */
+  function missingList(meta) {
+    const box = $("units-missing");
+    const drawn = new Set(order(meta));
+    const missing = [];
+    for (let c = 0; c < meta.channels; c++) if (!drawn.has(c)) missing.push(c);
+    box.hidden = !missing.length;
+    box.open = !drawn.size;
+    $("units-missing-count").textContent = drawn.size
+      ? `${missing.length} of ${meta.channels} units not visualised yet`
+      : `None of the ${meta.channels} units is visualised yet`;
+    const list = $("units-missing-list");
+    list.innerHTML = "";
+    for (const c of missing) {
+      const b = document.createElement("button");
+      b.type = "button";
+      b.className = "unit-chip";
+      b.dataset.c = c;
+      b.textContent = c;
+      b.addEventListener("click", () => go(c));
+      list.appendChild(b);
+    }
+  }
+
   function buildGrid(meta) {
     const grid = $("units-grid");
     grid.innerHTML = "";
     grid.style.setProperty("--cell", `${Math.min(128, Math.max(72, meta.cell))}px`);  // small visualisations shown larger
     const loads = [];
-    for (let c = 0; c < meta.channels; c++) {
+    for (const c of order(meta)) {
       const button = document.createElement("button");
       button.type = "button";
       button.className = "unit-cell";
@@ -88,6 +116,7 @@
     }
     grid.hidden = false;
     $("units-osd").hidden = true;
+    missingList(meta);
     Promise.all(loads).then(() => { document.body.dataset.loaded = "1"; });
   }
 
@@ -99,6 +128,8 @@
       state.osd = OpenSeadragon({
         id: "units-osd", prefixUrl: "openseadragon/images/", drawer: "canvas", showNavigator: true,
         navigatorPosition: "BOTTOM_RIGHT", showRotationControl: false, maxZoomPixelRatio: 4, visibilityRatio: 0.6,
+        // the zoom buttons sit top left: the home view keeps a band free above the grid so they cover no unit
+        viewportMargins: { top: 48, left: 8, right: 8, bottom: 8 },
         gestureSettingsMouse: { clickToZoom: false, dblClickToZoom: true },
       });
       state.osd.addHandler("open", () => {
@@ -112,6 +143,7 @@
       });
     }
     state.osd.open(`${base()}${meta.dzi.src}`);
+    missingList(meta);
   }
 
   /** The channel whose square is under a viewport point of the Deep Zoom grid, or null. */
@@ -120,8 +152,8 @@
     const p = item.viewportToImageCoordinates(point);
     const col = Math.floor(p.x / meta.cell), row = Math.floor(p.y / meta.cell);
     if (col < 0 || row < 0 || col >= meta.cols || row >= meta.cols) return null;
-    const c = row * meta.cols + col;
-    return c < meta.channels ? c : null;
+    const i = row * meta.cols + col, drawn = order(meta);
+    return i < drawn.length ? drawn[i] : null;
   }
 
   // ---------------------------------------------------------------- one unit
@@ -205,8 +237,8 @@
     const key = `${state.layer}/${c}`;
     state.unit = key;
     document.body.dataset.unit = "";
-    for (const b of document.querySelectorAll(".unit-cell.selected")) b.classList.remove("selected");
-    const button = document.querySelector(`.unit-cell[data-c="${c}"]`);
+    for (const b of document.querySelectorAll(".unit-cell.selected, .unit-chip.selected")) b.classList.remove("selected");
+    const button = document.querySelector(`.unit-cell[data-c="${c}"], .unit-chip[data-c="${c}"]`);
     if (button) button.classList.add("selected");
     return getJSON(`${base()}unit/${c}.json`).then((unit) => {
       if (state.unit !== key) return;
@@ -250,7 +282,7 @@
       $("f-kind").textContent = meta.kinds.length ? meta.kinds.filter((k) => meta.thumbs.includes(k)).join(", ") || "–" : "no visualisations";
       const full = meta.atlases.find((a) => a.atlas === "full") || meta.atlases[0];
       $("atlas-link").href = full ? `index.html#${encodeURIComponent(`${meta.layer}/${full.atlas}`)}` : "index.html";
-      status(meta.thumbs.some((t) => t) ? "" : "No visualisations yet: units without one are empty squares.");
+      status("");
       if (meta.dzi) buildDzi(meta); else buildGrid(meta);
     }).catch((err) => status(`Cannot load the gallery of ${entry.layer} (${err.message}).`));
   }
@@ -283,7 +315,7 @@
     openUnit: go,
     unitCenter(c) {  // page position of unit c's square in the Deep Zoom grid
       const meta = state.meta, item = state.osd.world.getItemAt(0);
-      const col = c % meta.cols, row = Math.floor(c / meta.cols);
+      const i = order(meta).indexOf(c), col = i % meta.cols, row = Math.floor(i / meta.cols);
       const vp = item.imageToViewportCoordinates((col + 0.5) * meta.cell, (row + 0.5) * meta.cell);
       const p = state.osd.viewport.pixelFromPoint(vp, true);
       const box = state.osd.container.getBoundingClientRect();
