@@ -403,11 +403,13 @@ class Run:
             If the run has no tiles yet (``atlas.tiles(run, layer)`` makes them), ``layer`` has none, or ``page`` is not
             in the run's ``tiles/`` folder.
         """
-        target = (self.path / "tiles" / page).resolve()
-        if ".." in Path(page).parts or not target.is_file():
-            reports = sorted((self.path / "tiles").glob("inspect/*/index.html"))
-            raise AtlasError(f"no page {page!r} in {self.path / 'tiles'}; pages: index.html"
-                             + (", units.html" if (self.path / "tiles" / "units.html").is_file() else "")
+        tiles = self.path / "tiles"
+        # The atlas and live pages come with the server; the gallery once atlas.units wrote its manifest; reports are files.
+        known = {"index.html": True, "live.html": True, "units.html": (tiles / "units.json").is_file()}
+        if ".." in Path(page).parts or not known.get(page, (tiles / page).is_file()):
+            reports = sorted(tiles.glob("inspect/*/index.html"))
+            raise AtlasError(f"no page {page!r} in {tiles}; pages: index.html, live.html"
+                             + (", units.html" if known["units.html"] else "")
                              + "".join(f", inspect/{p.parent.name}/index.html" for p in reports))
         if layer is not None:
             tiled = [(e.get("layer"), e.get("atlas")) for e in self.info()["tiles"]]

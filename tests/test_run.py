@@ -215,6 +215,7 @@ def test_errors_are_one_line_naming_what_exists(run, tmp_path):
         (lambda: run.layout(LAYER, "class-snorkel"), "atlas 'class-snorkel' of mixed4c is not in the run .*; its atlases: full"),
         (lambda: run.samples("logits"), "layer 'logits' is not in the run"),
         (lambda: run.show("mixed3a"), "mixed3a/full has no tiles .*; tiled: mixed4c/full"),
+        (lambda: run.show(page="units.html"), r"no page 'units.html' in .*; pages: index.html, live.html$"),  # before atlas.units
         (lambda: atlas.open_run(run.path.parent), r"is not an atlas run \(no store.zarr\); runs inside it: run"),
         (lambda: atlas.open_run(tmp_path), r"is not an atlas run \(no store.zarr\); build one with atlas.build"),
         (lambda: atlas.open_run(tmp_path / "nowhere"), "no run folder at .*nowhere .it does not exist."),
@@ -308,5 +309,5 @@ def test_unit_views_read_what_the_lens_computed(run):
         assert viewer.url.endswith("/tiles/units.html") and _get(viewer.url) == 200
     finally:
         viewer.stop()
-    with pytest.raises(AtlasError, match="no page 'nope.html' in .*; pages: index.html, units.html"):
+    with pytest.raises(AtlasError, match="no page .nope.html. in .*; pages: index.html, live.html, units.html"):
         run.show(page="nope.html")
