@@ -272,8 +272,8 @@ def make_tiles(run_dir: str | Path, layer: str, atlas: str = FULL_ATLAS, sizes: 
     examples : bool, default True
         Write dataset-example patches per cell (needs the sampled images still readable) (``TilesSettings.examples``).
     viewer : bool, default True
-        Also install the browser viewer beside the tiles; it needs OpenSeadragon from npm, checked first so a
-        missing install fails before any work.
+        Also install the browser viewer beside the tiles, with the OpenSeadragon the package ships (or
+        ``$ATLAS_OPENSEADRAGON``), checked first so a missing copy fails before any work.
     quality : int, default 75
         JPEG and WebP quality of the tiles (Pillow's scale, 1 to 95 useful); PNG tiles ignore it.
     threads : int or None, default None
