@@ -10,7 +10,7 @@ Schema (version 1)::
      "tiles": [...the "atlases" entries of tiles/atlases.json],
      "labels": {...label_agreement} or None,
      "units": {layer: {"channels": int, "top_done": int, "projections": {method: int}, "vis": {kind: int},
-                       "classes": bool}},
+                       "classes": bool, "effects": int}},
      "instruments": {folder of tiles/: [names]}}
 
 Stages add to it by storing a ``summary`` dict in the attrs of the node they write.
@@ -97,7 +97,8 @@ def _units(root) -> dict:
         g = root[f"units/{layer}"]
         entry = {"channels": int(g["top/done"].shape[0]) if "top/done" in g else 0,
                  "top_done": int(g["top/done"][:].sum()) if "top/done" in g else 0, "projections": {}, "vis": {},
-                 "classes": "classes" in g}
+                 "classes": "classes" in g,
+                 "effects": int(g["effects/done"][:].sum()) if "effects/done" in g else 0}
         for kind, key in (("projection", "projections"), ("vis", "vis")):
             for method in sorted(g[kind].group_keys()) if kind in g else []:
                 node = g[f"{kind}/{method}"]
@@ -133,8 +134,10 @@ def info(run_dir: str | Path) -> dict:
     -------
     dict
         JSON-able, schema 1 (the module docstring): the run's model, weights and their sha256, sampling seed and
-        ``per_image``, ``n_images``, ``n_skipped`` (unreadable images in finished shards) and ``complete``; per
-        sampled layer its channels, ``grid_hw`` (positions), valid ``samples``, whether it has attributions and a
+        ``per_image``, ``n_images``, ``n_skipped`` (unreadable images in finished shards) and ``complete``;
+        ``damaged`` (sealed array -> what is wrong with its chunk files and how to recover; a damaged sampled array
+        makes ``complete`` false); per sampled layer its channels, ``grid_hw`` (positions), valid ``samples``,
+        whether it has attributions and a
         whitening matrix, and per atlas the ``summary`` each stage stored with its layout, grids and icons (by grid
         size, as strings); ``tiles``, the entries of ``tiles/atlases.json`` (empty before the tiles stage).
         :func:`format_info` turns it into the short text of ``atlas info``.
@@ -157,7 +160,11 @@ def info(run_dir: str | Path) -> dict:
         "n_skipped": int((~ok[flags.repeat(meta.get("shard_size", 256))[: ok.size]]).sum()) if ok is not None and flags is not None else 0,
         "complete": bool(flags.all()) if flags is not None else False,
         "layers": {},
+        # sealed arrays whose chunk files no longer match (a stat per chunk, as the stages check before reading)
+        "damaged": store.seal_problems(root),
     }
+    if any(rel.split("/")[0] in ("images", "samples") for rel in out["damaged"]):
+        out["complete"] = False  # sampling must redo the damaged shards before anything reads them
     for layer in sorted(root["samples"].group_keys()) if "samples" in root else []:
         g = root[f"samples/{layer}"]
         entry = {"channels": g.attrs.get("channels"), "grid_hw": g.attrs.get("grid_hw"), "samples": int(g["valid"][:].sum()),
@@ -197,6 +204,8 @@ def format_info(data: dict) -> str:
     """A short human-readable version of :func:`info`."""
     lines = [f"run {data['run_dir']}: model {data['model']} ({Path(data['weights'] or '').name}), seed {data['seed']}",
              f"images {data['n_images']} ({data['n_skipped']} skipped){'' if data['complete'] else ', sampling incomplete'}"]
+    for rel, problem in data.get("damaged", {}).items():
+        lines.append(f"  damaged: {rel}: {problem}")
     for layer, entry in data["layers"].items():
         c, hw = entry["channels"], entry["grid_hw"]
         lines.append(f"  {layer}: {entry['samples']} samples x {c} channels ({hw[0]}x{hw[1]} positions), "
@@ -219,6 +228,7 @@ def format_info(data: dict) -> str:
         parts = [f"top-k examples {u['top_done']} of {u['channels']} channels"]
         parts += [f"{m} projections {n}" for m, n in u["projections"].items()]
         parts += [f"{k} visualisations {n}" for k, n in u["vis"].items()]
+        parts += [f"direct class effects {u['effects']}"] if u.get("effects") else []
         lines.append(f"  unit lens {layer}: {', '.join(parts)}" + (", class scores" if u["classes"] else ""))
     for folder, names in data.get("instruments", {}).items():
         lines.append(f"  {folder}: " + (f"{len(names)} ({', '.join(names)})" if names else "present")

@@ -102,7 +102,15 @@ def _square(patch: np.ndarray) -> np.ndarray:
     return patch[(h - s) // 2 : (h - s) // 2 + s, (w - s) // 2 : (w - s) // 2 + s]
 
 
+def _check_layer(root, run_dir: Path, layer: str) -> None:
+    """One line for a layer the run did not sample (a typo such as ``mixed9z``), before any talk of missing atlases."""
+    sampled = sorted(root["samples"].group_keys()) if "samples" in root else []
+    if layer not in sampled:
+        raise AtlasError(f"unknown layer '{layer}' in {run_dir}: the run's layers are {', '.join(sampled) or 'none (sample it first)'}")
+
+
 def _grid_group(root, cell: CellRef):
+    _check_layer(root, cell.run, cell.layer)
     where = f"grids/{cell.layer}/{cell.atlas}/{cell.grid}"
     if f"grids/{cell.layer}/{cell.atlas}" not in root:
         have = sorted(root[f"grids/{cell.layer}"].group_keys()) if f"grids/{cell.layer}" in root else []
@@ -455,6 +463,7 @@ def guided_search(run_dir: str | Path, layer: str, atlas: str, images: str | Pat
     start = time.perf_counter()
     run_dir = Path(run_dir)
     root = store.open_store(run_dir)
+    _check_layer(root, run_dir, layer)
     layout = root.get(f"layouts/{layer}/{atlas}")
     meta = store.attrs(layout) if layout is not None else {}
     if layout is None:
