@@ -86,25 +86,57 @@ def _same(a_run: Path, b_run: Path, names: list[str]) -> None:
         assert np.array_equal(a[name][...], b[name][...]), name
 
 
-def test_ctrl_c_stops_sample_and_its_workers_and_the_run_resumes(tmp_path, photo_list):
+SAMPLE = ["sample", "--layer", LAYER, "--weights", WEIGHTS, "--max-images", "12", "--per-image", "2", "--no-attribution",
+          "--batch-size", "2", "--shard-size", "2"]
+SAMPLED = ["images/ok", "images/top5", *(f"samples/{LAYER}/{name}" for name in ("activations", "position", "image_index", "valid"))]
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory, photo_list) -> Path:
+    """The uninterrupted `atlas sample` of ``SAMPLE``."""
+    out = tmp_path_factory.mktemp("whole") / "run"
+    assert _cli(*SAMPLE, "--images", photo_list, "--workers", "0", "--out", out).returncode == 0
+    return out
+
+
+def _first_shard(out: Path):
+    return (out / store.STORE_NAME / "images" / "shard_done" / "c" / "0").is_file
+
+
+def _part_way(out: Path) -> None:
+    done = store.read_flags(zarr.open_group(out / store.STORE_NAME, mode="r")["images/shard_done"])
+    assert 0 < done.sum() < len(done)  # stopped part-way: finished shards kept
+
+
+def test_ctrl_c_stops_sample_and_its_workers_and_the_run_resumes(tmp_path, photo_list, whole):
     """`atlas sample` with a decoding worker, Ctrl-C (SIGINT to the group) after its first shard: exit 130 within
     seconds, no process left; run again, every array equals an uninterrupted run's."""
-    args = ["sample", "--images", photo_list, "--layer", LAYER, "--weights", WEIGHTS, "--max-images", "12", "--per-image", "2",
-            "--no-attribution", "--workers", "1", "--batch-size", "2", "--shard-size", "2"]
     out = tmp_path / "run"
-    flag = out / store.STORE_NAME / "images" / "shard_done" / "c" / "0"
-    proc = _start(*args, "--out", out)
-    seconds = _interrupt(proc, signal.SIGINT, True, flag.is_file)
+    args = [*SAMPLE, "--images", photo_list, "--workers", "1", "--out", out]
+    proc = _start(*args)
+    seconds = _interrupt(proc, signal.SIGINT, True, _first_shard(out))
     assert seconds is not None, "the sampler finished before its first shard was seen"
     assert seconds < 10, seconds
     with pytest.raises(ProcessLookupError):  # the group is gone: the worker ended with the main process
         os.killpg(proc.pid, 0)
-    done = store.read_flags(zarr.open_group(out / store.STORE_NAME, mode="r")["images/shard_done"])
-    assert 0 < done.sum() < len(done)  # stopped part-way: finished shards kept
-    assert _cli(*args, "--out", out).returncode == 0
-    assert _cli(*args, "--out", tmp_path / "whole").returncode == 0
-    _same(out, tmp_path / "whole", ["images/ok", "images/top5", f"samples/{LAYER}/activations", f"samples/{LAYER}/position",
-                                    f"samples/{LAYER}/image_index", f"samples/{LAYER}/valid"])
+    _part_way(out)
+    assert _cli(*args).returncode == 0
+    _same(out, whole, SAMPLED)
+
+
+def test_sigterm_stops_sample_on_ray_and_the_run_resumes_locally(tmp_path, photo_list, whole):
+    """`atlas sample --engine ray` (its own local Ray), SIGTERM to the process after its first shard: exit 143 with
+    the one line (ray.init's own SIGTERM handler would exit 15, then abort), the actors shut down; resumed locally,
+    every array equals the uninterrupted run's."""
+    pytest.importorskip("ray")
+    out = tmp_path / "run"
+    seconds = _interrupt(_start(*SAMPLE, "--images", photo_list, "--workers", "0", "--engine", "ray", "--out", out), signal.SIGTERM,
+                         False, _first_shard(out))
+    assert seconds is not None, "the sampler finished on Ray before its first shard was seen"
+    assert seconds < 60, seconds
+    _part_way(out)
+    assert _cli(*SAMPLE, "--images", photo_list, "--workers", "0", "--out", out).returncode == 0
+    _same(out, whole, SAMPLED)
 
 
 def test_a_build_interrupted_in_sample_then_in_render_resumes_to_the_uninterrupted_build(tmp_path, base, cfg, photo_list):
