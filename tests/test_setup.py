@@ -387,7 +387,8 @@ def test_the_wheel_is_activation_atlas_with_its_licence_ranges_and_the_vendored_
         assert len(vendored) >= 40
         for name, content in vendored.items():  # every vendored file, byte for byte
             assert name in names and archive.read(name) == content, name
-        assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
+        licences = {n.split(".dist-info/licenses/")[1] for n in names if ".dist-info/licenses/" in n}
+        assert licences == {"LICENSE", "atlas/viewer_static/openseadragon/LICENSE.txt"}, licences  # atlas's and the vendored code's
         assert "atlas/viewer_static/index.html" in names
     assert meta["Name"] == "activation-atlas" and meta["Version"] == PYPROJECT["project"]["version"]
     assert meta["License-Expression"] == "Apache-2.0"
