@@ -103,6 +103,11 @@ class Run:
     path : str or Path
         The run folder: the one holding ``store.zarr``.
 
+    Attributes
+    ----------
+    path : Path
+        The run folder, absolute.
+
     Raises
     ------
     AtlasError

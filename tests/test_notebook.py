@@ -15,8 +15,8 @@ import pytest
 from conftest import REPO, WEIGHTS
 from nbclient import NotebookClient
 
-# Small enough for seconds per stage on 2 cores: 32 photos x 4 positions, 8-step draft icons, 4 units at 32 steps.
-SIZES = {"N_IMAGES": "32", "STEPS": "8", "CHANNELS": "0-3", "UNIT_STEPS": "32"}
+# Small enough for seconds per stage on 2 cores: 32 photos x 4 positions, 8-step draft icons, 2 units at 16 steps.
+SIZES = {"N_IMAGES": "32", "STEPS": "8", "CHANNELS": "0-1", "UNIT_STEPS": "16"}
 
 
 @pytest.fixture(scope="module")
