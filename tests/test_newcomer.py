@@ -203,3 +203,132 @@ def test_info_lists_the_unit_lens_and_the_instruments(tiny, tmp_path):
     text = format_info(info(run))
     assert "  inspect: 1 (photo) -> tiles/inspect/" in text, text
     assert "openseadragon" not in text
+
+
+# ---------------------------------------------------------------------------- the unit card's classes, checked
+UNITS = [6, 97]
+
+
+@pytest.fixture(scope="module")
+def lens_run(tmp_path_factory, net, photos):
+    """64 photos sampled at mixed4c with attribution, the unit lens's top-9 examples, deconvnet projections, class scores
+    and direct effects of two units, and the gallery."""
+    from atlas.units import write_class_scores
+    from atlas.units.effects import write_effects
+    from atlas.units.gallery import write_gallery
+    from atlas.units.projections import write_projections
+    from atlas.units.topk import top_examples
+
+    listing = tmp_path_factory.mktemp("lens") / "images.txt"
+    listing.write_text("".join(f"{p}\n" for p in sorted(photos.glob("*.JPEG"))[::16][:64]))
+    run = tmp_path_factory.mktemp("run") / "lens"
+    sample(listing, ["mixed4c"], run, net=net, workers=0, progress=False, batch_size=16)
+    top_examples(run, ["mixed4c"], k=9, channels=UNITS, batch_size=16, workers=0, progress=False, net=net)
+    write_projections(run, "mixed4c", method="deconvnet", channels=UNITS, progress=False, net=net)
+    write_class_scores(run, "mixed4c")
+    summary = write_effects(run, "mixed4c", channels=UNITS, net=net, progress=False)
+    write_gallery(run, "mixed4c")
+    return run, summary
+
+
+def _examples(run, channel: int):
+    from atlas.data import load_image
+
+    import torch
+
+    root = zarr.open_group(run / "store.zarr", mode="r")
+    ids = [int(i) for i in root["units/mixed4c/top/image"][channel] if i >= 0]
+    pictures = [np.asarray(load_image(str(root["images/path"][i]), 256, 224), np.uint8) for i in ids]
+    return torch.from_numpy(np.stack(pictures)).permute(0, 3, 1, 2).float().div(255.0)
+
+
+def test_the_direct_effect_is_activation_times_the_gradient(net):
+    import torch
+
+    from atlas.units.effects import channel_effects
+
+    x = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    jvp = channel_effects(net, x, "mixed4c", 6)
+    captured = {}
+
+    def keep(name, out):
+        captured[name] = out.detach().requires_grad_(True)  # a leaf: the weights need no gradient
+        return captured[name]
+
+    for k in (0, 500):
+        with net.hooks(["mixed4c"], edit=keep, stop=False):
+            logits = net.module(x)
+        logits[:, k].sum().backward()
+        a = captured["mixed4c"]
+        expected = (a[:, 6] * a.grad[:, 6]).sum((1, 2))
+        torch.testing.assert_close(jvp[:, k], expected.detach(), rtol=1e-3, atol=1e-4)
+
+
+def test_the_card_lists_classes_the_unit_itself_raises(lens_run, net):
+    import json
+
+    import torch
+
+    run, summary = lens_run
+    assert summary["channels"] == len(UNITS)
+    root = zarr.open_group(run / "store.zarr", mode="r")
+    classes = list(root.attrs["classes"])
+    for c in UNITS:
+        card = json.loads((run / "tiles" / "units" / "mixed4c" / "unit" / f"{c}.json").read_text())
+        shown = [classes.index(n) for n, _ in card["classes"]]
+        assert shown and all(v > 0 for _, v in card["classes"])
+        check = card["class_check"]["attribution"]
+        assert len(check) == 5 and all(isinstance(ok, bool) for _, _, ok in check)
+        # switching the unit off on its own top examples lowers the classes the card now shows, far more than the
+        # average class: the check is against what the unit does, not against what its images are
+        x = _examples(run, c)
+
+        def off(name, out):
+            out = out.clone()
+            out[:, c] = 0
+            return out
+
+        with torch.no_grad():
+            full = net.module(x)
+            with net.hooks(["mixed4c"], edit=off, stop=False):
+                ablated = net.module(x)
+        drop = (full - ablated).mean(0).numpy()
+        assert drop[shown].mean() > 0 and drop[shown].mean() > drop.mean() + 2 * drop.std(), (c, drop[shown], drop.mean(), drop.std())
+        print(f"unit {c}: card {[n for n, _ in card['classes']]}; attribution {[(n, ok) for n, _, ok in check]}; "
+              f"ablation drop of shown {drop[shown].round(3).tolist()}, of all classes {drop.mean():.3f} +- {drop.std():.3f}")
+
+
+def test_support_box_and_crop():
+    from atlas.units.gallery import crop_to, support_box
+
+    grey = np.full((64, 64, 3), 127, np.uint8)
+    speck = grey.copy()
+    speck[30:34, 40:44] = 250
+    box = support_box([grey, speck])
+    top, left, bottom, right = box
+    assert bottom - top == right - left and top <= 30 and bottom >= 34 and left <= 40 and right >= 44 and bottom - top <= 12
+    cropped = crop_to(speck, box)
+    assert cropped.shape == speck.shape and (np.abs(cropped.astype(int) - 127).max(-1) > 20).mean() > 0.2
+    assert support_box([grey]) == (0, 0, 64, 64) and crop_to(grey, (0, 0, 64, 64)) is grey
+
+
+def test_the_card_shows_projections_cropped_to_their_support(lens_run):
+    import json
+
+    from PIL import Image
+
+    run, _ = lens_run
+    root = zarr.open_group(run / "store.zarr", mode="r")
+    gallery = run / "tiles" / "units" / "mixed4c"
+    for c in UNITS:
+        card = json.loads((gallery / "unit" / f"{c}.json").read_text())
+        stored = root["units/mixed4c/projection/deconvnet/image"][c][: len(card["top"]["examples"])]
+        shown = np.asarray(Image.open(gallery / "projection" / "deconvnet" / f"{c}.jpg").convert("RGB"))
+        patches = np.asarray(Image.open(gallery / "top" / f"{c}.jpg"))
+        assert shown.shape == patches.shape  # each patch cropped with its projection: they still correspond
+
+        def grey(a):
+            return (np.abs(a.astype(np.float32) - 127.5).max(-1) < 10).mean()
+
+        assert all(e["crop"] is not None for e in card["top"]["examples"])
+        assert grey(shown) < grey(stored) - 0.1, (c, grey(shown), grey(stored))

@@ -10,7 +10,8 @@ For each channel ("unit") of the requested layers of a sampled run, :func:`units
    (:mod:`atlas.units.projections`);
 3. regularised feature visualisations: Yosinski et al.'s pixel-space presets, the project's FFT + decorrelated
    colour, transparent (alpha) images and diverse sets (:mod:`atlas.units.features`);
-4. the classes it contributes to most, from the run's attributions (:func:`class_scores`);
+4. the classes it contributes to most, from the run's attributions (:func:`class_scores`), checked against the
+   unit's direct effect on each logit over its top examples (:mod:`atlas.units.effects`);
 
 then writes the unit gallery under ``RUN/tiles/units/{layer}/`` (:mod:`atlas.units.gallery`), reachable from the
 atlas viewer. Every part is resumable: a rerun computes only what is missing.
@@ -197,7 +198,7 @@ def units(run_dir: str | Path, layers: Sequence[str] | str | None = None, settin
     -------
     dict
         ``{layer: {"channels": [...], "top": summary, "projections": {method: summary}, "vis": summary,
-        "classes": summary or None, "gallery": path (with ``gallery``)}}`` and ``"seconds"``.
+        "classes": summary or None, "effects": summary, "gallery": path (with ``gallery``)}}`` and ``"seconds"``.
 
     Raises
     ------
@@ -226,6 +227,7 @@ def units(run_dir: str | Path, layers: Sequence[str] | str | None = None, settin
     shapes = check_unit_layers(net, layers, crop)
     chosen = {layer: parse_channels(s.channels, shapes[layer][0], layer) for layer in layers}
     # imported once everything is checked: a bad option costs no import of the optimisation machinery
+    from atlas.units.effects import write_effects
     from atlas.units.features import write_visualizations
     from atlas.units.projections import write_projections
     from atlas.units.topk import top_examples
@@ -249,6 +251,8 @@ def units(run_dir: str | Path, layers: Sequence[str] | str | None = None, settin
                                                 size=s.size, steps=s.steps, seed=s.seed, batch=s.batch, device=s.device,
                                                 progress=progress, net=net, objective=s.objective)
         entry["classes"] = write_class_scores(run_dir, layer) if "samples" in root and layer in root["samples"] else None
+        say(f"units {layer}: direct class effects (the unit's own change of each logit on its top examples)")
+        entry["effects"] = write_effects(run_dir, layer, channels=picked, net=net, device=s.device, progress=progress)
         if gallery:
             entry["gallery"] = str(write_gallery(run_dir, layer))
             say(f"units {layer}: gallery -> {entry['gallery']}")

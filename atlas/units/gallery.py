@@ -58,6 +58,7 @@ BACKGROUND = (17, 19, 24)  # the viewer's page colour (atlas.tiles.BACKGROUND): 
 GREY = 127
 MANIFEST = "units.json"
 TILE_SIZE, OVERLAP = 254, 1
+SUPPORT_LEVEL = 0.08  # a projection pixel this far from grey (of full scale) is part of what the card crops to
 
 
 # --------------------------------------------------------------------------------------
@@ -226,6 +227,50 @@ def _rows(array, done: np.ndarray, block: int = 64):
             rows = np.asarray(array[start:int(inside[-1]) + 1])
             for c in inside.tolist():
                 yield c, rows[c - start]
+
+
+def support_box(projections: list[np.ndarray], level: float = SUPPORT_LEVEL, margin: float = 0.15,
+                min_side: int = 8) -> tuple[int, int, int, int]:
+    """The square around where display projections (P, P, 3) uint8, grey 127/128 for zero, differ from grey.
+
+    Parameters
+    ----------
+    projections : list of numpy.ndarray
+        The same example's projections (one per method), (P, P, 3) uint8 as :func:`atlas.units.to_display` makes them.
+    level : float, default SUPPORT_LEVEL (0.08)
+        A pixel belongs to the support when a channel differs from grey by more than this fraction of full scale.
+    margin : float, default 0.15
+        Added around the support, as a fraction of its larger side.
+    min_side : int, default 8
+        The smallest side of the square, in pixels (a single bright pixel is shown with its surroundings).
+
+    Returns
+    -------
+    tuple of int
+        (top, left, bottom, right), bottom/right exclusive, inside the patch; the whole patch when nothing differs.
+    """
+    side = projections[0].shape[0]
+    deviation = np.max([np.abs(p[..., :3].astype(np.float32) - 127.5).max(-1) for p in projections], axis=0)
+    ys, xs = np.nonzero(deviation > level * 127.5)
+    if ys.size == 0:
+        return 0, 0, side, side
+    top, left, bottom, right = ys.min(), xs.min(), ys.max() + 1, xs.max() + 1
+    extent = max(bottom - top, right - left)
+    extent = min(side, max(min_side, int(round(extent * (1 + 2 * margin)))))
+    cy, cx = (top + bottom) / 2, (left + right) / 2
+    top = int(min(max(0, round(cy - extent / 2)), side - extent))
+    left = int(min(max(0, round(cx - extent / 2)), side - extent))
+    return top, left, top + extent, left + extent
+
+
+def crop_to(image: np.ndarray, box: tuple[int, int, int, int] | None) -> np.ndarray:
+    """``image`` (P, P, 3) cropped to ``box`` (see :func:`support_box`) and scaled back to P x P; None: unchanged."""
+    side = image.shape[0]
+    if box is None or tuple(box) == (0, 0, side, side):
+        return image
+    top, left, bottom, right = box
+    part = Image.fromarray(np.ascontiguousarray(image[top:bottom, left:right]))
+    return np.asarray(part.resize((side, side), Image.Resampling.BICUBIC))
 
 
 def _save(image: np.ndarray, path: Path) -> None:
@@ -414,16 +459,22 @@ def write_gallery(run_dir: str | Path, layer: str, *, dzi_above: int = DZI_ABOVE
                                  "pos": pos[c, j].tolist() if pos is not None else None,
                                  "box": box[c, j].tolist() if box is not None else None})
             record = {"k": k, "examples": examples, "src": None, "patch": None}
+            blocks = {m: proj_rows[m].pop(c) for m in proj if c in proj_rows[m]}
+            # each example cropped to where its projections are not grey (Zeiler & Fergus show the projection's support,
+            # not specks in the receptive field), its patch and every projection alike so that they still correspond
+            crops = {j: support_box([b[j] for b in blocks.values()]) for j in slots} if blocks else {}
+            for j, e in zip(slots, examples, strict=True):
+                e["crop"] = list(crops[j]) if j in crops else None
             if c in patch_rows:
                 block = patch_rows.pop(c)
-                _save(strip([block[j] for j in slots]), work / "top" / f"{c}.jpg")
+                _save(strip([crop_to(block[j], crops.get(j)) for j in slots]), work / "top" / f"{c}.jpg")
                 record.update(src=f"top/{c}.jpg", patch=int(block.shape[1]))
             units[c]["top"] = record
             for m, (node, _) in proj.items():
-                if c not in proj_rows[m]:
+                if m not in blocks:
                     continue
-                block = proj_rows[m].pop(c)
-                _save(strip([block[j] for j in slots]), work / "projection" / m / f"{c}.jpg")
+                block = blocks[m]
+                _save(strip([crop_to(block[j], crops.get(j)) for j in slots]), work / "projection" / m / f"{c}.jpg")
                 scale = node["scale"][c] if "scale" in node else None
                 units[c]["projections"].append({"method": m, "src": f"projection/{m}/{c}.jpg",
                                                 "scale": [round(float(scale[j]), 5) for j in slots] if scale is not None else None})
@@ -438,6 +489,30 @@ def write_gallery(run_dir: str | Path, layer: str, *, dzi_above: int = DZI_ABOVE
             units[c]["classes"] = [[class_list[t] if t < len(class_list) else f"class {t}",
                                     round(float(score[c, j]), 4) if score is not None and np.isfinite(score[c, j]) else None]
                                    for j, t in enumerate(class_top[c].tolist()) if t >= 0]
+    # The attribution-based classes above are a reading through every channel at once; where the direct effect of the
+    # unit on the logits was measured (atlas.units.effects), the card lists the classes the unit itself raises most,
+    # and says which of the attribution-based ones survive that check.
+    effects_ok = parts._usable("effects", ("done", "value"))
+    if effects_ok:
+        from atlas.units.effects import check_classes  # torch-free, but its module loads torch: only when needed
+
+        node = parts.group["effects"]
+        effect_done = parts.done("effects")
+        class_list = [str(n) for n in root.attrs.get("classes") or []]
+        attribution_top = parts.group["classes"]["top"][:] if classes_ok else None
+
+        def name(t: int) -> str:
+            return class_list[t] if t < len(class_list) else f"class {t}"
+
+        for c in np.flatnonzero(effect_done):
+            c = int(c)
+            row = np.asarray(node["value"][c], np.float32)
+            prior = attribution_top[c] if attribution_top is not None else np.full(0, -1)
+            top_c, top_v, survives = check_classes(row, prior)
+            previous = units[c]["classes"] or []
+            units[c]["classes"] = [[name(int(t)), round(float(v), 4)] for t, v in zip(top_c, top_v, strict=True)]
+            units[c]["class_check"] = {"measure": "direct effect on the logit (logit units)",
+                                       "attribution": [[n, v, bool(ok)] for (n, v), ok in zip(previous, survives, strict=False)]}
 
     # --- atlas cells: each cell's top units, each unit's veil
     atlases = []
@@ -473,7 +548,8 @@ def write_gallery(run_dir: str | Path, layer: str, *, dzi_above: int = DZI_ABOVE
                "atlases": len(atlases), "skipped": parts.skipped, "unfinished": parts.partial}
     meta = {"version": 1, "layer": layer, "model": str(root.attrs.get("model", "unknown")), "channels": c_total, "cols": cols,
             "order": order, "cell": side, "thumbs": thumbs, "dzi": dzi, "kinds": kinds, "vis": vis_info, "methods": methods, "k": k,
-            "top": top_ok, "classes": classes_ok, "atlases": atlases, "background": "#{:02x}{:02x}{:02x}".format(*BACKGROUND),
+            "top": top_ok, "classes": classes_ok, "effects": effects_ok, "atlases": atlases,
+            "background": "#{:02x}{:02x}{:02x}".format(*BACKGROUND),
             "summary": summary}
     (work / "gallery.json").write_text(json.dumps(meta, indent=1))
     _publish(work, final)

@@ -57,6 +57,21 @@
     }).join("");
   }
 
+  /** The heading says what the class numbers are; with the direct check, which attribution-based classes survive it. */
+  function classCheck(check) {
+    $("unit-classes-title").textContent = check ? "Classes it raises most" : "Classes it contributes to most";
+    const note = $("unit-classes-note");
+    if (!check) {
+      note.textContent = "activation-weighted mean attribution of the samples where the unit fires (all channels together)";
+      return;
+    }
+    const kept = check.attribution.filter((a) => a[2]).map((a) => a[0]);
+    const dropped = check.attribution.filter((a) => !a[2]).map((a) => a[0]);
+    note.innerHTML = `mean change of each logit from this unit alone on its top examples (a · ∂logit/∂a, logit units)` +
+      (check.attribution.length ? `<br>by attribution: <span class="kept">${kept.map(esc).join(", ") || "none"}</span> survive the check` +
+        (dropped.length ? `; <span class="dropped">${dropped.map(esc).join(", ")}</span> do not` : "") : "");
+  }
+
   // ---------------------------------------------------------------- the channel grid
   /** The channels drawn in the grid, in order (galleries written before it was stored: every channel). */
   function order(meta) { return meta.order || Array.from({ length: meta.channels }, (_, c) => c); }
@@ -248,6 +263,7 @@
       topSection(unit);
       $("unit-classes").innerHTML = classList(unit.classes);
       $("unit-classes-section").hidden = unit.classes === null;
+      classCheck(unit.class_check);
       atlasLinks(unit);
       document.body.dataset.unit = String(c);
     }).catch((err) => status(`Cannot load unit ${c} (${err.message}).`));
