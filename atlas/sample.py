@@ -33,8 +33,9 @@ from atlas.data import ImageDataset, ImageList, check_image_source, class_table,
 from atlas.engine import Engine, make_engine
 from atlas.errors import AtlasError
 from atlas.info import label_agreement
-from atlas.models import InceptionV1, Network, autocast_dtype, load_model, load_run_model
-from atlas.models.inference import as_input, fusable, inference_net, micro_batch
+from atlas.models import InceptionV1, Network, load_model, load_run_model
+from atlas.models.inference import as_input, fusable, inference_net, micro_batch, run_activations
+from atlas.models.precision import resolve_precision
 from atlas.settings import SampleSettings, check_device, check_out_folder
 
 SHARD = 256
@@ -46,9 +47,9 @@ BORDER = 1
 TOP_K = 5
 # Settings that must match for a run folder to be resumed rather than rejected.
 RESUME_KEYS = ("model", "weights_sha256", "layers", "seed", "per_image", "image_list_hash", "dtype", "attribution", "preprocessing",
-               "shard_size", "precision", "aligned_positions")
+               "shard_size", "precision", "aligned_positions", "forward")
 # Resume keys a store may lack: written only when not at their default, so the stores of a default run stay as they were.
-RESUME_ABSENT = {"aligned_positions": False}
+RESUME_ABSENT = {"aligned_positions": False, "forward": "fused"}
 
 
 @dataclass
@@ -109,11 +110,6 @@ def _gather(activation: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return activation[batch, :, positions[:, 0].long(), positions[:, 1].long()]
 
 
-def resolve_precision(precision: str, device: str) -> str:
-    """'auto' is bfloat16 where the hardware computes it natively (avx512_bf16/AMX CPUs, CUDA), else float32."""
-    return "bfloat16" if autocast_dtype(precision, device) is not None else "float32"
-
-
 Tensors = dict[str, torch.Tensor]
 
 
@@ -138,12 +134,11 @@ def forward_samples(net: Network, images: torch.Tensor, layers: Sequence[str], p
     attrs: dict[str, torch.Tensor] = {}
     if attribution and forward == "fused" and isinstance(net.module, InceptionV1) and fusable(net, layers):
         return _split_attribution(net, images, layers, positions)
-    net = inference_net(net, forward, layers, dual=attribution)
-    images = as_input(images, forward)
-    if not attribution:
-        with torch.inference_mode(), torch.autocast(images.device.type, torch.bfloat16, enabled=precision == "bfloat16"):
-            out = net.activations(images, layers)
+    if not attribution:  # the one function every pass that reads the run's activations calls (docs/precision.md)
+        out = run_activations(net, images, layers, precision, forward)
         return {name: _gather(out[name], positions[name]).float() for name in layers}, attrs, None
+    net = inference_net(net, forward, layers, dual=True)
+    images = as_input(images, forward)
 
     logits = None
     for target in layers:
@@ -342,9 +337,12 @@ def sample(images: str | Path | ImageList, layers: Sequence[str], out: str | Pat
         "shard_size": shard_size,
         "precision": resolve_precision(precision, device) if not attribution else "float32",
     }
+    if settings["precision"] == "bfloat16":
+        # in bfloat16 the kernels' own roundings show: recorded, so later passes over the run's photos use the same ones
+        settings["forward"] = forward
     if aligned_positions:  # only when on: a default run's store attributes stay what they were
         settings["aligned_positions"] = True
-    root = _open_or_create(out, images, net, shapes, settings)
+    root = _open_or_create(out, images, net, shapes, settings, auto_precision=precision == "auto")
 
     n = len(images)
     n_shards = math.ceil(n / shard_size)
@@ -358,7 +356,7 @@ def sample(images: str | Path | ImageList, layers: Sequence[str], out: str | Pat
     tried, readable = int(finished.sum()), int(root["images/ok"][:][finished].sum()) if finished.any() else 0
     with run_on.session():
         # The kernels travel with the settings the shards are computed with, not into the store: speed only.
-        processed, first_error = _sample_shards(root, out, net, images, layers, shapes, settings | {"forward": forward}, todo,
+        processed, first_error = _sample_shards(root, out, net, images, layers, shapes, {"forward": forward} | settings, todo,
                                                 batch_size, workers, device, bar, run_on, tried, readable)
     seconds = time.perf_counter() - start
     if run_on.is_ray and todo:
@@ -463,8 +461,11 @@ def _resumable_list(out: Path, images: ImageList, listed: ImageList, window: boo
                      f"listed, none sampled: skipped)", skip=frozenset(removed))
 
 
-def _open_or_create(out: Path, images: ImageList, net: Network, shapes: dict, settings: dict):
+def _open_or_create(out: Path, images: ImageList, net: Network, shapes: dict, settings: dict, auto_precision: bool = False):
     """The run's store, resumed (after checking settings and repairing damaged shards) or created atomically.
+
+    With ``auto_precision`` (the user asked for "auto"), a resumed run keeps the precision it records (and updates
+    ``settings`` to it), whatever this machine's "auto" would be.
 
     Takes the run's lock first. A new store is built in ``RUN/.store.zarr.partial-PID`` and
     renamed into place, so a kill leaves either no store or a complete, resumable one.
@@ -474,6 +475,12 @@ def _open_or_create(out: Path, images: ImageList, net: Network, shapes: dict, se
     if path.exists():
         root = store.open_store(out, "r+")
         have = store.attrs(root)
+        if auto_precision and not settings["attribution"] and have.get("precision") in ("float32", "bfloat16"):
+            # "auto" resumes in the run's recorded precision on any machine: one run, one arithmetic (docs/precision.md)
+            settings["precision"] = have["precision"]
+            settings.pop("forward", None)
+            if have["precision"] == "bfloat16":
+                settings["forward"] = have.get("forward", RESUME_ABSENT["forward"])
         diff = [k for k in RESUME_KEYS if have.get(k, RESUME_ABSENT.get(k)) != settings.get(k, RESUME_ABSENT.get(k))]
         if diff:
             key = diff[0]

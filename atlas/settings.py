@@ -390,7 +390,8 @@ class SampleSettings(StageSettings):
     attribution: bool = setting(True, Flag(), "Also store each sample's attribution to every class (about half the speed).")
     dtype: str = setting("float16", Choice(("float16", "float32")), "Storage type of activations and attributions.")
     precision: str = setting("auto", Choice(("auto", "float32", "bfloat16")),
-                             "Arithmetic of the forward pass without attribution (auto: bfloat16 where the CPU/GPU has it).")
+                             "Arithmetic of the forward pass without attribution (auto: bfloat16 where the CPU/GPU computes it "
+                             "natively); recorded in the run, and every later pass over its photos uses it (docs/precision.md).")
     device: str = setting("cpu", Device(), "Where the model runs.", speed=True)
     forward: str = setting("fused", Choice(FORWARDS),
                            "The model's kernels: fused (channels-last memory, each convolution and its ReLU one oneDNN call), "
