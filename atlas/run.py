@@ -29,6 +29,7 @@ __all__ = ["Layout", "Run", "Samples", "Viewer", "build_run", "open_run"]
 # The tables `atlas build` reads, in the order a bare setting name is looked up in (``max_images`` -> sample).
 BUILD_TABLES = ("run", "sample", "project", "grid", "render", "tiles")
 REPR_PIXELS = 480  # the summary's inline sheet is at most this wide (the icons are downscaled to fit)
+REPR_GRID = 40  # ... and shows the finest grid up to this size
 
 
 class Layout(NamedTuple):
@@ -468,7 +469,8 @@ class Run:
         return hash(self.path)
 
     def _repr_html_(self) -> str:
-        """A summary table and, when icons exist, the sheet of the first layer's whole-layer atlas as an inline PNG."""
+        """A summary table and, when icons exist, the sheet of the first layer's whole-layer atlas as an inline PNG (its
+        finest grid up to 40 x 40, icons downscaled to fit 480 pixels)."""
         try:
             data = self.info()
         except AtlasError as exc:
@@ -491,7 +493,9 @@ class Run:
         for layer in data["layers"]:
             sizes = self.grids(layer) if store.FULL_ATLAS in data["layers"][layer]["atlases"] else []
             if sizes:
-                size = sizes[-1]
+                # the finest grid that still reads at thumbnail size (and costs little to read: a 160-cell grid of
+                # 80 px icons is half a gigabyte), else the coarsest
+                size = max((g for g in sizes if g <= REPR_GRID), default=sizes[0])
                 try:
                     sheet = self.sheet(layer, size, icon_size=max(1, min(64, REPR_PIXELS // size)))
                 except AtlasError as exc:
