@@ -66,7 +66,7 @@ import stat
 import urllib.parse
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +117,9 @@ class ImageList:
     # Indices not to read (reported unreadable without opening): files a resumed run keeps in its list although the
     # list given now no longer names them (:func:`compare_lists`).
     skip: frozenset[int] = frozenset()
+    # The longer list this one is the first images of (:meth:`head`): a resumed run compares the image list it was
+    # started with against it, since a file gone from the first N brings file N+1 in.
+    source: ImageList | None = field(default=None, repr=False, compare=False)
 
     @property
     def digest(self) -> str:
@@ -129,9 +132,12 @@ class ImageList:
         return len(self.paths)
 
     def head(self, n: int | None) -> ImageList:
-        if n is None or n >= len(self.paths):
+        """The first ``n`` images (None: all); ``source`` says a limit was given, even when the list is shorter."""
+        if n is None:
             return self
-        return ImageList(self.paths[:n], self.labels[:n], f"using the first {n:,} of {self.summary}")
+        if n >= len(self.paths):
+            return ImageList(self.paths, self.labels, self.summary, self.skip, source=self.source or self)
+        return ImageList(self.paths[:n], self.labels[:n], f"using the first {n:,} of {self.summary}", source=self.source or self)
 
 
 def compare_lists(stored: ImageList, new: ImageList, window: bool = False) -> tuple[list[int] | None, str]:

@@ -16,6 +16,7 @@ Work is done in shards of ``shard_size`` images (default ``SHARD``). A shard's r
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Sequence
@@ -325,10 +326,10 @@ def sample(images: str | Path | ImageList, layers: Sequence[str], out: str | Pat
     shapes = check_layers(net, layers, crop)
     if not isinstance(images, ImageList):
         images = list_images(images, class_table(net.weights), labels=labels)
-    listed, images = images, images.head(max_images)
+    images = images.head(max_images)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    images = _resumable_list(out, images, listed, window=max_images is not None)
+    images = _resumable_list(out, images)
 
     settings = {
         "model": net.name, "weights": net.weights, "weights_sha256": net.weights_sha256, "layers": layers, "seed": seed,
@@ -425,7 +426,7 @@ def _sample_paths(settings: dict) -> list[str]:
     return ["images", *(f"samples/{layer}" for layer in settings["layers"])]
 
 
-def _resumable_list(out: Path, images: ImageList, listed: ImageList, window: bool) -> ImageList:
+def _resumable_list(out: Path, images: ImageList) -> ImageList:
     """The image list to sample into ``out``: ``images``, or, when ``out`` holds a run started on another list, that
     run's own list, if the only difference is files gone from it that gave no samples.
 
@@ -434,6 +435,9 @@ def _resumable_list(out: Path, images: ImageList, listed: ImageList, window: boo
     its own list, those files skipped and counted as unreadable. Any other difference (files added, relabelled or
     reordered, or a sampled file gone) is one line naming the files, before anything is written.
     """
+    # With --max-images (or a build's max_images): the whole list, whose first N the run's images stand for.
+    listed, window = images.source or images, images.source is not None
+    images = dataclasses.replace(images, source=None)  # not carried on (to Ray workers)
     if not store.store_path(out).is_dir():
         return images
     try:
@@ -447,7 +451,7 @@ def _resumable_list(out: Path, images: ImageList, listed: ImageList, window: boo
         return images  # a damaged store: the checks of _open_or_create say what is wrong
     if stored.digest != have["image_list_hash"]:
         return images
-    removed, differs = compare_lists(stored, listed if window else images, window)
+    removed, differs = compare_lists(stored, listed, window)
     sampled = [i for i in removed or () if ok[i] and done[i]]
     if removed is None or sampled:
         why = (f"{len(sampled):,} removed file(s) were sampled already ({', '.join(Path(stored.paths[i]).name for i in sampled[:3])})"

@@ -176,19 +176,22 @@ def _stored_list(out: Path) -> list[str]:
 
 
 def test_a_list_that_lost_files_without_samples_resumes_the_run(tmp_path):
-    """A run of 5 files in shards of 2, killed after its first shard; one file (in the done shard) was unreadable, one
-    is in a shard not yet done. Both taken out of the list: the run resumes on its own list, both skipped and counted,
-    and every sample equals those of the run left to finish on the list it was started with."""
+    """A run of 5 files (the first 5 of a list of 6) in shards of 2, killed after its first shard; one file (in the
+    done shard) was unreadable, one is in a shard not yet done. Both taken out of the list: the run resumes on its own
+    list, both skipped and counted, and every sample equals those of the run left to finish on the list it was started
+    with."""
     require_shared()
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 not a JPEG")
-    names = [str(PHOTOS / f"{STEMS[0]}.JPEG"), str(bad), *(str(PHOTOS / f"{s}.JPEG") for s in STEMS[1:])]
+    # The run takes the first 5 of 6 files: a 6th, past the run's last image, moves into the first 5 once files go.
+    names = [str(PHOTOS / f"{STEMS[0]}.JPEG"), str(bad), *(str(PHOTOS / f"{s}.JPEG") for s in STEMS[1:]),
+             str(PHOTOS / "n04251144_snorkel.JPEG")]
     full, fewer = tmp_path / "full.txt", tmp_path / "fewer.txt"
     full.write_text("".join(f"{n}\n" for n in names))
     fewer.write_text("".join(f"{n}\n" for n in names if n not in (str(bad), names[4])))
 
     whole = tmp_path / "whole"
-    assert _sample(full, whole, "--workers", "0", "--shard-size", "2").returncode == 0
+    assert _sample(full, whole, "--workers", "0", "--shard-size", "2", "--max-images", "5").returncode == 0
     resumed = tmp_path / "resumed"
     assert _sample(full, resumed, "--workers", "0", "--shard-size", "2", "--max-images", "2").returncode == 0  # another list
     _one_line(_sample(fewer, resumed, "--workers", "0", "--shard-size", "2"), "another image list", "added")
@@ -199,7 +202,7 @@ def test_a_list_that_lost_files_without_samples_resumes_the_run(tmp_path):
     shutil.copytree(whole, resumed)
     flags = zarr.open_group(resumed / store.STORE_NAME, mode="r+")["images/shard_done"]
     flags[1:] = False
-    result = _sample(fewer, resumed, "--workers", "0", "--shard-size", "2")
+    result = _sample(fewer, resumed, "--workers", "0", "--shard-size", "2", "--max-images", "5")
     assert result.returncode == 0, result.stderr
     a, b = (zarr.open_group(run / store.STORE_NAME, mode="r") for run in (resumed, whole))
     assert _stored_list(resumed) == _stored_list(whole)  # the run kept its own list
