@@ -332,3 +332,40 @@ def test_the_card_shows_projections_cropped_to_their_support(lens_run):
 
         assert all(e["crop"] is not None for e in card["top"]["examples"])
         assert grey(shown) < grey(stored) - 0.1, (c, grey(shown), grey(stored))
+
+
+def test_the_card_in_the_browser_says_what_its_classes_are(lens_run, browser):
+    from pathlib import Path
+
+    from conftest import serving
+
+    from atlas.viewer import url_of
+
+    run, _ = lens_run
+    with serving(run) as srv:
+        context = browser.new_context(viewport={"width": 1280, "height": 820})
+        try:
+            page = context.new_page()
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(f"{url_of(srv).rsplit('/', 1)[0]}/units.html#mixed4c/{UNITS[0]}")
+            page.wait_for_function(f"document.body.dataset.unit === '{UNITS[0]}'", timeout=20000)
+            assert page.text_content("#unit-classes-title") == "Classes it raises most"
+            note = page.inner_text("#unit-classes-note")
+            assert "logit" in note and "survive the check" in note, note
+            assert page.locator("#unit-classes li").count() >= 1
+            out = Path(__file__).resolve().parents[1] / "outputs"
+            out.mkdir(exist_ok=True)
+            page.screenshot(path=str(out / "units_card_checked.png"))
+            assert errors == []
+        finally:
+            context.close()
+
+
+def test_info_lists_the_unit_lens(lens_run):
+    run, _ = lens_run
+    text = format_info(info(run))
+    line = next(ln for ln in text.splitlines() if ln.startswith("  unit lens mixed4c: "))
+    assert (f"top-k examples {len(UNITS)} of 512 channels" in line and f"deconvnet projections {len(UNITS)}" in line
+            and f"direct class effects {len(UNITS)}" in line and "class scores" in line), line
+    assert "  units: " not in text  # the gallery's folder is the unit lens's, not another instrument
