@@ -232,9 +232,9 @@ def lens_run(tmp_path_factory, net, photos):
 
 
 def _examples(run, channel: int):
-    from atlas.data import load_image
-
     import torch
+
+    from atlas.data import load_image
 
     root = zarr.open_group(run / "store.zarr", mode="r")
     ids = [int(i) for i in root["units/mixed4c/top/image"][channel] if i >= 0]
