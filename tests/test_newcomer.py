@@ -283,7 +283,7 @@ def test_the_card_lists_classes_the_unit_itself_raises(lens_run, net):
         # average class: the check is against what the unit does, not against what its images are
         x = _examples(run, c)
 
-        def off(name, out):
+        def off(name, out, c=c):
             out = out.clone()
             out[:, c] = 0
             return out
