@@ -42,8 +42,11 @@ def test_attribution_jvp_matches_per_class_gradients(net, forward):
         (grad,) = torch.autograd.grad(out[:, c].sum(), h, retain_graph=True)
         for b in range(4):
             y, xx = positions["mixed4c"][b].tolist()
-            expected = float((h[b // k, :, y, xx] * grad[b // k, :, y, xx]).sum().detach())
-            assert attrs["mixed4c"][b, c].item() == pytest.approx(expected, rel=1e-3, abs=1e-4)
+            terms = (h[b // k, :, y, xx] * grad[b // k, :, y, xx]).detach()
+            # float32 sums of 512 terms that cancel, in another order (other kernels, other thread splits): the error
+            # scales with the terms' magnitudes, not with their (small) sum
+            scale = float(terms.abs().sum())
+            assert attrs["mixed4c"][b, c].item() == pytest.approx(float(terms.sum()), rel=1e-3, abs=1e-4 + 2e-3 * scale)
     assert torch.allclose(acts["mixed4c"][0], h[0, :, 3, 4].detach(), rtol=1e-4, atol=1e-5)  # other kernels: float rounding
     assert torch.allclose(logits, out.detach(), atol=1e-4)
 
