@@ -37,6 +37,7 @@ import contextlib
 import errno
 import json
 import mimetypes
+import re
 import socket
 import sys
 import threading
@@ -358,7 +359,7 @@ class LiveSession:
                 await self.ws.send_bytes(data)
 
     async def error(self, message: str) -> None:
-        await self.send_json({"type": "error", "message": message})
+        await self.send_json({"type": "error", "message": page_text(message, self.live.run_dir)})
 
     async def run(self) -> None:
         await self.send_json({"type": "status", "message": "loading the model"})
@@ -606,6 +607,22 @@ def _bind(host: str, port: int) -> socket.socket:
                              f"(another `atlas serve`?); pick another with --port, or --port 0 for a free one") from None
         raise AtlasError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     return sock
+
+
+_ABSOLUTE = re.compile(r"(?<![\w.~])(?:/[^\s'\"/:]+)+/?")
+
+
+def page_text(message: str, run_dir: Path) -> str:
+    """``message`` with no path of this machine in it, for the page: the run folder (and anything under it) becomes
+    "the run" (or the path inside it), any other absolute path its last name. A client sees what went wrong, never
+    where the server keeps its files."""
+    for root in {str(run_dir), str(Path(run_dir).resolve())}:
+        message = message.replace(root + "/", "").replace(root, "the run")
+
+    def name(match: re.Match) -> str:
+        return Path(match.group(0).rstrip("/")).name or "/"
+
+    return _ABSOLUTE.sub(name, message)
 
 
 def make_server(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, quiet: bool = True,

@@ -257,3 +257,15 @@ def test_inspect_checks_its_boxes_before_any_layer_view(base, tmp_path, photos):
     one_line(result, "boxes")
     assert "layer views" not in result.stdout and not (tmp_path / "report").exists()
     assert snapshot(base) == before
+
+
+def test_live_error_lines_carry_no_path_of_the_machine(tmp_path):
+    """An error the live socket sends names the run's files relative to it and other files by name only."""
+    from atlas.server import page_text
+
+    run = tmp_path / "run"
+    run.mkdir()
+    text = page_text(f"{run}/store.zarr/icons/mixed4c/full/20/zarr.json is unreadable; weights {tmp_path}/w/bvlc.safetensors; "
+                     f"rebuild {run.resolve()}", run)
+    assert str(tmp_path) not in text and "/" + tmp_path.name not in text
+    assert text == "store.zarr/icons/mixed4c/full/20/zarr.json is unreadable; weights bvlc.safetensors; rebuild the run"
