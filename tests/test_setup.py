@@ -545,3 +545,108 @@ def test_make_test_set_up_is_done_once():
     assert report.returncode == 0, report.stderr
     assert re.fullmatch(r"== environment: .+, \d+ CPUs; native bfloat16: .+; torch \d+\.\d+\S* \(\S+ kernels, \d+ threads\); "
                         r"Python 3\.\d+\.\d+\n", report.stdout), report.stdout
+
+
+# ------------------------------------------------------------------------------- a stranger's first hour, end to end
+@pytest.fixture(scope="module")
+def caffe_zoo(tmp_path_factory):
+    """A local HTTP server standing in for the Caffe model zoo: bvlc_googlenet.caffemodel written from the shared
+    tensors (Caffe's V2 layout), its sha1, and the served paths."""
+    require_shared()
+    from safetensors.numpy import load_file
+    from test_fetch_weights import write_caffemodel
+
+    folder = tmp_path_factory.mktemp("zoo")
+    model = write_caffemodel(folder / "bvlc_googlenet.caffemodel", load_file(str(WEIGHTS)), v1=False)
+    served: list[str] = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(folder), **kwargs)
+
+        def do_GET(self) -> None:
+            served.append(self.path)
+            super().do_GET()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield {"url": f"http://127.0.0.1:{server.server_address[1]}/{model.name}", "sha1": hashlib.sha1(model.read_bytes()).hexdigest(),
+           "served": served}
+    server.shutdown()
+    server.server_close()
+
+
+def _stranger_env(tmp: Path, zoo: dict) -> dict:
+    """A user with no weights anywhere: no ATLAS_WEIGHTS, an empty cache, the documented override naming the local
+    server (the canonical URL's stand-in) and the file's sha1."""
+    env = _venv_env(tmp)
+    env.pop("ATLAS_WEIGHTS", None)
+    env.pop("ATLAS_WEIGHTS_SHA256", None)
+    env.update({"XDG_CACHE_HOME": str(tmp / "xdg"), "ATLAS_WEIGHTS_URL": zoo["url"], "ATLAS_WEIGHTS_SHA1": zoo["sha1"]})
+    return env
+
+
+def _photo_folder(dest: Path, n: int = 8) -> Path:
+    from conftest import PHOTOS
+
+    dest.mkdir(parents=True)
+    for name in sorted(p.name for p in PHOTOS.glob("*.JPEG"))[::100][:n]:
+        shutil.copyfile(PHOTOS / name, dest / name)
+    return dest
+
+
+def _tiny_config(dest: Path) -> Path:
+    """tests/tiny_run.py's build (8 photos x 4 positions, t-SNE, a 4x4 grid, 16 px draft icons) with no weights line."""
+    from tiny_run import CONFIG
+
+    dest.write_text("\n".join(line for line in CONFIG.splitlines() if not line.startswith("weights")))
+    return dest
+
+
+def _viewer_loads_tiles(browser, url: str) -> None:
+    page = browser.new_page(viewport={"width": 1000, "height": 700})
+    try:
+        requested, errors = [], []
+        page.on("request", lambda r: requested.append(r.url))
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(url)
+        page.wait_for_function("document.body.dataset.loaded === '1'", timeout=20000)
+        assert any(re.search(r"/atlas_files/\d+/\d+_\d+\.jpg", u) for u in requested), requested
+        assert errors == []
+    finally:
+        page.close()
+
+
+def test_wheel_fetches_the_weights_builds_an_atlas_and_shows_it(installed, caffe_zoo, tmp_path, browser):
+    """The wheel in a fresh venv, no npm: `atlas fetch-weights` from the (local stand-in of the) model zoo, sha1 checked
+    and converted to the shared tensors; `atlas build` with no --weights; the viewer loads its tiles in Chromium."""
+    _require_chromium()
+    from safetensors.numpy import load_file
+
+    atlas = installed / "bin" / "atlas"
+    env = _stranger_env(tmp_path, caffe_zoo)
+    fetched = subprocess.run([str(atlas), "fetch-weights"], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert fetched.returncode == 0, fetched.stderr
+    cached = tmp_path / "xdg" / "atlas" / "bvlc_googlenet.safetensors"
+    assert caffe_zoo["served"] == ["/bvlc_googlenet.caffemodel"] and str(cached) in fetched.stdout
+    want, got = load_file(str(WEIGHTS)), load_file(str(cached))
+    assert sorted(got) == sorted(want) and all((got[k] == want[k]).all() and got[k].dtype == want[k].dtype for k in want)
+
+    photos, run = _photo_folder(tmp_path / "photos"), tmp_path / "run"
+    built = subprocess.run([str(atlas), "build", "--config", str(_tiny_config(tmp_path / "tiny.toml")), "--images", str(photos),
+                            "--out", str(run)], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert built.returncode == 0, built.stderr[-3000:]
+    assert caffe_zoo["served"] == ["/bvlc_googlenet.caffemodel"]  # the cached weights, not a second download
+    server = subprocess.Popen([str(atlas), "serve", str(run), "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, cwd=tmp_path, env=env)
+    try:
+        line = server.stdout.readline()
+        match = re.search(r"http://127\.0\.0\.1:\d+/tiles/index\.html", line)
+        assert match, line + (server.stderr.read() if server.poll() is not None else "")
+        _viewer_loads_tiles(browser, match.group(0))
+    finally:
+        server.terminate()
+        server.wait(10)
