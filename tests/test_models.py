@@ -4,7 +4,8 @@ import torch
 
 from atlas.data import list_images, load_image, to_tensor
 from atlas.errors import AtlasError
-from atlas.models import BVLC_BLOCKS, INCEPTION_LAYERS, LUCID_BLOCKS, InceptionV1, _lucid_key_map, inceptionv1, load_model, synset_words
+from atlas.models import BVLC_BLOCKS, INCEPTION_LAYERS, LUCID_BLOCKS, InceptionV1, inceptionv1, load_model, synset_words
+from atlas.models.inception import _lucid_key_map
 
 
 def test_bvlc_top1_on_200_shared_photos(net, photos):

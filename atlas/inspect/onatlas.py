@@ -1,4 +1,4 @@
-"""The image on the atlas (issue 14, part 5): where one photo's activations fall on a run's activation atlas.
+"""The image on the atlas: where one photo's activations fall on a run's activation atlas.
 
 Every spatial position of the atlas layer is one activation vector of the image, of the same kind as the run's
 samples. :func:`image_positions` computes them with each position's attribution to the target class (one backward

@@ -31,8 +31,6 @@ from atlas.models.inception import (
     LUCID_BLOCKS,
     InceptionV1,
     Mixed,
-    _bvlc_key_map,
-    _lucid_key_map,
     inceptionv1,
 )
 from atlas.models.inference import as_input, channels_last, inference_net, micro_batch

@@ -1,4 +1,4 @@
-"""Weights you can look at (issue 16): filter sheets, features over training, and the reconstructed equivalent model.
+"""Weights you can look at: filter sheets, features over training, and the reconstructed equivalent model.
 
 - :func:`filter_sheet` / :func:`write_filters` (:mod:`atlas.weights.filters`): a convolution's filters as images,
   the first layer's in colour (``atlas weights``), with :func:`filter_stats` (high-frequency share, colour opponency);

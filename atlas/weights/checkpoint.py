@@ -23,12 +23,11 @@ from atlas.models import (
     LUCID_BLOCKS,
     InceptionV1,
     Network,
-    _bvlc_key_map,
-    _lucid_key_map,
     imagenet_classes,
     load_model,
     sha256,
 )
+from atlas.models.inception import _bvlc_key_map, _lucid_key_map  # the key maps of the two weight layouts
 
 SUFFIXES = (".safetensors", ".pth", ".pt")
 INCEPTION_NAMES = ("inceptionv1", "inception_v1", "inception5h")

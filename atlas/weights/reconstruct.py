@@ -1,4 +1,4 @@
-"""The reconstructed equivalent model of one input (issue 16 §2; "A Method to Visualize Deep Convolutional Networks
+"""The reconstructed equivalent model of one input ("A Method to Visualize Deep Convolutional Networks
 Based on Model Reconstruction"): the network with every non-linearity's state of one forward pass fixed, which is
 exactly affine in its input, ``logits = W_x · x + b_x``, and the images its parameters make.
 
