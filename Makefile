@@ -13,7 +13,7 @@ SHELL := /bin/bash
 .PHONY: help demo test setup setup-demo serve lint pytest env-report system-python system-chromium system-ffmpeg
 
 PYTHON ?= python3
-VENV := .venv
+VENV ?= .venv
 STAMPS := $(VENV)/.atlas-stamps
 CONSTRAINTS := constraints/ci.txt
 PIP_INSTALL := $(VENV)/bin/python -m pip install --disable-pip-version-check

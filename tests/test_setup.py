@@ -650,3 +650,39 @@ def test_wheel_fetches_the_weights_builds_an_atlas_and_shows_it(installed, caffe
     finally:
         server.terminate()
         server.wait(10)
+
+
+def test_make_demo_in_a_fresh_clone_with_photos_and_no_shared_folder(caffe_zoo, tmp_path):
+    """The README's command from a clone, `make demo IMAGES=DIR`, in a copy of the checkout with no ../shared beside
+    it: the make steps install the package into a new venv (the packages it needs are this environment's, seen through
+    a .pth file, and pip stays offline), the weights come from the local stand-in of the model zoo through the
+    documented override, and the build ends with the viewer's line."""
+    clone = _copy_checkout(tmp_path / "clone")
+    assert not (clone.parent / "shared").exists()
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    site = subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    Path(site, "_atlas_test_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    env = _stranger_env(tmp_path, caffe_zoo) | {"PIP_NO_INDEX": "1", "PIP_NO_BUILD_ISOLATION": "0"}
+    # the system's tools (make, the shell's) without npm or node: a folder of links to every other program of PATH
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        if folder and Path(folder).is_dir() and not folder.startswith(str(REPO)):
+            for program in Path(folder).iterdir():
+                if program.name not in ("npm", "npx", "node", "nodejs") and not (tools / program.name).exists():
+                    (tools / program.name).symlink_to(program)
+    env["PATH"] = str(tools)
+    assert shutil.which("make", path=env["PATH"]) and not shutil.which("npm", path=env["PATH"])
+    photos, run = _photo_folder(tmp_path / "photos"), tmp_path / "run"
+    result = subprocess.run(["make", "demo", f"IMAGES={photos}", f"VENV={venv}", f"CONFIG={_tiny_config(tmp_path / 'tiny.toml')}",
+                             f"OUT={run}"], cwd=clone, capture_output=True, text=True, env=env, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"atlas serve {run}" in result.stdout and "http://127.0.0.1:8000/tiles/index.html" in result.stdout
+    atlas_file = subprocess.run([str(venv / "bin" / "python"), "-c", "import atlas; print(atlas.__file__)"], capture_output=True,
+                                text=True, env=env, cwd=tmp_path, check=True).stdout.strip()
+    assert Path(atlas_file).is_relative_to(clone)  # the clone's package, installed by make
+    assert caffe_zoo["served"][-1] == "/bvlc_googlenet.caffemodel"
+    assert (tmp_path / "xdg" / "atlas" / "bvlc_googlenet.safetensors").is_file()
+    assert (run / "tiles" / "index.html").is_file()
