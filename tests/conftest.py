@@ -84,16 +84,47 @@ def browser():
 
 
 @contextlib.contextmanager
-def serving(run):
-    """``atlas serve``'s server for ``run`` on a free port, in a thread, shut down afterwards."""
+def serving(run, **options):
+    """``atlas serve``'s server for ``run`` on a free port (``options``: make_server's), in a thread, shut down afterwards."""
     import threading
 
     from atlas.server import make_server
 
-    srv = make_server(run, port=0)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    srv = make_server(run, port=0, **options)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
     try:
         yield srv
     finally:
         srv.shutdown()
         srv.server_close()
+        thread.join(10)
+
+
+@contextlib.contextmanager
+def http_folder(folder: Path):
+    """A plain HTTP server on 127.0.0.1 serving ``folder`` (a stand-in for a download site); yields ``(base URL, the
+    list of paths requested so far)``."""
+    import http.server
+    import threading
+
+    served: list[str] = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(folder), **kwargs)
+
+        def do_GET(self) -> None:
+            served.append(self.path)
+            super().do_GET()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", served
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import serving
 from PIL import Image
 from tiny_run import LAYER, build_tiny, cli, copy_run, one_line, snapshot
 
 from atlas.errors import AtlasError
-from atlas.server import make_server
 
 WAIT = 120.0
 MAX_COMMAND_BYTES = 4096  # atlas.server's limit on a text command
@@ -37,13 +37,8 @@ def base(tmp_path_factory, photos) -> Path:
 
 @pytest.fixture(scope="module")
 def server(base):
-    srv = make_server(base, port=0, timeout=5)
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-    thread.join(10)
+    with serving(base, timeout=5) as srv:
+        yield srv
 
 
 def jpeg(photo: Path) -> bytes:

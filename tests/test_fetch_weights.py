@@ -10,15 +10,13 @@ through the documented override (``ATLAS_WEIGHTS_URL`` with ``ATLAS_WEIGHTS_SHA1
 from __future__ import annotations
 
 import hashlib
-import http.server
 import socket
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import PHOTOS, WEIGHTS, require_shared
+from conftest import PHOTOS, WEIGHTS, http_folder, require_shared
 from tiny_run import cli, one_line
 
 from atlas.errors import AtlasError
@@ -135,24 +133,8 @@ def zoo(tmp_path_factory, shared_state):
     data = bytearray(good.read_bytes())
     data[len(data) // 2 : len(data) // 2 + 64] = bytes(64)  # 64 bytes of one blob zeroed: still parses, wrong checksum
     (folder / "corrupt.caffemodel").write_bytes(bytes(data))
-    served: list[str] = []
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, directory=str(folder), **kwargs)
-
-        def do_GET(self) -> None:
-            served.append(self.path)
-            super().do_GET()
-
-        def log_message(self, *args) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield {"url": f"http://127.0.0.1:{server.server_address[1]}", "folder": folder, "served": served}
-    server.shutdown()
-    server.server_close()
+    with http_folder(folder) as (url, served):
+        yield {"url": url, "folder": folder, "served": served}
 
 
 @pytest.fixture

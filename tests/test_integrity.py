@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import zarr
 from conftest import WEIGHTS
-from tiny_run import CONFIG, LAYER, build_tiny, copy_run
+from tiny_run import LAYER, build_tiny, copy_run, tiny_config
 from tiny_run import cli as _cli
 from tiny_run import one_line as _one_line
 from tiny_run import snapshot as _snapshot
@@ -67,9 +67,7 @@ def _ledger(run: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def cfg(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("cfg") / "tiny.toml"
-    path.write_text(CONFIG)
-    return path
+    return tiny_config(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import zarr
 from conftest import WEIGHTS
-from tiny_run import CONFIG, LAYER, build_tiny
+from tiny_run import LAYER, build_tiny, tiny_config
 from tiny_run import cli as _cli
 
 from atlas import store
@@ -32,9 +32,7 @@ EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 @pytest.fixture(scope="module")
 def cfg(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("cfg") / "tiny.toml"
-    path.write_text(CONFIG)
-    return path
+    return tiny_config(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import serving
 from PIL import Image
 from tiles_helpers import make_tile_run
 from tiny_run import one_line as assert_one_line
@@ -58,13 +59,8 @@ def run(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(run):
-    srv = make_server(run, port=0, timeout=TIMEOUT)
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-    thread.join(10)
+    with serving(run, timeout=TIMEOUT) as srv:
+        yield srv
 
 
 def raw(server, request: bytes, wait: float = 10.0) -> tuple[int, bytes]:

@@ -13,6 +13,7 @@ this checkout; the test checks that, from a working folder outside the repositor
 from __future__ import annotations
 
 import ast
+import contextlib
 import email
 import hashlib
 import http.server
@@ -30,7 +31,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import WEIGHTS, require_shared
+from conftest import WEIGHTS, http_folder, require_shared
 from packaging.requirements import Requirement
 from PIL import Image
 
@@ -401,6 +402,21 @@ def test_the_wheel_is_activation_atlas_with_its_licence_ranges_and_the_vendored_
     assert OSD_VERSION in (STATIC / "openseadragon" / "README.md").read_text()
 
 
+@contextlib.contextmanager
+def _atlas_serve(atlas: Path, run: Path, env: dict, cwd: Path):
+    """``atlas serve RUN --port 0`` of an installed atlas, as a user starts it; yields the viewer's URL it prints."""
+    server = subprocess.Popen([str(atlas), "serve", str(run), "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, cwd=cwd, env=env)
+    try:
+        line = server.stdout.readline()
+        match = re.search(r"http://127\.0\.0\.1:\d+/tiles/index\.html", line)
+        assert match, line + (server.stderr.read() if server.poll() is not None else "")
+        yield match.group(0)
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
 def test_wheel_installed_without_npm_serves_the_viewer(installed, tmp_path, browser):
     _require_chromium()
     from tiles_helpers import make_tile_run
@@ -425,19 +441,14 @@ def test_wheel_installed_without_npm_serves_the_viewer(installed, tmp_path, brow
     assert result.returncode == 0, result.stderr
     assert (run / "tiles" / "openseadragon" / "openseadragon.min.js").is_file()
 
-    server = subprocess.Popen([str(atlas), "serve", str(run), "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, cwd=tmp_path, env=env)
-    try:
-        line = server.stdout.readline()
-        match = re.search(r"http://127\.0\.0\.1:\d+/tiles/index\.html", line)
-        assert match, line + (server.stderr.read() if server.poll() is not None else "")
+    with _atlas_serve(atlas, run, env, tmp_path) as url:
         # the session's browser: a second sync Playwright in the same thread is refused while that one is alive
         page = browser.new_page(viewport={"width": 1000, "height": 700})
         try:
             requested, errors = [], []
             page.on("request", lambda r: requested.append(r.url))
             page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(match.group(0))
+            page.goto(url)
             page.wait_for_function("document.body.dataset.loaded === '1'", timeout=20000)
             assert page.evaluate("typeof window.OpenSeadragon") == "function"
             assert page.evaluate("window.OpenSeadragon.version.versionStr") == OSD_VERSION
@@ -446,9 +457,6 @@ def test_wheel_installed_without_npm_serves_the_viewer(installed, tmp_path, brow
             assert errors == []
         finally:
             page.close()
-    finally:
-        server.terminate()
-        server.wait(10)
 
 
 def test_npm_is_gone_from_set_up_build_and_ci():
@@ -558,25 +566,8 @@ def caffe_zoo(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("zoo")
     model = write_caffemodel(folder / "bvlc_googlenet.caffemodel", load_file(str(WEIGHTS)), v1=False)
-    served: list[str] = []
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, directory=str(folder), **kwargs)
-
-        def do_GET(self) -> None:
-            served.append(self.path)
-            super().do_GET()
-
-        def log_message(self, *args) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield {"url": f"http://127.0.0.1:{server.server_address[1]}/{model.name}", "sha1": hashlib.sha1(model.read_bytes()).hexdigest(),
-           "served": served}
-    server.shutdown()
-    server.server_close()
+    with http_folder(folder) as (url, served):
+        yield {"url": f"{url}/{model.name}", "sha1": hashlib.sha1(model.read_bytes()).hexdigest(), "served": served}
 
 
 def _stranger_env(tmp: Path, zoo: dict) -> dict:
@@ -640,16 +631,8 @@ def test_wheel_fetches_the_weights_builds_an_atlas_and_shows_it(installed, caffe
                             "--out", str(run)], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
     assert built.returncode == 0, built.stderr[-3000:]
     assert caffe_zoo["served"] == ["/bvlc_googlenet.caffemodel"]  # the cached weights, not a second download
-    server = subprocess.Popen([str(atlas), "serve", str(run), "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, cwd=tmp_path, env=env)
-    try:
-        line = server.stdout.readline()
-        match = re.search(r"http://127\.0\.0\.1:\d+/tiles/index\.html", line)
-        assert match, line + (server.stderr.read() if server.poll() is not None else "")
-        _viewer_loads_tiles(browser, match.group(0))
-    finally:
-        server.terminate()
-        server.wait(10)
+    with _atlas_serve(atlas, run, env, tmp_path) as url:
+        _viewer_loads_tiles(browser, url)
 
 
 def test_make_demo_in_a_fresh_clone_with_photos_and_no_shared_folder(caffe_zoo, tmp_path):

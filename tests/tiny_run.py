@@ -84,6 +84,13 @@ def snapshot(folder: Path) -> dict[str, int]:
             if p.is_file() and p.name != store.LOCK_NAME}
 
 
+def tiny_config(tmp_path_factory) -> Path:
+    """``CONFIG`` written to a file of its own (a module fixture's: tests that run the command line need a path)."""
+    path = tmp_path_factory.mktemp("cfg") / "tiny.toml"
+    path.write_text(CONFIG)
+    return path
+
+
 def build_tiny(tmp_path_factory, images: Path, cfg: Path | None = None) -> Path:
     """A finished tiny run (every stage ran and is recorded) of ``images``, built with ``CONFIG`` (or ``cfg``)."""
     from atlas.build import build, load_config, merge
