@@ -111,7 +111,7 @@ def test_a_report_inside_a_run_goes_into_its_viewer_and_is_listed(tiny, photos):
     listing = json.loads((run / "tiles" / "inspect.json").read_text())
     assert [r["name"] for r in listing["reports"]] == ["n01440764_tench"]
     summary = json.loads((index.parent / "report.json").read_text())
-    assert summary["layer"] == "mixed4c" and summary["run"] == str(run)
+    assert summary["layer"] == "mixed4c" and summary["run"] == run.name  # a bare name: no path of the machine under tiles/
     assert summary["images"][0]["label"]["source"] == "the run's label"
 
 
