@@ -831,8 +831,9 @@ def _to_8bit(im: Image.Image) -> Image.Image:
     return Image.fromarray(np.nan_to_num(np.clip(np.rint(scaled), 0, 255)).astype(np.uint8), "L")
 
 
-def _resample(im: Image.Image, resize: int, crop: int | None) -> Image.Image:
-    """Shorter side to ``resize`` (bilinear), then the centre ``crop`` x ``crop`` (None: not cropped).
+def _resample(im: Image.Image, resize: int, crop: int | None, interpolation: str = "bilinear") -> Image.Image:
+    """Shorter side to ``resize`` (bilinear, or the model's ``interpolation``: "bicubic" for most ViTs), then the
+    centre ``crop`` x ``crop`` (None: not cropped).
 
     The resized image is never made whole when it would be large: for an image more than ``MAX_ASPECT`` times longer
     than wide (a 1 x 100,000 strip becomes 256 x 25,600,000 pixels, 20 GB), only the part that is kept is resampled,
@@ -844,8 +845,9 @@ def _resample(im: Image.Image, resize: int, crop: int | None) -> Image.Image:
     least = crop or 0
     size = (max(least, round(w * scale)), max(least, round(h * scale)))
     limit = MAX_ASPECT * max(resize, least)
+    method = Image.BICUBIC if interpolation == "bicubic" else Image.BILINEAR
     if max(size) <= limit:
-        im = im.resize(size, Image.BILINEAR, reducing_gap=None)
+        im = im.resize(size, method, reducing_gap=None)
         if crop is None:
             return im
         left, top = (size[0] - crop) // 2, (size[1] - crop) // 2
@@ -854,11 +856,11 @@ def _resample(im: Image.Image, resize: int, crop: int | None) -> Image.Image:
     left, top = (size[0] - out[0]) // 2, (size[1] - out[1]) // 2
     fx, fy = w / size[0], h / size[1]
     box = (left * fx, top * fy, (left + out[0]) * fx, (top + out[1]) * fy)
-    return im.resize(out, Image.BILINEAR, box=box, reducing_gap=None)
+    return im.resize(out, method, box=box, reducing_gap=None)
 
 
 def decode_image(source: str | os.PathLike | bytes, resize: int = 256, crop: int | None = 224, max_pixels: int = MAX_PIXELS,
-                 formats: Sequence[str] | None = None) -> Image.Image:
+                 formats: Sequence[str] | None = None, interpolation: str = "bilinear") -> Image.Image:
     """The one image decoder: a file or encoded bytes -> RGB, shorter side ``resize``, centre crop ``crop`` x ``crop``.
 
     Every reader of images goes through here (the sampler's workers, the unit lens, inspect, reconstruct, patch, the
@@ -880,6 +882,8 @@ def decode_image(source: str | os.PathLike | bytes, resize: int = 256, crop: int
         Largest image decoded, in pixels after JPEG draft reduction.
     formats : sequence of str or None, default None
         PIL formats accepted (e.g. ``("JPEG", "PNG", "WEBP")``); None: any PIL reads.
+    interpolation : str, default "bilinear"
+        Resampling of the resize: "bilinear" or "bicubic" (the model's own, ``Network.preprocess``).
 
     Raises
     ------
@@ -904,7 +908,7 @@ def decode_image(source: str | os.PathLike | bytes, resize: int = 256, crop: int
                     im = im.convert("RGBA")
                     background = Image.new("RGBA", im.size, (255, 255, 255, 255))
                     im = Image.alpha_composite(background, im)
-                return _resample(im.convert("RGB"), resize, crop)
+                return _resample(im.convert("RGB"), resize, crop, interpolation)
     except (ImageTooLarge, OSError):
         raise
     except Image.DecompressionBombError as exc:
@@ -913,7 +917,7 @@ def decode_image(source: str | os.PathLike | bytes, resize: int = 256, crop: int
         raise UnreadableImage(f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}") from None
 
 
-def load_image(path: str | Path, resize: int = 256, crop: int = 224) -> Image.Image:
+def load_image(path: str | Path, resize: int = 256, crop: int = 224, interpolation: str = "bilinear") -> Image.Image:
     """RGB image of a file, shorter side resized to ``resize`` then centre-cropped to ``crop`` x ``crop``
     (:func:`decode_image`).
 
@@ -927,7 +931,7 @@ def load_image(path: str | Path, resize: int = 256, crop: int = 224) -> Image.Im
     if not stat.S_ISREG(mode):  # opening a FIFO would block forever, a device would read without end
         kind = "FIFO" if stat.S_ISFIFO(mode) else "device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "special file"
         raise OSError(f"not a regular file ({kind})")
-    return decode_image(file, resize, crop)
+    return decode_image(file, resize, crop, interpolation=interpolation)
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
@@ -945,8 +949,9 @@ class ImageDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, images: ImageList, resize: int = 256, crop: int = 224, indices: Sequence[int] | None = None,
-                 uint8: bool = False):
+                 uint8: bool = False, interpolation: str = "bilinear"):
         self.images, self.resize, self.crop, self.uint8 = images, resize, crop, uint8
+        self.interpolation = interpolation  # the model's resampling of the resize (bicubic for most ViTs)
         self.indices = list(range(len(images))) if indices is None else list(indices)
 
     def __len__(self) -> int:
@@ -957,7 +962,7 @@ class ImageDataset(torch.utils.data.Dataset):
         try:
             if index in self.images.skip:
                 raise OSError("no longer in the image list (the run keeps its own list; nothing of it was sampled)")
-            image = load_image(self.images.paths[index], self.resize, self.crop)
+            image = load_image(self.images.paths[index], self.resize, self.crop, self.interpolation)
             image = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)) if self.uint8 else to_tensor(image)
             error = ""
         except Exception as exc:  # noqa: BLE001 - a file that fails the decoder in any way is skipped and counted, not the run's end

@@ -323,6 +323,8 @@ def sample(images: str | Path | ImageList, layers: Sequence[str], out: str | Pat
     run_on = engine if isinstance(engine, Engine) else make_engine(engine, ray_address)
     layers = list(dict.fromkeys(layers))
     net = net or load_model(model, weights, device)
+    if net.preprocess:  # a model with its own preprocessing (atlas.models.wrap): its resize and input size
+        resize, crop = int(net.preprocess["resize"]), int(net.preprocess["size"])
     shapes = check_layers(net, layers, crop)
     if not isinstance(images, ImageList):
         images = list_images(images, class_table(net.weights), labels=labels)
@@ -334,7 +336,7 @@ def sample(images: str | Path | ImageList, layers: Sequence[str], out: str | Pat
     settings = {
         "model": net.name, "weights": net.weights, "weights_sha256": net.weights_sha256, "layers": layers, "seed": seed,
         "per_image": per_image, "image_list_hash": images.digest, "dtype": dtype, "attribution": attribution,
-        "preprocessing": {"resize": resize, "crop": crop, "input": "RGB [0, 1]; the model normalises"},
+        "preprocessing": {"resize": resize, "crop": crop, "input": "RGB [0, 1]; the model normalises"} | _model_preprocessing(net),
         "shard_size": shard_size,
         "precision": resolve_precision(precision, device) if not attribution else "float32",
     }
@@ -372,6 +374,17 @@ def sample(images: str | Path | ImageList, layers: Sequence[str], out: str | Pat
     store.finish_stage(out, "sample", _sample_paths(settings))
     return SampleResult(out, n, n_skipped, counts, seconds, processed / seconds if seconds > 0 and processed else 0.0,
                         images.summary, agreement)
+
+
+def _model_preprocessing(net: Network) -> dict:
+    """What a wrapped model adds to the recorded preprocessing (interpolation, mean, std; the token positions used);
+    nothing for the zoo's models, whose stores stay as they were."""
+    if not net.preprocess:
+        return {}
+    extra = {k: net.preprocess[k] for k in ("interpolation", "mean", "std")}
+    if net.prefix_tokens or net.patch_grid:
+        extra["tokens"] = f"patch tokens as positions; the first {net.prefix_tokens} (class/register) tokens dropped"
+    return extra
 
 
 def _sample_shards(root, out: Path, net: Network, images: ImageList, layers: list[str], shapes: dict, settings: dict,
@@ -576,7 +589,9 @@ def compute_shard(net: Network, images: ImageList, layers: list[str], shapes: di
     top5 = np.full((hi - lo, TOP_K), -1, np.int32)
 
     forward = settings.get("forward", SampleSettings.forward)
-    dataset = ImageDataset(images, settings["preprocessing"]["resize"], settings["preprocessing"]["crop"], indices, uint8=True)
+    prep = settings["preprocessing"]
+    dataset = ImageDataset(images, prep["resize"], prep["crop"], indices, uint8=True,
+                           interpolation=prep.get("interpolation", "bilinear"))
     loader = image_loader(dataset, batch_size, workers, device)
     errors: list[tuple[int, str]] = []
     for batch_index, batch, batch_errors in loader:

@@ -32,6 +32,11 @@ class Network:
     weights: str = ""
     weights_sha256: str = ""
     classes: list[str] = field(default_factory=list)
+    # How images become the input (atlas.models.wrap.Preprocessing.as_dict); empty: ImageNet's, resize 256, bilinear.
+    preprocess: dict = field(default_factory=dict)
+    # Transformers: tokens before the patch tokens (class, registers) and the patch grid (h, w); see tokens_to_grid.
+    prefix_tokens: int = 0
+    patch_grid: tuple[int, int] | None = None
 
     def resolve(self, layer: str) -> str:
         """Module path of a layer name; unknown names fail with the list of known ones."""
@@ -46,7 +51,7 @@ class Network:
         if isinstance(self.module, InceptionV1):
             return list(INCEPTION_LAYERS)
         names = [n for n, _ in self.module.named_modules() if n]
-        return list(self.aliases) + names
+        return list(dict.fromkeys(list(self.aliases) + names))
 
     def module_of(self, layer: str) -> nn.Module:
         return self.module.get_submodule(self.resolve(layer))
@@ -64,6 +69,16 @@ class Network:
 
         def make_hook(layer: str):
             def hook(_module, _inputs, output):
+                grid = self.tokens_to_grid(output)
+                if grid is not None:  # a token layer: stages see (N, D, h, w), the model goes on with its tokens
+                    replaced = edit(layer, grid) if edit is not None else None
+                    captured[layer] = grid if replaced is None else replaced
+                    if replaced is not None:
+                        output = self.grid_to_tokens(replaced, output)
+                    remaining.discard(layer)
+                    if stop and not remaining:
+                        raise StopForward
+                    return output
                 if edit is not None:
                     replaced = edit(layer, output)
                     output = output if replaced is None else replaced
@@ -82,6 +97,37 @@ class Network:
         finally:
             for handle in handles:
                 handle.remove()
+
+    def tokens_to_grid(self, output) -> torch.Tensor | None:
+        """A transformer layer's output (N, T, D) as positions (N, D, h, w): the ``prefix_tokens`` first tokens (class
+        and register tokens) dropped, the h * w patch tokens in row-major order reshaped to the patch grid (from the
+        model, else square). None for anything else (a CNN's maps, logits, a token count that fits no grid)."""
+        if not self.prefix_tokens and self.patch_grid is None:
+            return None
+        if not isinstance(output, torch.Tensor) or output.ndim != 3:
+            return None
+        t = output.shape[1]
+        grid = self.patch_grid
+        for prefix in dict.fromkeys((self.prefix_tokens, 0)):  # patch_embed's output has no prefix tokens yet
+            n = t - prefix
+            h, w = grid if grid is not None and grid[0] * grid[1] == n else (round(n ** 0.5),) * 2
+            if n > 0 and h * w == n:
+                patches = output[:, prefix:]
+                return patches.transpose(1, 2).reshape(output.shape[0], output.shape[2], h, w)
+        return None
+
+    def grid_to_tokens(self, grid: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`tokens_to_grid`: ``grid`` (M, D, h, w) back to tokens, with the prefix tokens of
+        ``tokens`` (N, T, D) in front, each repeated M / N times when the grid's batch is (the sampler repeats each
+        image once per sampled position)."""
+        patches = grid.flatten(2).transpose(1, 2)
+        prefix = tokens.shape[1] - patches.shape[1]
+        if prefix == 0:
+            return patches
+        head = tokens[:, :prefix]
+        if grid.shape[0] != tokens.shape[0]:
+            head = head.repeat_interleave(grid.shape[0] // tokens.shape[0], 0)
+        return torch.cat([head, patches], 1)
 
     def activations(self, images: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
         """Activations of ``layers`` for RGB [0, 1] images, computing no deeper than needed."""

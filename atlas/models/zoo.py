@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import urllib.parse
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -29,6 +30,9 @@ def load_model(name: str = "inceptionv1", weights: str | Path | None = None, dev
     local state dict or, when None, torchvision's pretrained weights from torch's own hub cache
     (``torch.hub.get_dir()/checkpoints``, where torchvision itself keeps them: one copy per machine), downloaded
     there with torchvision's hash check when missing.
+    ``timm:NAME`` is timm's architecture (:func:`atlas.models.wrap.load_timm`), ``torchvision:NAME`` the same as
+    ``NAME``, ``PACKAGE.MODULE:FACTORY`` the user's own (:func:`atlas.models.wrap.load_factory`), and a name given to
+    :func:`atlas.models.wrap.wrap` in this process that network.
     ``pretrained=False`` builds the architecture alone when no weights are given (enough
     to list layers): no download, random parameters; for InceptionV1 it still reads local
     weights when there are some, since they decide the variant (BVLC or Lucid).
@@ -44,11 +48,24 @@ def load_model(name: str = "inceptionv1", weights: str | Path | None = None, dev
             with reading_weights(path, "InceptionV1"):
                 module = inceptionv1(path)
             net = Network(name="inceptionv1", module=module, weights=str(path), weights_sha256=sha256(path))
+    elif name.startswith("timm:"):
+        from atlas.models.wrap import load_timm
+
+        net = load_timm(name[len("timm:"):], weights, pretrained)
+    elif ":" in name and not name.startswith("torchvision:"):
+        from atlas.models.wrap import load_factory, wrapped
+
+        net = wrapped(name) if not weights and wrapped(name) is not None else load_factory(name, weights)
     else:
-        net = _torchvision(name, weights, pretrained)
+        from atlas.models.wrap import wrapped
+
+        known = wrapped(name)
+        if known is not None and not weights:  # a module wrapped in this process (atlas.models.wrap): no other way back
+            return replace(known, module=known.module.to(device))
+        net = _torchvision(name.removeprefix("torchvision:"), weights, pretrained)
     net.module.eval().requires_grad_(False).to(device)
-    num_classes = _num_classes(net.module)
-    net.classes = imagenet_classes(num_classes, net.weights)
+    if not net.classes:
+        net.classes = imagenet_classes(_num_classes(net.module), net.weights)
     return net
 
 
@@ -147,7 +164,7 @@ def load_run_model(attrs: dict, device: str = "cpu") -> Network:
     if not model:
         raise AtlasError("the run's store has no 'model' attribute; run `atlas sample` first")
     weights = attrs.get("weights") or None
-    if weights and str(weights).startswith("torchvision:"):
+    if weights and str(weights).startswith(("torchvision:", "timm:")):
         weights = None
     net = load_model(str(model), weights, device)
     want = attrs.get("weights_sha256") or ""

@@ -1,0 +1,127 @@
+"""Any model: a plain nn.Module through ``atlas.models.wrap``, timm architectures by name, and Vision Transformers'
+token layers read as positions (docs/models.md)."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import require_shared
+from torch import nn
+
+from atlas.errors import AtlasError
+from atlas.models import load_model
+from atlas.models.wrap import Preprocessing, wrap
+from atlas.sample import forward_samples
+
+timm = pytest.importorskip("timm")
+
+VIT_FILE = "/work/shared/models/vit_tiny_patch16_224.safetensors"
+
+
+@pytest.fixture(scope="module")
+def reg_vit():
+    """A small random ViT with a class token and 4 register tokens (5 prefix tokens) on a non-square 3 x 4 patch grid."""
+    torch.manual_seed(0)
+    module = timm.models.vision_transformer.VisionTransformer(
+        img_size=(48, 64), patch_size=16, embed_dim=32, depth=3, num_heads=2, reg_tokens=4, num_classes=10)
+    return wrap(module, Preprocessing(mean=(0.5,) * 3, std=(0.5,) * 3, size=64), name="test-reg-vit")
+
+
+def test_token_layer_drops_prefix_tokens_and_keeps_the_patch_grid(reg_vit):
+    assert (reg_vit.prefix_tokens, reg_vit.patch_grid) == (5, (3, 4))
+    x = torch.rand(2, 3, 48, 64)
+    seen = {}
+    handle = reg_vit.module.get_submodule("net.blocks.1").register_forward_hook(lambda m, i, o: seen.setdefault("t", o))
+    try:
+        grid = reg_vit.activations(x, ["blocks.1"])["blocks.1"]
+    finally:
+        handle.remove()
+    tokens = seen["t"]  # (2, 5 + 12, 32)
+    assert tokens.shape == (2, 17, 32) and grid.shape == (2, 32, 3, 4)
+    # patch token 4 * row + column is position (row, column); the prefix tokens are nowhere in the grid
+    assert torch.equal(grid[1, :, 2, 1], tokens[1, 5 + 4 * 2 + 1])
+    assert torch.equal(grid[0, :, 0, 0], tokens[0, 5])
+
+
+def test_attribution_through_attention_and_layernorm_equals_per_class_gradients(reg_vit):
+    """The one-JVP attribution (forward-mode AD through softmax attention, LayerNorm and GELU) equals h . d logit_c / d h
+    of backward passes, at the sampled patch token only."""
+    torch.manual_seed(1)
+    x = torch.rand(2, 3, 48, 64)
+    k = 2
+    pos = torch.tensor([[0, 1], [2, 3], [1, 2], [2, 0]])
+    acts, attrs, logits = forward_samples(reg_vit, x, ["blocks.1"], {"blocks.1": pos}, attribution=True)
+    captured = {}
+
+    def edit(name, out):
+        captured[name] = out.detach().requires_grad_(True)
+        return captured[name]
+
+    with torch.enable_grad(), reg_vit.hooks(["blocks.1"], edit=edit, stop=False):
+        out = reg_vit.module(x)
+        h = captured["blocks.1"]
+        for c in range(10):
+            (grad,) = torch.autograd.grad(out[:, c].sum(), h, retain_graph=True)
+            for b in range(4):
+                y, xx = pos[b].tolist()
+                want = float((h[b // k, :, y, xx] * grad[b // k, :, y, xx]).sum().detach())
+                assert attrs["blocks.1"][b, c].item() == pytest.approx(want, rel=1e-3, abs=1e-5)
+    assert torch.allclose(acts["blocks.1"][2], h[1, :, 1, 2].detach(), atol=1e-5)
+    assert torch.allclose(logits, out.detach(), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def vit():
+    require_shared()
+    return load_model("timm:vit_tiny_patch16_224", VIT_FILE)
+
+
+def test_real_vit_through_atlas_loader_equals_plain_timm_loop(vit, photos):
+    """16 shared photos. The wrapped model on atlas's loader's pixels gives the logits of a plain timm model (weights
+    loaded strictly, timm's own normalisation of the same crops) to 1e-4; and top-1 equals a plain timm loop with
+    timm's whole transform (its own decoder and bicubic resize: pixels differ slightly, not the predicted class)."""
+    from PIL import Image
+    from safetensors.torch import load_file
+    from torchvision import transforms
+
+    from atlas.data import ImageDataset, list_images, load_image, real_path
+
+    images = list_images(photos).head(16)
+    prep = vit.preprocess
+    assert (prep["mean"], prep["std"], prep["interpolation"], prep["size"]) == ([0.5] * 3, [0.5] * 3, "bicubic", 224)
+    data = ImageDataset(images, prep["resize"], prep["size"], interpolation=prep["interpolation"])
+    x = torch.stack([data[i][1] for i in range(len(data))])
+    with torch.inference_mode():
+        ours = vit.module(x)
+
+    plain = timm.create_model("vit_tiny_patch16_224", pretrained=False)
+    plain.load_state_dict(load_file(VIT_FILE), strict=True)
+    plain.eval()
+    config = timm.data.resolve_data_config({}, model=plain)
+    normalise = transforms.Compose([transforms.ToTensor(), transforms.Normalize(config["mean"], config["std"])])
+    crops = [load_image(p, prep["resize"], prep["size"], "bicubic") for p in images.paths]
+    whole = timm.data.create_transform(**config)
+    with torch.inference_mode():
+        same_pixels = plain(torch.stack([normalise(c) for c in crops]))
+        own_loop = plain(torch.stack([whole(Image.open(real_path(p)).convert("RGB")) for p in images.paths]))
+    assert torch.allclose(ours, same_pixels, atol=1e-4)
+    assert torch.equal(ours.argmax(1), own_loop.argmax(1))
+
+
+def test_layers_of_timm_models_and_the_missing_extra(monkeypatch):
+    from tiny_run import cli
+
+    proc = cli("layers", "--model", "timm:vit_tiny_patch16_224")
+    assert proc.returncode == 0, proc.stderr
+    assert any(line.split()[:3] == ["blocks.6", "192", "14x14"] for line in proc.stdout.splitlines())
+    monkeypatch.setitem(sys.modules, "timm", None)
+    proc = cli("layers", "--model", "timm:vit_tiny_patch16_224")
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "pip install" in proc.stderr
+
+
+def test_unknown_timm_model_is_one_line():
+    with pytest.raises(AtlasError, match="unknown timm model"):
+        load_model("timm:no_such_net_at_all", pretrained=False)
