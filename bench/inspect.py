@@ -6,6 +6,12 @@
    batches only) against the plain loop of one forward per position at batch 1 on the unmodified model (what
    ``occlusion_loop`` runs). Target: batched >= 3x the loop. The three compute the same batch of positions one
    after the other, batch after batch, so machine load hits them alike; their numbers are compared with the loop's.
+   Beside them, when captum is installed (the dev extra), captum's ``Occlusion`` on the same photo, square, stride,
+   grey baseline and batch size (``perturbations_per_eval``), for the target class's probability on the unmodified
+   model: one call over its whole grid (captum has no way to run a subset of its windows, so ``--rounds`` does not
+   shorten it), timed on its own with the load average before and after. captum's grid is atlas's when
+   ``(224 - occluder)`` is a multiple of the stride (atlas adds a last position flush with the edge otherwise).
+   tests/test_captum.py checks the two give the same numbers.
 
     .venv/bin/python bench/inspect.py [--occlusion] [--image PATH] [--layer mixed4c] [--stride 8] [--occluder 32]
                                       [--batch-size 32] [--rounds N]
@@ -79,7 +85,7 @@ def bench_occlusion(net, image: torch.Tensor, layer: str = "mixed4c", occluder: 
     print(f"occlusion: {tuple(image.shape[-2:])} px image, {occluder} px square, stride {stride} ({len(boxes)} positions; timed: {n} "
           f"in {len(starts)} batches of {batch_size}), layer {layer}, {torch.get_num_threads()} threads; load average {_load()}",
           flush=True)
-    channel = occlusion._reference(net, image, layer, None, None)[0]
+    channel, target = occlusion._reference(net, image, layer, None, None)[:2]
     fast = occlusion._channels_last(net)
     incremental = occlusion._Incremental(fast, image, layer)
 
@@ -126,7 +132,39 @@ def bench_occlusion(net, image: torch.Tensor, layer: str = "mixed4c", occluder: 
                      f"top class {same}/{n}")
         print(line, flush=True)
     print(f"  target: batched >= 3x the loop; load average {_load()}")
-    return {"positions": n, **{f"{k}_per_s": v for k, v in rates.items()}, "ratio": rates["incremental"] / rates["loop"]}
+    captum_rate = bench_captum_occlusion(net, image, target, occluder, stride, batch_size)
+    if captum_rate is not None:
+        print(f"  {'captum Occlusion (probability only)':<38} {captum_rate:6.2f} positions/s "
+              f"({flops.share(captum_rate * per_position['loop'], limits)}); atlas's incremental path is "
+              f"{rates['incremental'] / captum_rate:.2f}x, its channels-last path {rates['channels-last'] / captum_rate:.2f}x captum's",
+              flush=True)
+    return {"positions": n, **{f"{k}_per_s": v for k, v in rates.items()}, "ratio": rates["incremental"] / rates["loop"],
+            "captum_per_s": captum_rate}
+
+
+def bench_captum_occlusion(net, image: torch.Tensor, target: int, occluder: int, stride: int, batch_size: int) -> float | None:
+    """captum's ``Occlusion`` over its whole grid for the target's probability (same square, stride, grey, batch size)
+    on the unmodified model; print the line and return positions/s, or None when captum is not installed."""
+    try:
+        from captum.attr import Occlusion
+    except ImportError:
+        print("  captum Occlusion: captum is not installed (pip install captum, or the dev extra); row skipped")
+        return None
+    h, w = image.shape[-2:]
+    n = ((h - occluder) // stride + 1) * ((w - occluder) // stride + 1)  # captum's windows: whole stride steps only
+    baseline = torch.tensor(occlusion.GREY).view(1, 3, 1, 1).expand(1, 3, h, w).clone()
+
+    def probability(x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(net.module(x).double(), dim=-1)
+
+    print(f"  captum Occlusion: {n} positions, perturbations_per_eval {batch_size}, unmodified model; load average {_load()}", flush=True)
+    t = time.perf_counter()
+    with torch.no_grad():
+        Occlusion(probability).attribute(image[None].clone(), sliding_window_shapes=(3, occluder, occluder), strides=(3, stride, stride),
+                                         baselines=baseline, target=target, perturbations_per_eval=batch_size)
+    seconds = time.perf_counter() - t
+    print(f"  captum Occlusion: {seconds:.1f} s; load average {_load()}", flush=True)
+    return n / seconds
 
 
 def bench_report(net, photo: str, run: str | None = None, limits: dict[str, float] | None = None) -> dict:
