@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import sys
 
-import numpy as np
 import pytest
 import torch
 from conftest import require_shared
-from torch import nn
 
 from atlas.errors import AtlasError
 from atlas.models import load_model

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from atlas.errors import AtlasError
@@ -73,14 +74,23 @@ class Preprocessing:
 
 
 class Normalize(nn.Module):
-    """``(x - mean) / std`` per channel: the model's own normalisation, so callers give RGB [0, 1]."""
+    """``(x - mean) / std`` per channel: the model's own normalisation, so callers give RGB [0, 1].
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+    With ``size`` (a model that takes one input size only, such as a ViT with fixed position embeddings), an input of
+    another size is first resampled to it (bilinear, differentiable): the renderer's icons (80 px, padded and zoomed
+    views) reach the model at its own size, and a direction's centre position is the centre token of that view.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], size: tuple[int, int] | None = None):
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.size = size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.size is not None and tuple(x.shape[-2:]) != self.size:
+            down = x.shape[-2] > self.size[0] or x.shape[-1] > self.size[1]
+            x = F.interpolate(x, self.size, mode="bilinear", align_corners=False, antialias=down)
         return (x - self.mean) / self.std
 
 
@@ -91,6 +101,16 @@ def _token_layout(module: nn.Module) -> tuple[int, tuple[int, int] | None]:
     grid = getattr(getattr(module, "patch_embed", None), "grid_size", None)
     grid = (int(grid[0]), int(grid[1])) if grid is not None else None
     return prefix, grid
+
+
+def _fixed_size(module: nn.Module) -> tuple[int, int] | None:
+    """The one input size (h, w) a model takes, if it takes only one: timm's patch embedding with ``strict_img_size``
+    and no ``dynamic_img_size`` (its position embeddings are for that grid)."""
+    embed = getattr(module, "patch_embed", None)
+    if embed is None or getattr(module, "dynamic_img_size", False) or not getattr(embed, "strict_img_size", False):
+        return None
+    size = getattr(embed, "img_size", None)
+    return (int(size[0]), int(size[1])) if size is not None else None
 
 
 def _plain_attention(module: nn.Module) -> None:
@@ -146,7 +166,7 @@ def wrap(module: nn.Module, preprocess: Preprocessing | dict | None = None, clas
     _plain_attention(module)
     module.eval().requires_grad_(False)
     wrapped = nn.Sequential()
-    wrapped.add_module("preprocess", Normalize(prep.mean, prep.std))
+    wrapped.add_module("preprocess", Normalize(prep.mean, prep.std, _fixed_size(module)))
     wrapped.add_module("net", module)
     aliases = {path[len("net."):]: path for path, _ in wrapped.named_modules() if path.startswith("net.")}
     prefix, grid = _token_layout(module)
