@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 from conftest import require_shared
+from torch import nn
 
 from atlas.errors import AtlasError
 from atlas.models import load_model
@@ -123,3 +124,57 @@ def test_layers_of_timm_models_and_the_missing_extra(monkeypatch):
 def test_unknown_timm_model_is_one_line():
     with pytest.raises(AtlasError, match="unknown timm model"):
         load_model("timm:no_such_net_at_all", pretrained=False)
+
+
+def test_relu_only_methods_are_refused_in_one_line_on_a_vit(reg_vit):
+    from atlas.units.projections import project_units
+    from atlas.weights.reconstruct import reconstruct
+
+    x = torch.rand(1, 3, 48, 64)
+    for method in ("deconvnet", "guided"):
+        with pytest.raises(AtlasError, match="ReLU networks only") as info:
+            project_units(reg_vit, "blocks.1", x, [[0, 1, 1]], method=method)
+        assert "softmax attention" in str(info.value) and "GELU" in str(info.value) and "\n" not in str(info.value)
+    assert project_units(reg_vit, "blocks.1", x, [[0, 1, 1]], method="gradient").shape == (1, 3, 48, 64)
+    with pytest.raises(AtlasError, match="not ReLU, max pooling or LRN"):
+        reconstruct(reg_vit, x[0])
+
+
+class TinyNet(nn.Module):
+    """A user's own small CNN: torch modules only, 6 classes."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 5, stride=4, padding=2), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1),
+                                  nn.ReLU())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 6))
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def test_own_module_through_wrap_builds_an_atlas(photo_list, tmp_path):
+    """sample -> project -> grid -> render -> tiles on a user's module given from Python: its module paths are the
+    layers, its class names are the run's, and later stages find it by the name it was wrapped under."""
+    from atlas.build import DEFAULTS, build, merge
+    from atlas.store import open_store
+
+    torch.manual_seed(0)
+    classes = [f"thing {i}" for i in range(6)]
+    net = wrap(TinyNet(), {"mean": (0.4, 0.4, 0.4), "std": (0.25, 0.25, 0.25), "size": 96, "resize": 110},
+               classes=classes, name="tiny-user-net")
+    assert net.classes == classes and net.activations(torch.rand(1, 3, 96, 96), ["body.2"])["body.2"].shape == (1, 16, 12, 12)
+    config = merge(DEFAULTS, {
+        "run": {"images": str(photo_list), "out": str(tmp_path / "run"), "layers": ["body.2"]},
+        "sample": {"model": "tiny-user-net", "weights": None, "max_images": 6, "per_image": 4, "workers": 0, "batch_size": 6,
+                   "attribution": True},
+        "project": {"method": "pca"}, "grid": {"sizes": [3], "min_count": 1},
+        "render": {"quality": "draft", "steps": 3, "size": 16}, "tiles": {"examples": False}})
+    result = build(config, echo=lambda *_: None)
+    assert result.ran == ["sample", "project", "grid", "render", "tiles"]
+    root = open_store(tmp_path / "run")
+    attrs = dict(root.attrs)
+    assert attrs["model"] == "tiny-user-net" and attrs["weights_sha256"] == net.weights_sha256
+    assert attrs["preprocessing"]["crop"] == 96 and attrs["preprocessing"]["resize"] == 110
+    assert root["samples/body.2/attributions"].shape[1] == 6
+    assert (tmp_path / "run" / "tiles" / "index.html").is_file()

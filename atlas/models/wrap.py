@@ -168,6 +168,7 @@ def wrap(module: nn.Module, preprocess: Preprocessing | dict | None = None, clas
     wrapped = nn.Sequential()
     wrapped.add_module("preprocess", Normalize(prep.mean, prep.std, _fixed_size(module)))
     wrapped.add_module("net", module)
+    wrapped.eval().requires_grad_(False)  # inference only: dropout off, BatchNorm on its running statistics
     aliases = {path[len("net."):]: path for path, _ in wrapped.named_modules() if path.startswith("net.")}
     prefix, grid = _token_layout(module)
     names = list(classes) if classes is not None else _default_classes(module)

@@ -156,7 +156,10 @@ _FUNCTIONAL_RELUS = {torch.relu, torch.relu_, F.relu, F.relu_, torch.Tensor.relu
 _OTHER_NONLINEARITIES = {F.relu6: "ReLU6", F.hardtanh: "ReLU6/hardtanh", F.leaky_relu: "leaky ReLU", F.elu: "ELU", F.selu: "SELU",
                          F.celu: "CELU", F.gelu: "GELU", F.silu: "SiLU", F.mish: "Mish", F.hardswish: "hardswish",
                          F.hardsigmoid: "hardsigmoid", F.sigmoid: "sigmoid", torch.sigmoid: "sigmoid", torch.Tensor.sigmoid: "sigmoid",
-                         F.tanh: "tanh", torch.tanh: "tanh", torch.Tensor.tanh: "tanh", F.softplus: "softplus"}
+                         F.tanh: "tanh", torch.tanh: "tanh", torch.Tensor.tanh: "tanh", F.softplus: "softplus",
+                         # a transformer's attention (timm's explicit form, which atlas.models.wrap selects)
+                         F.softmax: "softmax attention", torch.softmax: "softmax attention",
+                         torch.Tensor.softmax: "softmax attention"}
 
 
 class _Nonlinearities(torch.overrides.TorchFunctionMode):
