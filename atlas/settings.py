@@ -38,6 +38,10 @@ PROJECT_METHODS = ("umap", "tsne", "pca")
 # cosine/euclidean/l2 use atlas's own kNN search; the others go through umap-learn, openTSNE and scikit-learn,
 # which all know them by these names.
 PROJECT_METRICS = ("cosine", "euclidean", "l2", "manhattan", "correlation")
+# What --model takes (atlas.models.load_model).
+MODEL_HELP = ("inceptionv1, a torchvision classifier, timm:NAME (needs timm: the timm extra) "
+              "or PACKAGE.MODULE:FACTORY (docs/models.md)")
+
 # The model kernels of the passes that only read activations (atlas.models.inference).
 FORWARDS = ("fused", "channels-last", "nchw")
 KNN_BACKENDS = ("atlas", "faiss")
@@ -377,7 +381,7 @@ class SampleSettings(StageSettings):
     """Sampling activations (and class attributions) from images (``[sample]`` table, ``atlas sample``)."""
 
     TABLE: ClassVar[str] = "sample"
-    model: str = setting("inceptionv1", Text(what="a model name"), "inceptionv1 or a torchvision classifier name.")
+    model: str = setting("inceptionv1", Text(what="a model name"), MODEL_HELP + ".")
     weights: str | None = setting(None, Text(optional=True, what="a path"), "Weights file (None: the model's default weights).")
     max_images: int | None = setting(None, Integer(1, optional=True), "Use the first N images of the deterministic order (None: all).")
     per_image: int = setting(1, Integer(1), "Random spatial positions sampled per image and layer.")

@@ -178,3 +178,29 @@ def test_own_module_through_wrap_builds_an_atlas(photo_list, tmp_path):
     assert attrs["preprocessing"]["crop"] == 96 and attrs["preprocessing"]["resize"] == 110
     assert root["samples/body.2/attributions"].shape[1] == 6
     assert (tmp_path / "run" / "tiles" / "index.html").is_file()
+
+
+def make_tiny_net() -> nn.Module:
+    """A factory for ``--model test_any_model:make_tiny_net`` (the user's own code, imported by module path)."""
+    torch.manual_seed(0)
+    return TinyNet()
+
+
+def test_factory_and_timm_resnet_by_name():
+    """``PACKAGE.MODULE:FACTORY`` and a random timm ResNet: module paths (``layer3.1``) are layers; the channels-last copy
+    the sampler runs gives the reference kernels' activations and attributions (no prefix tokens in a CNN)."""
+    from tiny_run import cli
+
+    proc = cli("layers", "--model", "test_any_model:make_tiny_net", "--size", "96")
+    assert proc.returncode == 0, proc.stderr
+    assert any(line.split() == ["body.2", "16", "12x12"] for line in proc.stdout.splitlines())
+    assert cli("layers", "--model", "no_such_package_here:make").stderr.startswith("atlas: error: cannot import")
+
+    net = load_model("timm:resnet18", pretrained=False)
+    assert net.prefix_tokens == 0 and net.patch_grid is None and net.preprocess["interpolation"] in ("bilinear", "bicubic")
+    x = torch.rand(2, 3, 96, 96)
+    pos = {"layer3.1": torch.tensor([[1, 2], [3, 0]])}
+    ref = forward_samples(net, x, ["layer3.1"], pos, attribution=True, forward="nchw")
+    fast = forward_samples(net, x, ["layer3.1"], pos, attribution=True, forward="fused")
+    for a, b in zip(ref[:2], fast[:2], strict=True):
+        assert torch.allclose(a["layer3.1"], b["layer3.1"], rtol=1e-3, atol=1e-4)

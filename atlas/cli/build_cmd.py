@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from atlas.cli.commands import app
-from atlas.settings import GridSettings, ProjectSettings, RenderSettings, RunSettings
+from atlas.settings import MODEL_HELP, GridSettings, ProjectSettings, RenderSettings, RunSettings
 
 
 @app.command("build")
@@ -20,7 +20,7 @@ def build_command(
     grid: Annotated[list[int] | None, typer.Option("--grid", help="grid size; repeat for several")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="run folder (default outputs/MODEL-LAYER)")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="TOML file with every stage's settings")] = None,
-    model: Annotated[str | None, typer.Option(help="inceptionv1 or a torchvision classifier")] = None,
+    model: Annotated[str | None, typer.Option(help=MODEL_HELP)] = None,
     weights: Annotated[Path | None, typer.Option(help="weights file")] = None,
     max_images: Annotated[int | None, typer.Option(help="first N images")] = None,
     per_image: Annotated[int | None, typer.Option(help="positions sampled per image")] = None,

@@ -10,7 +10,7 @@ import typer
 
 from atlas.cli.commands import app
 from atlas.errors import AtlasError
-from atlas.settings import RunSettings, check_out_folder
+from atlas.settings import MODEL_HELP, RunSettings, check_out_folder
 from atlas.settings import SampleSettings as S
 
 
@@ -64,7 +64,7 @@ def sample_command(
 
 @app.command("layers")
 def layers_command(
-    model: Annotated[str, typer.Option(help="inceptionv1 or a torchvision classifier")] = "inceptionv1",
+    model: Annotated[str, typer.Option(help=MODEL_HELP)] = "inceptionv1",
     weights: Annotated[Path | None, typer.Option(help="weights file (not needed: the architecture alone gives the layers)")] = None,
     size: Annotated[int, typer.Option(help="input size in pixels")] = 224,
 ) -> None:
