@@ -17,6 +17,8 @@ The package, one module per concern (each imports only those listed before it):
 - ``network``: the hook-based ``Network`` every stage uses, ``StopForward``, ``describe_layers``;
 - ``inference``: cached inference-only copies (channels-last, fused convolution + ReLU) for passes that only read
   activations: ``inference_net``, ``as_input``, ``channels_last``, ``micro_batch``;
+- ``wrap``: any ``nn.Module`` with its preprocessing (``wrap``, ``Preprocessing``), timm's models (``timm:NAME``) and
+  the user's factories (``PACKAGE.MODULE:FACTORY``);
 - ``zoo``: ``load_model`` and the torchvision classifiers.
 
 Every public name is re-exported here, so ``from atlas.models import X`` is the way to use them. A test that
@@ -53,12 +55,13 @@ from atlas.models.weights import (
     synset_words,
     synset_words_file,
 )
+from atlas.models.wrap import Preprocessing, wrap
 from atlas.models.zoo import GOOGLENET_ALIASES, load_model, load_run_model
 
 __all__ = [
     "BVLC_BLOCKS", "BVLC_FILE", "BVLC_SHA1", "BVLC_URL", "DOWNLOAD_TIMEOUT", "Fetched", "GOOGLENET_ALIASES", "INCEPTION_FILES",
-    "INCEPTION_LAYERS", "InceptionV1", "LUCID_BLOCKS", "LocalResponseNorm", "Mixed", "Network", "Preprocess", "SamePad",
+    "INCEPTION_LAYERS", "InceptionV1", "LUCID_BLOCKS", "LocalResponseNorm", "Mixed", "Network", "Preprocess", "Preprocessing", "SamePad",
     "SpaceToDepthConv2d", "StopForward", "as_input", "autocast_dtype", "cache_dir", "channels_last",
     "describe_layers", "fetch_weights", "imagenet_classes", "inceptionv1", "inference_net", "load_model", "load_run_model",
-    "local_weights", "micro_batch", "native_bf16", "resolve_weights", "sha256", "synset_words", "synset_words_file"
+    "local_weights", "micro_batch", "native_bf16", "resolve_weights", "sha256", "synset_words", "synset_words_file", "wrap"
 ]  # fmt: skip
