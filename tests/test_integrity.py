@@ -395,3 +395,22 @@ def test_fault_lines_name_the_folder_or_file():
         "permission denied: /runs/a/store.zarr/x; check its permissions (or choose another --out)"
     assert "while writing into /runs/a/tiles:" in store.describe_fault(OSError(errno.ENOSPC, "No space", "/runs/a/tiles/t.jpg"))
     assert "cannot write to /runs/b (read-only" in store.describe_fault(OSError(errno.EROFS, "Read-only"), "/runs/b")
+
+
+def test_a_build_killed_in_one_stage_then_again_while_resuming_ends_as_the_uninterrupted_build(base, cfg, photo_list, tmp_path):
+    """SIGKILL at several offsets of one `atlas build` — while sampling, then while the resumed build lays out, then
+    while the next resume renders — and a last run: every array equals the uninterrupted build's."""
+    run = tmp_path / "run"
+    args = ["build", "--config", cfg, "--images", photo_list, "--out", run]
+    kills = []
+    for node in (f"samples/{LAYER}", f"layouts/{LAYER}/full", f"icons/{LAYER}/full/4"):
+        kills.append(_kill_when_writing(args, run, node))
+    assert kills[0], "the first build finished sampling before it could be killed"
+    assert _cli(*args).returncode == 0
+    assert {"sample", "project", "grid", "render", "tiles"} <= _current(run)
+    a, b = zarr.open_group(run / store.STORE_NAME, mode="r"), zarr.open_group(base / store.STORE_NAME, mode="r")
+    names = [f"samples/{LAYER}/{n}" for n in ("activations", "position", "image_index", "valid")] + [
+        "images/ok", f"layouts/{LAYER}/full/xy", f"grids/{LAYER}/full/4/mean_activation", f"grids/{LAYER}/full/4/count",
+        f"icons/{LAYER}/full/4/images", f"icons/{LAYER}/full/4/done"]
+    for name in names:
+        assert np.array_equal(a[name][...], b[name][...]), (name, kills)
