@@ -204,3 +204,11 @@ def test_factory_and_timm_resnet_by_name():
     fast = forward_samples(net, x, ["layer3.1"], pos, attribution=True, forward="fused")
     for a, b in zip(ref[:2], fast[:2], strict=True):
         assert torch.allclose(a["layer3.1"], b["layer3.1"], rtol=1e-3, atol=1e-4)
+
+
+def test_a_token_shows_its_own_patch_in_the_unit_lens(vit):
+    from atlas.units.receptive import Field, receptive_field, spatial_layers
+
+    assert receptive_field(vit, "blocks.6") == Field(size=16, stride=16, offset=0.0)
+    assert {"blocks.6", "norm"} <= set(spatial_layers(vit)) and "head" not in spatial_layers(vit)
+    assert receptive_field(vit, "blocks.6").box(13, 0) == (208, 0, 224, 16)

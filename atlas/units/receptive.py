@@ -230,6 +230,12 @@ def _fields(net: Network, layers: list[str], size: int) -> dict[str, _Geom | str
         def hook(_module, _inputs, output):
             t = _tensors(output)
             captured[layer] = tracker.get(t[0]) if t else None
+            grid = net.tokens_to_grid(output)
+            if grid is not None and not isinstance(captured[layer], tuple):
+                # A transformer's token: its own patch of the input, the pixels it was embedded from. Its true
+                # receptive field is the whole image after the first attention layer; the patch is what is shown.
+                py, px = size // grid.shape[2], size // grid.shape[3]
+                captured[layer] = ((py, py, 0), (px, px, 0)) if py and px else None
             remaining.discard(layer)
             if not remaining:
                 raise StopForward
