@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import require_shared
+from conftest import WEIGHTS, require_shared
 from torch import nn
 
 from atlas.errors import AtlasError
@@ -121,9 +121,12 @@ def test_layers_of_timm_models_and_the_missing_extra(monkeypatch):
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "pip install" in proc.stderr
 
 
-def test_unknown_timm_model_is_one_line():
+def test_unknown_timm_model_and_weights_of_another_model_are_one_line():
     with pytest.raises(AtlasError, match="unknown timm model"):
         load_model("timm:no_such_net_at_all", pretrained=False)
+    require_shared()
+    with pytest.raises(AtlasError, match=r"does not fit timm:vit_tiny_patch16_224: 152 of the model's tensors missing .*; 116 tensors"):
+        load_model("timm:vit_tiny_patch16_224", WEIGHTS)
 
 
 def test_relu_only_methods_are_refused_in_one_line_on_a_vit(reg_vit):

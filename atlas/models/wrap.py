@@ -208,6 +208,12 @@ def _load_weights(module: nn.Module, weights: str | Path, what: str) -> tuple[st
     if not path.is_file():
         raise AtlasError(f"weights file not found: {path}")
     state = _read_state(path, what)
+    want = set(module.state_dict())
+    missing, unexpected = sorted(want - set(state)), sorted(set(state) - want)
+    if missing or unexpected:  # strict: every tensor of the model from the file, nothing left over
+        parts = [f"{len(missing)} of the model's tensors missing (e.g. {missing[0]})"] if missing else []
+        parts += [f"{len(unexpected)} tensors not in the model (e.g. {unexpected[0]})"] if unexpected else []
+        raise AtlasError(f"weights file {path} does not fit {what}: {'; '.join(parts)}")
     with reading_weights(path, what):
         module.load_state_dict(state, strict=True)
     return str(path), sha256(path)
@@ -239,7 +245,7 @@ def load_timm(name: str, weights: str | Path | None = None, pretrained: bool = T
     prep = Preprocessing(mean=config["mean"], std=config["std"], size=size,
                          resize=int(round(size / config.get("crop_pct", 0.875))),
                          interpolation=config["interpolation"] if config["interpolation"] in INTERPOLATIONS else "bilinear")
-    return wrap(module, prep, name=f"timm:{name}", weights=label, weights_sha256=sha or ("" if not weights else sha))
+    return wrap(module, prep, name=f"timm:{name}", weights=label, weights_sha256=sha)
 
 
 def load_factory(spec: str, weights: str | Path | None = None) -> Network:
