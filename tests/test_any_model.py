@@ -215,3 +215,17 @@ def test_a_token_shows_its_own_patch_in_the_unit_lens(vit):
     assert receptive_field(vit, "blocks.6") == Field(size=16, stride=16, offset=0.0)
     assert {"blocks.6", "norm"} <= set(spatial_layers(vit)) and "head" not in spatial_layers(vit)
     assert receptive_field(vit, "blocks.6").box(13, 0) == (208, 0, 224, 16)
+
+
+def test_direction_icons_of_a_token_layer_at_any_icon_size(vit):
+    """The renderer's FFT image and transforms on the real ViT: 64 px icons reach the model at its 224 px (resampled in
+    the wrapper), the direction is read at the centre token, and optimising raises cos(h, v) over the first step's."""
+    from atlas.render.optimize import Settings, visualize
+
+    torch.manual_seed(0)
+    v = torch.randn(2, 192)
+    settings = Settings(precision="float32")
+    first = visualize(vit, "blocks.6", directions=v, size=64, steps=1, settings=settings)
+    later = visualize(vit, "blocks.6", directions=v, size=64, steps=24, settings=settings)
+    assert later.images.shape == (2, 64, 64, 3)
+    assert (later.cosine > first.cosine + 0.1).all(), (first.cosine, later.cosine)
