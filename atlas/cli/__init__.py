@@ -52,11 +52,21 @@ def _install_stop_handlers(received: list[int]) -> dict[int | str, object] | Non
         return None
     pid = os.getpid()
     hook = sys.unraisablehook
+    main_thread = threading.main_thread().ident
+    in_hook = threading.Event()
+
+    def again_soon(signum: int) -> None:
+        # from another thread, a moment later: the handler then runs in the main thread at its next bytecode, outside
+        # the hook (sent from inside the hook, it would raise right there and be printed as "Exception ignored")
+        threading.Timer(0.01, signal.pthread_kill, (main_thread, signum)).start()
 
     def stop(signum, frame):
         if os.getpid() != pid:
             raise KeyboardInterrupt
         received.append(signum)
+        if in_hook.is_set():  # arrived while the hook below runs: raise it once the hook has returned
+            again_soon(signum)
+            return
         raise Interrupted(signum)
 
     def unraisable(info) -> None:
@@ -65,16 +75,23 @@ def _install_stop_handlers(received: list[int]) -> dict[int | str, object] | Non
         # that can. The KeyboardInterrupt of a forked worker caught there is dropped quietly: its parent ends it.
         # After an interruption, what a half-built object's __del__ says on the way out (torch's DataLoader iterator
         # stopped in its constructor) is noise: the one line says it all.
-        if isinstance(info.exc_value, Interrupted) and os.getpid() == pid:
-            signal.pthread_kill(threading.main_thread().ident, info.exc_value.signum)
-        elif not (received or isinstance(info.exc_value, Interrupted | KeyboardInterrupt)):
-            hook(info)
+        in_hook.set()
+        try:
+            if isinstance(info.exc_value, Interrupted) and os.getpid() == pid:
+                again_soon(info.exc_value.signum)
+            elif not (received or isinstance(info.exc_value, Interrupted | KeyboardInterrupt)):
+                hook(info)
+        finally:
+            in_hook.clear()
 
     sys.unraisablehook = unraisable
     return {"unraisablehook": hook} | {signum: signal.signal(signum, stop) for signum in STOP_SIGNALS}
 
 
 def _interrupted_exit(signum: int) -> SystemExit:
+    # An interruption can land between creating a coroutine and running it (`atlas serve` starting uvicorn): its
+    # "never awaited" warning, printed as the stack unwinds, is noise after the one line.
+    warnings.filterwarnings("ignore", category=RuntimeWarning, message="coroutine .* was never awaited")
     command = next((a for a in sys.argv[1:] if not a.startswith("-")), "")
     then = "the server stopped" if command == "serve" else "run the same command again to resume"
     print(f"atlas: interrupted; {then}", file=sys.stderr, flush=True)
