@@ -229,3 +229,29 @@ def test_direction_icons_of_a_token_layer_at_any_icon_size(vit):
     later = visualize(vit, "blocks.6", directions=v, size=64, steps=24, settings=settings)
     assert later.images.shape == (2, 64, 64, 3)
     assert (later.cosine > first.cosine + 0.1).all(), (first.cosine, later.cosine)
+
+
+def test_vit_run_sampled_then_unit_lens_top_k_on_the_models_own_pixels(vit, photo_list, tmp_path):
+    """A ViT run records its bicubic preprocessing and token handling; the unit lens's top-k pass reads the photos as the
+    sampler did (bicubic), so each top value is the token's activation on the model's own pixels."""
+    from atlas import store
+    from atlas.data import list_images, load_image, to_tensor
+    from atlas.sample import sample
+    from atlas.units.topk import top_examples
+
+    images = list_images(photo_list).head(3)
+    sample(images, ["blocks.6"], tmp_path / "run", "timm:vit_tiny_patch16_224", VIT_FILE, per_image=2, workers=0,
+           attribution=False, progress=False, net=vit, precision="float32")
+    root = store.open_store(tmp_path / "run")
+    prep = dict(root.attrs)["preprocessing"]
+    assert (prep["interpolation"], prep["resize"], prep["crop"]) == ("bicubic", vit.preprocess["resize"], 224)
+    assert "first 1 (class/register) tokens dropped" in prep["tokens"]
+    top_examples(tmp_path / "run", "blocks.6", k=2, channels=[0, 5], workers=0, progress=False, net=vit)
+    g = root["units/blocks.6/top"]
+    value, image, pos = g["value"][:], g["image"][:], g["pos"][:]
+    x = torch.stack([to_tensor(load_image(p, prep["resize"], 224, "bicubic")) for p in images.paths])
+    with torch.inference_mode():
+        acts = vit.activations(x, ["blocks.6"])["blocks.6"]
+    for ch in (0, 5):
+        assert value[ch, 0] == pytest.approx(float(acts[:, ch].max()), rel=1e-4, abs=1e-4)
+        assert value[ch, 0] == pytest.approx(float(acts[image[ch, 0], ch, pos[ch, 0, 0], pos[ch, 0, 1]]), rel=1e-4, abs=1e-4)

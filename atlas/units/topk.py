@@ -243,18 +243,19 @@ class _Layer:
 
 
 def shard_tops(net: Network, images: ImageList, resize: int, crop: int, k: int, batch_size: int, workers: int, device: str,
-               arithmetic: tuple[str, str], wanted: list[int], layer_todo: list[tuple[str, list[int]]], advance=None
-               ) -> tuple[dict[str, Top], list[tuple[int, str]], int, int]:
+               arithmetic: tuple[str, str], wanted: list[int], layer_todo: list[tuple[str, list[int]]], advance=None,
+               interpolation: str = "bilinear") -> tuple[dict[str, Top], list[tuple[int, str]], int, int]:
     """One shard's top-k per (layer, channels to rank): arrays in memory, nothing written (the same here and on a Ray
     worker). ``arithmetic`` is the run's ``(precision, forward)`` (:func:`atlas.models.inference.run_kernels`): the maxima
     are the activations the sampler computes for the same photo and position. Returns (tops by layer, [(image index,
-    error)] of unreadable images, images tried, images read)."""
+    error)] of unreadable images, images tried, images read). ``interpolation`` is the run's resampling of the resize
+    (a wrapped model's own, e.g. bicubic for a ViT), so the photos are the pixels the sampler read."""
     tops = {name: empty_top(len(todo), k) for name, todo in layer_todo}
     errors: list[tuple[int, str]] = []
     tried = readable = 0
     if not wanted:
         return tops, errors, tried, readable
-    dataset = ImageDataset(images, resize, crop, wanted, uint8=True)
+    dataset = ImageDataset(images, resize, crop, wanted, uint8=True, interpolation=interpolation)
     loader = image_loader(dataset, batch_size, workers, device)
     names = [name for name, _ in layer_todo]
     picks: dict[str, torch.Tensor] = {}  # per layer, the channels to rank when not all of them (made once, not per batch)
@@ -288,7 +289,8 @@ def topk_worker(meta: dict, paths, resize: int, crop: int, k: int, batch_size: i
 
     def run(unit: tuple[list[int], list[tuple[str, list[int]]]]):
         wanted, layer_todo = unit
-        return shard_tops(net, images, resize, crop, k, batch_size, workers, device, arithmetic, wanted, layer_todo)
+        return shard_tops(net, images, resize, crop, k, batch_size, workers, device, arithmetic, wanted, layer_todo,
+                          interpolation=(meta.get("preprocessing") or {}).get("interpolation", "bilinear"))
 
     return run
 
@@ -403,7 +405,9 @@ def top_examples(run_dir: str | Path, layers: str | Sequence[str], k: int = 9, c
             results = run_on.map(topk_worker, (meta, *spec), [(wanted, layer_todo) for _, wanted, layer_todo, _ in units],
                                  "units-top", gpus=1.0 if device.startswith("cuda") else 0.0)
         else:
-            results = (shard_tops(net, images, *spec[1:], wanted, layer_todo, bar.update) for _, wanted, layer_todo, _ in units)
+            interp = prep.get("interpolation", "bilinear")
+            results = (shard_tops(net, images, *spec[1:], wanted, layer_todo, bar.update, interpolation=interp)
+                       for _, wanted, layer_todo, _ in units)
         try:
             for (shard, wanted, _, needs), (tops, errors, shard_tried, shard_readable) in zip(units, results, strict=False):
                 lo, hi = shard * shard_size, min((shard + 1) * shard_size, n)
