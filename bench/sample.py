@@ -8,7 +8,9 @@
     same photos in the same run), plus decoder-worker and batch-size variants;
 (c) a plain loop: torchvision ImageFolder + full forward + a forward hook;
 (d) `atlas sample` with attribution (one forward-mode JVP per batch): the default and the baseline's;
-(e) decoding alone: the sampler's DataLoader without the model, uint8 batches (now) and float ones (before).
+(e) decoding alone: the sampler's DataLoader without the model, uint8 batches (now) and float ones (before);
+(v) with ``--vit``: the real ViT-Ti/16 (timm) at ``blocks.6``: `atlas sample` without and with attribution against a
+    plain timm loop (timm's own transforms, ImageFolder, full forward, a forward hook on the block).
 Every row prints images/s and, from torch's flop counter, the GFLOP/s achieved and its share of this machine's fp32
 and bf16 matmul throughput, measured at the start of the same run. (-P: bench/ holds an inspect.py that would shadow
 the standard library module of that name.)
@@ -109,6 +111,32 @@ def atlas_sample(net, images, layer, batch, workers, attribution, forward="fused
     return len(images) / seconds
 
 
+def plain_timm_loop(weights, paths, block, batch, workers):
+    """The ViT as a researcher runs it first: timm's model and transforms, ImageFolder, full forward, a hook."""
+    import timm
+    from safetensors.torch import load_file
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False)
+    model.load_state_dict(load_file(str(weights)))
+    model.eval()
+    tf = timm.data.create_transform(**timm.data.resolve_data_config(model=model))
+    root = Path(tempfile.mkdtemp())
+    (root / "all").mkdir()
+    for p in paths:
+        (root / "all" / Path(p).name).symlink_to(p)
+    loader = torch.utils.data.DataLoader(torchvision.datasets.ImageFolder(root, tf), batch_size=batch, num_workers=workers)
+    kept = []
+    handle = model.get_submodule(block).register_forward_hook(lambda m, i, o: kept.append(o[:, 1 + 7 * 14 + 7].clone()))
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for x, _ in loader:
+            model(x)
+    seconds = time.perf_counter() - start
+    handle.remove()
+    shutil.rmtree(root)
+    return len(paths) / seconds
+
+
 def decoding(images, batch, workers, uint8):
     loader = torch.utils.data.DataLoader(ImageDataset(images, uint8=uint8), batch_size=batch, num_workers=workers)
     start = time.perf_counter()
@@ -145,6 +173,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--baseline", default=BASELINE, help="git revision to compare with ('' to skip)")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds; each row is its best round")
+    parser.add_argument("--vit", action="store_true", help="add the (v) rows: the shared ViT-Ti/16 at blocks.6 (needs timm)")
     args = parser.parse_args()
     weights = os.environ.get("ATLAS_WEIGHTS") or REPO.parent / "shared" / "models" / "bvlc_googlenet.safetensors"
     net = load_model("inceptionv1", weights)
@@ -183,6 +212,15 @@ def main() -> None:
         lambda: decoding(images, args.batch, args.workers, True), "")
     runs[f"(e) decoding only, {args.workers} workers, float batches (before)"] = (
         lambda: decoding(images, args.batch, args.workers, False), "")
+    if args.vit:
+        vit_weights = REPO.parent / "shared" / "models" / "vit_tiny_patch16_224.safetensors"
+        vit = load_model("timm:vit_tiny_patch16_224", vit_weights)
+        runs["(v) ViT-Ti blocks.6: atlas sample --no-attribution"] = (
+            lambda: atlas_sample(vit, images, "blocks.6", args.batch, args.workers, False), "vit")
+        runs["(v) ViT-Ti blocks.6: atlas sample, attribution to every class"] = (
+            lambda: atlas_sample(vit, images, "blocks.6", args.batch, args.workers, True), "vit")
+        runs["(v) ViT-Ti: timm's transforms + ImageFolder + full forward + hook on blocks.6"] = (
+            lambda: plain_timm_loop(vit_weights, images.paths, "blocks.6", args.batch, args.workers), "vit")
     old_b = f"(b) atlas sample --no-attribution at {args.baseline} (before this work)"
     old_d = f"(d) atlas sample with attribution at {args.baseline} (before this work)"
     best: dict[str, float] = {}
@@ -203,7 +241,7 @@ def main() -> None:
           f"forward + JVP (attribution) {per_image['attribution']:.2f}")
     print("| pipeline | images/s | achieved |\n|---|---|---|")
     for name, rate, kind in rows:
-        achieved = flops.share(rate * per_image[kind], limits) if kind else "(no model)"
+        achieved = flops.share(rate * per_image[kind], limits) if kind in per_image else "(no model)" if not kind else "(not counted)"
         print(f"| {name} | {rate:.1f} | {achieved} |")
     print(f"\n(d)/(b) = {d / b:.2f} (target >= 0.5)")
     if old:
