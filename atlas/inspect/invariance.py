@@ -39,6 +39,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -47,6 +48,9 @@ import torch.nn.functional as F
 from atlas.errors import AtlasError
 from atlas.inspect.engine import batched_forward, forward, probabilities, read_image
 from atlas.models import Network
+
+if TYPE_CHECKING:  # matplotlib is imported when a figure is drawn, not with the module
+    from matplotlib.figure import Figure
 
 MIN_COVER = 0.25  # a transformed crop must show at least this fraction of photo (the rest is fill)
 KINDS = ("shift", "scale", "angle")
@@ -310,19 +314,24 @@ def _finite(values) -> list:
     return [None if not math.isfinite(v) else round(float(v), 6) for v in np.asarray(values, dtype=float).ravel()]
 
 
-def write_invariance(curves: InvarianceCurves, out: Path, names: Sequence[str]) -> dict:
-    """``invariance.png`` (the paper's Fig. 5 layout: rows translation / scale / rotation, columns low-layer
-    distance, high-layer distance, true-class probability, one line per image) and ``invariance.json`` in ``out``.
+def plot_invariance(curves: InvarianceCurves, names: Sequence[str]) -> Figure:
+    """The paper's Fig. 5 layout: rows translation / scale / rotation, columns low-layer distance, high-layer distance,
+    true-class probability, one line per image.
 
-    Returns ``{"figure", "json", "low_layer", "high_layer", "mean": {kind: {steps, low, high, probability}}}``.
+    Parameters
+    ----------
+    curves : InvarianceCurves
+        What :func:`invariance_curves` returns.
+    names : sequence of str
+        One label per image (the legend), as many as ``curves.targets``.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        A Figure of its own (no pyplot state; ``fig.savefig(path)`` writes it, a notebook shows it).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     names = list(names)
     if len(names) != len(curves.targets):
         raise AtlasError(f"{len(names)} names given for {len(curves.targets)} images")
@@ -346,6 +355,19 @@ def write_invariance(curves: InvarianceCurves, out: Path, names: Sequence[str]) 
     if kinds:
         handles, labels = axes[0][2].get_legend_handles_labels()
         fig.legend(handles, labels, loc="outside lower center", ncols=min(5, len(names)), fontsize=8)
+    return fig
+
+
+def write_invariance(curves: InvarianceCurves, out: Path, names: Sequence[str]) -> dict:
+    """``invariance.png`` (:func:`plot_invariance`) and ``invariance.json`` in ``out``.
+
+    Returns ``{"figure", "json", "low_layer", "high_layer", "mean": {kind: {steps, low, high, probability}}}``.
+    """
+    fig = plot_invariance(curves, names)  # checks the names first, before anything is written
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = list(names)
+    kinds = [k for k in KINDS if curves.steps.get(k)]
     fig.savefig(out / "invariance.png", dpi=90)
     summary = {"figure": "invariance.png", "json": "invariance.json", "low_layer": curves.low_layer, "high_layer": curves.high_layer,
                "pool_high": curves.pool_high, "mean": {k: {key: _finite(v) if key != "steps" else v for key, v in curves.mean(k).items()}

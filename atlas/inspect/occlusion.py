@@ -28,6 +28,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -35,6 +36,9 @@ import torch
 from atlas.errors import AtlasError
 from atlas.inspect.engine import batched_forward, channels_last, forward, probabilities
 from atlas.models import Network
+
+if TYPE_CHECKING:  # matplotlib is imported when a figure is drawn, not with the module
+    from matplotlib.figure import Figure
 
 # The grey of the square: the ImageNet mean pixel (RGB in [0, 1], the torchvision normalisation mean). After the
 # BVLC model's own mean subtraction (Caffe BGR 104, 117, 123) it is within 1/255 of zero, "no signal", as the paper's
@@ -481,24 +485,37 @@ def _name(class_names: Sequence[str], index: int) -> str:
     return class_names[index] if 0 <= index < len(class_names) else str(index)
 
 
-def write_occlusion(result: OcclusionResult, picture: np.ndarray, out: str | Path, class_names: Sequence[str] = (),
-                    stem: str = "occlusion") -> dict:
-    """Draw the four maps into ``out/occlusion.png`` and write the numbers to ``out/occlusion.json``.
+def _shown_classes(result: OcclusionResult) -> tuple[list[int], dict[int, int]]:
+    """Map (d)'s :data:`TOP_CLASSES_SHOWN` most frequent classes, most frequent first, and every class's count."""
+    classes, counts = np.unique(result.top_class, return_counts=True)
+    order = np.argsort(-counts, kind="stable")
+    shown = [int(classes[i]) for i in order[:TOP_CLASSES_SHOWN]]
+    return shown, {int(c): int(n) for c, n in zip(classes, counts, strict=True)}
 
-    Panels as in Zeiler & Fergus's Fig. 7: (a) the feature map's total activation per occluder position as a heat
-    map over the image, (b) its deconvnet projection for the unoccluded image (the unit's receptive field outlined),
-    (c) the target class's probability per position, (d) the most probable class per position, coloured, the
-    :data:`TOP_CLASSES_SHOWN` most frequent named in a legend. Each value is drawn as the cell around the square's
-    centre, where the paper plots it. ``picture`` is the (H, W, 3) uint8 image the result was computed on.
 
-    Returns a JSON-able summary: ``{"figure", "json"`` (names relative to ``out``), ``"layer", "channel", "target",
-    "target_name", "unoccluded_probability", "min_probability", "min_at"`` (the square's centre, y, x),
-    ``"positions", "top_classes"`` (class, name, positions)``}``.
+def plot_occlusion(result: OcclusionResult, picture: np.ndarray, class_names: Sequence[str] = ()) -> Figure:
+    """The four panels of Zeiler & Fergus's Fig. 7 for one :class:`OcclusionResult`.
+
+    (a) the feature map's total activation per occluder position as a heat map over the image, (b) its deconvnet
+    projection for the unoccluded image (the unit's receptive field outlined), (c) the target class's probability per
+    position, (d) the most probable class per position, coloured, the :data:`TOP_CLASSES_SHOWN` most frequent named
+    in a legend. Each value is drawn as the cell around the square's centre, where the paper plots it.
+
+    Parameters
+    ----------
+    result : OcclusionResult
+        What :func:`occlusion_maps` (or :func:`occlusion_loop`) returns.
+    picture : ndarray (H, W, 3) uint8
+        The image the result was computed on.
+    class_names : sequence of str, default ()
+        The model's class names; a class without a name is shown by its index.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        A Figure of its own (no pyplot state; ``fig.savefig(path)`` writes it, a notebook shows it).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib import colormaps
     from matplotlib.colors import BoundaryNorm, ListedColormap
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch, Rectangle
@@ -507,23 +524,17 @@ def write_occlusion(result: OcclusionResult, picture: np.ndarray, out: str | Pat
     h, w = result.size
     if picture.shape[:2] != (h, w) or picture.ndim != 3:
         raise AtlasError(f"the picture is {picture.shape}, the occlusion maps were computed on a {h} x {w} image")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     cy, cx = result.centres
     ey, ex = _edges(cy, 0, h), _edges(cx, 0, w)
 
     # (d): the most frequent classes get colours, the rest are "other"
-    classes, counts = np.unique(result.top_class, return_counts=True)
-    order = np.argsort(-counts, kind="stable")
-    shown = [int(classes[i]) for i in order[:TOP_CLASSES_SHOWN]]
+    shown, freq = _shown_classes(result)
     code = np.full(result.top_class.shape, len(shown), np.int64)
     for k, c in enumerate(shown):
         code[result.top_class == c] = k
-    palette = [matplotlib.colormaps["tab10"](k) for k in range(len(shown))] + [(0.6, 0.6, 0.6, 1.0)]
-    freq = {int(c): int(n) for c, n in zip(classes, counts, strict=True)}
+    palette = [colormaps["tab10"](k) for k in range(len(shown))] + [(0.6, 0.6, 0.6, 1.0)]
 
     fig = Figure(figsize=(17, 4.6), dpi=100)
-    FigureCanvasAgg(fig)
     axes = fig.subplots(1, 4)
     target_name = _name(class_names, result.target)
     a0 = axes[0]
@@ -568,8 +579,26 @@ def write_occlusion(result: OcclusionResult, picture: np.ndarray, out: str | Pat
         ax.set_xticks([])
         ax.set_yticks([])
     fig.subplots_adjust(left=0.01, right=0.88, top=0.84, bottom=0.03, wspace=0.22)
+    return fig
+
+
+def write_occlusion(result: OcclusionResult, picture: np.ndarray, out: str | Path, class_names: Sequence[str] = (),
+                    stem: str = "occlusion") -> dict:
+    """Draw the four maps (:func:`plot_occlusion`) into ``out/occlusion.png`` and write the numbers to
+    ``out/occlusion.json``. ``picture`` is the (H, W, 3) uint8 image the result was computed on.
+
+    Returns a JSON-able summary: ``{"figure", "json"`` (names relative to ``out``), ``"layer", "channel", "target",
+    "target_name", "unoccluded_probability", "min_probability", "min_at"`` (the square's centre, y, x),
+    ``"positions", "top_classes"`` (class, name, positions)``}``.
+    """
+    fig = plot_occlusion(result, picture, class_names)  # checks the picture first, before anything is written
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     figure = f"{stem}.png"
     fig.savefig(out / figure)
+    cy, cx = result.centres
+    shown, freq = _shown_classes(result)
+    target_name = _name(class_names, result.target)
 
     i_min = int(np.argmin(result.probability))
     r_min, c_min = divmod(i_min, result.probability.shape[1])

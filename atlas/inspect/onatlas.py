@@ -23,6 +23,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -32,6 +33,9 @@ from atlas.errors import AtlasError
 from atlas.models import Network
 from atlas.models.inference import run_activations
 from atlas.store import FULL_ATLAS
+
+if TYPE_CHECKING:  # matplotlib is imported when a figure is drawn, not with the module
+    from matplotlib.figure import Figure
 
 BLOCK = 32768  # sample rows read and compared at once: 32k x 512 float32 is 64 MB
 EXACT_COSINE = 1e-5  # a cosine distance below this (about 0.26 degrees) is the same activation: take its point exactly
@@ -374,6 +378,97 @@ def _tiles_of(out: Path, run_dir: Path) -> tuple[Path | None, str | None]:
     return (tiles, rel.parts[0].removesuffix(".partial")) if rel.parts else (None, None)
 
 
+def plot_placement(placement: Placement, attribution: np.ndarray, canvas: np.ndarray | None, name: str, *, size: int | None = None,
+                   target_name: str = "the top class") -> Figure:
+    """The atlas with the image's positions as dots coloured by attribution (``CMAP``, symmetric about 0), and a colour bar.
+
+    Parameters
+    ----------
+    placement : Placement
+        What :func:`place` returns.
+    attribution : ndarray (positions,)
+        One value per placed position (:func:`attribution`).
+    canvas : ndarray (S, S, 3) uint8 or None
+        The atlas of one grid size as one picture (the writer builds it from the run's icons); None: an empty atlas.
+    name : str
+        Labels the image in the title.
+    size : int or None, default None
+        The grid the canvas shows (its side in cells), for the title.
+    target_name : str, default "the top class"
+        The class the attribution is to, for the colour bar.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        A Figure of its own (no pyplot state; ``fig.savefig(path)`` writes it, a notebook shows it).
+    """
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+
+    attribution = np.asarray(attribution, np.float32).reshape(-1)
+    h, w = placement.hw
+    scale = float(np.abs(attribution).max()) or 1.0
+    fig = Figure(figsize=(8.6, 7.6), dpi=110)
+    ax = fig.add_axes((0.03, 0.05, 0.8, 0.86))
+    if canvas is not None:
+        ax.imshow(canvas, extent=(0, 1, 1, 0), interpolation="nearest")
+    else:
+        ax.imshow(np.full((2, 2, 3), BACKGROUND, np.uint8), extent=(0, 1, 1, 0))
+    order = np.argsort(np.abs(attribution), kind="stable")  # strongest dots drawn last, on top
+    norm = Normalize(-scale, scale)
+    dots = ax.scatter(placement.xy[order, 0], placement.xy[order, 1], c=attribution[order], cmap=CMAP, norm=norm,
+                      s=max(12.0, 900.0 / max(h, w)), edgecolors="black", linewidths=0.6)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(1, 0)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    grid_text = f"{size}×{size} icons" if size is not None else "no grid"
+    ax.set_title(f"{name} on {placement.layer}/{placement.atlas} ({grid_text}): {placement.xy.shape[0]} positions, "
+                 f"{placement.k} nearest samples ({placement.metric})", fontsize=9)
+    cax = fig.add_axes((0.86, 0.15, 0.03, 0.66))
+    bar = fig.colorbar(dots, cax=cax)
+    bar.set_label(f"attribution to {target_name}  (h · ∂logit/∂h)", fontsize=8)
+    return fig
+
+
+def plot_placement_cells(cells: list[dict], pictures: list[np.ndarray | None], size: int, name: str) -> Figure:
+    """The icons of the cells the image's positions fall in, each with its count of positions.
+
+    Parameters
+    ----------
+    cells : list of dict
+        ``{"gx", "gy", "positions"}`` per cell, in the order shown (``placement.json``'s ``cells`` of one grid).
+    pictures : list of ndarray (P, P, 3) uint8 or None
+        Each cell's icon; None: the cell has no icon (shown as such).
+    size : int
+        The grid's side in cells, for the title.
+    name : str
+        Labels the image in the title.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        A Figure of its own (no pyplot state; ``fig.savefig(path)`` writes it, a notebook shows it).
+    """
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(1.25 * len(cells) + 0.3, 1.9), dpi=110)
+    for i, (c, picture) in enumerate(zip(cells, pictures, strict=True)):
+        ax = fig.add_subplot(1, len(cells), i + 1)
+        if picture is not None:
+            ax.imshow(picture, interpolation="nearest")
+        else:
+            ax.imshow(np.full((2, 2, 3), BACKGROUND, np.uint8))
+            ax.text(0.5, 0.5, "no icon", color="white", ha="center", va="center", fontsize=7, transform=ax.transAxes)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(f"{c['positions']} pos.", fontsize=8)
+        ax.set_xlabel(f"cell {c['gx']},{c['gy']}", fontsize=7)
+    fig.suptitle(f"cells of the {size}×{size} grid that {name}'s positions fall in", fontsize=8)
+    fig.subplots_adjust(left=0.02, right=0.98, top=0.72, bottom=0.12, wspace=0.15)
+    return fig
+
+
 def write_placement(run_dir: str | Path, placement: Placement, attribution: np.ndarray, out: Path, name: str, *,
                     target: int | None = None, classes: list[str] | None = None, size: int | None = None) -> dict:
     """Write the image on the atlas into ``out``; returns the JSON-able summary the report embeds.
@@ -393,13 +488,6 @@ def write_placement(run_dir: str | Path, placement: Placement, attribution: np.n
 
     ``name`` labels the image; ``target`` / ``classes`` name the class the attribution is to.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.colors import Normalize
-    from matplotlib.figure import Figure
-
     started = time.perf_counter()
     run_dir, out = Path(run_dir), Path(out)
     attribution = np.asarray(attribution, np.float32).reshape(-1)
@@ -423,29 +511,8 @@ def write_placement(run_dir: str | Path, placement: Placement, attribution: np.n
     h, w = placement.hw
 
     # the atlas with the dots
-    fig = Figure(figsize=(8.6, 7.6), dpi=110)
-    FigureCanvasAgg(fig)
-    ax = fig.add_axes((0.03, 0.05, 0.8, 0.86))
-    if size is not None:
-        cell_px = int(max(2, min(64, 1024 // size)))
-        ax.imshow(_icon_canvas(root, icons_path, size, cell_px), extent=(0, 1, 1, 0), interpolation="nearest")
-    else:
-        ax.imshow(np.full((2, 2, 3), BACKGROUND, np.uint8), extent=(0, 1, 1, 0))
-    order = np.argsort(np.abs(attribution), kind="stable")  # strongest dots drawn last, on top
-    norm = Normalize(-scale, scale)
-    dots = ax.scatter(placement.xy[order, 0], placement.xy[order, 1], c=attribution[order], cmap=CMAP, norm=norm,
-                      s=max(12.0, 900.0 / max(h, w)), edgecolors="black", linewidths=0.6)
-    ax.set_xlim(0, 1)
-    ax.set_ylim(1, 0)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    grid_text = f"{size}×{size} icons" if size is not None else "no grid"
-    ax.set_title(f"{name} on {placement.layer}/{placement.atlas} ({grid_text}): {p} positions, "
-                 f"{placement.k} nearest samples ({placement.metric})", fontsize=9)
-    cax = fig.add_axes((0.86, 0.15, 0.03, 0.66))
-    bar = fig.colorbar(dots, cax=cax)
-    bar.set_label(f"attribution to {target_name}  (h · ∂logit/∂h)", fontsize=8)
-    fig.savefig(out / "placement.png")
+    canvas = _icon_canvas(root, icons_path, size, int(max(2, min(64, 1024 // size)))) if size is not None else None
+    plot_placement(placement, attribution, canvas, name, size=size, target_name=target_name).savefig(out / "placement.png")
 
     # the cells the positions fall in, most positions first
     cells_out: dict[str, list[dict]] = {}
@@ -460,22 +527,8 @@ def write_placement(run_dir: str | Path, placement: Placement, attribution: np.n
     strip = cells_out.get(str(size), [])[:STRIP_MAX] if size is not None else []
     if strip:
         icons = root.get(f"{icons_path}/{size}")
-        fig = Figure(figsize=(1.25 * len(strip) + 0.3, 1.9), dpi=110)
-        FigureCanvasAgg(fig)
-        for i, c in enumerate(strip):
-            ax = fig.add_subplot(1, len(strip), i + 1)
-            if c["icon"] and icons is not None:
-                ax.imshow(np.asarray(icons["images"][c["gy"], c["gx"]])[..., :3], interpolation="nearest")
-            else:
-                ax.imshow(np.full((2, 2, 3), BACKGROUND, np.uint8))
-                ax.text(0.5, 0.5, "no icon", color="white", ha="center", va="center", fontsize=7, transform=ax.transAxes)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            ax.set_title(f"{c['positions']} pos.", fontsize=8)
-            ax.set_xlabel(f"cell {c['gx']},{c['gy']}", fontsize=7)
-        fig.suptitle(f"cells of the {size}×{size} grid that {name}'s positions fall in", fontsize=8)
-        fig.subplots_adjust(left=0.02, right=0.98, top=0.72, bottom=0.12, wspace=0.15)
-        fig.savefig(out / "placement_cells.png")
+        pictures = [np.asarray(icons["images"][c["gy"], c["gx"]])[..., :3] if c["icon"] and icons is not None else None for c in strip]
+        plot_placement_cells(strip, pictures, size, name).savefig(out / "placement_cells.png")
 
     positions = []
     for i in range(p):

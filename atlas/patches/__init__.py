@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
@@ -39,8 +40,11 @@ from atlas.errors import AtlasError
 from atlas.patches.core import CORNERS, NAMED, POSITIONS, Placement, expand_positions, flip_rate, outcome, paste, placements, resize_patch
 from atlas.settings import PatchSettings
 
+if TYPE_CHECKING:  # matplotlib is imported when a figure is drawn, not with the module
+    from matplotlib.figure import Figure
+
 __all__ = ["CORNERS", "NAMED", "POSITIONS", "CellRef", "Placement", "augment_images", "cell_patch", "expand_positions", "flip_rate",
-           "guided_search", "load_patch", "load_source", "outcome", "parse_cell", "paste", "patch_images", "placements",
+           "guided_search", "load_patch", "load_source", "outcome", "parse_cell", "paste", "patch_images", "placements", "plot_patched",
            "resize_patch", "search_table"]
 
 CROP, RESIZE = 224, 256  # the model's input, as the sampler prepares it
@@ -294,15 +298,19 @@ def _strongest(result: dict, k: int) -> list[int]:
     return out
 
 
-def _figure(path: Path, images: np.ndarray, before: np.ndarray, result: dict, target: int, class_names: list[str], k: int,
-            title: str) -> Path | None:
-    """Each of the strongest variants under its image: class and probability before, after, and of the target."""
+def plot_patched(images: np.ndarray, before: np.ndarray, result: dict, target: int, class_names: list[str], k: int,
+                 title: str) -> Figure | None:
+    """Each of the ``k`` strongest patched variants (one per image) under its image: class and probability before,
+    after, and of the target; None when there is no variant.
+
+    ``images`` (n, H, W, 3) uint8 and ``before`` (n, classes) logits are the unpatched photos and their logits,
+    ``result`` the pasting's evaluation (the ``images``' variants, their logits and places), ``target`` the class the
+    patch aims for, ``class_names`` the model's class names and ``title`` the figure's title. Returns a Figure of its
+    own (no pyplot state; ``fig.savefig(path)`` writes it, a notebook shows it).
+    """
     chosen = _strongest(result, k)
     if not chosen:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
     def softmax(z: np.ndarray) -> np.ndarray:
@@ -326,6 +334,15 @@ def _figure(path: Path, images: np.ndarray, before: np.ndarray, result: dict, ta
             ax.set_yticks([])
     fig.suptitle(title, fontsize=9)
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=0.86, wspace=0.06, hspace=0.42)  # room for two-line titles
+    return fig
+
+
+def _figure(path: Path, images: np.ndarray, before: np.ndarray, result: dict, target: int, class_names: list[str], k: int,
+            title: str) -> Path | None:
+    """:func:`plot_patched` saved to ``path``; the path, or None when there is nothing to draw."""
+    fig = plot_patched(images, before, result, target, class_names, k, title)
+    if fig is None:
+        return None
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     return path

@@ -68,6 +68,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -76,6 +77,9 @@ from torch import nn
 
 from atlas.errors import AtlasError
 from atlas.models import LocalResponseNorm, Network, StopForward
+
+if TYPE_CHECKING:  # matplotlib is imported when a figure is drawn, not with the module
+    from matplotlib.figure import Figure
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -492,11 +496,29 @@ def evidence_overlay(photo: np.ndarray, contribution: np.ndarray, percentile: fl
     return ((base * (1 - a) + colour * a) * 255).round().astype(np.uint8)
 
 
-def _figure(photo: np.ndarray, name: str, classes: list[dict], templates: np.ndarray, contributions: np.ndarray,
-            unit: dict | None, path: Path) -> None:
-    import matplotlib
+def plot_reconstruction(photo: np.ndarray, name: str, classes: list[dict], templates: np.ndarray, contributions: np.ndarray,
+                        unit: dict | None = None) -> Figure:
+    """The figure of one image's reconstruction: each top class's template (its ``W_x`` row as an image) over its
+    evidence (``W_x ⊙ x`` on the photo), and the unit's effective input filters when a unit is given.
 
-    matplotlib.use("Agg")
+    Parameters
+    ----------
+    photo : ndarray (H, W, 3) uint8
+        The photo as the model saw it.
+    name : str
+        Its label (the file name).
+    classes : list of dict
+        The table's classes (:class:`ImageResult` ``table["classes"]``: name, reconstructed, positive, negative, bias).
+    templates, contributions : ndarray (k, 3, H, W) and (k, H, W)
+        :class:`ImageResult` ``templates`` and ``contributions``.
+    unit : dict or None, default None
+        :class:`ImageResult` ``unit``; None: no unit row.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        A Figure of its own (no pyplot state; ``fig.savefig(path)`` writes it, a notebook shows it).
+    """
     from matplotlib.figure import Figure
 
     k = len(classes)
@@ -525,7 +547,7 @@ def _figure(photo: np.ndarray, name: str, classes: list[dict], templates: np.nda
         axes[2, 3].imshow(evidence_overlay(photo, unit["max_contribution"]))
         axes[2, 3].set_title("filter ⊙ x (max position)", fontsize=7)
     fig.tight_layout()
-    fig.savefig(path)
+    return fig
 
 
 def read_photo(path: str | Path, resize: int = 256, crop: int = 224) -> tuple[torch.Tensor, np.ndarray]:
@@ -681,7 +703,8 @@ def reconstruct_report(images: Sequence[str | Path], out: str | Path, settings=N
             stem = f"{stem}-{stems[stem]}"
         result = reconstruct_image(net, tensor, path.name, settings.top, unit, settings.dtype, original, settings.check_columns,
                                    settings.batch)
-        _figure(photo, path.name, result.table["classes"], result.templates, result.contributions, result.unit, out / f"{stem}.png")
+        plot_reconstruction(photo, path.name, result.table["classes"], result.templates, result.contributions,
+                            result.unit).savefig(out / f"{stem}.png")
         arrays = {"templates": result.templates, "evidence": result.contributions,
                   "classes": np.array([c["index"] for c in result.table["classes"]])}
         if result.unit is not None:
