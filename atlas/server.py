@@ -36,6 +36,7 @@ import asyncio
 import contextlib
 import errno
 import json
+import logging
 import mimetypes
 import re
 import socket
@@ -69,6 +70,8 @@ from atlas.viewer import (
     split_host,
     url_of,
 )
+
+log = logging.getLogger(__name__)  # "atlas.server": status lines and warnings (serve() gives it the command line's handlers)
 
 BACKLOG = 1024  # listen queue; the kernel caps it at net.core.somaxconn
 LIVE_FILES = ("live.html", "live.js", "live.css")
@@ -469,7 +472,7 @@ class LiveSession:
                 if WebSocketState.CONNECTED != self.ws.application_state or WebSocketState.CONNECTED != self.ws.client_state:
                     return  # the connection went away while a message was being sent
                 message = f"the live computation failed: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
-                print(f"atlas: warning: {message}", file=sys.stderr)
+                log.warning(message)
                 try:
                     await self.error(message)
                 except (WebSocketDisconnect, OSError, RuntimeError):  # the connection is gone too
@@ -655,21 +658,66 @@ def make_server(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, 
         raise
 
 
+class _Stdio(logging.StreamHandler):
+    """A handler writing to ``sys.stdout`` or ``sys.stderr`` as they are when a line is written (not when it was made)."""
+
+    def __init__(self, name: str) -> None:
+        self._which = name
+        super().__init__()
+
+    @property
+    def stream(self):
+        return getattr(sys, self._which)
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler's constructor sets one; the lookup above stays
+        pass
+
+
+class _CommandLineFormat(logging.Formatter):
+    """Status lines as they are; warnings in the command line's one-line form, ``atlas: warning: ...``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = record.getMessage()
+        return f"atlas: warning: {text}" if record.levelno >= logging.WARNING else text
+
+
+def _default_handlers() -> None:
+    """Give :data:`log` the command line's handlers (status lines to stdout, warnings to stderr) unless the
+    application gave it handlers of its own; then its lines go only there (``propagate`` off, no doubled lines)."""
+    if log.handlers:
+        return
+    out, err = _Stdio("stdout"), _Stdio("stderr")
+    out.addFilter(lambda record: record.levelno < logging.WARNING)
+    err.setLevel(logging.WARNING)
+    for handler in (out, err):
+        handler.setFormatter(_CommandLineFormat())
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
 def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, quiet: bool = True, allow_hosts: Iterable[str] = ()) -> None:
-    """Serve the run's viewer, gallery and live page until interrupted, after printing their URLs."""
+    """Serve the run's viewer, gallery and live page until interrupted, after printing their URLs.
+
+    The first line (the viewer's URL, or the gallery's for a run without an atlas) is printed to stdout as it is;
+    the other status lines and the warnings go through the ``atlas.server`` logger, which prints them the same way
+    (stdout; stderr as ``atlas: warning: ...``) unless the application has given that logger handlers of its own.
+    """
     server = make_server(run_dir, host, port, quiet, allow_hosts=allow_hosts)
+    _default_handlers()
     tiles_dir = Path(run_dir) / SERVED
     atlas_url = url_of(server)
     base = atlas_url.rsplit("/", 1)[0]
     if (tiles_dir / "atlases.json").is_file():
         print(f"atlas viewer: {atlas_url}  (Ctrl-C to stop)", flush=True)
         if (tiles_dir / UNITS_MANIFEST).is_file():
-            print(f"unit gallery: {base}/units.html", flush=True)
+            log.info(f"unit gallery: {base}/units.html")
     else:  # a run with the unit lens and no atlas yet
         print(f"unit gallery: {base}/units.html  (Ctrl-C to stop)", flush=True)
-    print(f"live page: {base}/live.html", flush=True)
+    log.info(f"live page: {base}/live.html")
     if host not in LOOPBACK_NAMES:
-        print(f"atlas: warning: listening on {host}, other machines can read this run's tiles", file=sys.stderr)
+        log.warning(f"listening on {host}, other machines can read this run's tiles")
     try:
         server.serve_forever()
     except KeyboardInterrupt:
