@@ -219,9 +219,12 @@ def format_info(data: dict) -> str:
             for size, s in atlas_entry.get("grids", {}).items():
                 lines.append(f"      grid {size}: {s.get('n_cells', '?')} non-empty cells, {s.get('n_render', '?')} to render")
             for size, s in atlas_entry.get("icons", {}).items():
-                cosine = s.get("mean_cosine")
+                cosine, white = s.get("mean_cosine"), s.get("mean_cosine_whitened")
+                # whitened: cos(h, S v), what the optimiser aligns; raw: cos(h, v) to the cell mean (older runs: n/a)
                 lines.append(f"      icons {size}: {s.get('n_done', '?')} of {s.get('n_render', '?')} done"
-                             + (f", mean cos(h, v) {cosine:.3f}" if cosine is not None else ""))
+                             + (f", mean whitened cos(h, S v) {white:.3f}" if white is not None else
+                                ", mean whitened cos(h, S v) n/a" if cosine is not None else "")
+                             + (f", mean raw cos(h, v) {cosine:.3f}" if cosine is not None else ""))
     for entry in data["tiles"]:
         lines.append(f"  tiles: {entry.get('layer')}/{entry.get('atlas')} -> {entry.get('dzi')}")
     for layer, u in data.get("units", {}).items():

@@ -168,3 +168,61 @@ def test_cli_render_and_export_icons(tmp_path, rnet, photo_acts):
     result = runner.invoke(app, ["export-icons", str(tmp_path), "--layer", LAYER, "--grid", "2", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == ["0_0.png", "0_1.png", "1_1.png", "sheet.png"]
+
+
+def test_whitened_cosine_is_what_the_optimiser_aligns(rnet, photo_acts):
+    """Result.cosine_whitened is cos(h, S v) of the icon's own float32 activations; with S != I it is not cos(h, v)."""
+    from atlas.render.objectives import centre
+
+    _, acts = photo_acts
+    v = acts[:2, :, 7, 7]
+    x = acts.permute(0, 2, 3, 1).reshape(-1, acts.shape[1]).double()
+    s = torch.linalg.inv(x.T @ x / len(x) + 1e-2 * torch.eye(len(x.T))).float()  # a real, far-from-identity S
+    result = visualize(rnet, LAYER, v, size=48, steps=6, seed=2, whitening=s, attempts=2)
+    with torch.no_grad():
+        h = centre(rnet.activations(torch.from_numpy(result.images).permute(0, 3, 1, 2), [LAYER])[LAYER]).float()
+    sv = v @ s.T
+    want_white = (h * sv).sum(1) / (h.norm(dim=1) * sv.norm(dim=1))
+    want_raw = (h * v).sum(1) / (h.norm(dim=1) * v.norm(dim=1))
+    np.testing.assert_allclose(result.cosine_whitened, want_white.numpy(), atol=1e-4)
+    np.testing.assert_allclose(result.cosine, want_raw.numpy(), atol=1e-4)
+    assert np.abs(result.cosine_whitened - result.cosine).min() > 0.01, (result.cosine_whitened, result.cosine)
+    plain = visualize(rnet, LAYER, v, size=48, steps=2, seed=2)  # no whitening: the two are one figure
+    np.testing.assert_allclose(plain.cosine_whitened, plain.cosine, atol=1e-6)
+    assert np.isnan(visualize(rnet, LAYER, neuron=[5], size=32, steps=1).cosine_whitened).all()  # no direction term
+
+
+def test_render_stores_whitened_cosine_and_old_icons_read_na(tmp_path, rnet, photo_acts):
+    from atlas.info import format_info, info
+    from atlas.render.objectives import centre
+
+    root, mask = _tiny_run(tmp_path, rnet, photo_acts)
+    summary = render(tmp_path, LAYER, [2], steps=6, size=48, batch=2, progress=False, network=rnet)[2]
+    group = zarr.open_group(str(tmp_path / "store.zarr"), mode="a")
+    icons = group[f"icons/{LAYER}/full/2"]
+    white, raw = icons["cosine_whitened"][...], icons["cosine"][...]
+    assert np.isfinite(white[mask]).all() and np.isnan(white[~mask]).all()
+    assert summary["mean_cosine_whitened"] == pytest.approx(float(white[mask].mean()), abs=1e-4)
+    # recomputed from the stored (uint8-rounded) icons: equal up to the rounding; the raw cosine is another figure
+    s = torch.from_numpy(group[f"whitening/{LAYER}/matrix"][...])
+    v = torch.from_numpy(group[f"grids/{LAYER}/full/2/mean_activation"][...][mask])
+    pixels = torch.from_numpy(icons["images"][...][mask].astype(np.float32) / 255).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        h = centre(rnet.activations(pixels, [LAYER])[LAYER]).float()
+    sv = v @ s.T
+    np.testing.assert_allclose(white[mask], ((h * sv).sum(1) / (h.norm(dim=1) * sv.norm(dim=1))).numpy(), atol=0.02)
+    assert np.abs(white[mask] - raw[mask]).min() > 0.01, (white, raw)
+    text = format_info(info(tmp_path))
+    assert f"mean whitened cos(h, S v) {summary['mean_cosine_whitened']:.3f}" in text
+    assert f"mean raw cos(h, v) {summary['mean_cosine']:.3f}" in text
+    # icons rendered before the array existed: still valid (same key, nothing re-rendered), reported as n/a
+    key, before = icons.attrs["key"], icons["images"][...]
+    del icons["cosine_whitened"]
+    old = {k: v for k, v in icons.attrs["summary"].items() if k != "mean_cosine_whitened"}
+    icons.attrs["summary"] = old
+    assert "mean whitened cos(h, S v) n/a" in format_info(info(tmp_path))
+    again = render(tmp_path, LAYER, [2], steps=6, size=48, batch=2, progress=False, network=rnet)[2]
+    icons = zarr.open_group(str(tmp_path / "store.zarr"))[f"icons/{LAYER}/full/2"]
+    assert again["rendered_now"] == 0 and again["mean_cosine_whitened"] is None and icons.attrs["key"] == key
+    np.testing.assert_array_equal(icons["images"][...], before)
+    assert "mean whitened cos(h, S v) n/a" in format_info(info(tmp_path))

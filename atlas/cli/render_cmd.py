@@ -42,7 +42,9 @@ def render_command(
     summaries = render(run_dir, layer, grid, atlas=atlas, quality=quality, steps=steps, size=size, attempts=attempts,
                        batch=batch, p=p, device=device, icons=icons, seed=seed, engine=run_on)
     for grid_size, s in summaries.items():
-        cos = f", mean cos(h, v) {s['mean_cosine']:.3f}" if s["mean_cosine"] is not None else ""
+        white = s.get("mean_cosine_whitened")
+        cos = (f", mean whitened cos(h, S v) {white:.3f}" if white is not None else "") + \
+            (f", mean raw cos(h, v) {s['mean_cosine']:.3f}" if s["mean_cosine"] is not None else "")
         typer.echo(f"{layer} {grid_size}x{grid_size}: {s['n_done']}/{s['n_render']} icons ({s['rendered_now']} new, "
                    f"{s['seconds']:.0f}s){cos}")
 

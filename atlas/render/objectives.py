@@ -15,7 +15,9 @@ Every objective declares the ``layers`` it reads (a term built without a layer r
 layer being visualised, the ``layer`` argument of :func:`atlas.render.visualize`), the
 ``batch`` it is defined for (None: any) and, for the target terms (direction, channel,
 neuron), the plain cosine of the centre activation to the target: the figure the paper
-uses to say how well an icon represents its cell, reported as ``Result.cosine``.
+uses to say how well an icon represents its cell, reported as ``Result.cosine``. A direction
+term also gives the cosine to the target it optimises, cos(h, S v) with whitening S
+(``Result.cosine_whitened``): the figure that grows with optimisation compute.
 """
 
 from __future__ import annotations
@@ -137,6 +139,15 @@ class Objective:
         state = _as_state(state, self._single_layer())
         for t in self.terms:
             c = t.cosine(state)
+            if c is not None:
+                return c
+        return None
+
+    def cosine_whitened(self, state: State | torch.Tensor) -> torch.Tensor | None:
+        """cos(h, S v) per image of the first direction term (the alignment it optimises), or None if there is none."""
+        state = _as_state(state, self._single_layer())
+        for t in self.terms:
+            c = t.cosine_whitened(state)
             if c is not None:
                 return c
         return None
@@ -375,6 +386,11 @@ class Direction(Objective):
         """cos(h, v) to the unwhitened direction, at the centre position."""
         h = centre(_as_state(state, self.layer).activations(self.layer)).float()
         return (h * self.v).sum(1) / h.norm(dim=1).clamp(min=1e-6)
+
+    def cosine_whitened(self, state: State | torch.Tensor) -> torch.Tensor:
+        """cos(h, S v) at the centre position: the alignment the objective optimises (cos(h, v) without whitening)."""
+        h = centre(_as_state(state, self.layer).activations(self.layer)).float()
+        return (h * self.u).sum(1) / h.norm(dim=1).clamp(min=1e-6)
 
 
 class Channel(Objective):

@@ -76,14 +76,18 @@ class Result:
     """What an optimisation returns.
 
     ``images`` (n, P, P, 3) float32 in [0, 1]; ``cosine`` (n,) cos(h, target) of the objective's
-    target term on the finished icon (NaN when it has none); ``objective`` (n,) the objective's
-    final score on the finished icon; ``trace`` (steps, n) its score under the random transforms, per step.
+    target term on the finished icon, for a direction the raw cos(h, v) (NaN when it has none);
+    ``objective`` (n,) the objective's final score on the finished icon; ``trace`` (steps, n) its
+    score under the random transforms, per step; ``cosine_whitened`` (n,) cos(h, S v) of the first
+    direction term, the alignment the optimiser maximises (equal to ``cosine`` without whitening;
+    NaN without a direction term).
     """
 
     images: np.ndarray
     cosine: np.ndarray
     objective: np.ndarray
     trace: np.ndarray  # (steps, n) objective under the random transforms, per step
+    cosine_whitened: np.ndarray | None = None
 
 
 def layer_outputs(net: Network, layers: Sequence[str], images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -242,22 +246,25 @@ class Optimization:
                 if on_step is not None:
                     on_step(step, self.param)
 
-    def measure(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(images, objective, cos(h, target)) of the current icons: ``size`` px, no padding or transforms, float32.
+    def measure(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(images, objective, cos(h, target), cos(h, S v)) of the current icons: ``size`` px, no padding or transforms,
+        float32.
 
-        The cosine is the first target term's (NaN for objectives without one)."""
+        The cosine is the first target term's, the whitened cosine the first direction term's (NaN for objectives
+        without one)."""
         with torch.no_grad(), self._model():
             images = self.param()
             state = self._state(images, images.contiguous(memory_format=self.fmt))
             values = self.objective.fn(state)
+            nan = torch.full_like(values, float("nan"))
             cosine = self.objective.cosine(state)
-            if cosine is None:
-                cosine = torch.full_like(values, float("nan"))
-            return images, values, cosine
+            whitened = self.objective.cosine_whitened(state)
+            return images, values, nan if cosine is None else cosine, nan if whitened is None else whitened
 
     def result(self) -> Result:
-        images, final, cosine = self.measure()
-        return Result(images.permute(0, 2, 3, 1).cpu().numpy(), cosine.cpu().numpy(), final.cpu().numpy(), self.trace[: self.done])
+        images, final, cosine, whitened = self.measure()
+        return Result(images.permute(0, 2, 3, 1).cpu().numpy(), cosine.cpu().numpy(), final.cpu().numpy(), self.trace[: self.done],
+                      whitened.cpu().numpy())
 
 
 def optimize(net: Network, layer: str | None, objective: Objective, seeds: Sequence[tuple[int, ...]], settings: Settings,
@@ -279,7 +286,8 @@ def best_of(result: Result, attempts: int) -> Result:
         return result
     n = result.images.shape[0] // attempts
     pick = result.objective.reshape(n, attempts).argmax(1) + np.arange(n) * attempts
-    return Result(result.images[pick], result.cosine[pick], result.objective[pick], result.trace[:, pick])
+    whitened = result.cosine_whitened[pick] if result.cosine_whitened is not None else None
+    return Result(result.images[pick], result.cosine[pick], result.objective[pick], result.trace[:, pick], whitened)
 
 
 def visualize(net: Network, layer: str, directions: torch.Tensor | np.ndarray | None = None, *,
@@ -333,7 +341,8 @@ def visualize(net: Network, layer: str, directions: torch.Tensor | np.ndarray | 
     -------
     Result
         ``images`` (n, size, size, 3) float32 in [0, 1]; ``cosine`` (n,) cos(h, target) of the
-        target term (NaN without one); ``objective`` (n,) final score; ``trace`` (steps, n * attempts).
+        target term, for directions the raw cos(h, v) (NaN without one); ``objective`` (n,) final score;
+        ``trace`` (steps, n * attempts); ``cosine_whitened`` (n,) cos(h, S v), what the optimiser aligns.
     """
     given = [x is not None for x in (directions, channel, neuron, objective)]
     if sum(given) != 1:

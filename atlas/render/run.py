@@ -73,6 +73,10 @@ def _open_icons(root: zarr.Group, path: str, shape: tuple[int, int], size: int, 
         create_array(group, "objective", shape, np.float32, chunks=shape, fill_value=np.nan, overwrite=True)
         create_array(group, "digest", shape, np.int64, chunks=shape, fill_value=-1, overwrite=True)
         group.attrs.update(attrs | {"key": key})
+    if "cosine_whitened" not in group:
+        # Added beside the raw cosine without touching the key: icons rendered before it keep their pixels and read
+        # as "n/a" here until re-rendered (only cells rendered from now on get it).
+        create_array(group, "cosine_whitened", shape, np.float32, chunks=shape, fill_value=np.nan, overwrite=True)
     return group
 
 
@@ -88,21 +92,24 @@ def _drop_outside(group: zarr.Group, mask: np.ndarray) -> None:
         row = group["images"][int(gy)]
         row[gone[gy]] = 0
         group["images"][int(gy)] = row
-    for name, fill in (("cosine", np.nan), ("objective", np.nan), ("digest", -1)):
+    for name, fill in (("cosine", np.nan), ("cosine_whitened", np.nan), ("objective", np.nan), ("digest", -1)):
+        if name not in group:
+            continue
         arr = group[name][...]
         arr[gone] = fill
         group[name][...] = arr
 
 
 def _write(group: zarr.Group, cells: np.ndarray, images: np.ndarray, cosine: np.ndarray, objective: np.ndarray,
-           digests: np.ndarray) -> None:
+           digests: np.ndarray, cosine_whitened: np.ndarray) -> None:
     """Store one batch; ``done`` is set last, so an interrupted write leaves those cells to redo."""
     for gy in np.unique(cells[:, 0]):
         sel = cells[:, 0] == gy
         row = group["images"][int(gy)]
         row[cells[sel, 1]] = images[sel]
         group["images"][int(gy)] = row
-    for name, values in (("cosine", cosine), ("objective", objective), ("digest", digests)):
+    for name, values in (("cosine", cosine), ("cosine_whitened", cosine_whitened), ("objective", objective),
+                         ("digest", digests)):
         arr = group[name][...]
         arr[cells[:, 0], cells[:, 1]] = values
         group[name][...] = arr
@@ -171,7 +178,8 @@ def render(run_dir: str | Path, layer: str, sizes: Sequence[int] | int, atlas: s
     dict
         ``{grid size: summary}``, the summary (also the icons group's ``summary`` attribute) with
         ``n_render``, ``n_done``, ``rendered_now``, ``seconds``, ``icons_per_s``,
-        ``image_steps_per_s`` and ``mean_cosine``. Icons are written to ``icons/{layer}/{atlas}/{size}``.
+        ``image_steps_per_s``, ``mean_cosine`` (raw cos(h, v) to the cell mean) and ``mean_cosine_whitened``
+        (cos(h, S v), what the optimiser aligns; None where some icon lacks it). Icons are written to ``icons/{layer}/{atlas}/{size}``.
     """
     RenderSettings(quality=quality, steps=steps, size=size, attempts=attempts, batch=batch, p=p, icons=icons, device=device, seed=seed)
     check_device(device)
@@ -287,8 +295,8 @@ def _render_optimize(root: zarr.Group, grid: zarr.Group, net: Network, layer: st
 
         results = local()
     try:
-        for (idx, _, _), (pixels, cosine, objective) in zip(units, results, strict=False):
-            _write(group, cells[idx], pixels, cosine, objective, digests[idx])
+        for (idx, _, _), (pixels, cosine, objective, whitened) in zip(units, results, strict=False):
+            _write(group, cells[idx], pixels, cosine, objective, digests[idx], whitened)
             rendered += len(idx)
             bar.n = rendered
             bar.refresh()
@@ -299,22 +307,22 @@ def _render_optimize(root: zarr.Group, grid: zarr.Group, net: Network, layer: st
 
 
 def render_batch(net: Network, layer: str, vectors: np.ndarray, whitening: np.ndarray | None, seeds: list, settings: Settings,
-                 device: str, tick=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One batch of icons (pixels uint8, cosine, objective) for cell means ``vectors``: arrays in, arrays out, nothing
-    written (the same on the driver and on a Ray worker)."""
+                 device: str, tick=None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One batch of icons (pixels uint8, raw cos(h, v), objective, whitened cos(h, S v)) for cell means ``vectors``:
+    arrays in, arrays out, nothing written (the same on the driver and on a Ray worker)."""
     a = settings.attempts
     s = torch.as_tensor(whitening) if whitening is not None else None
     objective = direction(layer, torch.from_numpy(vectors).repeat_interleave(a, 0), s, settings.p)
     result = best_of(optimize(net, layer, objective, seeds, settings, device, tick), a)
     pixels = np.clip(np.rint(result.images * 255.0), 0, 255).astype(np.uint8)
-    return pixels, result.cosine, result.objective
+    return pixels, result.cosine, result.objective, result.cosine_whitened
 
 
 def render_worker(attrs: dict, device: str, layer: str, whitening: np.ndarray | None, settings: Settings):
     """A Ray worker's batch function (``atlas.engine``): the run's model loaded once, then one call per cell batch."""
     net = load_run_model(attrs, device)
 
-    def run(unit: tuple[np.ndarray, list]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def run(unit: tuple[np.ndarray, list]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         vectors, seeds = unit
         return render_batch(net, layer, vectors, whitening, seeds, settings, device)
 
@@ -350,8 +358,8 @@ def _render_examples(run_dir: str | Path, root: zarr.Group, grid: zarr.Group, la
             images.append(compose(sample_patches(run_dir, layer, rows, patch_size), size))
             v = np.asarray(means[int(gy), int(gx)], dtype=np.float32)
             cosines.append(_mean_cosine(samples["activations"], rows, v))
-        _write(group, cells[idx], np.stack(images), np.asarray(cosines, np.float32), np.full(len(idx), np.nan, np.float32),
-               digests[idx])
+        nan = np.full(len(idx), np.nan, np.float32)  # nothing optimised: no objective, no whitened alignment
+        _write(group, cells[idx], np.stack(images), np.asarray(cosines, np.float32), nan, digests[idx], nan)
     return _summarise(group, mask, len(todo), time.perf_counter() - start, 0)
 
 
@@ -363,13 +371,23 @@ def _mean_cosine(activations: zarr.Array, rows: list[int], v: np.ndarray) -> flo
     return float(np.mean(h @ v / np.maximum(np.linalg.norm(h, axis=1) * np.linalg.norm(v), 1e-12)))
 
 
+def _mean(values: np.ndarray) -> float | None:
+    """Mean of the done cells' figure, or None ("n/a") when some cell lacks it (icons rendered before it was stored)."""
+    return round(float(np.mean(values)), 4) if values.size and np.isfinite(values).all() else None
+
+
 def _summarise(group: zarr.Group, mask: np.ndarray, rendered: int, seconds: float, steps: int) -> dict:
-    """Counts, speed and mean cosine of a grid's icons; ``steps`` is optimisation steps per icon (all attempts)."""
+    """Counts, speed and mean cosines of a grid's icons; ``steps`` is optimisation steps per icon (all attempts).
+
+    ``mean_cosine`` is the raw cos(h, v) to the cell mean, ``mean_cosine_whitened`` cos(h, S v), the alignment the
+    optimiser maximises (None for example icons and for icons rendered before it was stored)."""
     done = group["done"][...] & mask
     cosine = group["cosine"][...][done]
+    whitened = group["cosine_whitened"][...][done] if "cosine_whitened" in group else np.full(1, np.nan)
     summary = {"n_render": int(mask.sum()), "n_done": int(done.sum()), "rendered_now": rendered,
                "seconds": round(seconds, 2), "icons_per_s": round(rendered / seconds, 3) if rendered and seconds else None,
                "image_steps_per_s": round(rendered * steps / seconds, 1) if rendered and seconds and steps else None,
-               "mean_cosine": round(float(np.nanmean(cosine)), 4) if cosine.size and np.isfinite(cosine).any() else None}
+               "mean_cosine": round(float(np.nanmean(cosine)), 4) if cosine.size and np.isfinite(cosine).any() else None,
+               "mean_cosine_whitened": _mean(whitened)}
     group.attrs["summary"] = summary
     return summary
