@@ -105,7 +105,8 @@ def test_every_import_of_the_benchmarks_is_declared_in_dependencies_or_the_bench
     # bench/render.py compares with lucent when it is installed (its docstring says how: it pins an old
     # kornia, so it cannot be a dependency of the extra without breaking the install).
     # bench/inspect.py's captum row runs when captum (the dev extra, for tests/test_captum.py) is installed.
-    optional = {"lucent": "bench/render.py, optional", "captum": "bench/inspect.py, optional (the dev extra)"}
+    optional = {"lucent": "bench/render.py, optional", "captum": "bench/inspect.py, optional (the dev extra)",
+                "timm": "bench/sample.py --vit, optional (the timm extra)"}
     assert _undeclared(REPO / "bench", declared, local=local, optional=optional) == []
 
 
