@@ -255,3 +255,21 @@ def test_vit_run_sampled_then_unit_lens_top_k_on_the_models_own_pixels(vit, phot
     for ch in (0, 5):
         assert value[ch, 0] == pytest.approx(float(acts[:, ch].max()), rel=1e-4, abs=1e-4)
         assert value[ch, 0] == pytest.approx(float(acts[image[ch, 0], ch, pos[ch, 0, 0], pos[ch, 0, 1]]), rel=1e-4, abs=1e-4)
+
+
+def test_occlusion_on_a_vit_shows_the_gradient_projection_in_panel_b(vit, photos):
+    """The occlusion view of a Vision Transformer: the maps as for any model; panel (b), a deconvnet projection on a
+    ReLU network, is the unit's gradient here (the deconvnet is undefined for GELU and softmax attention), and says so."""
+    from atlas.inspect.engine import read_image
+    from atlas.inspect.occlusion import occlusion_maps
+
+    x, _ = read_image(str(sorted(photos.glob("*.JPEG"))[0]), 256, 224)
+    result = occlusion_maps(vit, x, "blocks.6", occluder=64, stride=80, batch_size=8)
+    assert result.projection_method == "gradient" and result.projection is not None and abs(result.projection).max() > 0
+    assert result.probability.shape == result.activation.shape and result.probability.size >= 4
+    with pytest.raises(AtlasError, match="ReLU networks only"):  # the deconvnet itself is still refused in one line
+        from atlas.units import project_units
+
+        project_units(vit, "blocks.6", x[None], [list(result.unit)], method="deconvnet")
+    inceptionv1 = load_model("inceptionv1", WEIGHTS)
+    assert occlusion_maps(inceptionv1, x, "mixed4c", occluder=64, stride=80, batch_size=8).projection_method == "deconvnet"

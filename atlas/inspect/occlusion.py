@@ -140,6 +140,7 @@ class OcclusionResult:
     unoccluded: dict  # {"activation", "probability", "top_class", "top_probability", "max_activation"} of the plain image
     projection: np.ndarray | None = None  # (b) (3, H, W) float32 signed deconvnet projection, None when not asked for
     unit: tuple[int, int, int] = (0, 0, 0)  # (channel, y, x) the projection starts from: the channel's maximal position
+    projection_method: str = "deconvnet"  # "gradient" for a model that is no ReLU network (the deconvnet is undefined there)
     box: tuple[int, int, int, int] | None = None  # the unit's receptive field (top, left, bottom, right)
     method: str = "batched"  # "incremental", "batched" or "loop": how the maps were computed
     seconds: float = 0.0  # time of the occluded forwards
@@ -195,15 +196,25 @@ def _reference(net: Network, image: torch.Tensor, layer: str, channel: int | Non
 
 
 def _project(net: Network, image: torch.Tensor, layer: str,
-             unit: tuple[int, int, int]) -> tuple[np.ndarray, tuple[int, int, int, int] | None]:
+             unit: tuple[int, int, int]) -> tuple[np.ndarray, tuple[int, int, int, int] | None, str]:
+    """(b): the deconvnet projection of ``unit``, its receptive-field box and the method used. The deconvnet is
+    defined for ReLU networks only; for any other (a Vision Transformer: GELU, softmax attention, LayerNorm) panel (b)
+    is the plain gradient of the unit, and says so, rather than the report failing."""
     from atlas.units import project_units, receptive_field
 
-    projection = project_units(net, layer, image.unsqueeze(0), [list(unit)], method="deconvnet")[0].cpu().numpy()
+    method = "deconvnet"
+    try:
+        projection = project_units(net, layer, image.unsqueeze(0), [list(unit)], method=method)[0].cpu().numpy()
+    except AtlasError as exc:
+        if "gradient method" not in str(exc):
+            raise
+        method = "gradient"
+        projection = project_units(net, layer, image.unsqueeze(0), [list(unit)], method=method)[0].cpu().numpy()
     try:
         box = receptive_field(net, layer, size=image.shape[-1]).box(unit[1], unit[2], crop=image.shape[-1])
     except AtlasError:  # a model whose receptive field cannot be computed: the projection is still shown, without its box
         box = None
-    return projection, box
+    return projection, box, method
 
 
 def _result(layer, channel, target, occluder, stride, image, ys, xs, sums, logits, plain, unit, method, seconds) -> OcclusionResult:
@@ -432,7 +443,7 @@ def occlusion_maps(net: Network, image: torch.Tensor, layer: str, *, occluder: i
     result = _result(layer, channel, target, occluder, stride, image, ys, xs, torch.cat(sums), torch.cat(logits), plain, unit,
                      "incremental" if use_incremental else "batched", seconds)
     if project:
-        result.projection, result.box = _project(net, image, layer, unit)
+        result.projection, result.box, result.projection_method = _project(net, image, layer, unit)
     return result
 
 
@@ -454,7 +465,7 @@ def occlusion_loop(net: Network, image: torch.Tensor, layer: str, *, occluder: i
     result = _result(layer, channel, target, occluder, stride, image, ys, xs, torch.cat(sums), torch.cat(logits), plain, unit,
                      "loop", seconds)
     if project:
-        result.projection, result.box = _project(net, image, layer, unit)
+        result.projection, result.box, result.projection_method = _project(net, image, layer, unit)
     return result
 
 
@@ -550,7 +561,7 @@ def plot_occlusion(result: OcclusionResult, picture: np.ndarray, class_names: Se
         if result.box is not None:
             top, left, bottom, right = result.box
             a1.add_patch(Rectangle((left, top), right - left, bottom - top, fill=False, edgecolor="yellow", linewidth=1.2))
-        a1.set_title(f"(b) its deconvnet projection, unit ({result.unit[1]}, {result.unit[2]})\n"
+        a1.set_title(f"(b) its {result.projection_method} projection, unit ({result.unit[1]}, {result.unit[2]})\n"
                      "(unoccluded image; yellow: receptive field)", fontsize=9)
     else:
         a1.text(0.5, 0.5, "projection not computed", ha="center", va="center", transform=a1.transAxes)
@@ -607,7 +618,8 @@ def write_occlusion(result: OcclusionResult, picture: np.ndarray, out: str | Pat
         "layer": result.layer, "channel": result.channel, "target": result.target, "target_name": target_name,
         "occluder": result.occluder, "stride": result.stride, "size": list(result.size), "fill": list(GREY),
         "ys": result.ys.tolist(), "xs": result.xs.tolist(), "unoccluded": result.unoccluded,
-        "unit": list(result.unit), "receptive_field": list(result.box) if result.box is not None else None,
+        "unit": list(result.unit), "projection_method": result.projection_method,
+        "receptive_field": list(result.box) if result.box is not None else None,
         "activation": result.activation.tolist(), "probability": result.probability.tolist(),
         "top_class": result.top_class.tolist(), "top_probability": result.top_probability.tolist(),
         "top_classes": top_classes, "method": result.method, "seconds": round(result.seconds, 3),
