@@ -155,7 +155,8 @@ def main() -> None:
         amortised = f"{cost + k(512) / per_parent:.0f}" if name.startswith("warm") else f"{cost}"
         rows.append((name, float(np.mean(r.cosine_whitened)), float(np.percentile(r.cosine_whitened, 10)),
                      float(np.mean(r.objective)), float(np.mean(r.cosine)), cost, amortised, seconds))
-        print(f"  {name}: {seconds:.0f} s", flush=True)
+        print(f"  {name}: {seconds:.0f} s, mean cos(h, S v) {rows[-1][1]:.3f}, 10th pct {rows[-1][2]:.3f}, "
+              f"objective {rows[-1][3]:.1f}, raw cos(h, v) {rows[-1][4]:.3f}", flush=True)  # a row now, in case of a kill
     print(f"\nload average at start {load[0]:.2f}, at end {os.getloadavg()[0]:.2f}\n")
     print("| strategy | mean cos(h, S v) | 10th pct cos(h, S v) | mean objective | mean raw cos(h, v) | icon-steps per icon "
           "| with the parent amortised | seconds |")
