@@ -64,6 +64,7 @@ def _install_stop_handlers(received: list[int]) -> dict[int | str, object] | Non
         if os.getpid() != pid:
             raise KeyboardInterrupt
         received.append(signum)
+        _quiet_unawaited()  # from here on, before anything unwinds
         if in_hook.is_set():  # arrived while the hook below runs: raise it once the hook has returned
             again_soon(signum)
             return
@@ -88,10 +89,14 @@ def _install_stop_handlers(received: list[int]) -> dict[int | str, object] | Non
     return {"unraisablehook": hook} | {signum: signal.signal(signum, stop) for signum in STOP_SIGNALS}
 
 
-def _interrupted_exit(signum: int) -> SystemExit:
+def _quiet_unawaited() -> None:
     # An interruption can land between creating a coroutine and running it (`atlas serve` starting uvicorn): its
-    # "never awaited" warning, printed as the stack unwinds, is noise after the one line.
+    # "never awaited" warning, printed when the stack unwinds, is noise after the one line.
     warnings.filterwarnings("ignore", category=RuntimeWarning, message="coroutine .* was never awaited")
+
+
+def _interrupted_exit(signum: int) -> SystemExit:
+    _quiet_unawaited()
     command = next((a for a in sys.argv[1:] if not a.startswith("-")), "")
     then = "the server stopped" if command == "serve" else "run the same command again to resume"
     print(f"atlas: interrupted; {then}", file=sys.stderr, flush=True)
