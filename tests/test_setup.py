@@ -408,6 +408,24 @@ def test_the_wheel_is_activation_atlas_with_its_licence_ranges_and_the_vendored_
     assert OSD_VERSION in (STATIC / "openseadragon" / "README.md").read_text()
 
 
+def _viewer_loads_tiles(browser, url: str, check=None) -> None:
+    """The atlas viewer at ``url`` loads, requests tiles and raises no page error; ``check(page, requested)`` asserts more.
+    (The session's browser: a second sync Playwright in the same thread is refused while that one is alive.)"""
+    page = browser.new_page(viewport={"width": 1000, "height": 700})
+    try:
+        requested, errors = [], []
+        page.on("request", lambda r: requested.append(r.url))
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(url)
+        page.wait_for_function("document.body.dataset.loaded === '1'", timeout=20000)
+        assert any(re.search(r"/atlas_files/\d+/\d+_\d+\.jpg", u) for u in requested), requested
+        if check is not None:
+            check(page, requested)
+        assert errors == []
+    finally:
+        page.close()
+
+
 @contextlib.contextmanager
 def _atlas_serve(atlas: Path, run: Path, env: dict, cwd: Path):
     """``atlas serve RUN --port 0`` of an installed atlas, as a user starts it; yields the viewer's URL it prints."""
@@ -447,22 +465,13 @@ def test_wheel_installed_without_npm_serves_the_viewer(installed, tmp_path, brow
     assert result.returncode == 0, result.stderr
     assert (run / "tiles" / "openseadragon" / "openseadragon.min.js").is_file()
 
+    def vendored(page, requested) -> None:
+        assert page.evaluate("typeof window.OpenSeadragon") == "function"
+        assert page.evaluate("window.OpenSeadragon.version.versionStr") == OSD_VERSION
+        assert any(u.endswith("/openseadragon/images/zoomin_rest.png") for u in requested), requested  # the vendored buttons
+
     with _atlas_serve(atlas, run, env, tmp_path) as url:
-        # the session's browser: a second sync Playwright in the same thread is refused while that one is alive
-        page = browser.new_page(viewport={"width": 1000, "height": 700})
-        try:
-            requested, errors = [], []
-            page.on("request", lambda r: requested.append(r.url))
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(url)
-            page.wait_for_function("document.body.dataset.loaded === '1'", timeout=20000)
-            assert page.evaluate("typeof window.OpenSeadragon") == "function"
-            assert page.evaluate("window.OpenSeadragon.version.versionStr") == OSD_VERSION
-            assert any(re.search(r"/atlas_files/\d+/\d+_\d+\.jpg", u) for u in requested), requested
-            assert any(u.endswith("/openseadragon/images/zoomin_rest.png") for u in requested), requested  # the vendored buttons
-            assert errors == []
-        finally:
-            page.close()
+        _viewer_loads_tiles(browser, url, vendored)
 
 
 def test_npm_is_gone_from_set_up_build_and_ci():
@@ -603,18 +612,6 @@ def _tiny_config(dest: Path) -> Path:
     return dest
 
 
-def _viewer_loads_tiles(browser, url: str) -> None:
-    page = browser.new_page(viewport={"width": 1000, "height": 700})
-    try:
-        requested, errors = [], []
-        page.on("request", lambda r: requested.append(r.url))
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.goto(url)
-        page.wait_for_function("document.body.dataset.loaded === '1'", timeout=20000)
-        assert any(re.search(r"/atlas_files/\d+/\d+_\d+\.jpg", u) for u in requested), requested
-        assert errors == []
-    finally:
-        page.close()
 
 
 def test_wheel_fetches_the_weights_builds_an_atlas_and_shows_it(installed, caffe_zoo, tmp_path, browser):
