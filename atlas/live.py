@@ -180,8 +180,9 @@ class LiveEngine:
         if not any(a["layer"] == layer and a["atlas"] == atlas for a in self.atlases()):
             raise AtlasError(f"atlas: the run has no rendered atlas {str(layer)[:60]}/{str(atlas)[:60]}")
         t0 = time.perf_counter()
-        arithmetic = run_kernels(store.attrs(store.open_store(self.run_dir)))  # the run's precision and kernels
-        acts, attribution, hw, target = image_positions(self.net, frame.tensor[0], layer, arithmetic=arithmetic)
+        if getattr(self, "_arithmetic", None) is None:  # the run's precision and kernels: read once, not per frame
+            self._arithmetic = run_kernels(store.attrs(store.open_store(self.run_dir)))
+        acts, attribution, hw, target = image_positions(self.net, frame.tensor[0], layer, arithmetic=self._arithmetic)
         placement = place_on_atlas(self.run_dir, layer, acts, atlas=atlas, k=k)
         points = [[round(float(x), 4), round(float(y), 4), round(float(v), 3)] for (x, y), v in zip(placement.xy, attribution, strict=True)]
         return {"type": "onatlas", "layer": layer, "atlas": atlas, "hw": list(hw), "target": self.net.classes[target],

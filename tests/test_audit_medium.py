@@ -14,15 +14,13 @@ import json
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
-from conftest import WEIGHTS
+from conftest import WEIGHTS, serving
 from tiny_run import CONFIG, LAYER, build_tiny, cli, copy_run, snapshot
 
 from atlas.data import list_images
-from atlas.server import make_server
 from atlas.viewer import STATIC, find_openseadragon
 
 
@@ -70,19 +68,6 @@ def get(port: int, path: str) -> tuple[int, bytes]:
         conn.close()
 
 
-@contextlib.contextmanager
-def serving(run: Path):
-    server = make_server(run, port=0, timeout=5)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
-
-
 # ---------------------------------------------------------------------------- serve and build on a read-only run
 def test_serve_writes_nothing_and_serves_a_read_only_run(base, tmp_path):
     from websockets.sync.client import connect
@@ -93,7 +78,7 @@ def test_serve_writes_nothing_and_serves_a_read_only_run(base, tmp_path):
     for stale in ("viewer.js", "live.html"):  # a run tiled by another version: the pages come from the package serving it
         (run / "tiles" / stale).unlink(missing_ok=True)
     before, names = snapshot(run), every_file(run)
-    with read_only(run) as ro, serving(ro) as server:
+    with read_only(run) as ro, serving(ro, timeout=5) as server:
         port = server.server_port
         for name in ("index.html", "viewer.js", "live.html", "live.js", "live.css"):
             status, body = get(port, f"/tiles/{name}")
@@ -186,7 +171,7 @@ def test_nothing_under_tiles_holds_a_path_of_this_machine(base, tmp_path, photos
             data = path.read_bytes()
             leaks += [(path.relative_to(run).as_posix(), f) for f in forbidden if f.encode() in data]
     assert not leaks, leaks
-    with serving(run) as server:  # and what the server returns of it
+    with serving(run, timeout=5) as server:  # and what the server returns of it
         status, body = get(server.server_port, "/tiles/inspect/probe/report.json")
         assert status == 200 and not any(f.encode() in body for f in forbidden)
 
