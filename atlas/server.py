@@ -1,15 +1,19 @@
 """``atlas serve``: one ASGI application (Starlette on uvicorn) for a run's viewer, unit gallery and live page.
 
-What it serves, and what it refuses, is what the stdlib server before it did (tests/test_server.py holds every rule):
+What it serves, and what it refuses, is what the stdlib server before it did (tests/test_server.py holds every rule).
+Starlette's ``StaticFiles`` serves the files, its ``Route``/``Mount``/``WebSocketRoute`` route the requests. Four
+pieces are this module's own, each where a test shows Starlette and uvicorn lack the guarantee (each comment names
+the test): the Host check with its port, the deadline for a request head, the request target's length (414), and
+a symlink loop as 404.
 
 - at ``/tiles/``: the pages of the atlas viewer, the unit gallery, the side-by-side view and the live page, and
   OpenSeadragon, all from the installed package (never copied into the run: ``atlas serve`` writes nothing, so a
   read-only run is served as it is), and every other file under ``RUN/tiles/`` (the tiles, the manifests, the
   reports); ``store.zarr`` and ``log.txt``, which hold absolute paths, are never served, nor is anything a path or
-  a symlink would reach outside ``tiles/``, nor a folder listing, a FIFO or a device (404). The path is the raw
-  request target percent-decoded once, so ``%252e%252e`` stays a name and ``..`` / ``.`` / NUL / backslash
-  segments are refused before anything touches the file system; a request target over ``MAX_TARGET`` bytes is
-  414, a name the file system cannot hold (too long) is 404;
+  a symlink would reach outside ``tiles/``, nor a folder listing, a FIFO or a device (404). The path is the
+  request target percent-decoded once, so ``%252e%252e`` stays a name; every path is resolved (symlinks
+  followed) and served only inside ``tiles/``; a request target over ``MAX_TARGET`` bytes is 414, a name the file
+  system cannot hold (too long) is 404;
 - the ``Host`` header must name this server (localhost, 127.0.0.1, [::1], the bound address, the address the
   connection arrived on, or an ``allow_hosts`` name) with its port, else 403: a DNS-rebinding page cannot read the
   run. A WebSocket handshake that carries an ``Origin`` (every browser's does) must also come from this server's
@@ -37,20 +41,24 @@ import contextlib
 import errno
 import json
 import logging
-import mimetypes
+import os
 import re
 import socket
 import sys
 import threading
 import time
-import urllib.parse
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import h11
-from starlette.responses import FileResponse, PlainTextResponse, Response
-from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+from starlette.applications import Starlette
+from starlette.datastructures import MutableHeaders
+from starlette.requests import Request
+from starlette.responses import FileResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
+from starlette.websockets import WebSocket, WebSocketClose, WebSocketDisconnect, WebSocketState
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from atlas.errors import AtlasError
@@ -76,9 +84,6 @@ log = logging.getLogger(__name__)  # "atlas.server": status lines and warnings (
 BACKLOG = 1024  # listen queue; the kernel caps it at net.core.somaxconn
 LIVE_FILES = ("live.html", "live.js", "live.css")
 LIVE_SOCKET = "/live/ws"
-MEDIA = {".dzi": "application/xml", ".webp": "image/webp", ".js": "text/javascript", ".json": "application/json",
-         ".html": "text/html; charset=utf-8", ".css": "text/css", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png",
-         ".svg": "image/svg+xml", ".txt": "text/plain; charset=utf-8"}
 HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
 # The pages served from the package itself (atlas/viewer_static), never from the run's tiles/ folder: a run tiled by
 # an older atlas, or a read-only one, gets the pages of the atlas serving it, and serving writes nothing.
@@ -99,34 +104,22 @@ MAX_COMMAND_BYTES = 4096  # a text command is a short JSON object; anything long
 # --------------------------------------------------------------------------------------
 # Static files
 # --------------------------------------------------------------------------------------
-def resolve(root: Path, target: str) -> Path | None:
-    """The file or folder a request target names inside ``root`` (the resolved tiles folder), or None.
+class RunFiles(StaticFiles):
+    """Starlette's :class:`~starlette.staticfiles.StaticFiles` for one folder, symlinks out of it refused.
 
-    ``target`` is the raw request target (percent-encoded, possibly absolute-form); it is decoded once. Any ``..``,
-    ``.``, NUL or backslash-made segment, or a symlink leading out of ``root``, names nothing.
+    ``follow_symlink=False`` (the default) resolves every path with ``os.path.realpath`` and serves it only when it
+    stays inside the folder: ``..``, ``%2e%2e`` and a symlink out are 404, a link inside is served; no folder
+    listing; a FIFO or a device is not a regular file (404); NUL and over-long names are 404. One guarantee it
+    lacks is added: a symlink loop (``os.stat`` raises ELOOP) is a 500 with a traceback in Starlette's, a plain 404
+    here (``test_a_symlink_loop_under_tiles_is_404``), as is a folder the server may not read (Starlette's 401
+    would ask for credentials that do not exist).
     """
-    parts = _parts(target)
-    return None if parts is None else _inside(root, parts)
 
-
-def _parts(target: str) -> list[str] | None:
-    """The segments after ``/tiles/`` of a raw request target (decoded once), or None when it names nothing."""
-    raw = urllib.parse.unquote(urllib.parse.urlsplit(target).path)
-    parts = [p for p in raw.replace("\\", "/").split("/") if p]
-    if not parts or parts[0] != SERVED or any(p in ("..", ".") or "\x00" in p for p in parts):
-        return None
-    return parts[1:]
-
-
-def _inside(root: Path, parts: list[str]) -> Path | None:
-    """``root/parts...`` resolved, or None when it leads out of ``root`` (a symlink) or cannot be resolved."""
-    try:
-        resolved = root.joinpath(*parts).resolve()
-    except (OSError, RuntimeError, ValueError):  # symlink loops, over-long names
-        return None
-    if resolved != root and root not in resolved.parents:
-        return None
-    return resolved
+    def lookup_path(self, path: str) -> tuple[str, os.stat_result | None]:
+        try:
+            return super().lookup_path(path)
+        except OSError:  # ELOOP, EACCES, ENAMETOOLONG: nothing to serve there
+            return "", None
 
 
 def atlas_page(root: Path) -> bytes:
@@ -139,62 +132,41 @@ def atlas_page(root: Path) -> bytes:
     return html.replace(marker, marker + "".join(f'\n  <script src="{name}"></script>' for name in scripts)).encode()
 
 
-def _package_path(parts: list[str]) -> Path | None:
-    """The package's own file for a ``/tiles/`` path it serves (a page or OpenSeadragon), or None for the run's files."""
-    if len(parts) == 1 and parts[0] in PACKAGE_FILES:
-        return STATIC / parts[0]
-    if len(parts) > 1 and parts[0] == OSD_FOLDER:
-        osd = find_openseadragon().resolve()
-        return _inside(osd, parts[1:])
-    return None
+def _redirect(location: str):
+    async def endpoint(request: Request) -> Response:
+        return RedirectResponse(location, 302)  # a path only: never the request's own netloc
+    return endpoint
 
 
-def _redirect(location: str, code: int) -> Response:
-    return Response(b"", code, {"Location": location, **HEADERS})
+def _package_file(name: str):
+    def endpoint(request: Request) -> Response:  # sync: Starlette runs it on its thread pool
+        return FileResponse(STATIC / name)
+    return endpoint
 
 
-def _not_found() -> Response:
-    return PlainTextResponse("not found", 404, HEADERS)
+def routes(root: Path) -> list[BaseRoute]:
+    """What ``/tiles/`` serves: the package's pages and OpenSeadragon first (never the run's copies of them), then
+    the run's ``tiles/`` folder (``root``, resolved); ``/``, ``/tiles`` and ``/live`` redirect to the pages."""
 
+    def index(request: Request) -> Response:  # composed in memory: the run folder is never written
+        page = atlas_page(root)
+        return Response(b"" if request.method == "HEAD" else page, 200, {"Content-Length": str(len(page))},
+                        media_type="text/html")
 
-def static_response(root: Path, target: str, method: str) -> Response:
-    """The answer to a GET/HEAD of ``target`` (raw, as sent) from the tiles folder ``root``."""
-    if method not in ("GET", "HEAD"):
-        return PlainTextResponse("only GET and HEAD", 405, {"Allow": "GET, HEAD", **HEADERS})
-    if target.startswith("//"):  # as http.server: never read '//name' as a network location
-        target = "/" + target.lstrip("/")
-    url_path = urllib.parse.urlsplit(target).path
-    if url_path in ("", "/", f"/{SERVED}"):
-        return _redirect(f"/{SERVED}/index.html", 302)
-    if url_path in ("/live", "/live/"):
-        return _redirect(f"/{SERVED}/live.html", 302)
-    if len(target) > MAX_TARGET:
-        return PlainTextResponse(f"request target over {MAX_TARGET} bytes", 414, HEADERS)
-    parts = _parts(target)
-    try:
-        if parts is not None and parts in ([], ["index.html"]):  # composed in memory: the run folder is never written
-            page = atlas_page(root)
-            return Response(b"" if method == "HEAD" else page, 200, {**HEADERS, "Content-Length": str(len(page))},
-                            media_type=MEDIA[".html"])
-        package = _package_path(parts) if parts is not None else None
-        path = package if package is not None else (_inside(root, parts) if parts is not None else None)
-        if path is not None and path.is_dir():
-            if not url_path.endswith("/"):  # relative to this server only (never the request's own netloc)
-                return _redirect(urllib.parse.quote(urllib.parse.unquote(url_path)) + "/", 301)
-            path = path / "index.html"
-        if path is None or not path.is_file():  # also FIFOs and devices, which would block or stream forever
-            return _not_found()
-    except OSError:  # a name the file system cannot hold (ENAMETOOLONG), a folder it cannot read: nothing there
-        return _not_found()
-    media = MEDIA.get(path.suffix.lower()) or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-    return FileResponse(path, media_type=media, headers=HEADERS)
+    pages = [Route(f"/{SERVED}/{name}", _package_file(name)) for name in sorted(PACKAGE_FILES - {"index.html"})]
+    return [Route("/", _redirect(f"/{SERVED}/index.html")), Route(f"/{SERVED}", _redirect(f"/{SERVED}/index.html")),
+            Route("/live", _redirect(f"/{SERVED}/live.html")), Route("/live/", _redirect(f"/{SERVED}/live.html")),
+            Route(f"/{SERVED}/", index), Route(f"/{SERVED}/index.html", index), *pages,
+            Mount(f"/{SERVED}/{OSD_FOLDER}", RunFiles(directory=find_openseadragon().resolve())),
+            Mount(f"/{SERVED}", RunFiles(directory=root))]
 
 
 # --------------------------------------------------------------------------------------
 # The application
 # --------------------------------------------------------------------------------------
 class AtlasApp:
-    """The ASGI application: the Host check, the static files of ``tiles/``, the live socket."""
+    """The ASGI application: the Host check and the target's length, then Starlette's routes (the static files of
+    ``tiles/``, the live socket)."""
 
     def __init__(self, run_dir: Path, port: int, allowed_names: set[str], quiet: bool = True, max_live: int = MAX_LIVE,
                  live_idle: float = LIVE_IDLE) -> None:
@@ -206,7 +178,11 @@ class AtlasApp:
         self.allowed_names = allowed_names
         self.quiet = quiet
         self.live = LiveModel(run_dir)
+        self.app = Starlette(routes=[*routes(self.root), WebSocketRoute(LIVE_SOCKET, self.websocket)])
 
+    # Starlette's TrustedHostMiddleware is not used: it drops the port (``127.0.0.1:PORT+1`` would pass), cannot
+    # accept the address a connection arrived on, and refuses with 400 where the page and the live socket expect 403
+    # (test_host_header_must_name_this_server, test_the_socket_refuses_other_origins_hosts_and_paths).
     def host_of(self, scope) -> str | None:
         """The one Host header's value when it names this server and its port (DNS-rebinding protection), else None."""
         values = [v for k, v in scope.get("headers", ()) if k == b"host"]
@@ -225,27 +201,37 @@ class AtlasApp:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] not in ("http", "websocket"):
             return
-        host = self.host_of(scope)
         if scope["type"] == "websocket":
-            await self.websocket(scope, receive, send, host)
+            if self.host_of(scope) is None:
+                await WebSocketClose(code=1008)(scope, receive, send)  # before accept: the handshake is refused with 403
+            else:
+                await self.app(scope, receive, send)
             return
+
+        async def send_with_headers(message) -> None:  # every answer: revalidate each time, never sniff a type
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message).update(HEADERS)
+            await send(message)
+
+        target = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
         try:
-            if host is None:
+            if self.host_of(scope) is None:
                 response = PlainTextResponse("Host header does not name this server: open "
                                              f"http://127.0.0.1:{self.port}/{SERVED}/index.html; other names need "
-                                             "`atlas serve --allow-host NAME`", 403, HEADERS)
+                                             "`atlas serve --allow-host NAME`", 403)
+            elif target > MAX_TARGET:  # Starlette has no limit of its own (test_an_over_long_segment_is_404_and_an_over_long_target_414)
+                response = PlainTextResponse(f"request target over {MAX_TARGET} bytes", 414)
             else:
-                target = scope.get("raw_path", b"").decode("latin-1") or scope.get("path", "")
-                response = await asyncio.to_thread(static_response, self.root, target, scope["method"])
-            await response(scope, receive, send)
+                await self.app(scope, receive, send_with_headers)
+                return
+            await response(scope, receive, send_with_headers)
         except OSError:  # the client went away mid-response, or the file vanished under it
             return
 
-    async def websocket(self, scope, receive, send, host: str | None) -> None:
-        ws = WebSocket(scope, receive, send)
-        origins = [v.decode("latin-1") for k, v in scope.get("headers", ()) if k == b"origin"]
-        same_origin = not origins or (host is not None and origins[0].lower() == f"http://{host}".lower())
-        if host is None or not same_origin or scope.get("path") != LIVE_SOCKET:
+    async def websocket(self, ws: WebSocket) -> None:
+        host = self.host_of(ws.scope)
+        origins = [v.decode("latin-1") for k, v in ws.scope.get("headers", ()) if k == b"origin"]
+        if origins and (host is None or origins[0].lower() != f"http://{host}".lower()):
             await ws.close(code=1008)  # before accept: the handshake is refused with 403
             return
         await ws.accept()
@@ -267,7 +253,6 @@ class AtlasApp:
 
     def close(self) -> None:
         self.live.close()
-
 
 # --------------------------------------------------------------------------------------
 # The live socket
@@ -508,7 +493,13 @@ class LiveSession:
 class _HeadDeadline(H11Protocol):
     """uvicorn's h11 protocol plus a deadline for each request head: ``timeout`` seconds from the connection (or
     the end of the previous response) to a complete head, however slowly the bytes arrive; then the connection is
-    closed. Bytes that complete a head cancel it; a WebSocket upgrade leaves this protocol and the deadline."""
+    closed. Bytes that complete a head cancel it; a WebSocket upgrade leaves this protocol and the deadline.
+
+    Kept because neither uvicorn nor Starlette has such a deadline: uvicorn arms its keep-alive timer only after a
+    response and restarts it on every byte, so with its plain h11 protocol an idle connection, a half-sent head and
+    a client dripping a byte every 0.25 s all stay open (test_idle_and_half_sent_connections_are_closed_while_others_are_served
+    fails). The ASGI application cannot do it: it is called only once a head is complete.
+    """
 
     _deadline: asyncio.TimerHandle | None = None
 

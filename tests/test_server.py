@@ -122,6 +122,32 @@ def test_nothing_outside_tiles_is_served(server, run, path):
     assert str(run).encode() not in body and b"secret" not in body and b"zarr_format" not in body
 
 
+def test_a_symlink_loop_under_tiles_is_404(server, run):
+    """``os.stat`` of a link to itself raises ELOOP: a plain 404 like any other name with nothing behind it, not a 500."""
+    loop = run / "tiles" / "loop.json"
+    loop.symlink_to(loop.name)
+    try:
+        status, body = get(server, "/tiles/loop.json")
+        assert status == 404 and str(run).encode() not in body
+        assert get(server, "/tiles/atlases.json")[0] == 200  # and the server goes on
+    finally:
+        loop.unlink()
+
+
+def test_pages_and_tiles_carry_their_types_and_no_cache(server):
+    for path, media in (("/tiles/index.html", "text/html"), ("/tiles/viewer.js", "javascript"),
+                        ("/tiles/openseadragon/openseadragon.min.js", "javascript"), ("/tiles/atlases.json", "application/json")):
+        conn = http.client.HTTPConnection(*server.server_address[:2], timeout=10)
+        try:
+            conn.request("GET", path)
+            response = conn.getresponse()
+            response.read()
+        finally:
+            conn.close()
+        assert response.status == 200 and media in response.getheader("Content-Type"), (path, response.getheader("Content-Type"))
+        assert response.getheader("Cache-Control") == "no-cache" and response.getheader("X-Content-Type-Options") == "nosniff"
+
+
 # ---------------------------------------------------------------------------- Host header
 def test_host_header_must_name_this_server(server):
     port = server.server_port
