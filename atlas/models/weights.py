@@ -290,7 +290,7 @@ def _download(url: str, folder: Path) -> tuple[Path, dict[str, str]]:
     download is removed. The progress bar (on a terminal) appears only once the server answers: a failed
     connection prints nothing but the caller's one-line error.
     """
-    from tqdm import tqdm
+    from tqdm.auto import tqdm
 
     folder.mkdir(parents=True, exist_ok=True)
     name = Path(urllib.parse.urlsplit(url).path).name or "weights"
