@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import zarr
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from atlas import store
 from atlas.engine import Engine, make_engine
