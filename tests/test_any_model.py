@@ -231,22 +231,31 @@ def test_direction_icons_of_a_token_layer_at_any_icon_size(vit):
     assert (later.cosine > first.cosine + 0.1).all(), (first.cosine, later.cosine)
 
 
-def test_vit_run_sampled_then_unit_lens_top_k_on_the_models_own_pixels(vit, photo_list, tmp_path):
+@pytest.fixture(scope="module")
+def vit_run(vit, photo_list, tmp_path_factory):
+    """A tiny sampled run of the real ViT-Ti at ``blocks.6``: 3 photos x 2 positions, with attribution."""
+    from atlas.data import list_images
+    from atlas.sample import sample
+
+    run = tmp_path_factory.mktemp("vit") / "run"
+    sample(list_images(photo_list).head(3), ["blocks.6"], run, model="timm:vit_tiny_patch16_224", weights=VIT_FILE, per_image=2, workers=0,
+           attribution=True, progress=False, net=vit, precision="float32")
+    return run
+
+
+def test_vit_run_sampled_then_unit_lens_top_k_on_the_models_own_pixels(vit, photo_list, vit_run):
     """A ViT run records its bicubic preprocessing and token handling; the unit lens's top-k pass reads the photos as the
     sampler did (bicubic), so each top value is the token's activation on the model's own pixels."""
     from atlas import store
     from atlas.data import list_images, load_image, to_tensor
-    from atlas.sample import sample
     from atlas.units.topk import top_examples
 
     images = list_images(photo_list).head(3)
-    sample(images, ["blocks.6"], tmp_path / "run", "timm:vit_tiny_patch16_224", VIT_FILE, per_image=2, workers=0,
-           attribution=False, progress=False, net=vit, precision="float32")
-    root = store.open_store(tmp_path / "run")
+    root = store.open_store(vit_run)
     prep = dict(root.attrs)["preprocessing"]
     assert (prep["interpolation"], prep["resize"], prep["crop"]) == ("bicubic", vit.preprocess["resize"], 224)
     assert "first 1 (class/register) tokens dropped" in prep["tokens"]
-    top_examples(tmp_path / "run", "blocks.6", k=2, channels=[0, 5], workers=0, progress=False, net=vit)
+    top_examples(vit_run, "blocks.6", k=2, channels=[0, 5], workers=0, progress=False, net=vit)
     g = root["units/blocks.6/top"]
     value, image, pos = g["value"][:], g["image"][:], g["pos"][:]
     x = torch.stack([to_tensor(load_image(p, prep["resize"], 224, "bicubic")) for p in images.paths])
@@ -273,3 +282,28 @@ def test_occlusion_on_a_vit_shows_the_gradient_projection_in_panel_b(vit, photos
         project_units(vit, "blocks.6", x[None], [list(result.unit)], method="deconvnet")
     inceptionv1 = load_model("inceptionv1", WEIGHTS)
     assert occlusion_maps(inceptionv1, x, "mixed4c", occluder=64, stride=80, batch_size=8).projection_method == "deconvnet"
+
+
+def test_unit_lens_on_a_vit_projects_with_the_gradient_and_refuses_the_deconvnet_in_one_line(vit, vit_run):
+    """``atlas units`` on a ViT: the default projection (auto) is the gradient, since the deconvnet and guided
+    backpropagation have no rule for GELU or softmax attention; asked for by name, they are refused before any work.
+    InceptionV1, a ReLU network, keeps the deconvnet."""
+    from tiny_run import cli, one_line
+
+    from atlas import store
+    from atlas.units import projection_method, units
+
+    assert projection_method(vit, "blocks.6") == "gradient"
+    assert projection_method(load_model("inceptionv1", WEIGHTS), "mixed4c") == "deconvnet"
+    one_line(cli("units", vit_run, "--projection", "deconvnet", "--no-vis", "--channels", "0-1", "--workers", "0"),
+             "ReLU networks only", "GELU")
+    with pytest.raises(AtlasError, match="ReLU networks only"):
+        units(vit_run, "blocks.6", projections=["guided"], kinds=[], channels="0-1", net=vit, progress=False, echo=None)
+    root = store.open_store(vit_run)
+    assert not any(f"units/blocks.6/projection/{m}" in root for m in ("deconvnet", "guided"))
+    report = units(vit_run, "blocks.6", kinds=[], channels="1-2", top_k=2, workers=0, net=vit, progress=False, echo=None,
+                   gallery=False)
+    assert list(report["blocks.6"]["projections"]) == ["gradient"]
+    assert report["blocks.6"]["projections"]["gradient"]["projections"] == 4
+    shown = root["units/blocks.6/projection/gradient/image"][1:3]
+    assert shown.std() > 0  # real projections, not the grey of padding

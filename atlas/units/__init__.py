@@ -33,7 +33,7 @@ from atlas.settings import UnitsSettings, check_device, parse_channels
 from atlas.units.receptive import Field, check_unit_layers, receptive_field
 
 __all__ = ["Field", "UnitsSettings", "class_scores", "check_unit_layers", "fit_patch", "max_positions", "project_units", "receptive_field",
-           "to_display", "units", "write_class_scores", "write_gallery"]
+           "projection_method", "to_display", "units", "write_class_scores", "write_gallery"]
 
 
 # The lens's array cores other instruments build on (atlas.inspect, atlas.weights): re-exported here so that they
@@ -43,6 +43,13 @@ def project_units(*args, **kwargs):
     from atlas.units.projections import project_units as _project
 
     return _project(*args, **kwargs)
+
+
+def projection_method(*args, **kwargs):
+    """See :func:`atlas.units.projections.projection_method`."""
+    from atlas.units.projections import projection_method as _method
+
+    return _method(*args, **kwargs)
 
 
 def to_display(*args, **kwargs):
@@ -178,9 +185,10 @@ def units(run_dir: str | Path, layers: Sequence[str] | str | None = None, settin
         layers the run sampled.
     settings : UnitsSettings or None, default None
         Every setting (:class:`atlas.settings.UnitsSettings`: ``top_k`` 9, ``channels`` None (all), ``patch`` 64,
-        ``projections`` ("deconvnet",), ``kinds`` (fft, the four Yosinski presets, alpha, diverse), ``objective``
-        "channel" (or "neuron": the centre position), ``n_diverse`` 4, ``size`` 80, ``steps`` 256, ``seed`` 0; speed:
-        ``batch``, ``batch_size``, ``workers``, ``device``).
+        ``projections`` ("auto",: the deconvnet on a ReLU network, the gradient on any other), ``kinds`` (fft, the
+        four Yosinski presets, alpha, diverse), ``objective`` "channel" (or "neuron": the centre position),
+        ``n_diverse`` 4, ``size`` 80, ``steps`` 256, ``seed`` 0; speed: ``batch``, ``batch_size``, ``workers``,
+        ``device``).
     net : atlas.models.Network or None, default None
         The run's model, already loaded; None: loaded from the store's ``model`` and ``weights``.
     progress : bool, default True
@@ -205,7 +213,8 @@ def units(run_dir: str | Path, layers: Sequence[str] | str | None = None, settin
     AtlasError
         One line, before any work, for a run folder without a store, an unknown setting or value, an unknown layer
         or one without spatial positions (the valid ones listed), channel ranges out of bounds, a device this
-        machine lacks; during the pass for a run whose photos are missing (the folder named).
+        machine lacks, the deconvnet or guided backpropagation on a model that is no ReLU network; during the pass
+        for a run whose photos are missing (the folder named).
     """
     from atlas.models import load_run_model
 
@@ -229,8 +238,12 @@ def units(run_dir: str | Path, layers: Sequence[str] | str | None = None, settin
     # imported once everything is checked: a bad option costs no import of the optimisation machinery
     from atlas.units.effects import write_effects
     from atlas.units.features import write_visualizations
-    from atlas.units.projections import write_projections
+    from atlas.units.projections import projection_method, write_projections
     from atlas.units.topk import top_examples
+
+    # "auto" is the deconvnet on a ReLU network and the gradient on any other (a ViT); the deconvnet or guided
+    # backpropagation asked for on a model that is no ReLU network is refused here, in one line, before any work.
+    methods = {layer: list(dict.fromkeys(projection_method(net, layer, m, crop) for m in s.projections)) for layer in layers}
 
     report: dict = {}
     for layer in layers:
@@ -241,7 +254,7 @@ def units(run_dir: str | Path, layers: Sequence[str] | str | None = None, settin
         entry["top"] = top_examples(run_dir, [layer], k=s.top_k, channels=picked, patch=s.patch, batch_size=s.batch_size,
                                     workers=s.workers, device=s.device, progress=progress, net=net, engine=engine)
         entry["projections"] = {}
-        for method in s.projections:
+        for method in methods[layer]:
             say(f"units {layer}: {method} projections")
             entry["projections"][method] = write_projections(run_dir, layer, method=method, channels=picked, device=s.device,
                                                              progress=progress, net=net)

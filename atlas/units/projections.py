@@ -178,6 +178,69 @@ class _Nonlinearities(torch.overrides.TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+def _refusal(net: Network, layer: str, method: str, seen: _Nonlinearities) -> str | None:
+    """The one-line reason ``method`` cannot project ``layer`` of ``net`` (what its forward applied, ``seen``); None
+    when it can. The gradient is defined for every model."""
+    if method == "gradient":
+        return None
+    if seen.functional_relus:
+        return (f"model {net.name} applies ReLU as a function, not as nn.ReLU modules, so the {method} projection "
+                "cannot replace its backward; use the gradient method for this model")
+    if seen.others:
+        return (f"model {net.name} applies {', '.join(seen.others)} before layer '{layer}': the {method} projection "
+                "is defined for ReLU networks only; use the gradient method for this model")
+    return None
+
+
+def projection_method(net: Network, layer: str, method: str = "auto", size: int | None = None) -> str:
+    """The projection a unit of ``layer`` gets: ``method`` itself, checked, or for ``"auto"`` the deconvnet on a ReLU
+    network and the gradient on any other (a Vision Transformer: GELU, softmax attention, LayerNorm).
+
+    One forward of a blank image up to ``layer`` notes which nonlinearities come before it, so the answer holds for
+    this layer (a ResNet's stem is a ReLU network even where later blocks would not be).
+
+    Parameters
+    ----------
+    net : Network
+        The model.
+    layer : str
+        A layer with spatial positions.
+    method : {"auto", "deconvnet", "guided", "gradient"}, default "auto"
+        The method asked for.
+    size : int or None, default None
+        Side of the probe image; None: the model's own input size (``preprocess["size"]``, else 224).
+
+    Returns
+    -------
+    str
+        "deconvnet", "guided" or "gradient".
+
+    Raises
+    ------
+    AtlasError
+        One line for an unknown method, or for "deconvnet" or "guided" on a model that is no ReLU network (naming
+        what it applies instead) or that calls ReLU as a function.
+    """
+    if method != "auto" and method not in METHODS:
+        raise AtlasError(f"unknown projection method '{method}'; choose one of: auto, {', '.join(METHODS)}")
+    if method == "gradient":
+        return method
+    side = int(size or (net.preprocess or {}).get("size", 224))
+    dtype = next((p.dtype for p in net.module.parameters() if p.is_floating_point()), torch.float32)
+    device = next((p.device for p in net.module.parameters()), torch.device("cpu"))
+    probe = "deconvnet" if method == "auto" else method
+    seen = _Nonlinearities()
+    # with the method's ReLUs swapped in, as project_units runs it: a ReLU module left calling F.relu is one it missed
+    with torch.inference_mode(), _swapped(net.module, probe), seen:
+        _layer_output(net, layer, torch.zeros(1, 3, side, side, dtype=dtype, device=device))
+    refusal = _refusal(net, layer, probe, seen)
+    if method == "auto":
+        return "gradient" if refusal else "deconvnet"
+    if refusal:
+        raise AtlasError(refusal)
+    return method
+
+
 # --------------------------------------------------------------------------- the pure core
 
 
@@ -240,12 +303,9 @@ def project_units(net: Network, layer: str, images: torch.Tensor, units: torch.T
         seen = _Nonlinearities()
         with _swapped(net.module, method), seen:
             out = _layer_output(net, layer, x)
-        if method != "gradient" and seen.functional_relus:
-            raise AtlasError(f"model {net.name} applies ReLU as a function, not as nn.ReLU modules, so the {method} projection "
-                             "cannot replace its backward; use the gradient method for this model")
-        if method != "gradient" and seen.others:
-            raise AtlasError(f"model {net.name} applies {', '.join(seen.others)} before layer '{layer}': the {method} projection "
-                             "is defined for ReLU networks only; use the gradient method for this model")
+        refusal = _refusal(net, layer, method, seen)
+        if refusal:
+            raise AtlasError(refusal)
         c, h, w = out.shape[1:]
         ch, ys, xs = units[:, 0].to(out.device), units[:, 1].to(out.device), units[:, 2].to(out.device)
         bad = (ch < 0) | (ch >= c) | (ys < 0) | (ys >= h) | (xs < 0) | (xs >= w)
