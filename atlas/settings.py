@@ -38,6 +38,10 @@ PROJECT_METHODS = ("umap", "tsne", "pca")
 # cosine/euclidean/l2 use atlas's own kNN search; the others go through umap-learn, openTSNE and scikit-learn,
 # which all know them by these names.
 PROJECT_METRICS = ("cosine", "euclidean", "l2", "manhattan", "correlation")
+# What --model takes (atlas.models.load_model).
+MODEL_HELP = ("inceptionv1, a torchvision classifier, timm:NAME (needs timm: the timm extra) "
+              "or PACKAGE.MODULE:FACTORY (docs/models.md)")
+
 # The model kernels of the passes that only read activations (atlas.models.inference).
 FORWARDS = ("fused", "channels-last", "nchw")
 KNN_BACKENDS = ("atlas", "faiss")
@@ -377,7 +381,7 @@ class SampleSettings(StageSettings):
     """Sampling activations (and class attributions) from images (``[sample]`` table, ``atlas sample``)."""
 
     TABLE: ClassVar[str] = "sample"
-    model: str = setting("inceptionv1", Text(what="a model name"), "inceptionv1 or a torchvision classifier name.")
+    model: str = setting("inceptionv1", Text(what="a model name"), MODEL_HELP + ".")
     weights: str | None = setting(None, Text(optional=True, what="a path"), "Weights file (None: the model's default weights).")
     max_images: int | None = setting(None, Integer(1, optional=True), "Use the first N images of the deterministic order (None: all).")
     per_image: int = setting(1, Integer(1), "Random spatial positions sampled per image and layer.")
@@ -390,7 +394,8 @@ class SampleSettings(StageSettings):
     attribution: bool = setting(True, Flag(), "Also store each sample's attribution to every class (about half the speed).")
     dtype: str = setting("float16", Choice(("float16", "float32")), "Storage type of activations and attributions.")
     precision: str = setting("auto", Choice(("auto", "float32", "bfloat16")),
-                             "Arithmetic of the forward pass without attribution (auto: bfloat16 where the CPU/GPU has it).")
+                             "Arithmetic of the forward pass without attribution (auto: bfloat16 where the CPU/GPU computes it "
+                             "natively); recorded in the run, and every later pass over its photos uses it (docs/precision.md).")
     device: str = setting("cpu", Device(), "Where the model runs.", speed=True)
     forward: str = setting("fused", Choice(FORWARDS),
                            "The model's kernels: fused (channels-last memory, each convolution and its ReLU one oneDNN call), "
@@ -502,8 +507,9 @@ class UnitsSettings(StageSettings):
     channels: str | None = setting(None, Text(optional=True, pattern=CHANNELS_PATTERN, what="channel ranges such as 0-63 or 0-9,100"),
                                    "Channels to compute, e.g. 0-63 or 0-9,100 (None: all).")
     patch: int = setting(64, Integer(16, 512), "Side in pixels of the stored example patches and projections.")
-    projections: tuple[str, ...] = setting(("deconvnet",), ChoiceList(PROJECTIONS, empty=True),
-                                           "Projections of each example back to pixels.")
+    projections: tuple[str, ...] = setting(("auto",), ChoiceList(("auto", *PROJECTIONS), empty=True),
+                                           "Projections of each example back to pixels (auto: the deconvnet on a ReLU "
+                                           "network, the gradient on any other, e.g. a ViT).")
     kinds: tuple[str, ...] = setting(("fft", "yosinski-1", "yosinski-2", "yosinski-3", "yosinski-4", "alpha", "diverse"),
                                      ChoiceList(VIS_KINDS, empty=True), "Feature visualisations per channel (docs/units.md).")
     objective: str = setting("channel", Choice(("channel", "neuron")),
