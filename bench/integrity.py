@@ -54,7 +54,7 @@ def main() -> None:
         t = time.perf_counter()
         store.finish_stage(run, "sample", ["samples/mixed4c"])
         seal = time.perf_counter() - t
-        store._VERIFIED.clear()
+        store.seals._VERIFIED.clear()
         t = time.perf_counter()
         store.verify(run, ["samples/mixed4c"])
         cold = time.perf_counter() - t
