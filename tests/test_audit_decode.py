@@ -23,7 +23,7 @@ from tiny_run import cli as _cli
 from tiny_run import one_line as _one_line
 
 from atlas import data, store
-from atlas.data import ImageList, decode_image, load_image
+from atlas.data import ImageList, decode_image, decoding, load_image
 
 LAYER = "mixed4c"
 STEMS = ("n01440764_tench", "n01860187_black_swan", "n04562935_water_tower", "n04487394_trombone")
@@ -65,14 +65,14 @@ def test_a_strip_is_resampled_where_it_is_kept_and_gives_the_plain_resize_pixels
     rng = np.random.default_rng(0)
     for w, h in [(40, 2000), (2000, 37), (3, 500)]:
         im = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-        bounded, whole = np.asarray(data._resample(im, 256, 224), int), None
+        bounded, whole = np.asarray(decoding._resample(im, 256, 224), int), None
         scale = 256 / min(w, h)
         size = (max(224, round(w * scale)), max(224, round(h * scale)))
         assert max(size) > data.MAX_ASPECT * 256  # the bounded path is the one taken
         whole = np.asarray(im.resize(size, Image.BILINEAR, reducing_gap=None), int)
         left, top = (size[0] - 224) // 2, (size[1] - 224) // 2
         assert bounded.shape == (224, 224, 3) and np.abs(bounded - whole[top:top + 224, left:left + 224]).max() <= 1
-        uncropped = np.asarray(data._resample(im, 256, None), int)  # the long side cut to MAX_ASPECT x 256, centred
+        uncropped = np.asarray(decoding._resample(im, 256, None), int)  # the long side cut to MAX_ASPECT x 256, centred
         assert max(uncropped.shape[:2]) == data.MAX_ASPECT * 256 and min(uncropped.shape[:2]) == 256
         left, top = (size[0] - uncropped.shape[1]) // 2, (size[1] - uncropped.shape[0]) // 2
         assert np.abs(uncropped - whole[top:top + uncropped.shape[0], left:left + uncropped.shape[1]]).max() <= 1
@@ -105,7 +105,7 @@ def test_any_decoder_failure_is_an_oserror(tmp_path, monkeypatch):
     def no_memory(im):
         raise MemoryError("cannot allocate")
 
-    monkeypatch.setattr(data, "_to_8bit", no_memory)
+    monkeypatch.setattr(decoding, "_to_8bit", no_memory)
     with pytest.raises(OSError, match="MemoryError: cannot allocate"):
         load_image(path)
     with pytest.raises(data.ImageTooLarge, match="8000 x 8000 pixels"):
@@ -137,7 +137,7 @@ def test_strips_and_a_failing_decoder_in_a_list_are_skipped_and_counted(folder, 
     def no_memory(im):
         raise MemoryError("cannot allocate 13 GiB")
 
-    monkeypatch.setattr(data, "_to_8bit", no_memory)
+    monkeypatch.setattr(decoding, "_to_8bit", no_memory)
     out = tmp_path / "run"
     result = _sample(listing, out, "--workers", "1")
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr

@@ -293,21 +293,21 @@ def test_missing_photos_and_bad_input_are_one_line(tmp_path, sampled, net):
 def test_photos_gone_during_the_pass_stop_it_keeping_nothing_half_done(tmp_path, sampled, expected, net, monkeypatch):
     run = tmp_path / "run"
     shutil.copytree(sampled, run, symlinks=True)
-    import atlas.data
+    import atlas.data.loading
 
     real = atlas.data.load_image
 
     def gone(*_args, **_kwargs):
         raise FileNotFoundError("No such file or directory")
 
-    # The check before the pass still finds the photos; the pass's decoding (atlas.data.ImageDataset) no longer does.
-    monkeypatch.setattr(atlas.data, "load_image", gone)
+    # The check before the pass still finds the photos; the pass's decoding (ImageDataset, in atlas.data.loading) no longer does.
+    monkeypatch.setattr(atlas.data.loading, "load_image", gone)
     with pytest.raises(AtlasError) as err:
         top_examples(run, ["mixed3a"], k=K, channels="0-3", batch_size=4, workers=0, progress=False, net=net)
     assert "\n" not in str(err.value) and "could not be read" in str(err.value) and "log.txt" in str(err.value)
     g = store.open_store(run)["units/mixed3a/top"]
     assert not g["shard_done"][:].any() and not g["done"][:].any()  # the failed shard is not flagged as done
-    monkeypatch.setattr(atlas.data, "load_image", real)
+    monkeypatch.setattr(atlas.data.loading, "load_image", real)
     summary = top_examples(run, ["mixed3a"], k=K, channels="0-3", batch_size=4, workers=0, progress=False, net=net)
     assert summary["mixed3a"]["shards_computed"] == 3 and summary["mixed3a"]["n_failed_now"] == 0
     assert_same(read_top(run, "mixed3a"), expected["mixed3a"], slice(0, 4))
