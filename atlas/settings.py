@@ -450,6 +450,8 @@ class RenderSettings(StageSettings):
     icons: str = setting("optimize", Choice(ICON_MODES), "optimize (feature inversion) or examples (dataset patches).")
     device: str = setting("cpu", Device(), "Where the optimisation runs.", speed=True)
     seed: int = setting(0, Integer(0, SEED_MAX), "Seed of the icons' starting images.")
+    whiten: bool = setting(True, Flag(), "Align icons with S v, S the run's whitening matrix (False: with v itself).",
+                           config=False)
 
     def preset(self) -> dict[str, int]:
         """size, steps, attempts and batch after the overrides."""

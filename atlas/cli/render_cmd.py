@@ -33,14 +33,14 @@ def render_command(
     """Render one icon per kept grid cell into RUN/store.zarr (resumable; finished icons are kept)."""
     # Checked before the stage (and torch) is imported: `--quality ultra` or `--steps 0` fail at once.
     GridSettings(sizes=grid)
-    R(quality=quality, steps=steps, size=size, attempts=attempts, batch=batch, p=p, icons=icons, device=device, seed=seed)
+    chosen = R(quality=quality, steps=steps, size=size, attempts=attempts, batch=batch, p=p, icons=icons, device=device,
+               seed=seed)
     from atlas.engine import make_engine
 
     run_on = make_engine(engine, ray_address)  # without Ray: one line saying how to install it, before torch loads
     from atlas.render import render
 
-    summaries = render(run_dir, layer, grid, atlas=atlas, quality=quality, steps=steps, size=size, attempts=attempts,
-                       batch=batch, p=p, device=device, icons=icons, seed=seed, engine=run_on)
+    summaries = render(run_dir, layer, grid, chosen, atlas=atlas, engine=run_on)
     for grid_size, s in summaries.items():
         white = s.get("mean_cosine_whitened")
         cos = (f", mean whitened cos(h, S v) {white:.3f}" if white is not None else "") + \

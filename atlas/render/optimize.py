@@ -11,6 +11,7 @@ parameters the parameterisation exposes.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -25,6 +26,8 @@ from atlas.render.objectives import direction as make_direction
 from atlas.render.objectives import neuron as make_neuron
 from atlas.render.param import Parameterization, default_param
 from atlas.render.transforms import Transforms, apply, draw
+
+SCHEDULES = ("constant", "cosine")  # Adam step-size schedules over an icon's steps (Settings.schedule)
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,9 @@ class Settings:
         NHWC convolutions (faster with oneDNN on CPU); speed only.
     redirect_relu : bool, default True
         Lucid's redirected ReLU gradient in the objective's layers, so dead units still get a gradient.
+    schedule : {"constant", "cosine"}, default "constant"
+        Adam's step size over the run: "constant" keeps ``lr``; "cosine" decays it from ``lr`` to 0 along half a cosine
+        over ``steps`` (a large step early, small ones that settle the icon at the end).
     """
 
     size: int = 80
@@ -63,12 +69,27 @@ class Settings:
     precision: str = "auto"
     channels_last: bool = True
     redirect_relu: bool = True
+    schedule: str = "constant"
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise AtlasError(f"unknown lr schedule '{self.schedule}'; choose {', '.join(SCHEDULES)}")
 
     def key_dict(self) -> dict:
         """The settings that change the pixels (speed switches excluded except precision)."""
-        return {"size": self.size, "steps": self.steps, "attempts": self.attempts, "lr": self.lr, "p": self.p,
-                "transforms": self.transforms.as_dict(), "precision": self.precision,
-                "redirect_relu": self.redirect_relu}
+        key = {"size": self.size, "steps": self.steps, "attempts": self.attempts, "lr": self.lr, "p": self.p,
+               "transforms": self.transforms.as_dict(), "precision": self.precision,
+               "redirect_relu": self.redirect_relu}
+        if self.schedule != "constant":
+            key["schedule"] = self.schedule  # only when set, so the keys of icons rendered before it stay valid
+        return key
+
+    def lr_at(self, step: int) -> float:
+        """Adam's step size for step ``step`` (0-based) of ``steps``: a function of the step alone, so an icon does not
+        depend on how its steps are sliced or batched."""
+        if self.schedule == "cosine":
+            return self.lr * 0.5 * (1.0 + math.cos(math.pi * step / self.steps))
+        return self.lr
 
 
 @dataclass
@@ -235,6 +256,9 @@ class Optimization:
         with self._model(self.dtype):
             for step in range(self.done, last):
                 self.optimizer.zero_grad(set_to_none=True)
+                if self.settings.schedule != "constant":
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = self.settings.lr_at(step)
                 images = self.param()
                 view = apply(images, self.draws[step], self.out_size, t.zoom, t.fill)
                 view = view.to(self.dtype or view.dtype).contiguous(memory_format=self.fmt)

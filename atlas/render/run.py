@@ -34,7 +34,7 @@ from atlas.render.examples import compose, sample_patches
 from atlas.render.objectives import direction
 from atlas.render.optimize import Settings, best_of, optimize
 from atlas.render.transforms import Transforms
-from atlas.settings import PRESETS, RenderSettings, check_device
+from atlas.settings import PRESETS, RenderSettings, check_device  # noqa: F401 - PRESETS re-exported (see below)
 from atlas.store import create_array, open_store, read_rows, require_layer
 
 # PRESETS (the quality presets) live with the other render settings in atlas.settings; still importable from here.
@@ -46,17 +46,12 @@ def _digest(data: bytes) -> int:
     return int.from_bytes(hashlib.sha256(data).digest()[:8], "little") & 0x7FFFFFFFFFFFFFFF
 
 
-def _settings(quality: str, steps: int | None, size: int | None, attempts: int | None, batch: int | None,
-              p: float) -> tuple[Settings, int]:
-    if quality not in PRESETS:
-        raise AtlasError(f"unknown quality '{quality}'; choose {', '.join(PRESETS)}")
-    preset = PRESETS[quality]
-    values = {"steps": steps or preset["steps"], "size": size or preset["size"], "attempts": attempts or preset["attempts"]}
-    for name, value in values.items():
-        if value < 1:
-            raise AtlasError(f"--{name} must be at least 1 (got {value})")
-    return Settings(size=values["size"], steps=values["steps"], attempts=values["attempts"], p=p,
-                    transforms=DEFAULT_TRANSFORMS), max(1, batch or preset["batch"])
+def optimizer_settings(chosen: RenderSettings) -> tuple[Settings, int]:
+    """The optimiser's :class:`~atlas.render.optimize.Settings` and the batch size for checked render settings: the
+    quality preset with ``chosen``'s overrides, the default transforms."""
+    preset = chosen.preset()
+    return Settings(size=preset["size"], steps=preset["steps"], attempts=preset["attempts"], p=chosen.p,
+                    transforms=DEFAULT_TRANSFORMS), preset["batch"]
 
 
 def _open_icons(root: zarr.Group, path: str, shape: tuple[int, int], size: int, key: str, attrs: dict) -> zarr.Group:
@@ -123,14 +118,13 @@ def _load_network(root: zarr.Group, device: str) -> Network:
 
 
 @store.writer
-def render(run_dir: str | Path, layer: str, sizes: Sequence[int] | int, atlas: str = "full", quality: str = RenderSettings.quality,
-           steps: int | None = None, size: int | None = None, attempts: int | None = None, batch: int | None = None,
-           p: float = 2.0, device: str = "cpu", icons: str = "optimize", seed: int = 0, progress: bool = True,
-           whiten: bool = True, network: Network | None = None, engine: str | Engine = "local", ray_address: str | None = None) -> dict:
+def render(run_dir: str | Path, layer: str, sizes: Sequence[int] | int, settings: RenderSettings | None = None, *,
+           atlas: str = "full", progress: bool = True, network: Network | None = None, engine: str | Engine = "local",
+           ray_address: str | None = None, **overrides) -> dict:
     """Render the icons of the cells with ``render`` set in ``grids/{layer}/{atlas}/{size}``, for each grid size.
 
-    The settings and their ranges are :class:`atlas.settings.RenderSettings`' (checked first,
-    before anything is loaded); a bad value is one :class:`~atlas.errors.AtlasError` line.
+    Every setting, its default and its range is :class:`atlas.settings.RenderSettings`' (checked first, before
+    anything is loaded); a bad value is one :class:`~atlas.errors.AtlasError` line.
 
     Parameters
     ----------
@@ -140,31 +134,13 @@ def render(run_dir: str | Path, layer: str, sizes: Sequence[int] | int, atlas: s
         Layer of the grid, e.g. ``"mixed4c"``.
     sizes : int or sequence of int
         Grid sizes to render; each ``grids/{layer}/{atlas}/{size}`` must exist.
+    settings : RenderSettings or None, default None
+        quality preset, steps, size, attempts, batch, p, device, icons, seed, whiten, schedule, lr (docs/render.md);
+        None: the defaults.
     atlas : str, default "full"
         Which atlas of the layer (``"full"`` or a class atlas's name).
-    quality : {"draft", "standard", "paper"}, default ``RenderSettings.quality``
-        Preset of size, steps, attempts and batch (table in docs/render.md).
-    steps : int or None, default None, >= 1
-        Optimisation steps per icon; None: the preset's.
-    size : int or None, default None, in [8, 1024]
-        Icon side in pixels; None: the preset's.
-    attempts : int or None, default None, >= 1
-        Seeds per icon, the one with the highest final objective kept; None: the preset's.
-    batch : int or None, default None, >= 1
-        Icons optimised together (speed only); None: the preset's.
-    p : float, default 2.0, >= 0
-        Cosine exponent of the objective dot(h, S v) * max(cos(h, S v), 0.1) ** p.
-    device : str, default "cpu"
-        "cpu", "cuda" or "cuda:N" (speed only).
-    icons : {"optimize", "examples"}, default "optimize"
-        "optimize": feature inversion of each cell's mean activation v; "examples": a mosaic of
-        the dataset patches of the cell's nearest samples (no optimisation).
-    seed : int, default 0, >= 0
-        Each icon starts from, and draws its transforms from, (seed, hash of its v, attempt).
     progress : bool, default True
         Show a progress bar.
-    whiten : bool, default True
-        Use the run's ``whitening/{layer}/matrix`` as S when it has one (else S is the identity).
     network : Network or None, default None
         The run's model, already loaded (tests, notebooks); None: load it from the run's attributes.
     engine : str or Engine, default "local"
@@ -172,6 +148,9 @@ def render(run_dir: str | Path, layer: str, sizes: Sequence[int] | int, atlas: s
         come back here to be written; icons equal a local run's for the same seeds and precision (docs/ray.md).
     ray_address : str or None, default None
         With ``engine="ray"``: "auto", "HOST:PORT" or "ray://HOST:PORT"; None starts Ray on this machine.
+    **overrides
+        Single fields of :class:`~atlas.settings.RenderSettings` replacing those of ``settings``, e.g. ``steps=64``
+        (an unknown name is one line listing the known ones).
 
     Returns
     -------
@@ -181,14 +160,15 @@ def render(run_dir: str | Path, layer: str, sizes: Sequence[int] | int, atlas: s
         ``image_steps_per_s``, ``mean_cosine`` (raw cos(h, v) to the cell mean) and ``mean_cosine_whitened``
         (cos(h, S v), what the optimiser aligns; None where some icon lacks it). Icons are written to ``icons/{layer}/{atlas}/{size}``.
     """
-    RenderSettings(quality=quality, steps=steps, size=size, attempts=attempts, batch=batch, p=p, icons=icons, device=device, seed=seed)
+    chosen = RenderSettings.merged(settings, overrides)
+    device, icons, seed = chosen.device, chosen.icons, chosen.seed
     check_device(device)
     run_on = engine if isinstance(engine, Engine) else make_engine(engine, ray_address)
     sizes = [sizes] if isinstance(sizes, int) else list(sizes)
     open_store(run_dir)  # clear error when there is no run
     store.take_lock(run_dir)
     root = open_store(run_dir, mode="a")
-    settings, batch = _settings(quality, steps, size, attempts, batch, p)
+    settings, batch = optimizer_settings(chosen)
     summaries = {}
     net = network
     for grid_size in sizes:
@@ -205,7 +185,7 @@ def render(run_dir: str | Path, layer: str, sizes: Sequence[int] | int, atlas: s
                 net = _load_network(root, device)
             with run_on.session():
                 summaries[grid_size] = _render_optimize(root, grid, net, layer, atlas, grid_size, settings, batch, device, seed,
-                                                        whiten, progress, run_on)
+                                                        chosen.whiten, progress, run_on)
             if run_on.is_ray:
                 store.log(run_dir, f"render {layer}/{atlas}/{grid_size} on Ray: {run_on.last.describe()}")
         root[ipath].attrs["grid_id"] = grid.attrs.get("grid_id")  # the lineage: these icons are this grid's (store.stale)
