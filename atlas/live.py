@@ -61,11 +61,13 @@ def unpack(message: bytes) -> tuple[dict, bytes]:
     return json.loads(message[4:4 + n]), message[4 + n:]
 
 
-def decode_frame(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS) -> Frame:
+def decode_frame(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 interpolation: str = "bilinear") -> Frame:
     """A frame's bytes (JPEG, PNG or WebP) -> :class:`Frame`; :class:`FrameError` (one line) for anything else.
 
     Decoded by :func:`atlas.data.decode_image`, the decoder of every other reader (shorter side to ``SIZE``, centre
-    crop): the same limits on size and aspect ratio, the same handling of 16-bit and transparent images.
+    crop, resampled with the model's ``interpolation``: bicubic for a ViT): the same limits on size and aspect ratio,
+    the same handling of 16-bit and transparent images.
     """
     import torch
 
@@ -76,7 +78,7 @@ def decode_frame(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: in
     if not data:
         raise FrameError("empty frame; send a JPEG, PNG or WebP image")
     try:
-        im = decode_image(bytes(data), SIZE, SIZE, max_pixels=max_pixels, formats=FORMATS)
+        im = decode_image(bytes(data), SIZE, SIZE, max_pixels=max_pixels, formats=FORMATS, interpolation=interpolation)
     except ImageTooLarge as exc:
         size = str(exc).split(": ", 1)[-1].split(" (")[0]  # "W x H pixels" as the decoder read it from the header
         raise FrameError(f"frame too large: {size}, the limit is {max_pixels:,} pixels; send a downscaled JPEG") from None
@@ -118,6 +120,11 @@ class LiveEngine:
         # both cores for the network (the default), never more than the machine has
         torch.set_num_threads(max(1, threads or min(2, os.cpu_count() or 1)))
         self.net = net
+        # how the model reads photos (atlas.data.photo_reading): its resize and resampling, bicubic for a ViT
+        from atlas.data import photo_reading
+
+        self.resize, _, self.interpolation = photo_reading(net.preprocess)
+        self._methods: dict[str, str] = {}  # per layer, the unit projection the model allows (the deconvnet or the gradient)
         self.run_dir = run_dir
         self.paths = list(image_paths or [])[:MAX_IMAGES]
         shapes = net.layer_shapes(SIZE)
@@ -197,13 +204,14 @@ class LiveEngine:
         return [{"index": i, "name": Path(p).stem} for i, p in enumerate(self.paths)]
 
     def decode(self, data: bytes) -> Frame:
-        return decode_frame(data)
+        return decode_frame(data, interpolation=self.interpolation)
 
     def run_image(self, index: int) -> Frame:
-        """One of the run's images (by index), decoded as the sampler reads it (shorter side 256, centre 224)."""
+        """One of the run's images (by index), decoded as the sampler reads it (the model's resize and resampling,
+        centre ``SIZE``)."""
         from atlas.inspect import read_image
 
-        tensor, picture = read_image(self.paths[index], resize=256, crop=SIZE)
+        tensor, picture = read_image(self.paths[index], self.resize, SIZE, self.interpolation)
         return Frame(tensor[None], picture, f"image:{index}")
 
     def picture(self, frame: Frame) -> bytes:
@@ -237,9 +245,10 @@ class LiveEngine:
         return pack(header, data)
 
     def projection(self, frame: Frame, layer: str, channel: int) -> bytes:
-        """The ``projection`` message: the channel's deconvnet projection of the frame from its strongest position,
-        shown as the unit lens shows projections (0 grey, the 99.5th percentile of |value| black or white), as JPEG."""
-        from atlas.units import project_units, to_display
+        """The ``projection`` message: the channel's deconvnet projection of the frame from its strongest position
+        (the gradient on a model that is no ReLU network, e.g. a ViT: :func:`atlas.units.projection_method`), shown as
+        the unit lens shows projections (0 grey, the 99.5th percentile of |value| black or white), as JPEG."""
+        from atlas.units import project_units, projection_method, to_display
 
         maps, _ = self.compute(frame, layer)
         if not 0 <= channel < maps.shape[0]:
@@ -247,7 +256,10 @@ class LiveEngine:
         flat = int(np.argmax(maps[channel]))
         y, x = divmod(flat, maps.shape[2])
         value = float(maps[channel, y, x])
-        proj = project_units(self.net, layer, frame.tensor, [[channel, y, x]], method="deconvnet")[0]
+        if layer not in self._methods:
+            self._methods[layer] = projection_method(self.net, layer, "auto", SIZE)
+        proj = project_units(self.net, layer, frame.tensor, [[channel, y, x]], method=self._methods[layer])[0]
         picture = to_display(proj, (0, 0, SIZE, SIZE), patch=SIZE)
-        return pack({"type": "projection", "layer": layer, "channel": channel, "position": [y, x], "value": value},
+        return pack({"type": "projection", "layer": layer, "channel": channel, "position": [y, x], "value": value,
+                     "method": self._methods[layer]},
                     encode_jpeg(picture))

@@ -307,3 +307,99 @@ def test_unit_lens_on_a_vit_projects_with_the_gradient_and_refuses_the_deconvnet
     assert report["blocks.6"]["projections"]["gradient"]["projections"] == 4
     shown = root["units/blocks.6/projection/gradient/image"][1:3]
     assert shown.std() > 0  # real projections, not the grey of padding
+
+
+def test_random_timm_convnext_channels_last_and_layernorm2d():
+    """A random timm ConvNeXt (LayerNorm2d, depthwise convolutions, GELU): the channels-last copy the sampler runs gives
+    the reference kernels' activations and attributions, the attribution is h . d logit_c / d h of backward passes, and
+    the unit lens projects it with the gradient (GELU has no deconvnet rule)."""
+    from atlas.units import projection_method
+
+    net = load_model("timm:convnext_atto", pretrained=False)
+    assert net.prefix_tokens == 0 and net.patch_grid is None
+    torch.manual_seed(2)
+    x = torch.rand(2, 3, 64, 64)
+    layer, pos = "stages.2", {"stages.2": torch.tensor([[1, 2], [3, 0]])}  # 4 x 4 at 64 px; one position per image
+    ref = forward_samples(net, x, [layer], pos, attribution=True, forward="nchw")
+    fast = forward_samples(net, x, [layer], pos, attribution=True, forward="fused")
+    for a, b in zip(ref[:2], fast[:2], strict=True):
+        assert torch.allclose(a[layer], b[layer], rtol=1e-3, atol=1e-4)
+    captured = {}
+
+    def edit(name, out):
+        captured[name] = out.detach().requires_grad_(True)
+        return captured[name]
+
+    with torch.enable_grad(), net.hooks([layer], edit=edit, stop=False):
+        out = net.module(x)
+        h = captured[layer]
+        for c in (0, 7, 999):
+            (grad,) = torch.autograd.grad(out[:, c].sum(), h, retain_graph=True)
+            for b, (y, xx) in enumerate(pos[layer].tolist()):
+                want = float((h[b, :, y, xx] * grad[b, :, y, xx]).sum().detach())
+                assert ref[1][layer][b, c].item() == pytest.approx(want, rel=1e-3, abs=1e-5)
+    assert projection_method(net, layer) == "gradient"
+
+
+def test_inspect_on_a_vit_run_reads_photos_as_the_model_does(vit, vit_run, photos):
+    """``atlas inspect`` end to end on a ViT run: the photo is read as the sampler reads it (the run's bicubic resize to
+    249, centre 224, not the bilinear of InceptionV1), its top class is the model's on those pixels, the layer views and
+    the occlusion view are written (panel (b) the gradient), and the invariance curves are computed."""
+    import json
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    from atlas.data import load_image, to_tensor
+    from atlas.inspect import inspect
+
+    photo = str(photos / "n04251144_snorkel.JPEG")
+    summary = inspect([photo], vit_run, net=vit, echo=None, layers=["blocks.2", "blocks.6"], layer="blocks.6", occluder=64,
+                      stride=80, shifts=(0, 20), scales=(1.0, 0.8), angles=(0, 30), batch_size=16)
+    report = Path(summary["index"]).parent
+    entry = summary["images"][0]
+    shown = np.asarray(Image.open(report / entry["picture"]))
+    resize = vit.preprocess["resize"]
+    bicubic = load_image(photo, resize, 224, "bicubic")
+    assert np.array_equal(shown, np.asarray(bicubic))
+    assert not np.array_equal(shown, np.asarray(load_image(photo, resize, 224, "bilinear")))
+    with torch.inference_mode():
+        logits = vit.module(to_tensor(bicubic)[None])[0]
+    assert entry["top"][0]["index"] == int(logits.argmax())
+    assert entry["top"][0]["probability"] == pytest.approx(float(torch.softmax(logits.double(), 0).max()), rel=1e-4)
+    assert [v["layer"] for v in entry["layers"]] == ["blocks.2", "blocks.6"]
+    assert entry["layers"][1]["shape"] == [192, 14, 14] and all((report / v["figure"]).is_file() for v in entry["layers"])
+    occlusion = json.loads((report / entry["occlusion"]["json"]).read_text())
+    assert occlusion["projection_method"] == "gradient" and (report / entry["occlusion"]["figure"]).is_file()
+    assert summary["invariance"] and entry["atlas"] is None  # the tiny run has no layout to place the photo on
+
+
+def test_live_engine_on_a_vit_run(vit, vit_run, photo_list):
+    """The live page's engine rebuilds the ViT from the run's record, reads the run's photos and uploaded frames with the
+    model's bicubic resampling, answers a frame with the layer's maps and the model's top classes, and projects a unit
+    with the gradient."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from atlas.data import decode_image, list_images, load_image, to_tensor
+    from atlas.live import LiveEngine, unpack
+
+    engine = LiveEngine.for_run(vit_run)
+    assert engine.net.name == "timm:vit_tiny_patch16_224" and "blocks.6" in [x["name"] for x in engine.hello()["layers"]]
+    first = list_images(photo_list).paths[0]
+    frame = engine.run_image(0)
+    assert np.array_equal(frame.picture, np.asarray(load_image(first, vit.preprocess["resize"], 224, "bicubic")))
+    header, maps = unpack(engine.result(frame, "blocks.6"))
+    with torch.inference_mode():
+        logits = vit.module(to_tensor(load_image(first, vit.preprocess["resize"], 224, "bicubic"))[None])[0]
+    assert header["top"][0]["index"] == int(logits.argmax()) and len(maps) == 192 * 14 * 14
+    header, jpeg = unpack(engine.projection(frame, "blocks.6", 3))
+    assert header["method"] == "gradient" and jpeg[:2] == b"\xff\xd8"
+    buffer = io.BytesIO()
+    Image.open(first).convert("RGB").save(buffer, "PNG")  # an uploaded frame
+    uploaded = engine.decode(buffer.getvalue())
+    assert np.array_equal(uploaded.picture, np.asarray(decode_image(buffer.getvalue(), 224, 224, interpolation="bicubic")))
+    assert not np.array_equal(uploaded.picture, np.asarray(decode_image(buffer.getvalue(), 224, 224)))

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from atlas import store
+from atlas.data import photo_reading
 from atlas.errors import AtlasError
 from atlas.inspect.engine import batched_forward, channels_last, forward, probabilities, read_image, top_classes
 from atlas.inspect.onatlas import image_positions, place_on_atlas
@@ -156,8 +157,8 @@ def inspect(images: Sequence[str | os.PathLike] | str | os.PathLike, run: str | 
     net, root, meta = _model(run_dir, model, weights, s.device, net)
     if run_dir is not None and out is None:
         store.take_lock(run_dir)  # the report goes into the run's tiles/: one writer at a time
-    prep = meta.get("preprocessing") or {}
-    resize, crop = int(prep.get("resize", 256)), int(prep.get("crop", 224))
+    # the run's record, else the model's own: resize, crop and resampling (bicubic for a ViT) as the sampler reads
+    resize, crop, interpolation = photo_reading(meta.get("preprocessing") or net.preprocess)
 
     from atlas.inspect import views
 
@@ -179,7 +180,7 @@ def inspect(images: Sequence[str | os.PathLike] | str | os.PathLike, run: str | 
     loaded, skipped = [], []
     for path in paths:
         try:
-            x, picture = read_image(path, resize, crop)
+            x, picture = read_image(path, resize, crop, interpolation)
         except AtlasError as exc:
             skipped.append({"path": path, "error": str(exc)})
             say(f"inspect: skipped {exc}")
@@ -202,7 +203,7 @@ def inspect(images: Sequence[str | os.PathLike] | str | os.PathLike, run: str | 
         from atlas.inspect.invariance import check_ranges
 
         photos = check_ranges([p for p, _, _ in loaded], s.shifts, s.scales, s.angles, [Path(p).name for p, _, _ in loaded],
-                              net.input_size)
+                              net.input_size, resize, interpolation)
 
     work = target.with_name(target.name + ".partial")
     _fresh(work)

@@ -71,13 +71,14 @@ def top_classes(logits: torch.Tensor, names: Sequence[str], k: int = 5) -> list[
             for v, i in zip(values, index, strict=True)]
 
 
-def read_image(path: str, resize: int = 256, crop: int = 224) -> tuple[torch.Tensor, np.ndarray]:
-    """One photo as the model sees it (shorter side ``resize``, centre crop ``crop``): the (3, crop, crop) tensor in
-    [0, 1] and the (crop, crop, 3) uint8 picture. An unreadable file is one line naming it."""
+def read_image(path: str, resize: int = 256, crop: int = 224, interpolation: str = "bilinear") -> tuple[torch.Tensor, np.ndarray]:
+    """One photo as the model sees it (shorter side ``resize`` with ``interpolation``, centre crop ``crop``: the
+    model's own, :func:`atlas.data.photo_reading`): the (3, crop, crop) tensor in [0, 1] and the (crop, crop, 3)
+    uint8 picture. An unreadable file is one line naming it."""
     if os.path.isdir(path):
         raise AtlasError(f"{path} is a folder; give image files (e.g. {os.path.join(str(path), '*.jpg')})")
     try:
-        image = load_image(path, resize, crop)
+        image = load_image(path, resize, crop, interpolation)
     except FileNotFoundError:
         raise AtlasError(f"{path}: no such file") from None
     except (OSError, ValueError, SyntaxError) as exc:

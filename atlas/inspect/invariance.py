@@ -60,15 +60,16 @@ TITLES = {"shift": "vertical translation (px)", "scale": "scale (ratio)", "angle
 # --------------------------------------------------------------------------------------
 # Photos and transforms
 # --------------------------------------------------------------------------------------
-def load_photo(path: str | Path, resize: int = 256, crop: int = 224) -> torch.Tensor:
-    """A photo as ``(3, H, W)`` float32 in [0, 1], shorter side ``resize``, *not* cropped (its centre ``crop`` x
-    ``crop`` is what :func:`read_image` returns). An unreadable file is one line naming it."""
+def load_photo(path: str | Path, resize: int = 256, crop: int = 224, interpolation: str = "bilinear") -> torch.Tensor:
+    """A photo as ``(3, H, W)`` float32 in [0, 1], shorter side ``resize`` (resampled with the model's
+    ``interpolation``), *not* cropped (its centre ``crop`` x ``crop`` is what :func:`read_image` returns). An
+    unreadable file is one line naming it."""
     from atlas.data import decode_image
 
-    read_image(path, resize, crop)  # the checks and one-line messages of the engine (missing, FIFO, corrupt, too large)
+    read_image(path, resize, crop, interpolation)  # the checks and one-line messages of the engine (missing, FIFO, corrupt, too large)
     # The one decoder, uncropped: the same reduced decode and resampling as load_image, so the crops agree; the long
     # side of an extreme strip is cut to its centre (atlas.data.MAX_ASPECT), which keeps the crop where it was.
-    array = np.array(decode_image(path, resize, None), dtype=np.uint8, copy=True)
+    array = np.array(decode_image(path, resize, None, interpolation=interpolation), dtype=np.uint8, copy=True)
     return torch.from_numpy(array).permute(2, 0, 1).float().div_(255.0)
 
 
@@ -210,10 +211,11 @@ def _vector(act: torch.Tensor, pool: bool) -> torch.Tensor:
 
 
 def checked_photos(photos: Sequence[str | Path | torch.Tensor], names: Sequence[str], steps: dict[str, list[float]],
-                   crop: int = 224) -> list[torch.Tensor]:
-    """The photos loaded uncropped (:func:`load_photo`), every shift and scale checked against each: a step that
-    leaves less than :data:`MIN_COVER` of the crop showing the photo is one line, before any forward pass."""
-    loaded = [p if isinstance(p, torch.Tensor) else load_photo(p, crop=crop) for p in photos]
+                   crop: int = 224, resize: int = 256, interpolation: str = "bilinear") -> list[torch.Tensor]:
+    """The photos loaded uncropped (:func:`load_photo`, shorter side ``resize`` with ``interpolation``: the model's
+    own), every shift and scale checked against each: a step that leaves less than :data:`MIN_COVER` of the crop
+    showing the photo is one line, before any forward pass."""
+    loaded = [p if isinstance(p, torch.Tensor) else load_photo(p, resize, crop, interpolation) for p in photos]
     for photo, name in zip(loaded, names, strict=True):
         if photo.dim() != 3 or photo.shape[0] != 3 or min(photo.shape[1:]) < crop:
             raise AtlasError(f"{name}: a photo must be a (3, H, W) tensor with H, W >= {crop}, got {tuple(photo.shape)}")
@@ -228,10 +230,10 @@ def checked_photos(photos: Sequence[str | Path | torch.Tensor], names: Sequence[
 
 
 def check_ranges(photos: Sequence[str | Path | torch.Tensor], shifts: Sequence[int], scales: Sequence[float], angles: Sequence[float],
-                 names: Sequence[str], crop: int = 224) -> list[torch.Tensor]:
+                 names: Sequence[str], crop: int = 224, resize: int = 256, interpolation: str = "bilinear") -> list[torch.Tensor]:
     """:func:`checked_photos` for the ranges as given (what :func:`invariance_curves` checks first), so a caller can
     refuse a bad range before other work; returns the loaded photos, which :func:`invariance_curves` accepts."""
-    return checked_photos(photos, names, _checked_steps(shifts, scales, angles), crop)
+    return checked_photos(photos, names, _checked_steps(shifts, scales, angles), crop, resize, interpolation)
 
 
 def invariance_curves(net: Network, photos: Sequence[str | Path | torch.Tensor], *, shifts: Sequence[int] = (),
@@ -253,8 +255,11 @@ def invariance_curves(net: Network, photos: Sequence[str | Path | torch.Tensor],
     for layer in (low_layer, high_layer):
         if layer is not None:
             net.resolve(layer)
+    from atlas.data import photo_reading
+
     crop = net.input_size
-    loaded = checked_photos(photos, names, steps, crop)
+    resize, _, interpolation = photo_reading(net.preprocess)  # photos given as paths: read as the model reads them
+    loaded = checked_photos(photos, names, steps, crop, resize, interpolation)
     if low_layer is None or high_layer is None:  # after the checks: finding the defaults runs the model once
         lo_default, hi_default = default_layers(net)
         low_layer, high_layer = low_layer or lo_default, high_layer or hi_default

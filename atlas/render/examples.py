@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from atlas.data import crop_patch, load_image, position_to_pixels
+from atlas.data import crop_patch, load_image, photo_reading, position_to_pixels
 from atlas.errors import AtlasError
 from atlas.store import open_store, require_layer
 
@@ -42,7 +42,7 @@ def sample_patches(run_dir: str | Path, layer: str, rows: Sequence[int] | np.nda
     if rows.size == 0:
         return out
     prep = dict(root.attrs.get("preprocessing", {}) or {})
-    resize, crop = int(prep.get("resize", 256)), int(prep.get("crop", 224))
+    resize, crop, interpolation = photo_reading(prep)  # the run's model's own resampling (bicubic for a ViT)
     grid_hw = samples.attrs.get("grid_hw")
     if grid_hw is None:
         raise AtlasError(f"samples/{layer} has no grid_hw attribute; re-run `atlas sample`")
@@ -65,7 +65,7 @@ def sample_patches(run_dir: str | Path, layer: str, rows: Sequence[int] | np.nda
         img_id = int(image_index[i])
         if img_id not in cache:
             try:
-                cache[img_id] = load_image(str(paths[img_id]), resize, crop)
+                cache[img_id] = load_image(str(paths[img_id]), resize, crop, interpolation)
             except (OSError, ValueError, SyntaxError):
                 cache[img_id] = None
         image = cache[img_id]

@@ -28,7 +28,7 @@ import torch.autograd.forward_ad as fwAD
 from tqdm.auto import tqdm
 
 from atlas import store
-from atlas.data import load_image
+from atlas.data import load_image, photo_reading
 from atlas.errors import AtlasError
 from atlas.models import Network, load_run_model
 
@@ -119,7 +119,7 @@ def write_effects(run_dir: str | Path, layer: str, channels: Sequence[int] | Non
     done = np.zeros(n_channels, bool) if fresh else root[epath]["done"][...] & (root[epath]["source"][...] == sources)
     todo = [c for c in wanted if not done[c]]
     prep = dict(meta.get("preprocessing") or {})
-    resize, crop = int(prep.get("resize", 256)), int(prep.get("crop", 224))
+    resize, crop, interpolation = photo_reading(prep)  # the model's own resampling (bicubic for a ViT)
     paths = root["images/path"]
     ok = root["images/ok"][...] if "images/ok" in root else np.ones(paths.shape[0], bool)
 
@@ -146,7 +146,7 @@ def write_effects(run_dir: str | Path, layer: str, channels: Sequence[int] | Non
                 if len(cache) > 512:  # bounded: nearby channels often share their examples
                     cache.pop(next(iter(cache)))
                 try:
-                    picture = load_image(str(paths[i]), resize, crop) if ok[i] else None
+                    picture = load_image(str(paths[i]), resize, crop, interpolation) if ok[i] else None
                 except Exception:  # an unreadable file is skipped and counted, as everywhere else
                     picture = None
                 cache[i] = None if picture is None else torch.from_numpy(np.asarray(picture, np.uint8).copy()).permute(2, 0, 1)

@@ -60,7 +60,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from atlas import store
-from atlas.data import load_image, real_path
+from atlas.data import load_image, photo_reading, real_path
 from atlas.errors import AtlasError
 from atlas.models import LocalResponseNorm, Network, StopForward, load_run_model
 from atlas.render.optimize import prepared
@@ -445,7 +445,7 @@ def write_projections(run_dir: str | Path, layer: str, method: str = "deconvnet"
     patch = int(patch)
     wanted = _channels(channels, n_channels)
     prep = dict(root.attrs.get("preprocessing", {}) or {})
-    resize, crop = int(prep.get("resize", 256)), int(prep.get("crop", 224))
+    resize, crop, interpolation = photo_reading(prep)  # the model's own resampling (bicubic for a ViT)
     paths_array = root["images/path"]
     ok = root["images/ok"][...] if "images/ok" in root else np.ones(paths_array.shape[0], bool)
 
@@ -515,7 +515,7 @@ def write_projections(run_dir: str | Path, layer: str, method: str = "deconvnet"
             for c, j in chunk:
                 img = int(image_ids[c, j])
                 if img not in images:
-                    images[img] = _read(paths[img], resize, crop) if ok[img] else None
+                    images[img] = _read(paths[img], resize, crop, interpolation) if ok[img] else None
                     if len(images) > 256:  # bounded: a channel's examples are adjacent, nearby channels' often shared
                         images.pop(next(iter(images)))
                 if images[img] is None:
@@ -553,9 +553,9 @@ def write_projections(run_dir: str | Path, layer: str, method: str = "deconvnet"
     return summary
 
 
-def _read(path: str, resize: int, crop: int) -> np.ndarray | None:
+def _read(path: str, resize: int, crop: int, interpolation: str) -> np.ndarray | None:
     try:
-        return np.asarray(load_image(path, resize, crop), dtype=np.uint8)
+        return np.asarray(load_image(path, resize, crop, interpolation), dtype=np.uint8)
     except (OSError, ValueError, SyntaxError):
         return None
 

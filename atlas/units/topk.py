@@ -27,7 +27,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from atlas import store
-from atlas.data import ImageDataset, ImageList, device_batch, image_loader, load_image, real_path
+from atlas.data import ImageDataset, ImageList, device_batch, image_loader, load_image, photo_reading, real_path
 from atlas.engine import Engine, make_engine
 from atlas.errors import AtlasError
 from atlas.models import Network, load_run_model
@@ -290,7 +290,7 @@ def topk_worker(meta: dict, paths, resize: int, crop: int, k: int, batch_size: i
     def run(unit: tuple[list[int], list[tuple[str, list[int]]]]):
         wanted, layer_todo = unit
         return shard_tops(net, images, resize, crop, k, batch_size, workers, device, arithmetic, wanted, layer_todo,
-                          interpolation=(meta.get("preprocessing") or {}).get("interpolation", "bilinear"))
+                          interpolation=photo_reading(meta.get("preprocessing"))[2])
 
     return run
 
@@ -354,8 +354,7 @@ def top_examples(run_dir: str | Path, layers: str | Sequence[str], k: int = 9, c
     layers = [layers] if isinstance(layers, str) else list(dict.fromkeys(layers))
     if not layers:
         raise AtlasError("give at least one layer (--layer NAME)")
-    prep = meta.get("preprocessing") or {}
-    resize, crop = int(prep.get("resize", 256)), int(prep.get("crop", 224))
+    resize, crop, interp = photo_reading(meta.get("preprocessing"))  # the model's own resampling (bicubic for a ViT)
     net = net if net is not None else load_run_model(meta, device)
     fields = {layer: receptive_field(net, layer, crop) for layer in layers}  # unknown / position-less layers: one line
     with torch.inference_mode():  # one blank image through to the deepest layer: the maps' shapes
@@ -405,7 +404,6 @@ def top_examples(run_dir: str | Path, layers: str | Sequence[str], k: int = 9, c
             results = run_on.map(topk_worker, (meta, *spec), [(wanted, layer_todo) for _, wanted, layer_todo, _ in units],
                                  "units-top", gpus=1.0 if device.startswith("cuda") else 0.0)
         else:
-            interp = prep.get("interpolation", "bilinear")
             results = (shard_tops(net, images, *spec[1:], wanted, layer_todo, bar.update, interpolation=interp)
                        for _, wanted, layer_todo, _ in units)
         try:
@@ -438,7 +436,7 @@ def top_examples(run_dir: str | Path, layers: str | Sequence[str], k: int = 9, c
     summary: dict = {}
     for s in states:
         if s.todo:
-            _finish_layer(run, s, k, patch, paths, resize, crop, workers)
+            _finish_layer(run, s, k, patch, paths, resize, crop, workers, interp)
         info = {"channels": len(s.todo), "n_images": n, "n_skipped": len(skipped), "n_failed_now": failed_now,
                 "shards_computed": len(todo) if s.todo else 0, "seconds": round(seconds, 2),
                 "images_per_second": round(total / seconds, 2) if total and seconds > 0 else 0.0}
@@ -448,8 +446,10 @@ def top_examples(run_dir: str | Path, layers: str | Sequence[str], k: int = 9, c
     return summary
 
 
-def _finish_layer(run: Path, s: _Layer, k: int, patch: int, paths, resize: int, crop: int, workers: int) -> None:
-    """Merge the shards, then write value, image, pos, box and patch of the computed channels and mark them done."""
+def _finish_layer(run: Path, s: _Layer, k: int, patch: int, paths, resize: int, crop: int, workers: int,
+                  interpolation: str = "bilinear") -> None:
+    """Merge the shards, then write value, image, pos, box and patch of the computed channels and mark them done
+    (the patches cut from the photos as the pass read them: ``interpolation`` is the run's)."""
     top = s.merged(k)
     rows = np.asarray(s.todo)
     box = np.full((len(rows), k, 4), -1, np.int32)
@@ -465,7 +465,7 @@ def _finish_layer(run: Path, s: _Layer, k: int, patch: int, paths, resize: int, 
     def one_image(item: tuple[int, list[tuple[int, int]]]) -> str | None:
         image_index, slots = item
         try:
-            image = load_image(str(paths[image_index]), resize, crop)
+            image = load_image(str(paths[image_index]), resize, crop, interpolation)
         except (OSError, ValueError, SyntaxError) as exc:  # gone since the pass: its patches stay grey
             return f"units: patch of image {image_index} {paths[image_index]} left grey: {exc}"
         made: dict[tuple[int, ...], np.ndarray] = {}  # channels often peak at the same place: one crop per distinct box

@@ -550,13 +550,14 @@ def plot_reconstruction(photo: np.ndarray, name: str, classes: list[dict], templ
     return fig
 
 
-def read_photo(path: str | Path, resize: int = 256, crop: int = 224) -> tuple[torch.Tensor, np.ndarray]:
-    """One photo as the model sees it (shorter side ``resize``, centre crop ``crop``): the (3, crop, crop) tensor in
-    [0, 1] and the (crop, crop, 3) uint8 picture. A missing or unreadable file is one line naming it."""
+def read_photo(path: str | Path, resize: int = 256, crop: int = 224, interpolation: str = "bilinear") -> tuple[torch.Tensor, np.ndarray]:
+    """One photo as the model sees it (shorter side ``resize`` with ``interpolation``, centre crop ``crop``: the
+    model's own, :func:`atlas.data.photo_reading`): the (3, crop, crop) tensor in [0, 1] and the (crop, crop, 3) uint8
+    picture. A missing or unreadable file is one line naming it."""
     from atlas.data import load_image, to_tensor
 
     try:
-        image = load_image(Path(path), resize, crop)
+        image = load_image(Path(path), resize, crop, interpolation)
     except FileNotFoundError:
         raise AtlasError(f"{path}: no such file") from None
     except (OSError, ValueError, SyntaxError) as exc:
@@ -689,6 +690,11 @@ def reconstruct_report(images: Sequence[str | Path], out: str | Path, settings=N
         from atlas.models import load_model
 
         net = load_model(model, weights, settings.device)
+    from atlas.data import photo_reading
+
+    reading = photo_reading(net.preprocess)
+    if reading != photo_reading(None):  # a wrapped model that reads photos its own way (size, resampling): read again
+        loaded = [(path, *read_photo(path, *reading)) for path, _, _ in loaded]
     if unit:
         net.resolve(parse_unit(unit)[0])
     out = Path(out)
