@@ -29,7 +29,12 @@ BACKENDS = ("atlas", "faiss")
 DEFAULT_BACKEND = "atlas"  # chosen from bench/layout.py's side-by-side table (docs/layout.md)
 EXACT_MAX = 20000  # brute force below this many points: a few seconds, and exact
 NPROBE = 10
-QUERY_BLOCK = 4096  # rows of a list compared at once (bounds the score matrix's memory)
+QUERY_BLOCK = 4096  # rows of a list compared at once, at most
+# Scores computed in one call, at most (32 MB of float32). It bounds the score matrix's memory and how long Ctrl-C
+# waits: Python runs a signal handler only between two calls into torch or faiss, and 4096 rows against the
+# 20,000-point pool of an exact search took 2.5 s on a loaded 2-core machine; 2^23 scores (419 such rows) take a
+# tenth of that.
+SCORES_PER_BLOCK = 1 << 23
 # faiss IVF settings. Lists: 4 sqrt(N), the low end of faiss's guideline. Training: as atlas's own k-means
 # (16 points per list, 8 iterations): faiss's default 256 points x 25 iterations cost more than the whole
 # search for rough lists. With nprobe 10 it keeps 0.988 of the exact 50 neighbours at 100k and 0.987 at 1M
@@ -83,9 +88,16 @@ def kmeans(vecs: torch.Tensor, n_lists: int, seed: int, iters: int = 8, spherica
     return cent
 
 
+def rows_per_block(pool: int, most: int = QUERY_BLOCK) -> int:
+    """How many query rows to score against ``pool`` candidates in one product: ``SCORES_PER_BLOCK`` scores at most
+    (never fewer than 64 rows, so the products stay GEMM-shaped; never more than ``most``)."""
+    return int(min(most, max(64, SCORES_PER_BLOCK // max(pool, 1))))
+
+
 def _assign(vecs: torch.Tensor, cent: torch.Tensor, spherical: bool) -> torch.Tensor:
     c_sq = None if spherical else (cent * cent).sum(1)
-    return torch.cat([_scores(vecs[s : s + 65536], cent, c_sq).argmax(1) for s in range(0, vecs.shape[0], 65536)])
+    step = rows_per_block(cent.shape[0], most=65536)
+    return torch.cat([_scores(vecs[s : s + step], cent, c_sq).argmax(1) for s in range(0, vecs.shape[0], step)])
 
 
 def _lists(vecs: torch.Tensor, n: int, exact: bool, seed: int, spherical: bool, nprobe: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -154,8 +166,9 @@ def knn_graph(x: np.ndarray, k: int, metric: str = "cosine", seed: int = 0, exac
         cand = np.concatenate([np.arange(bounds[p], bounds[p + 1]) for p in probes[lst]])
         pool = [part(bounds[lst], bounds[lst + 1])] if len(probes[lst]) == 1 else [
             (grouped[torch.from_numpy(cand)], None if grouped_sq is None else grouped_sq[torch.from_numpy(cand)])]
-        for q0 in range(bounds[lst], bounds[lst + 1], QUERY_BLOCK):
-            q1 = min(q0 + QUERY_BLOCK, bounds[lst + 1])
+        step = rows_per_block(len(cand))
+        for q0 in range(bounds[lst], bounds[lst + 1], step):
+            q1 = min(q0 + step, bounds[lst + 1])
             d, where = _nearest(*part(q0, q1), pool, k)
             rows = order[q0:q1]
             idx[rows, : d.shape[1]] = order[cand[where]]
@@ -167,8 +180,9 @@ def _self_first(idx: np.ndarray, dists: np.ndarray, vecs: torch.Tensor, sq: torc
     """Fill rows the search left short (-1 entries) by brute force, then put each row itself first at distance 0."""
     n = idx.shape[0]
     missing = np.flatnonzero((idx < 0).any(axis=1))
-    for q0 in range(0, missing.size, QUERY_BLOCK):  # probed lists held fewer than k points: search those rows exactly
-        rows = torch.from_numpy(missing[q0 : q0 + QUERY_BLOCK])
+    step = rows_per_block(n)
+    for q0 in range(0, missing.size, step):  # probed lists held fewer than k points: search those rows exactly
+        rows = torch.from_numpy(missing[q0 : q0 + step])
         d, where = _nearest(vecs[rows], None if sq is None else sq[rows], [(vecs, sq)], k)
         idx[rows.numpy()], dists[rows.numpy()] = where, d
     keep = others_first(idx, k - 1)
@@ -208,7 +222,10 @@ def _faiss_search(vecs: torch.Tensor, inner: bool, k: int, seed: int, exact: boo
         index.cp.spherical = inner  # unit centroids for inner-product lists, as atlas's own k-means
         index.train(data)
         index.nprobe = probe = min(nprobe, n_lists)
-    block = 65536
+    # Rows per search call. IVF: each query scores its probed lists, about probe * n / n_lists rows, so the budget
+    # bounds a call (same neighbours, same time). Exact: faiss's BLAS search blocks the queries itself, and smaller
+    # calls changed the distances' last bits and ran 3x slower here, so one call per 65536 rows stays.
+    block = 65536 if exact else rows_per_block(probe * n // n_lists, most=65536)
     dists = np.empty((n, k), np.float32)
     idx = np.empty((n, k), np.int64)
     bar = tqdm(total=n, desc="kNN graph (faiss)", unit="row", unit_scale=True, disable=not progress)
@@ -223,8 +240,9 @@ def _faiss_search(vecs: torch.Tensor, inner: bool, k: int, seed: int, exact: boo
         # each run that O(N sqrt(N) d) pass, the largest single cost at 1M points.
         coarse_d = np.empty((n, probe), np.float32)
         coarse_i = np.empty((n, probe), np.int64)
-        for a in range(0, n, block):
-            coarse_d[a : a + block], coarse_i[a : a + block] = quantizer.search(data[a : a + block], probe)
+        coarse = rows_per_block(n_lists, most=65536)
+        for a in range(0, n, coarse):
+            coarse_d[a : a + coarse], coarse_i[a : a + coarse] = quantizer.search(data[a : a + coarse], probe)
         own = np.ascontiguousarray(coarse_i[:, 0])
         index.add_core(n, faiss.swig_ptr(data), None, faiss.swig_ptr(own))
         for a in range(0, n, block):
