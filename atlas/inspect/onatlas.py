@@ -506,50 +506,26 @@ def write_placement(run_dir: str | Path, placement: Placement, attribution: np.n
     out.mkdir(parents=True, exist_ok=True)
     target_name = (classes[target] if classes is not None and target is not None and 0 <= target < len(classes)
                    else (str(target) if target is not None else "the top class"))
-    scale = float(np.abs(attribution).max()) or 1.0
-    colours = _colours(attribution, scale)
     h, w = placement.hw
 
     # the atlas with the dots
     canvas = _icon_canvas(root, icons_path, size, int(max(2, min(64, 1024 // size)))) if size is not None else None
     plot_placement(placement, attribution, canvas, name, size=size, target_name=target_name).savefig(out / "placement.png")
 
-    # the cells the positions fall in, most positions first
-    cells_out: dict[str, list[dict]] = {}
-    for s in sizes:
-        cell = placement.cells[s]
-        uniq, n = np.unique(cell[cell >= 0], return_counts=True)
-        ranked = sorted(zip(uniq.tolist(), n.tolist(), strict=True), key=lambda t: (-t[1], t[0]))
-        cells_out[str(s)] = [{"cell": c, "gx": c % s, "gy": c // s, "positions": m,
-                              "attribution": float(attribution[cell == c].sum()),
-                              "samples": int(placement.counts[s][cell == c][0]), "icon": bool(placement.has_icon[s][cell == c][0])}
-                             for c, m in ranked]
+    cells_out = placement_cells(placement, attribution)
     strip = cells_out.get(str(size), [])[:STRIP_MAX] if size is not None else []
-    if strip:
+    if strip:  # the cells the positions fall in, most positions first
         icons = root.get(f"{icons_path}/{size}")
         pictures = [np.asarray(icons["images"][c["gy"], c["gx"]])[..., :3] if c["icon"] and icons is not None else None for c in strip]
         plot_placement_cells(strip, pictures, size, name).savefig(out / "placement_cells.png")
 
-    positions = []
-    for i in range(p):
-        y, x = divmod(i, w)
-        positions.append({"p": i, "y": y, "x": x, "xy": [round(float(v), 6) for v in placement.xy[i]], "exact": bool(placement.exact[i]),
-                          "attribution": float(attribution[i]),
-                          "cells": {str(s): int(placement.cells[s][i]) for s in sizes},
-                          "icon": {str(s): bool(placement.has_icon[s][i]) for s in sizes},
-                          "neighbours": placement.neighbours[i].tolist(),
-                          "distances": [round(float(d), 6) for d in placement.distances[i]]})
     doc = {"version": 1, "image": name, "target": {"index": target, "name": target_name}, **placement.summary,
-           "transform": placement.transform, "hw": [h, w], "sizes": sizes, "figure_size": size, "positions": positions,
-           "cells": cells_out}
+           "transform": placement.transform, "hw": [h, w], "sizes": sizes, "figure_size": size,
+           "positions": placement_positions(placement, attribution), "cells": cells_out}
     (out / "placement.json").write_text(json.dumps(doc, indent=1))
 
     tiles, report = _tiles_of(out, run_dir)
-    points = {"version": 1, "image": name, "layer": placement.layer, "atlas": placement.atlas,
-              "target": {"index": target, "name": target_name}, "scale": scale, "cmap": CMAP, "hw": [h, w],
-              "ramp": _colours(np.linspace(-scale, scale, 9), scale),
-              "points": [[round(float(placement.xy[i, 0]), 6), round(float(placement.xy[i, 1]), 6), round(float(attribution[i]), 6),
-                          colours[i]] for i in range(p)]}
+    points = viewer_points(placement, attribution, name, {"index": target, "name": target_name})
     (out / "points.json").write_text(json.dumps(points, separators=(",", ":")))
     viewer = in_tiles = None
     if tiles is not None:
@@ -560,19 +536,125 @@ def write_placement(run_dir: str | Path, placement: Placement, attribution: np.n
 
     top = strip[:5]
     n_exact = int(placement.exact.sum())
-    note = (f"placed by the {placement.k} nearest of {placement.n_samples:,} sampled activations ({placement.metric}), "
-            f"inverse-distance weighted (power {placement.summary.get('power', POWER):g}); "
-            + (f"{n_exact} of {p} positions are the run's own samples; " if n_exact else "")
-            + (f"the most positions ({top[0]['positions']}) fall in cell {top[0]['gx']},{top[0]['gy']} of the {size}x{size} grid; "
-               if top else "") + placement.transform)
     seconds = round(time.perf_counter() - started, 2)
     return {"figure": "placement.png", "strip": "placement_cells.png" if strip else None, "json": "placement.json",
             "points": "points.json", "viewer": viewer, "viewer_in_tiles": in_tiles,
             "layer": placement.layer, "atlas": placement.atlas, "method": placement.method,
-            "placement": "knn", "metric": placement.metric, "k": placement.k, "transform": placement.transform, "note": note,
-            "n_positions": p, "n_exact": n_exact, "n_samples": placement.n_samples, "figure_size": size,
-            "n_cells": len(cells_out.get(str(size), [])) if size is not None else 0, "top_cells": top,
+            "placement": "knn", "metric": placement.metric, "k": placement.k, "transform": placement.transform,
+            "note": placement_note(placement, top, size), "n_positions": p, "n_exact": n_exact, "n_samples": placement.n_samples,
+            "figure_size": size, "n_cells": len(cells_out.get(str(size), [])) if size is not None else 0, "top_cells": top,
             "seconds_place": placement.seconds, "seconds_write": seconds}
+
+
+def placement_cells(placement: Placement, attribution: np.ndarray) -> dict[str, list[dict]]:
+    """The cells the image's positions fall in, per grid size, most positions first.
+
+    Parameters
+    ----------
+    placement : Placement
+        The image's positions on the atlas (:func:`place_on_atlas`).
+    attribution : (P,) float array
+        Each position's attribution.
+
+    Returns
+    -------
+    dict
+        ``{str(size): [{"cell", "gx", "gy", "positions", "attribution" (summed), "samples", "icon"}]}``.
+    """
+    cells_out: dict[str, list[dict]] = {}
+    for s in sorted(placement.cells):
+        cell = placement.cells[s]
+        uniq, n = np.unique(cell[cell >= 0], return_counts=True)
+        ranked = sorted(zip(uniq.tolist(), n.tolist(), strict=True), key=lambda t: (-t[1], t[0]))
+        cells_out[str(s)] = [{"cell": c, "gx": c % s, "gy": c // s, "positions": m,
+                              "attribution": float(attribution[cell == c].sum()),
+                              "samples": int(placement.counts[s][cell == c][0]), "icon": bool(placement.has_icon[s][cell == c][0])}
+                             for c, m in ranked]
+    return cells_out
+
+
+def placement_positions(placement: Placement, attribution: np.ndarray) -> list[dict]:
+    """Every position's record for ``placement.json``: (y, x), layout point, whether it was exact, attribution, its cell
+    and whether that cell has an icon per grid size, its nearest samples and their distances.
+
+    Parameters
+    ----------
+    placement : Placement
+        The image's positions on the atlas.
+    attribution : (P,) float array
+        Each position's attribution.
+
+    Returns
+    -------
+    list of dict
+        One record per position, in row-major order of the layer's grid.
+    """
+    sizes, w = sorted(placement.cells), placement.hw[1]
+    positions = []
+    for i in range(placement.xy.shape[0]):
+        y, x = divmod(i, w)
+        positions.append({"p": i, "y": y, "x": x, "xy": [round(float(v), 6) for v in placement.xy[i]], "exact": bool(placement.exact[i]),
+                          "attribution": float(attribution[i]),
+                          "cells": {str(s): int(placement.cells[s][i]) for s in sizes},
+                          "icon": {str(s): bool(placement.has_icon[s][i]) for s in sizes},
+                          "neighbours": placement.neighbours[i].tolist(),
+                          "distances": [round(float(d), 6) for d in placement.distances[i]]})
+    return positions
+
+
+def viewer_points(placement: Placement, attribution: np.ndarray, name: str, target: dict) -> dict:
+    """The dots the viewer add-on draws over the atlas (``points.json``): layout point, attribution and colour each,
+    with the colour ramp (``CMAP``, symmetric about 0).
+
+    Parameters
+    ----------
+    placement : Placement
+        The image's positions on the atlas.
+    attribution : (P,) float array
+        Each position's attribution.
+    name : str
+        The image's label.
+    target : dict
+        ``{"index", "name"}`` of the class the attribution is to.
+
+    Returns
+    -------
+    dict
+        The JSON document.
+    """
+    scale = float(np.abs(attribution).max()) or 1.0
+    colours = _colours(attribution, scale)
+    h, w = placement.hw
+    return {"version": 1, "image": name, "layer": placement.layer, "atlas": placement.atlas,
+            "target": target, "scale": scale, "cmap": CMAP, "hw": [h, w],
+            "ramp": _colours(np.linspace(-scale, scale, 9), scale),
+            "points": [[round(float(placement.xy[i, 0]), 6), round(float(placement.xy[i, 1]), 6), round(float(attribution[i]), 6),
+                        colours[i]] for i in range(placement.xy.shape[0])]}
+
+
+def placement_note(placement: Placement, top: list[dict], size: int | None) -> str:
+    """One sentence saying how the image was placed and where most of its positions fell.
+
+    Parameters
+    ----------
+    placement : Placement
+        The image's positions on the atlas.
+    top : list of dict
+        The figure grid's cells with the most positions (:func:`placement_cells`), most first.
+    size : int or None
+        That grid's size.
+
+    Returns
+    -------
+    str
+    """
+    p = placement.xy.shape[0]
+    n_exact = int(placement.exact.sum())
+    return (f"placed by the {placement.k} nearest of {placement.n_samples:,} sampled activations ({placement.metric}), "
+            f"inverse-distance weighted (power {placement.summary.get('power', POWER):g}); "
+            + (f"{n_exact} of {p} positions are the run's own samples; " if n_exact else "")
+            + (f"the most positions ({top[0]['positions']}) fall in cell {top[0]['gx']},{top[0]['gy']} of the {size}x{size} grid; "
+               if top else "") + placement.transform)
 
 
 def _list_standalone(tiles: Path, report: str, placement: Placement, name: str) -> None:
