@@ -361,24 +361,13 @@ def write_gallery(run_dir: str | Path, layer: str, *, dzi_above: int = DZI_ABOVE
         require_viewer_assets()
     root = store.open_store(run_dir)
     store.take_lock(run_dir)
-    units_root = root.get("units")
-    if units_root is None or layer not in units_root:
-        have = sorted(units_root.group_keys()) if units_root is not None else []
-        raise AtlasError(f"layer '{layer}' has no unit data in this run; run `atlas units {run_dir} --layer {layer}` first "
-                         f"(layers with unit data: {', '.join(have) or 'none'})")
-    parts = _Parts(run_dir, root, layer)
+    parts = _unit_parts(run_dir, root, layer)
     top_ok = parts._usable("top", ("value", "image"))
     kinds = [k for k in kind_order(parts.subgroups("vis")) if parts._usable(f"vis/{k}", ("image",))]
     methods = [m for m in parts.subgroups("projection") if parts._usable(f"projection/{m}", ("image",))]
     classes_ok = parts._usable("classes", ("top",))
     grids = _atlas_grids(run_dir, root, layer, parts.channels, parts.skipped)
-    c_total = parts.channels
-    if c_total is None:
-        sizes = [g["mean_activation"].shape[-1] for by_size in grids.values() for g in by_size.values()]
-        if not sizes:
-            raise AtlasError(f"units/{layer} holds nothing the gallery can show yet (no top examples, projections, "
-                             f"visualisations or class scores); run `atlas units {run_dir} --layer {layer}`")
-        c_total = sizes[0]
+    c_total = _channel_count(parts, grids, run_dir, layer)
 
     tiles_dir = run_dir / "tiles"
     final = tiles_dir / "units" / layer
@@ -387,8 +376,73 @@ def write_gallery(run_dir: str | Path, layer: str, *, dzi_above: int = DZI_ABOVE
     work.mkdir(parents=True)
     units: list[dict] = [{"layer": layer, "channel": c, "vis": [], "top": None, "projections": [], "classes": None,
                           "cells": {}} for c in range(c_total)]
+    grid = _write_visualizations(parts, kinds, units, work, dzi_above)
+    k = _write_top(parts, root, methods, units, work) if top_ok else 0
+    class_list = [str(n) for n in root.attrs.get("classes") or []]
+    if classes_ok:
+        node = parts.group["classes"]
+        rows = class_rows(node["top"][:], node["score"][:] if "score" in node else None, class_list)
+        for c in range(c_total):
+            units[c]["classes"] = rows[c]
+    effects_ok = parts._usable("effects", ("done", "value"))
+    if effects_ok:
+        _check_classes(parts, units, class_list, parts.group["classes"]["top"][:] if classes_ok else None)
+    atlases = _write_cells(root, layer, grids, units, work)
 
-    # --- visualisations, and each channel's grid square from the best kind it has
+    for c, unit in enumerate(units):
+        path = work / "unit" / f"{c}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(unit, separators=(",", ":")))
+
+    summary = {"channels": c_total, "with_vis": sum(t is not None for t in grid["thumbs"]),
+               "with_top": sum(u["top"] is not None for u in units), "kinds": kinds, "methods": methods,
+               "atlases": len(atlases), "skipped": parts.skipped, "unfinished": parts.partial}
+    meta = {"version": 1, "layer": layer, "model": str(root.attrs.get("model", "unknown")), "channels": c_total, "cols": grid["cols"],
+            "order": grid["order"], "cell": grid["cell"], "thumbs": grid["thumbs"], "dzi": grid["dzi"], "kinds": kinds,
+            "vis": grid["vis"], "methods": methods, "k": k,
+            "top": top_ok, "classes": classes_ok, "effects": effects_ok, "atlases": atlases,
+            "background": "#{:02x}{:02x}{:02x}".format(*BACKGROUND),
+            "summary": summary}
+    (work / "gallery.json").write_text(json.dumps(meta, indent=1))
+    _publish(work, final)
+    _update_manifest(tiles_dir, {"layer": layer, "channels": c_total, "base": f"units/{layer}/"})
+    if viewer:
+        from atlas.viewer import install_viewer
+
+        install_viewer(tiles_dir)
+    log_line = (f"gallery {layer}: {c_total} units, {summary['with_vis']} with visualisations ({', '.join(kinds) or 'none'}), "
+                f"{summary['with_top']} with top examples, projections {', '.join(methods) or 'none'}, {len(atlases)} atlases")
+    if parts.skipped:
+        log_line += f"; skipped {len(parts.skipped)} damaged parts: {', '.join(parts.skipped)}"
+    store.log(run_dir, log_line)
+    return final
+
+
+def _unit_parts(run_dir: Path, root, layer: str) -> _Parts:
+    """The layer's unit data; one line for a layer without any."""
+    units_root = root.get("units")
+    if units_root is None or layer not in units_root:
+        have = sorted(units_root.group_keys()) if units_root is not None else []
+        raise AtlasError(f"layer '{layer}' has no unit data in this run; run `atlas units {run_dir} --layer {layer}` first "
+                         f"(layers with unit data: {', '.join(have) or 'none'})")
+    return _Parts(run_dir, root, layer)
+
+
+def _channel_count(parts: _Parts, grids: dict, run_dir: Path, layer: str) -> int:
+    """The layer's channels: from its unit data, else from its atlas grids; one line when neither has any."""
+    if parts.channels is not None:
+        return parts.channels
+    sizes = [g["mean_activation"].shape[-1] for by_size in grids.values() for g in by_size.values()]
+    if not sizes:
+        raise AtlasError(f"units/{layer} holds nothing the gallery can show yet (no top examples, projections, "
+                         f"visualisations or class scores); run `atlas units {run_dir} --layer {layer}`")
+    return sizes[0]
+
+
+def _write_visualizations(parts: _Parts, kinds: list[str], units: list[dict], work: Path, dzi_above: int) -> dict:
+    """Each channel's visualisations as one strip per kind, and the channel grid from the best kind each has (one
+    thumbnail per channel, or a Deep Zoom pyramid above ``dzi_above`` channels); the grid's part of ``gallery.json``."""
+    c_total = len(units)
     thumbs: list[str | None] = [None] * c_total
     first: dict[int, np.ndarray] = {}
     vis_info = {}
@@ -422,99 +476,177 @@ def write_gallery(run_dir: str | Path, layer: str, *, dzi_above: int = DZI_ABOVE
     else:
         for c, image in first.items():
             _save(_thumb(image, side), work / "thumbs" / f"{c}.jpg")
+    return {"thumbs": thumbs, "vis": vis_info, "order": order, "cols": cols, "cell": side, "dzi": dzi}
 
-    # --- top examples with their labels, and their projections
-    k = 0
-    if top_ok:
-        top = parts.group["top"]
-        value, image_idx = top["value"][:], top["image"][:]
-        k = int(value.shape[1])
-        done = parts.done("top", fallback=np.isfinite(value[:, 0]))
-        pos = top["pos"][:] if "pos" in top else None
-        box = top["box"][:] if "box" in top else None
-        files: dict[int, str] = {}  # image index -> file name (never its folder: served pages hold no absolute paths)
-        if "images" in root and "path" in root["images"]:
-            path_array = root["images/path"]
-            used = np.unique(image_idx[done][(image_idx[done] >= 0) & (image_idx[done] < path_array.shape[0])])
-            if used.size:
-                files = {int(i): os.path.basename(str(p)) for i, p in zip(used, path_array.oindex[used], strict=True)}
-        labels = root["images/label"][:] if "images" in root and "label" in root["images"] else None
-        names = _label_names(root) if labels is not None else []
-        patches = top["patch"] if "patch" in top else None
-        proj = {m: (parts.group[f"projection/{m}"], parts.done(f"projection/{m}")) for m in methods}
-        patch_rows = dict(_rows(patches, done)) if patches is not None else {}
-        proj_rows = {m: dict(_rows(node["image"], m_done & done)) for m, (node, m_done) in proj.items()}
-        for c in np.flatnonzero(done):
-            c = int(c)
-            slots = [j for j in range(k) if image_idx[c, j] >= 0 and np.isfinite(value[c, j])]
-            if not slots:
+
+def example_records(value: np.ndarray, image_idx: np.ndarray, c: int, slots: list[int], files: dict[int, str],
+                    labels: np.ndarray | None, names: list[str], pos: np.ndarray | None, box: np.ndarray | None) -> list[dict]:
+    """The unit card's records of channel ``c``'s top examples ``slots``: activation, image, file name, label, position
+    and receptive-field box.
+
+    Parameters
+    ----------
+    value, image_idx : (C, k) arrays
+        The top-k values and image indices (``units/{layer}/top``).
+    c : int
+        The channel.
+    slots : list of int
+        Which of its k examples are filled.
+    files : dict
+        Image index -> file name (never its folder: served pages hold no absolute paths).
+    labels : (n_images,) int array or None
+        The run's labels (-1 unknown).
+    names : list of str
+        Class names by index.
+    pos, box : (C, k, 2) and (C, k, 4) arrays or None
+        Position in the layer's grid and receptive-field box in pixels.
+
+    Returns
+    -------
+    list of dict
+    """
+    examples = []
+    for j in slots:
+        i = int(image_idx[c, j])
+        label = int(labels[i]) if labels is not None and i < labels.shape[0] else -1
+        examples.append({"value": round(float(value[c, j]), 4), "image": i,
+                         "file": files.get(i),
+                         "label": label, "label_name": names[label] if 0 <= label < len(names) else None,
+                         "pos": pos[c, j].tolist() if pos is not None else None,
+                         "box": box[c, j].tolist() if box is not None else None})
+    return examples
+
+
+def _image_files(root, image_idx: np.ndarray, done: np.ndarray) -> dict[int, str]:
+    """Image index -> file name of every image the finished channels show (never its folder)."""
+    if "images" not in root or "path" not in root["images"]:
+        return {}
+    path_array = root["images/path"]
+    used = np.unique(image_idx[done][(image_idx[done] >= 0) & (image_idx[done] < path_array.shape[0])])
+    if not used.size:
+        return {}
+    return {int(i): os.path.basename(str(p)) for i, p in zip(used, path_array.oindex[used], strict=True)}
+
+
+def _write_top(parts: _Parts, root, methods: list[str], units: list[dict], work: Path) -> int:
+    """Each finished channel's top examples (records, a strip of their patches) and their projections (a strip per
+    method), each example cropped to its projections' support; returns k."""
+    top = parts.group["top"]
+    value, image_idx = top["value"][:], top["image"][:]
+    k = int(value.shape[1])
+    done = parts.done("top", fallback=np.isfinite(value[:, 0]))
+    pos = top["pos"][:] if "pos" in top else None
+    box = top["box"][:] if "box" in top else None
+    files = _image_files(root, image_idx, done)
+    labels = root["images/label"][:] if "images" in root and "label" in root["images"] else None
+    names = _label_names(root) if labels is not None else []
+    patches = top["patch"] if "patch" in top else None
+    proj = {m: (parts.group[f"projection/{m}"], parts.done(f"projection/{m}")) for m in methods}
+    patch_rows = dict(_rows(patches, done)) if patches is not None else {}
+    proj_rows = {m: dict(_rows(node["image"], m_done & done)) for m, (node, m_done) in proj.items()}
+    for c in np.flatnonzero(done):
+        c = int(c)
+        slots = [j for j in range(k) if image_idx[c, j] >= 0 and np.isfinite(value[c, j])]
+        if not slots:
+            continue
+        examples = example_records(value, image_idx, c, slots, files, labels, names, pos, box)
+        record = {"k": k, "examples": examples, "src": None, "patch": None}
+        blocks = {m: proj_rows[m].pop(c) for m in proj if c in proj_rows[m]}
+        # each example cropped to where its projections are not grey (Zeiler & Fergus show the projection's support,
+        # not specks in the receptive field), its patch and every projection alike so that they still correspond
+        crops = {j: support_box([b[j] for b in blocks.values()]) for j in slots} if blocks else {}
+        for j, e in zip(slots, examples, strict=True):
+            e["crop"] = list(crops[j]) if j in crops else None
+        if c in patch_rows:
+            block = patch_rows.pop(c)
+            _save(strip([crop_to(block[j], crops.get(j)) for j in slots]), work / "top" / f"{c}.jpg")
+            record.update(src=f"top/{c}.jpg", patch=int(block.shape[1]))
+        units[c]["top"] = record
+        for m, (node, _) in proj.items():
+            if m not in blocks:
                 continue
-            examples = []
-            for j in slots:
-                i = int(image_idx[c, j])
-                label = int(labels[i]) if labels is not None and i < labels.shape[0] else -1
-                examples.append({"value": round(float(value[c, j]), 4), "image": i,
-                                 "file": files.get(i),
-                                 "label": label, "label_name": names[label] if 0 <= label < len(names) else None,
-                                 "pos": pos[c, j].tolist() if pos is not None else None,
-                                 "box": box[c, j].tolist() if box is not None else None})
-            record = {"k": k, "examples": examples, "src": None, "patch": None}
-            blocks = {m: proj_rows[m].pop(c) for m in proj if c in proj_rows[m]}
-            # each example cropped to where its projections are not grey (Zeiler & Fergus show the projection's support,
-            # not specks in the receptive field), its patch and every projection alike so that they still correspond
-            crops = {j: support_box([b[j] for b in blocks.values()]) for j in slots} if blocks else {}
-            for j, e in zip(slots, examples, strict=True):
-                e["crop"] = list(crops[j]) if j in crops else None
-            if c in patch_rows:
-                block = patch_rows.pop(c)
-                _save(strip([crop_to(block[j], crops.get(j)) for j in slots]), work / "top" / f"{c}.jpg")
-                record.update(src=f"top/{c}.jpg", patch=int(block.shape[1]))
-            units[c]["top"] = record
-            for m, (node, _) in proj.items():
-                if m not in blocks:
-                    continue
-                block = blocks[m]
-                _save(strip([crop_to(block[j], crops.get(j)) for j in slots]), work / "projection" / m / f"{c}.jpg")
-                scale = node["scale"][c] if "scale" in node else None
-                units[c]["projections"].append({"method": m, "src": f"projection/{m}/{c}.jpg",
-                                                "scale": [round(float(scale[j]), 5) for j in slots] if scale is not None else None})
+            block = blocks[m]
+            _save(strip([crop_to(block[j], crops.get(j)) for j in slots]), work / "projection" / m / f"{c}.jpg")
+            scale = node["scale"][c] if "scale" in node else None
+            units[c]["projections"].append({"method": m, "src": f"projection/{m}/{c}.jpg",
+                                            "scale": [round(float(scale[j]), 5) for j in slots] if scale is not None else None})
+    return k
 
-    # --- the classes each unit contributes to most
-    if classes_ok:
-        node = parts.group["classes"]
-        class_top = node["top"][:]
-        score = node["score"][:] if "score" in node else None
-        class_list = [str(n) for n in root.attrs.get("classes") or []]
-        for c in range(c_total):
-            units[c]["classes"] = [[class_list[t] if t < len(class_list) else f"class {t}",
-                                    round(float(score[c, j]), 4) if score is not None and np.isfinite(score[c, j]) else None]
-                                   for j, t in enumerate(class_top[c].tolist()) if t >= 0]
-    # The attribution-based classes above are a reading through every channel at once; where the direct effect of the
-    # unit on the logits was measured (atlas.units.effects), the card lists the classes the unit itself raises most,
-    # and says which of the attribution-based ones survive that check.
-    effects_ok = parts._usable("effects", ("done", "value"))
-    if effects_ok:
-        from atlas.units.effects import check_classes  # torch-free, but its module loads torch: only when needed
 
-        node = parts.group["effects"]
-        effect_done = parts.done("effects")
-        class_list = [str(n) for n in root.attrs.get("classes") or []]
-        attribution_top = parts.group["classes"]["top"][:] if classes_ok else None
+def class_rows(class_top: np.ndarray, score: np.ndarray | None, class_list: list[str]) -> list[list]:
+    """Each unit's classes for its card: ``[[name, score or None], ...]`` from the attribution-based class scores.
 
-        def name(t: int) -> str:
-            return class_list[t] if t < len(class_list) else f"class {t}"
+    Parameters
+    ----------
+    class_top : (C, T) int array
+        The classes each unit contributes to most (-1 pads).
+    score : (C, T) float array or None
+        Their scores.
+    class_list : list of str
+        Class names by index (``class N`` beyond it).
 
-        for c in np.flatnonzero(effect_done):
-            c = int(c)
-            row = np.asarray(node["value"][c], np.float32)
-            prior = attribution_top[c] if attribution_top is not None else np.full(0, -1)
-            top_c, top_v, survives = check_classes(row, prior)
-            previous = units[c]["classes"] or []
-            units[c]["classes"] = [[name(int(t)), round(float(v), 4)] for t, v in zip(top_c, top_v, strict=True)]
-            units[c]["class_check"] = {"measure": "direct effect on the logit (logit units)",
-                                       "attribution": [[n, v, bool(ok)] for (n, v), ok in zip(previous, survives, strict=False)]}
+    Returns
+    -------
+    list of list
+        One list per unit.
+    """
+    return [[[class_list[t] if t < len(class_list) else f"class {t}",
+              round(float(score[c, j]), 4) if score is not None and np.isfinite(score[c, j]) else None]
+             for j, t in enumerate(class_top[c].tolist()) if t >= 0] for c in range(class_top.shape[0])]
 
-    # --- atlas cells: each cell's top units, each unit's veil
+
+def _check_classes(parts: _Parts, units: list[dict], class_list: list[str], attribution_top: np.ndarray | None) -> None:
+    """Where the direct effect of a unit on the logits was measured, its card lists the classes the unit itself
+    raises most and says which attribution-based classes survive that check."""
+    # The attribution-based classes are a reading through every channel at once (atlas.units.effects)
+    from atlas.units.effects import check_classes  # torch-free, but its module loads torch: only when needed
+
+    node = parts.group["effects"]
+
+    def name(t: int) -> str:
+        return class_list[t] if t < len(class_list) else f"class {t}"
+
+    for c in np.flatnonzero(parts.done("effects")):
+        c = int(c)
+        row = np.asarray(node["value"][c], np.float32)
+        prior = attribution_top[c] if attribution_top is not None else np.full(0, -1)
+        top_c, top_v, survives = check_classes(row, prior)
+        previous = units[c]["classes"] or []
+        units[c]["classes"] = [[name(int(t)), round(float(v), 4)] for t, v in zip(top_c, top_v, strict=True)]
+        units[c]["class_check"] = {"measure": "direct effect on the logit (logit units)",
+                                   "attribution": [[n, v, bool(ok)] for (n, v), ok in zip(previous, survives, strict=False)]}
+
+
+def unit_cells(values: np.ndarray, draw: np.ndarray) -> list[dict]:
+    """Each unit's place on one atlas grid: its veil (deflate-compressed, base64) and its strongest drawn cell.
+
+    Parameters
+    ----------
+    values : (S, S, C) float array
+        The grid's mean activation per cell.
+    draw : (S, S) bool array
+        The cells the atlas draws.
+
+    Returns
+    -------
+    list of dict
+        ``{"veil", "best": [gx, gy, value] or None}`` per unit.
+    """
+    size = values.shape[1]
+    veils = unit_veils(values, draw)
+    masked = np.where(draw[..., None], values, -np.inf)
+    out = []
+    for c in range(values.shape[-1]):
+        gy, gx = divmod(int(np.argmax(masked[..., c])), size)
+        best = [gx, gy, round(float(values[gy, gx, c]), 4)] if draw.any() else None
+        packed = zlib.compress(np.ascontiguousarray(veils[..., c]).tobytes(), 6)  # the browser's DecompressionStream("deflate")
+        out.append({"veil": base64.b64encode(packed).decode("ascii"), "best": best})
+    return out
+
+
+def _write_cells(root, layer: str, grids: dict, units: list[dict], work: Path) -> list[dict]:
+    """Each atlas grid's cells with their top units (``cells/ATLAS/SIZE/BX_BY.json``) and each unit's veil and best
+    cell on it; the atlases' part of ``gallery.json``."""
     atlases = []
     for atlas, by_size in grids.items():
         atlases.append({"atlas": atlas, "sizes": sorted(by_size)})
@@ -529,38 +661,6 @@ def write_gallery(run_dir: str | Path, layer: str, *, dzi_above: int = DZI_ABOVE
             folder.mkdir(parents=True, exist_ok=True)
             for (bx, by), cells in cell_top_units(values, count).items():
                 (folder / f"{bx}_{by}.json").write_text(json.dumps({"size": size, "block": BLOCK, "cells": cells}, separators=(",", ":")))
-            veils = unit_veils(values, draw)
-            masked = np.where(draw[..., None], values, -np.inf)
-            for c in range(c_total):
-                flat = int(np.argmax(masked[..., c]))
-                gy, gx = divmod(flat, size)
-                best = [gx, gy, round(float(values[gy, gx, c]), 4)] if draw.any() else None
-                packed = zlib.compress(np.ascontiguousarray(veils[..., c]).tobytes(), 6)  # the browser's DecompressionStream("deflate")
-                units[c]["cells"].setdefault(atlas, {})[str(size)] = {"veil": base64.b64encode(packed).decode("ascii"), "best": best}
-
-    for c, unit in enumerate(units):
-        path = work / "unit" / f"{c}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(unit, separators=(",", ":")))
-
-    summary = {"channels": c_total, "with_vis": sum(t is not None for t in thumbs),
-               "with_top": sum(u["top"] is not None for u in units), "kinds": kinds, "methods": methods,
-               "atlases": len(atlases), "skipped": parts.skipped, "unfinished": parts.partial}
-    meta = {"version": 1, "layer": layer, "model": str(root.attrs.get("model", "unknown")), "channels": c_total, "cols": cols,
-            "order": order, "cell": side, "thumbs": thumbs, "dzi": dzi, "kinds": kinds, "vis": vis_info, "methods": methods, "k": k,
-            "top": top_ok, "classes": classes_ok, "effects": effects_ok, "atlases": atlases,
-            "background": "#{:02x}{:02x}{:02x}".format(*BACKGROUND),
-            "summary": summary}
-    (work / "gallery.json").write_text(json.dumps(meta, indent=1))
-    _publish(work, final)
-    _update_manifest(tiles_dir, {"layer": layer, "channels": c_total, "base": f"units/{layer}/"})
-    if viewer:
-        from atlas.viewer import install_viewer
-
-        install_viewer(tiles_dir)
-    log_line = (f"gallery {layer}: {c_total} units, {summary['with_vis']} with visualisations ({', '.join(kinds) or 'none'}), "
-                f"{summary['with_top']} with top examples, projections {', '.join(methods) or 'none'}, {len(atlases)} atlases")
-    if parts.skipped:
-        log_line += f"; skipped {len(parts.skipped)} damaged parts: {', '.join(parts.skipped)}"
-    store.log(run_dir, log_line)
-    return final
+            for c, place in enumerate(unit_cells(values, draw)[: len(units)]):
+                units[c]["cells"].setdefault(atlas, {})[str(size)] = place
+    return atlases
