@@ -241,6 +241,7 @@ def build(config: dict, dry_run: bool = False, echo=print) -> BuildResult:
     from atlas import tiles as tiles_stage
 
     run, out = config["run"], Path(config["run"]["out"])
+    settings = resolve(config)  # every stage's settings object, passed to its stage as it is
     keys = stage_keys(config, images.digest, net.weights_sha256)
     stages = [*STAGES, *UNIT_STAGES] if config["units"]["build"] else list(STAGES)
     shapes = net.layer_shapes() if config["units"]["build"] else {}
@@ -261,39 +262,28 @@ def build(config: dict, dry_run: bool = False, echo=print) -> BuildResult:
     run_on = make_engine(run["engine"], run["ray_address"])  # sample and render run their units here or on Ray
 
     def run_sample() -> None:  # one pass samples every layer
-        s = config["sample"]
-        sample.sample(images, layers, out, net=net, per_image=s["per_image"], seed=s["seed"], batch_size=s["batch_size"],
-                      workers=s["workers"], attribution=s["attribution"], dtype=s["dtype"], precision=s["precision"],
-                      device=s["device"], engine=run_on, aligned_positions=s["aligned_positions"],
-                      forward=s["forward"])
+        sample.sample(images, layers, out, settings["sample"], net=net, engine=run_on)
 
     def run_project() -> None:
-        s = config["project"]
         for layer in layers:
-            layout.project(out, layer, method=s["method"], n_neighbors=s["n_neighbors"], min_dist=s["min_dist"], metric=s["metric"],
-                           pca=s["pca"], seed=s["seed"], outside=s["outside"], progress=True, knn=s["knn"])
+            layout.project(out, layer, settings["project"], progress=True)
 
     def run_grid() -> None:
         for layer in layers:
-            grid.grid(out, layer, list(sizes), min_count=config["grid"]["min_count"])
+            grid.grid(out, layer, settings["grid"])
 
     def run_render() -> None:
-        s = config["render"]
         for layer in layers:
-            render.render(out, layer, list(sizes), quality=s["quality"], steps=s["steps"], size=s["size"], attempts=s["attempts"],
-                          batch=s["batch"], p=s["p"], device=s["device"], icons=s["icons"], seed=s["seed"], network=net,
-                          engine=run_on)
+            render.render(out, layer, list(sizes), settings["render"], network=net, engine=run_on)
 
     def run_tiles() -> None:
-        s = config["tiles"]
         for layer in layers:
-            tiles_stage.make_tiles(out, layer, sizes=list(sizes), fmt=s["format"], density_scale=s["density_scale"], examples=s["examples"])
+            tiles_stage.make_tiles(out, layer, settings["tiles"], sizes=list(sizes))
 
     def run_units() -> None:
         from atlas import units
 
-        settings = SETTINGS["units"].from_table(config["units"])
-        units.units(out, layers, settings, net=net, echo=None, gallery=False, engine=run_on)
+        units.units(out, layers, settings["units"], net=net, echo=None, gallery=False, engine=run_on)
 
     def run_gallery() -> None:
         from atlas import units

@@ -16,11 +16,13 @@ when most of the selection is other classes' samples.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -28,6 +30,10 @@ from atlas import layout, store
 from atlas.classnames import ClassRef, resolve_class
 from atlas.errors import AtlasError
 from atlas.runner import Step, run_stages
+from atlas.settings import ClassSettings, ProjectSettings, RenderSettings
+
+if TYPE_CHECKING:  # the model is only passed through to the render stage: torch is not imported here
+    from atlas.models import Network
 
 __all__ = ["ClassRef", "class_atlas", "compare_atlas", "difference_layout", "resolve_class", "scaled_top_k", "select_class", "slug"]
 
@@ -133,11 +139,14 @@ def _require_viewer(tiles: bool) -> None:
         require_viewer_assets()
 
 
-# render() arguments that change how fast icons are made, not what they are (kept out of the atlas's keys)
-_SPEED_ONLY = {"batch", "device", "network", "progress"}
+def _icon_settings(icons: RenderSettings) -> dict:
+    """The render settings that change what the icons are (speed-only ones left out), at their non-default values."""
+    speed = RenderSettings.speed_only()
+    return {f.name: getattr(icons, f.name) for f in dataclasses.fields(icons)
+            if f.name not in speed and f.name != "quality" and getattr(icons, f.name) != f.default}
 
 
-def _keys(run_dir, layer: str, atlas: str, rows: np.ndarray, layout: dict, sizes, quality: str, render_kwargs: dict,
+def _keys(run_dir, layer: str, atlas: str, rows: np.ndarray, layout: dict, sizes, icons: RenderSettings,
           highlight: str | None) -> dict[str, str]:
     """The chain of keys of a class or compare atlas's steps: what was laid out (the rows and the content of the
     samples they come from, by the seals the store keeps of them), how, and every setting of the later steps."""
@@ -145,16 +154,15 @@ def _keys(run_dir, layer: str, atlas: str, rows: np.ndarray, layout: dict, sizes
     samples = sorted((k, v.get("chunks")) for k, v in seals.items() if k.startswith(f"samples/{layer}/") or k.startswith("images/"))
     upstream = json.dumps([atlas, layer, hashlib.sha256(np.asarray(rows, np.int64).tobytes()).hexdigest(), samples, layout],
                           sort_keys=True, default=str)
-    settings = {"project": None, "grid": list(sizes),
-                "render": [quality, {k: v for k, v in render_kwargs.items() if k not in _SPEED_ONLY}], "tiles": highlight}
+    settings = {"project": None, "grid": list(sizes), "render": [icons.quality, _icon_settings(icons)], "tiles": highlight}
     keys = {}
     for stage, value in settings.items():
         upstream = keys[stage] = hashlib.sha256(json.dumps([upstream, value], sort_keys=True, default=str).encode()).hexdigest()[:16]
     return keys
 
 
-def _run(run_dir, layer: str, atlas: str, lay_out, sizes, quality: str, render_kwargs: dict, tiles: bool,
-         highlight: str | None, keys: dict[str, str]) -> str:
+def _run(run_dir, layer: str, atlas: str, lay_out, settings: ClassSettings, icons: RenderSettings, net, highlight: str | None,
+         keys: dict[str, str]) -> str:
     """Lay out (``lay_out``), grid, render and tile an atlas through the stage runner: the same stages as the full atlas.
 
     Each step is recorded in the store's ledger as ``ATLAS:stage`` under ``keys`` (:func:`_keys`), so running the
@@ -163,23 +171,23 @@ def _run(run_dir, layer: str, atlas: str, lay_out, sizes, quality: str, render_k
     from atlas import grid, render
     from atlas import tiles as tiles_stage
 
-    sizes = list(sizes)
+    sizes = list(settings.sizes)
     steps = [Step(f"{atlas}:project", keys["project"], lay_out, paths=[f"layouts/{layer}/{atlas}"]),
-             Step(f"{atlas}:grid", keys["grid"], lambda: grid.grid(run_dir, layer, sizes, atlas=atlas, min_count=1),
+             # every cell with a sample gets an icon: a class selection is small
+             Step(f"{atlas}:grid", keys["grid"], lambda: grid.grid(run_dir, layer, sizes=sizes, atlas=atlas, min_count=1),
                   paths=[f"grids/{layer}/{atlas}/{s}" for s in sizes]),
-             Step(f"{atlas}:render", keys["render"], lambda: render.render(run_dir, layer, sizes, atlas=atlas, quality=quality,
-                                                                          **render_kwargs),
+             Step(f"{atlas}:render", keys["render"], lambda: render.render(run_dir, layer, sizes, icons, atlas=atlas, network=net),
                   paths=[f"icons/{layer}/{atlas}/{s}" for s in sizes])]
-    if tiles:
+    if settings.tiles:
         steps.append(Step(f"{atlas}:tiles", keys["tiles"], lambda: tiles_stage.make_tiles(run_dir, layer, atlas=atlas, highlight=highlight),
                           files=[f"tiles/{layer}/{atlas}/atlas.json"]))
     run_stages(run_dir, steps)
     return atlas
 
 
-def class_atlas(run_dir: str | Path, layer: str, cls: str | int, top_k: int = 2000, method: str = "tsne",
-                sizes: tuple[int, ...] = (8,), quality: str = "draft", seed: int = 0, tiles: bool = True,
-                render_kwargs: dict | None = None, echo: Callable[[str], None] | None = print) -> str:
+def class_atlas(run_dir: str | Path, layer: str, cls: str | int, settings: ClassSettings | None = None, *,
+                render: RenderSettings | None = None, net: Network | None = None, echo: Callable[[str], None] | None = print,
+                **overrides) -> str:
     """Build the atlas of the activations that matter for one class; returns its atlas name.
 
     The selection is the samples whose highest attribution goes to the class plus the ``top_k`` of highest positive
@@ -196,24 +204,17 @@ def class_atlas(run_dir: str | Path, layer: str, cls: str | int, top_k: int = 20
     cls : str or int
         The class: a name ("scuba diver", any synonym, case and spaces ignored), a synset ("n10565667") or an
         index ("983" or 983) (:func:`atlas.classnames.resolve_class`).
-    top_k : int, default 2000
-        Samples of highest positive attribution added to the winners, at least 0; scaled to the run by
-        :func:`scaled_top_k` (at most 4 per own sample of the class, at least 50).
-    method : str, default "tsne"
-        Layout method: "umap", "tsne" or "pca" (``ProjectSettings.method``).
-    sizes : tuple of int, default (8,)
-        Grid sizes, 1 to 2048 (``GridSettings.sizes``, 2 to 2048, is what the CLI asks). Every cell with a sample gets an icon
-        (``min_count`` 1: a class selection is small).
-    quality : str, default "draft"
-        Icon preset: "draft", "standard" or "paper" (``RenderSettings.quality``, ``atlas.settings.PRESETS``).
-    seed : int, default 0
-        Seed of the layout, 0 to 2**32 - 1 (``ProjectSettings.seed``). The icons' seed is ``render_kwargs["seed"]``.
-    tiles : bool, default True
-        Also write the tiles and viewer (:func:`atlas.tiles.make_tiles`); OpenSeadragon is checked first, so a
-        missing install fails before any layout or icon work.
-    render_kwargs : dict or None, default None
-        Further keyword arguments of :func:`atlas.render.render` (``steps``, ``size``, ``attempts``, ``batch``, ``p``,
-        ``device``, ``icons``, ``seed``, ``network``, ...), with :class:`atlas.settings.RenderSettings`' ranges.
+    settings : ClassSettings or None, default None
+        The settings (:class:`atlas.settings.ClassSettings`): ``top_k`` (samples of highest positive attribution added
+        to the winners, scaled to the run by :func:`scaled_top_k`: at most 4 per own sample of the class, at least 50),
+        ``method`` (the layout), ``sizes`` (grid sizes; every cell with a sample gets an icon), ``quality`` (the icon
+        preset), ``seed`` (of the layout) and ``tiles`` (also write the tiles and viewer; OpenSeadragon is checked
+        first, so a missing install fails before any layout or icon work). None: the defaults.
+    render : RenderSettings or None, default None
+        The icons' settings (:class:`atlas.settings.RenderSettings`: steps, size, attempts, p, seed, device, ...), its
+        ``quality`` included; None: ``RenderSettings(quality=settings.quality)``.
+    net : Network or None, default None
+        The run's model already loaded (``atlas.models.load_run_model``), to skip loading it again for the icons.
     echo : callable or None, default print
         Receives, before any layout work, one line per class with its own samples (winners and samples of photos
         labelled with it) and the scaled ``top_k``, and a warning line when most of the selection is other classes'.
@@ -230,13 +231,15 @@ def class_atlas(run_dir: str | Path, layer: str, cls: str | int, top_k: int = 20
         For an unknown or ambiguous class, a run without attributions, fewer than 4 selected samples, a missing
         OpenSeadragon (with ``tiles``) or a render setting out of range.
     """
-    _require_viewer(tiles)
+    s = ClassSettings.merged(settings, overrides)
+    icons = render if render is not None else RenderSettings(quality=s.quality)
+    _require_viewer(s.tiles)
     say = echo or (lambda _line: None)
     classes, weights = _run_classes(run_dir)
     ref = resolve_class(cls, classes, weights)
     all_rows = store.valid_rows(store.open_store(run_dir), layer)
     values, winners = _attribution_columns(run_dir, layer, [ref.index], all_rows)
-    own, used = _own(run_dir, layer, ref, all_rows, winners, top_k, say)
+    own, used = _own(run_dir, layer, ref, all_rows, winners, s.top_k, say)
     rows = _selection(all_rows, values[:, 0], winners == ref.index, used)
     _warn_filler(say, f"'{ref.name}'", rows, all_rows[own])
     top_k = used
@@ -245,14 +248,14 @@ def class_atlas(run_dir: str | Path, layer: str, cls: str | int, top_k: int = 20
     name = f"class-{slug(ref.name)}"
 
     def lay_out() -> None:
-        layout.project(run_dir, layer, method=method, atlas=name, rows=rows, seed=seed,
-                       n_neighbors=min(50, max(2, rows.size // 4)))
+        # a class selection is small: a quarter of it as UMAP's neighbourhood, 2 to 50
+        layout.project(run_dir, layer, ProjectSettings(method=s.method, seed=s.seed, n_neighbors=min(50, max(2, rows.size // 4))),
+                       atlas=name, rows=rows)
         _annotate(run_dir, layer, name, {"kind": "class", "classes": [ref.index], "class_names": [ref.name], "top_k": top_k})
 
-    kwargs = render_kwargs or {}
-    keys = _keys(run_dir, layer, name, rows, {"kind": "class", "method": method, "seed": seed, "top_k": top_k}, sizes, quality, kwargs,
+    keys = _keys(run_dir, layer, name, rows, {"kind": "class", "method": s.method, "seed": s.seed, "top_k": top_k}, s.sizes, icons,
                  ref.name)
-    return _run(run_dir, layer, name, lay_out, sizes, quality, kwargs, tiles, ref.name, keys)
+    return _run(run_dir, layer, name, lay_out, s, icons, net, ref.name, keys)
 
 
 def _own(run_dir, layer: str, ref: ClassRef, rows: np.ndarray, winners: np.ndarray, top_k: int,
@@ -284,9 +287,9 @@ def difference_layout(diff: np.ndarray, activations: np.ndarray, seed: int = 0) 
     return raw, xy
 
 
-def compare_atlas(run_dir: str | Path, layer: str, first: str | int, second: str | int, top_k: int = 2000,
-                  sizes: tuple[int, ...] = (8,), quality: str = "draft", seed: int = 0, tiles: bool = True,
-                  render_kwargs: dict | None = None, echo: Callable[[str], None] | None = print) -> str:
+def compare_atlas(run_dir: str | Path, layer: str, first: str | int, second: str | int, settings: ClassSettings | None = None, *,
+                  render: RenderSettings | None = None, net: Network | None = None, echo: Callable[[str], None] | None = print,
+                  **overrides) -> str:
     """Build the class-difference atlas of two classes; returns its atlas name.
 
     The union of both classes' selections (as in :func:`class_atlas`) is laid out with x = attribution to
@@ -304,22 +307,14 @@ def compare_atlas(run_dir: str | Path, layer: str, first: str | int, second: str
     first, second : str or int
         Two different classes, each a name, synset or index (:func:`atlas.classnames.resolve_class`); ``first``
         is drawn on the left, ``second`` on the right.
-    top_k : int, default 2000
-        Samples of highest positive attribution added to each class's winners, at least 0; scaled to the run for
-        each class by :func:`scaled_top_k`.
-    sizes : tuple of int, default (8,)
-        Grid sizes, 1 to 2048 (``GridSettings.sizes``, 2 to 2048, is what the CLI asks). Every cell with a sample gets an icon
-        (``min_count`` 1: a class selection is small).
-    quality : str, default "draft"
-        Icon preset: "draft", "standard" or "paper" (``RenderSettings.quality``, ``atlas.settings.PRESETS``).
-    seed : int, default 0
-        Seed of the layout, 0 to 2**32 - 1 (``ProjectSettings.seed``). The icons' seed is ``render_kwargs["seed"]``.
-    tiles : bool, default True
-        Also write the tiles and viewer (:func:`atlas.tiles.make_tiles`); OpenSeadragon is checked first, so a
-        missing install fails before any layout or icon work.
-    render_kwargs : dict or None, default None
-        Further keyword arguments of :func:`atlas.render.render` (``steps``, ``size``, ``attempts``, ``batch``, ``p``,
-        ``device``, ``icons``, ``seed``, ``network``, ...), with :class:`atlas.settings.RenderSettings`' ranges.
+    settings : ClassSettings or None, default None
+        The settings (:class:`atlas.settings.ClassSettings`): ``top_k`` (added to each class's winners, scaled to the run
+        for each class by :func:`scaled_top_k`), ``sizes``, ``quality``, ``seed`` (of the 1-D t-SNE) and ``tiles``, as
+        in :func:`class_atlas`; ``method`` is not used (the layout is the difference's own). None: the defaults.
+    render : RenderSettings or None, default None
+        The icons' settings, its ``quality`` included; None: ``RenderSettings(quality=settings.quality)``.
+    net : Network or None, default None
+        The run's model already loaded, to skip loading it again for the icons.
     echo : callable or None, default print
         Receives, before any layout work, one line per class with its own samples (winners and samples of photos
         labelled with it) and the scaled ``top_k``, and a warning line when most of the selection is other classes'.
@@ -335,7 +330,9 @@ def compare_atlas(run_dir: str | Path, layer: str, first: str | int, second: str
         For an unknown or ambiguous class, the same class twice, a run without attributions, fewer than 4
         selected samples, a missing OpenSeadragon (with ``tiles``) or a render setting out of range.
     """
-    _require_viewer(tiles)
+    s = ClassSettings.merged(settings, overrides)
+    icons = render if render is not None else RenderSettings(quality=s.quality)
+    _require_viewer(s.tiles)
     classes, weights = _run_classes(run_dir)
     say = echo or (lambda _line: None)
     a, b = resolve_class(first, classes, weights), resolve_class(second, classes, weights)
@@ -344,8 +341,8 @@ def compare_atlas(run_dir: str | Path, layer: str, first: str | int, second: str
     root = store.open_store(run_dir)
     all_rows = store.valid_rows(root, layer)
     values, winners = _attribution_columns(run_dir, layer, [a.index, b.index], all_rows)
-    own_a, used_a = _own(run_dir, layer, a, all_rows, winners, top_k, say)
-    own_b, used_b = _own(run_dir, layer, b, all_rows, winners, top_k, say)
+    own_a, used_a = _own(run_dir, layer, a, all_rows, winners, s.top_k, say)
+    own_b, used_b = _own(run_dir, layer, b, all_rows, winners, s.top_k, say)
     rows = np.union1d(_selection(all_rows, values[:, 0], winners == a.index, used_a),
                       _selection(all_rows, values[:, 1], winners == b.index, used_b))
     _warn_filler(say, f"'{a.name}' vs '{b.name}'", rows, all_rows[own_a | own_b])
@@ -355,16 +352,15 @@ def compare_atlas(run_dir: str | Path, layer: str, first: str | int, second: str
     picked = np.searchsorted(all_rows, rows)
     diff = values[picked, 1] - values[picked, 0]
     activations = store.read_rows(root[f"samples/{layer}/activations"], rows)
-    raw, xy = difference_layout(diff, activations, seed)
+    raw, xy = difference_layout(diff, activations, s.seed)
     name = f"compare-{slug(a.name)}-vs-{slug(b.name)}"
-    attrs = {"kind": "compare", "method": "attribution-difference x, 1-D t-SNE y", "seed": seed, "classes": [a.index, b.index],
+    attrs = {"kind": "compare", "method": "attribution-difference x, 1-D t-SNE y", "seed": s.seed, "classes": [a.index, b.index],
              "class_names": [a.name, b.name], "axis_labels": [a.name, b.name], "top_k": top_k,
              "summary": {"method": "compare", "n": int(rows.size), "classes": [a.name, b.name]}}
-    kwargs = render_kwargs or {}
-    keys = _keys(run_dir, layer, name, rows, {"kind": "compare", "seed": seed, "top_k": top_k, "layout": attrs}, sizes, quality,
-                 kwargs, b.name)
+    keys = _keys(run_dir, layer, name, rows, {"kind": "compare", "seed": s.seed, "top_k": top_k, "layout": attrs}, s.sizes, icons,
+                 b.name)
     return _run(run_dir, layer, name, lambda: layout.save_layout(run_dir, layer, name, rows, raw, xy, np.ones(rows.size, bool), attrs),
-                sizes, quality, kwargs, tiles, b.name, keys)
+                s, icons, net, b.name, keys)
 
 
 def _annotate(run_dir, layer: str, atlas: str, extra: dict) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,7 +125,7 @@ def _check_grid_args(sizes, min_count: int, n_nearest: int, top: int) -> list[in
 
 
 def bin_cells(xy: np.ndarray, acts, attrs=None, sizes=(20,), *, rows: np.ndarray | None = None, kept: np.ndarray | None = None,
-              min_count: int = MIN_COUNT, n_nearest: int = 8, top: int = TOP) -> dict[int, Cells]:
+              min_count: int = MIN_COUNT, n_nearest: int = GridSettings.n_nearest, top: int = TOP) -> dict[int, Cells]:
     """The pure core of the grid stage: bin laid-out points into square grids and average each cell.
 
     Parameters
@@ -202,18 +203,52 @@ def bin_cells(xy: np.ndarray, acts, attrs=None, sizes=(20,), *, rows: np.ndarray
 
 
 @store.writer
-def grid(run_dir: str | Path, layer: str, sizes, atlas: str = FULL_ATLAS, min_count: int = MIN_COUNT, n_nearest: int = 8,
-         top: int = TOP, whiten: bool = True) -> dict:
-    """Write ``grids/{layer}/{atlas}/{size}/*`` for every size (and the layer's whitening matrix).
+def grid(run_dir: str | Path, layer: str, settings: GridSettings | None = None, *, sizes: Sequence[int] | None = None,
+         atlas: str = FULL_ATLAS, top: int = TOP, whiten: bool = True, **overrides) -> dict:
+    """Write ``grids/{layer}/{atlas}/{size}/*`` for every size (and the layer's whitening matrix): the grid stage.
 
     Per non-empty cell: count, float64-accumulated mean activation and mean attribution, the
     top classes by mean attribution, and the ``n_nearest`` samples of the cell closest in cosine
     to its mean activation (ties by row). Cells with fewer than ``min_count`` samples are kept
     but get ``render`` False. If the run has no attributions (``--no-attribution``) the
-    attribution arrays are simply not written. Returns ``{size: summary}``. The arrays are
-    computed by :func:`bin_cells`; this function only reads and writes the store.
+    attribution arrays are simply not written. The arrays are computed by :func:`bin_cells`;
+    this function only reads and writes the store.
+
+    Parameters
+    ----------
+    run_dir : str or Path
+        The run folder; its store must hold ``layouts/{layer}/{atlas}`` (``atlas project``).
+    layer : str
+        A sampled and laid-out layer, e.g. "mixed4c".
+    settings : GridSettings or None, default None
+        The settings (:class:`atlas.settings.GridSettings`: sizes, min_count, n_nearest); None: the defaults.
+    sizes : sequence of int or None, default None
+        Grid sizes replacing ``settings.sizes``, 1 to 2048: the library also bins a 1 x 1 grid, which the settings'
+        range (2 to 2048, what configs and the command line ask) leaves out. None: ``settings.sizes``.
+    atlas : str, default "full"
+        Which layout of the layer to grid (``FULL_ATLAS``; class atlases have their own names).
+    top : int, default TOP (5)
+        Classes kept per cell, by mean attribution.
+    whiten : bool, default True
+        Also compute the layer's whitening matrix (:func:`whitening`; skipped when it is up to date).
+    **overrides
+        Single fields of :class:`~atlas.settings.GridSettings` replacing those of ``settings``, e.g. ``min_count=1``
+        (checked by the class; an unknown name is one line).
+
+    Returns
+    -------
+    dict
+        ``sizes`` ({size: summary of the stored grid}), ``whitening`` (:func:`whitening`'s summary, None without
+        ``whiten``) and ``seconds``.
+
+    Raises
+    ------
+    AtlasError
+        For a setting out of range, a missing store, layer or layout.
     """
-    sizes = _check_grid_args(sizes, min_count, n_nearest, top)
+    s = GridSettings.merged(settings, overrides)
+    min_count, n_nearest = s.min_count, s.n_nearest
+    sizes = _check_grid_args(s.sizes if sizes is None else sizes, min_count, n_nearest, top)
     started = time.perf_counter()
     root = open_for_update(run_dir)
     store.take_lock(run_dir)

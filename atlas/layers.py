@@ -20,6 +20,7 @@ from pathlib import Path
 
 from atlas import store
 from atlas.errors import AtlasError
+from atlas.settings import ClassSettings, RenderSettings
 from atlas.settings import LayersSettings as L
 
 LAYERS_MANIFEST = "layers.json"
@@ -103,22 +104,41 @@ def _same_class(run_dir: Path, have: dict, wanted: str | int) -> bool:
     return resolve_class(wanted, list(meta.get("classes", [])), meta.get("weights")).index == have.get("index")
 
 
-def class_layers(run_dir: str | Path, cls: str | int, layers: Sequence[str], top_k: int = L.top_k, method: str = L.method,
-                 sizes: Sequence[int] = L.sizes, quality: str = L.quality, seed: int = L.seed, render_kwargs: dict | None = None,
-                 echo=None) -> dict:
+def class_layers(run_dir: str | Path, cls: str | int, layers: Sequence[str], settings: L | None = None, *,
+                 render: RenderSettings | None = None, echo=None, **overrides) -> dict:
     """A class atlas of ``cls`` per layer (:func:`atlas.classes.class_atlas`, each highlighted with the class), shown
     side by side; returns the view (:func:`side_by_side`) with ``atlases``, the class atlas of every layer.
 
-    Defaults and checks of ``top_k``, ``method``, ``sizes``, ``quality`` and ``seed``: :class:`atlas.settings.LayersSettings`.
+    Parameters
+    ----------
+    run_dir : str or Path
+        The run folder, sampled with attribution at every layer.
+    cls : str or int
+        The class: a name, synset or index (:func:`atlas.classnames.resolve_class`).
+    layers : sequence of str
+        Two or three layers of the run (LAYER or RUN:LAYER).
+    settings : LayersSettings or None, default None
+        The settings (:class:`atlas.settings.LayersSettings`; the class atlases read ``top_k``, ``method``, ``sizes``,
+        ``quality`` and ``seed``); None: the defaults.
+    render : RenderSettings or None, default None
+        The icons' settings, its ``quality`` included; None: ``RenderSettings(quality=settings.quality)``.
+    echo : callable or None, default None
+        Receives a line per layer tiled.
+    **overrides
+        Single fields of :class:`~atlas.settings.LayersSettings` replacing those of ``settings`` (checked by the class).
+
+    Returns
+    -------
+    dict
+        The view (:func:`side_by_side`) with ``atlases``.
     """
     from atlas.classes import class_atlas
 
-    checked = L(top_k=top_k, method=method, sizes=tuple(sizes) if isinstance(sizes, (list, tuple)) else sizes, quality=quality,
-                seed=seed)
-    top_k, method, sizes, quality, seed = checked.top_k, checked.method, checked.sizes, checked.quality, checked.seed
+    s = L.merged(settings, overrides)
     layers = parse_layers(run_dir, layers)
-    names = [class_atlas(run_dir, layer, cls, top_k=top_k, method=method, sizes=sizes, quality=quality, seed=seed, tiles=True,
-                         render_kwargs=render_kwargs) for layer in layers]
+    chosen = ClassSettings(top_k=s.top_k, method=s.method, sizes=s.sizes, quality=s.quality, seed=s.seed, tiles=True)
+    icons = render if render is not None else RenderSettings(quality=s.quality)
+    names = [class_atlas(run_dir, layer, cls, chosen, render=icons) for layer in layers]
     if len(set(names)) != 1:  # one class, one name: a guard, not a case
         raise AtlasError(f"class atlases of one class got different names: {names}")
     view = side_by_side(run_dir, layers, atlas=names[0], highlight=cls, echo=echo)

@@ -10,7 +10,7 @@ activation at the layer becomes a dual tensor whose tangent is the activation it
 the sampled position and zero elsewhere, so the logits' tangent is exactly that dot
 product for every class.
 
-Work is done in shards of ``shard_size`` images (default ``SHARD``). A shard's rows are written, then its
+Work is done in shards of ``shard_size`` images (``SampleSettings.shard_size``). A shard's rows are written, then its
 ``images/shard_done`` flag: a killed run redoes at most the shard in flight.
 """
 
@@ -39,13 +39,15 @@ from atlas.models.inference import as_input, fusable, inference_net, micro_batch
 from atlas.models.precision import resolve_precision
 from atlas.settings import SampleSettings, check_device, check_out_folder
 
-SHARD = 256
 # Sampling stops early, keeping what is done, when the images cannot be read: when no image of the first shard
 # could be read, or when fewer than MIN_READABLE of the images tried so far were readable once MIN_TRIED were tried.
 MIN_READABLE = 0.5
 MIN_TRIED = 64
 BORDER = 1
 TOP_K = 5
+# The zoo's preprocessing: the shorter side resized to RESIZE, the centre CROP x CROP fed to the model (a model with its
+# own preprocessing, atlas.models.wrap, replaces both).
+RESIZE, CROP = 256, 224
 # Settings that must match for a run folder to be resumed rather than rejected.
 RESUME_KEYS = ("model", "weights_sha256", "layers", "seed", "per_image", "image_list_hash", "dtype", "attribution", "preprocessing",
                "shard_size", "precision", "aligned_positions", "forward")
@@ -223,22 +225,92 @@ def check_layers(net: Network, layers: Sequence[str], crop: int = 224) -> dict[s
     return shapes
 
 
+@dataclass
+class SamplePlan:
+    """What a sample call will do, decided before anything is written: the model, the images, the layers and their
+    shapes, and the settings recorded in the store (:func:`plan_sample`)."""
+
+    net: Network
+    images: ImageList
+    layers: list[str]
+    shapes: dict[str, tuple[int, ...]]
+    record: dict
+
+
+def run_record(net: Network, layers: list[str], settings: SampleSettings, images: ImageList, resize: int = RESIZE,
+               crop: int = CROP) -> dict:
+    """The settings a run's store records (and a resume must match, :data:`RESUME_KEYS`). Pure.
+
+    Parameters
+    ----------
+    net : Network
+        The loaded model (its name, weights and preprocessing are recorded).
+    layers : list of str
+        The sampled layers, in order.
+    settings : SampleSettings
+        The sample settings (``precision`` "auto" is resolved for ``settings.device`` here).
+    images : ImageList
+        The listed images (their digest is recorded).
+    resize : int, default RESIZE (256)
+        Shorter side before the crop; a model with its own preprocessing (``net.preprocess``) replaces it.
+    crop : int, default CROP (224)
+        Side of the centre crop; a model with its own preprocessing replaces it.
+
+    Returns
+    -------
+    dict
+        The store's run attributes: model, weights, layers, seed, per_image, image_list_hash, dtype, attribution,
+        preprocessing, shard_size, precision, and forward / aligned_positions where they are not at their defaults.
+    """
+    s = settings
+    if net.preprocess:  # a model with its own preprocessing (atlas.models.wrap): its resize and input size
+        resize, crop = int(net.preprocess["resize"]), int(net.preprocess["size"])
+    record = {
+        "model": net.name, "weights": net.weights, "weights_sha256": net.weights_sha256, "layers": layers, "seed": s.seed,
+        "per_image": s.per_image, "image_list_hash": images.digest, "dtype": s.dtype, "attribution": s.attribution,
+        "preprocessing": {"resize": resize, "crop": crop, "input": "RGB [0, 1]; the model normalises"} | _model_preprocessing(net),
+        "shard_size": s.shard_size,
+        "precision": resolve_precision(s.precision, s.device) if not s.attribution else "float32",
+    }
+    if record["precision"] == "bfloat16":
+        # in bfloat16 the kernels' own roundings show: recorded, so later passes over the run's photos use the same ones
+        record["forward"] = s.forward
+    if s.aligned_positions:  # only when on: a default run's store attributes stay what they were
+        record["aligned_positions"] = True
+    return record
+
+
+def plan_sample(images: str | Path | ImageList, layers: Sequence[str], out: str | Path, settings: SampleSettings,
+                net: Network | None = None, labels: str | Path | None = None) -> SamplePlan:
+    """Every check of a sample call, the model loaded and the images listed; no store is written (the run folder is
+    read for the image list of a run being resumed, :func:`_resumable_list`, whose log may say which files it lost)."""
+    if not layers:
+        raise AtlasError("give at least one --layer")
+    check_out_folder(out)
+    check_device(settings.device)
+    if not isinstance(images, ImageList):
+        check_image_source(images)  # a README or a JPEG given as the list: one line before the model loads
+    layers = list(dict.fromkeys(layers))
+    net = net or load_model(settings.model, settings.weights, settings.device)
+    crop = int(net.preprocess["size"]) if net.preprocess else CROP
+    shapes = check_layers(net, layers, crop)
+    if not isinstance(images, ImageList):
+        images = list_images(images, class_table(net.weights), labels=labels)
+    images = _resumable_list(Path(out), images.head(settings.max_images))
+    return SamplePlan(net, images, layers, shapes, run_record(net, layers, settings, images))
+
+
 @store.writer
-def sample(images: str | Path | ImageList, layers: Sequence[str], out: str | Path, model: str = "inceptionv1",
-           weights: str | Path | None = None, max_images: int | None = None, per_image: int = 1, seed: int = 0,
-           batch_size: int = 32, workers: int = 2, attribution: bool = True, dtype: str = "float16",
-           resize: int = 256, crop: int = 224, device: str = "cpu", progress: bool = True,
-           shard_size: int = SHARD, precision: str = "auto", net: Network | None = None,
-           labels: str | Path | None = None, engine: str | Engine = "local", ray_address: str | None = None,
-           aligned_positions: bool = False, forward: str = SampleSettings.forward) -> SampleResult:
+def sample(images: str | Path | ImageList, layers: Sequence[str], out: str | Path, settings: SampleSettings | None = None, *,
+           net: Network | None = None, labels: str | Path | None = None, engine: str | Engine = "local", progress: bool = True,
+           **overrides) -> SampleResult:
     """Sample ``per_image`` activations per image at each layer into ``out``/store.zarr: the sample stage.
 
     Each image is resized and centre-cropped, run through the model once, and at ``per_image`` random spatial
     positions per layer (a function of ``seed`` and the image only) the activation vector is stored, with its
     attribution to every class when ``attribution`` is on. Work goes in shards of ``shard_size`` images, so an
     interrupted run resumes with the same settings; a folder holding a run with other settings is an error
-    (nothing is overwritten). Defaults and ranges of the settings are :class:`atlas.settings.SampleSettings`';
-    every one is checked before anything is loaded or created.
+    (nothing is overwritten). Every setting is checked before anything is loaded or created.
 
     Parameters
     ----------
@@ -246,62 +318,33 @@ def sample(images: str | Path | ImageList, layers: Sequence[str], out: str | Pat
         An image folder (ImageNet tree or flat), a list file (one path per line, optionally a label), or an
         :class:`atlas.data.ImageList` already listed.
     layers : sequence of str
-        At least one convolutional layer of the model, e.g. ["mixed4c"]; repeats are dropped.
+        At least one layer of the model with spatial positions, e.g. ["mixed4c"]; repeats are dropped.
     out : str or Path
         The run folder (created if missing).
-    model : str, default "inceptionv1"
-        "inceptionv1" or a torchvision classifier name (``SampleSettings.model``); ignored when ``net`` is given.
-    weights : str, Path or None, default None
-        Weights file; None: the model's default weights (ATLAS_WEIGHTS or the cache). Ignored when ``net`` is given.
-    max_images : int or None, default None
-        Use the first N images of the deterministic order, at least 1; None: all (``SampleSettings.max_images``).
-    per_image : int, default 1
-        Positions sampled per image and layer, at least 1 (``SampleSettings.per_image``).
-    aligned_positions : bool, default False
-        Layers after the first take the positions corresponding to the first layer's (:func:`layer_positions`) instead of
-        their own random ones (``SampleSettings.aligned_positions``); part of the settings a resume must match.
-    seed : int, default 0
-        Seed of the positions, 0 to 2**32 - 1 (``SampleSettings.seed``).
-    batch_size : int, default 32
-        Images per forward pass, at least 1 (speed only).
-    workers : int, default 2
-        DataLoader worker processes decoding images, at least 0 (0: the main process; speed only).
-    attribution : bool, default True
-        Also store each sample's attribution to every class (about half the speed; class atlases need it).
-    dtype : str, default "float16"
-        Storage type of activations and attributions: "float16" or "float32".
-    resize : int, default 256
-        Shorter side, in pixels, before the crop.
-    crop : int, default 224
-        Side of the centre crop fed to the model.
-    device : str, default "cpu"
-        Where the model runs: "cpu", "cuda" or "cuda:N" (speed only).
-    progress : bool, default True
-        Show a progress bar (only on a terminal).
-    shard_size : int, default 256
-        Images per resumable unit of work, at least 1 (``SampleSettings.shard_size``).
-    precision : str, default "auto"
-        Arithmetic of the forward pass without attribution: "auto" (bfloat16 where the CPU/GPU has it), "float32"
-        or "bfloat16"; with attribution it is always float32.
+    settings : SampleSettings or None, default None
+        The settings (:class:`atlas.settings.SampleSettings`: model, weights, max_images, per_image, seed, attribution,
+        dtype, precision, forward, aligned_positions, batch_size, workers, device, shard_size); None: the defaults.
+        ``model`` and ``weights`` are ignored when ``net`` is given.
     net : Network or None, default None
         An already loaded model (``atlas.models.load_model``), to skip loading it again.
     labels : str, Path or None, default None
         A labels file for the images (docs/images.md, ``atlas.data``).
-    forward : str, default "fused"
-        The model's kernels (speed only): "fused" (channels-last memory, each convolution and its ReLU one oneDNN call),
-        "channels-last", or "nchw", the reference arithmetic the stores of earlier versions were made with. They agree
-        to float rounding, not bit for bit, like runs with other thread counts (``SampleSettings.forward``).
     engine : str or Engine, default "local"
-        "local" (this process) or "ray": the shards run on a pool of Ray actors, one model each, and come back
-        here to be written; the store is bit-identical to a local run's (``atlas.engine``, docs/ray.md).
-    ray_address : str or None, default None
-        With ``engine="ray"``: "auto" (the running cluster), "HOST:PORT" or "ray://HOST:PORT"; None starts Ray here.
+        "local" (this process), "ray" (a Ray started here) or an :class:`atlas.engine.Engine`
+        (``make_engine("ray", address)`` for a running cluster): with Ray the shards run on a pool of actors, one model
+        each, and come back here to be written; the store is bit-identical to a local run's (docs/ray.md).
+    progress : bool, default True
+        Show a progress bar (only on a terminal).
+    **overrides
+        Single fields of :class:`~atlas.settings.SampleSettings` replacing those of ``settings``, e.g. ``per_image=4``
+        (checked by the class; an unknown name is one line).
 
     Returns
     -------
     SampleResult
         ``run_dir``, ``n_images`` (listed), ``n_skipped`` (unreadable), ``n_samples`` (valid samples per layer),
-        ``seconds``, ``images_per_second`` (of this call) and ``images_summary`` (how the images were found).
+        ``seconds``, ``images_per_second`` (of this call), ``images_summary`` (how the images were found) and
+        ``labels`` (agreement of the labels with the model, None without labels).
 
     Raises
     ------
@@ -310,70 +353,44 @@ def sample(images: str | Path | ImageList, layers: Sequence[str], out: str | Pat
         read (none of the first shard, or fewer than ``MIN_READABLE``, half, of those tried once ``MIN_TRIED`` were
         tried): the shards finished before are kept, the one that tipped it is redone on resume.
     """
-    if not layers:
-        raise AtlasError("give at least one --layer")
-    # Every argument is checked before anything is loaded or created (a bad --shard-size must not leave a folder behind).
-    SampleSettings(model=model, weights=weights, max_images=max_images, per_image=per_image, seed=seed, batch_size=batch_size,
-                   workers=workers, attribution=attribution, dtype=dtype, precision=precision, device=device, shard_size=shard_size,
-                   aligned_positions=aligned_positions, forward=forward)
-    check_out_folder(out)
-    check_device(device)
-    if not isinstance(images, ImageList):
-        check_image_source(images)  # a README or a JPEG given as the list: one line before the model loads
-    run_on = engine if isinstance(engine, Engine) else make_engine(engine, ray_address)
-    layers = list(dict.fromkeys(layers))
-    net = net or load_model(model, weights, device)
-    if net.preprocess:  # a model with its own preprocessing (atlas.models.wrap): its resize and input size
-        resize, crop = int(net.preprocess["resize"]), int(net.preprocess["size"])
-    shapes = check_layers(net, layers, crop)
-    if not isinstance(images, ImageList):
-        images = list_images(images, class_table(net.weights), labels=labels)
-    images = images.head(max_images)
+    s = SampleSettings.merged(settings, overrides)
+    run_on = engine if isinstance(engine, Engine) else make_engine(engine)
+    plan = plan_sample(images, layers, out, s, net, labels)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    images = _resumable_list(out, images)
-
-    settings = {
-        "model": net.name, "weights": net.weights, "weights_sha256": net.weights_sha256, "layers": layers, "seed": seed,
-        "per_image": per_image, "image_list_hash": images.digest, "dtype": dtype, "attribution": attribution,
-        "preprocessing": {"resize": resize, "crop": crop, "input": "RGB [0, 1]; the model normalises"} | _model_preprocessing(net),
-        "shard_size": shard_size,
-        "precision": resolve_precision(precision, device) if not attribution else "float32",
-    }
-    if settings["precision"] == "bfloat16":
-        # in bfloat16 the kernels' own roundings show: recorded, so later passes over the run's photos use the same ones
-        settings["forward"] = forward
-    if aligned_positions:  # only when on: a default run's store attributes stay what they were
-        settings["aligned_positions"] = True
-    root = _open_or_create(out, images, net, shapes, settings, auto_precision=precision == "auto")
-
-    n = len(images)
-    n_shards = math.ceil(n / shard_size)
+    root = _open_or_create(out, plan.images, plan.net, plan.shapes, plan.record, auto_precision=s.precision == "auto")
+    n, size = len(plan.images), s.shard_size
     done = store.read_flags(root["images/shard_done"])
-    todo = [s for s in range(n_shards) if not done[s]]
+    todo = [shard for shard in range(math.ceil(n / size)) if not done[shard]]
     start = time.perf_counter()
     # The bar only on a terminal: piped or logged output gets the summary lines, not carriage-return noise.
-    bar = tqdm(total=sum(min(shard_size, n - s * shard_size) for s in todo), unit="img", disable=None if progress else True,
-               desc=f"sample {','.join(layers)}", dynamic_ncols=True)
-    finished = np.repeat(done, shard_size)[:n]
+    bar = tqdm(total=sum(min(size, n - shard * size) for shard in todo), unit="img", disable=None if progress else True,
+               desc=f"sample {','.join(plan.layers)}", dynamic_ncols=True)
+    finished = np.repeat(done, size)[:n]
     tried, readable = int(finished.sum()), int(root["images/ok"][:][finished].sum()) if finished.any() else 0
     with run_on.session():
         # The kernels travel with the settings the shards are computed with, not into the store: speed only.
-        processed, first_error = _sample_shards(root, out, net, images, layers, shapes, {"forward": forward} | settings, todo,
-                                                batch_size, workers, device, bar, run_on, tried, readable)
+        processed, first_error = _sample_shards(root, out, plan.net, plan.images, plan.layers, plan.shapes,
+                                                {"forward": s.forward} | plan.record, todo, s.batch_size, s.workers, s.device, bar,
+                                                run_on, tried, readable)
     seconds = time.perf_counter() - start
     if run_on.is_ray and todo:
         store.log(out, f"sample on Ray: {run_on.last.describe()}")
-    ok = root["images/ok"][:]
-    n_skipped = int((~ok).sum())
-    counts = {layer: int(root[f"samples/{layer}/valid"][:].sum()) for layer in layers}
+    return _finish(root, out, plan, first_error, seconds, processed)
+
+
+def _finish(root, out: Path, plan: SamplePlan, first_error: str | None, seconds: float, processed: int) -> SampleResult:
+    """The run's summary, written, and the result of the call; no valid sample at all is one line."""
+    n = len(plan.images)
+    n_skipped = int((~root["images/ok"][:]).sum())
+    counts = {layer: int(root[f"samples/{layer}/valid"][:].sum()) for layer in plan.layers}
     if not any(counts.values()):
         _stop(out, n, 0, first_error)
     agreement = label_agreement(root)
     root.attrs["summary"] = {"n_images": n, "n_skipped": n_skipped, "samples": counts, "complete": True}
-    store.finish_stage(out, "sample", _sample_paths(settings))
+    store.finish_stage(out, "sample", _sample_paths(plan.record))
     return SampleResult(out, n, n_skipped, counts, seconds, processed / seconds if seconds > 0 and processed else 0.0,
-                        images.summary, agreement)
+                        plan.images.summary, agreement)
 
 
 def _model_preprocessing(net: Network) -> dict:

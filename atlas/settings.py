@@ -4,10 +4,11 @@ Each class (``RunSettings``, ``SampleSettings``, ``ProjectSettings``, ``GridSett
 ``RenderSettings``, ``TilesSettings``) checks every field in ``__post_init__`` and raises one
 :class:`~atlas.errors.AtlasError` line naming the setting, the bad value and what is allowed,
 e.g. ``render.quality must be one of draft, standard, paper; got 'ultra'``. ``atlas build``'s
-``DEFAULTS`` and its config tables (``configs/*.toml``), the command-line options' defaults and
-each stage function's own defaults are all these fields' defaults.
+``DEFAULTS`` and its config tables (``configs/*.toml``) and the command-line options' defaults
+are these fields' defaults, and each stage function takes its settings object (``None``: the defaults;
+single fields as keyword overrides, checked here by :meth:`StageSettings.merged`), so a default lives once.
 
-Fields marked ``config=False`` (e.g. ``sample.shard_size``) belong to a stage command only:
+Fields marked ``config=False`` (e.g. ``sample.shard_size``) belong to a stage command or function only:
 they are not keys of a config table and not part of the stage keys ``atlas build`` records.
 Fields marked ``speed=True`` change how fast a stage runs, not what it computes.
 
@@ -293,7 +294,7 @@ def _documented(cls):
     lines = [cls.__doc__.rstrip(), "", "Parameters", "----------"]
     for f in fields(cls):
         check: Check = f.metadata["check"]
-        note = "" if f.metadata["config"] else " Not a config key (stage command only)."
+        note = "" if f.metadata["config"] else " Not a config key (the stage's command or function only)."
         lines += [f"{f.name} : {check.type_name}, default {_default_text(f)}",
                   f"    {f.metadata['doc']} Allowed: {check.what}.{note}"]
     cls.__doc__ = "\n".join(lines) + "\n"
@@ -345,7 +346,10 @@ class StageSettings:
     def merged(cls, settings: StageSettings | None, options: dict) -> StageSettings:
         """``settings`` (default: the defaults) with single fields overridden by ``options`` (a library call's
         ``**options``), checked again; an unknown name is one line listing the known ones."""
-        base = settings or cls()
+        if settings is not None and not isinstance(settings, cls):
+            # e.g. grid(run, layer, [20, 40]): the sizes where the settings object goes
+            raise AtlasError(f"{cls.TABLE} settings must be a {cls.__name__} (or None for the defaults); got {_shown(settings)}")
+        base = settings if settings is not None else cls()
         known = {f.name for f in fields(cls)}
         unknown = [k for k in options if k not in known]
         if unknown:
@@ -419,6 +423,16 @@ class ProjectSettings(StageSettings):
     outside: str = setting("edge", Choice(OUTSIDE),
                            "Points beyond the 1-99th percentile clip: kept at the edge, or dropped from the grids.")
     knn: str = setting("atlas", Choice(KNN_BACKENDS), "Nearest-neighbour search behind UMAP's and t-SNE's graph.")
+    n_epochs: int | None = setting(None, Integer(1, optional=True), "UMAP's optimisation epochs (None: 500 up to 10,000 points, "
+                                   "100 above).", config=False)
+    perplexity: float = setting(30.0, Number(0.0), "t-SNE's perplexity (lowered to a third of the points for small sets).",
+                                config=False)
+    margin: float = setting(0.1, Number(0.0), "Widening of the 1-99th percentile clip box on each side, as a fraction of its "
+                            "width.", config=False)
+
+    def _check_together(self) -> None:
+        if self.perplexity <= 0:
+            raise AtlasError(f"project.perplexity must be a number > 0; got {self.perplexity!r}")
 
 
 @_documented
@@ -476,6 +490,24 @@ class TilesSettings(StageSettings):
     def _check_together(self) -> None:
         if 2 * self.overlap >= self.tile_size:
             raise AtlasError(f"tiles.overlap must be less than half of tiles.tile_size ({self.tile_size}); got {self.overlap}")
+
+
+@_documented
+@dataclass(frozen=True)
+class ClassSettings(StageSettings):
+    """Class-filtered and class-difference atlases: the samples that matter for one class, or for two against each other,
+    laid out, gridded, rendered and tiled (``[classes]`` table, ``atlas class``, ``atlas compare``; docs/classes.md)."""
+
+    TABLE: ClassVar[str] = "classes"
+    top_k: int = setting(2000, Integer(0), "Samples of highest positive attribution added to the class's winners; scaled to the run "
+                         "(at most 4 per own sample of the class, at least 50).")
+    method: str = setting("tsne", Choice(PROJECT_METHODS), "Layout of a class atlas (a difference atlas is always its own "
+                          "x = attribution difference, y = 1-D t-SNE).")
+    sizes: tuple[int, ...] = setting((8,), IntList(1, GRID_MAX, "grid sizes"),
+                                     "Grid sizes; every cell with a sample gets an icon (a class selection is small).")
+    quality: str = setting("draft", Choice(tuple(PRESETS)), "Icon preset when no render settings are given (docs/render.md).")
+    seed: int = setting(0, Integer(0, SEED_MAX), "Seed of the layout (the icons' seed is the render settings').")
+    tiles: bool = setting(True, Flag(), "Also write the tiles and the viewer.")
 
 
 def parse_channels(spec: str | None, n_channels: int, layer: str = "") -> list[int]:
@@ -666,12 +698,41 @@ class LayersSettings(StageSettings):
             raise AtlasError(f"layers.tolerance must be a number > 0; got {self.tolerance!r}")
 
 
+CONCEPT_METHODS = ("topk-sae", "nmf")  # atlas.concepts.dictionary.METHODS (a test checks they agree)
+
+
+@_documented
+@dataclass(frozen=True)
+class ConceptsSettings(StageSettings):
+    """Concepts on the map: a sparse dictionary of a layer's sampled activations, each concept drawn, its top dataset
+    patches, classes and place on the atlas (``[concepts]`` table, ``atlas concepts``; docs/concepts.md)."""
+
+    TABLE: ClassVar[str] = "concepts"
+    concepts: int = setting(256, Integer(2, 65536), "Concepts in the dictionary (at most the number of sampled rows).")
+    method: str = setting("topk-sae", Choice(CONCEPT_METHODS),
+                          "How the dictionary is learnt: a TopK sparse autoencoder, or NMF (non-negative activations only).")
+    sparsity: int = setting(8, Integer(1), "topk-sae: concepts active per sample (k); nmf ignores it.")
+    epochs: int = setting(20, Integer(1), "topk-sae: passes over the sampled rows.")
+    max_iter: int = setting(200, Integer(1), "nmf: coordinate-descent iterations at most.")
+    seed: int = setting(0, Integer(0, SEED_MAX), "Seed of the fit and of the icons' starting images.")
+    top_k: int = setting(9, Integer(1, 100), "Dataset patches kept per concept (distinct images, by code).")
+    patch: int = setting(64, Integer(16, 512), "Side in pixels of the stored patches.")
+    icons: bool = setting(True, Flag(), "Render an icon (feature visualisation) of every concept's direction.")
+    quality: str = setting("draft", Choice(tuple(PRESETS)), "Icon preset (docs/render.md): size, steps and attempts.")
+    steps: int | None = setting(None, Integer(1, optional=True), "Icon optimisation steps (None: the preset's).")
+    device: str = setting("cpu", Device(), "Where the fit and the icons run.", speed=True)
+
+    def _check_together(self) -> None:
+        if self.method == "topk-sae" and self.sparsity > self.concepts:
+            raise AtlasError(f"concepts.sparsity must be at most concepts.concepts ({self.concepts}); got {self.sparsity}")
+
+
 STAGES: dict[str, type[StageSettings]] = {"run": RunSettings, "sample": SampleSettings, "project": ProjectSettings,
                                           "grid": GridSettings, "render": RenderSettings, "tiles": TilesSettings,
                                           "units": UnitsSettings, "inspect": InspectSettings, "weights": WeightsSettings,
                                           "reconstruct": ReconstructSettings, "evolution": EvolutionSettings,
-                                          "patch": PatchSettings,
-                                          "layers": LayersSettings}
+                                          "patch": PatchSettings, "classes": ClassSettings,
+                                          "layers": LayersSettings, "concepts": ConceptsSettings}
 
 
 def defaults() -> dict[str, dict]:
@@ -701,7 +762,7 @@ def reference() -> str:
                   "| setting | type | default | allowed | meaning |", "|---|---|---|---|---|"]
         for f in fields(cls):
             check: Check = f.metadata["check"]
-            name = f"`{f.name}`" + ("" if f.metadata["config"] else " (command only)")
+            name = f"`{f.name}`" + ("" if f.metadata["config"] else " (not a config key)")
             allowed = "any" if isinstance(check, Text) and not isinstance(check, Device) else check.what
             lines.append(f"| {name} | {check.type_name.replace('|', '/')} | {_default_text(f)} | {allowed} | {f.metadata['doc']} |")
         lines.append("")

@@ -122,7 +122,7 @@ def main() -> None:
 
         base = tmp / "sample-local-0"
         project(base, LAYER, method="pca")
-        grid(base, LAYER, [args.grid], min_count=1)
+        grid(base, LAYER, sizes=[args.grid], min_count=1)
         rkw = {"quality": "draft", "steps": args.steps, "size": args.size, "batch": args.batch, "progress": False}
         icons = 0
         for i, (variant, options, loader) in enumerate(variants):

@@ -91,7 +91,7 @@ def worker(kind: str, run: Path, out: Path, size: int) -> float:
     if kind == "make_tiles":
         shutil.rmtree(run / "tiles", ignore_errors=True)  # a first tiling: replacing old tiles adds their deletion
         t0 = time.perf_counter()
-        make_tiles(run, LAYER, ATLAS, sizes=[size], examples=False, viewer=False)
+        make_tiles(run, LAYER, atlas=ATLAS, sizes=[size], examples=False, viewer=False)
         return time.perf_counter() - t0
     t0 = time.perf_counter()
     sizes = [size // 8, size // 4, size // 2, size] if kind == "semantic" else [size]

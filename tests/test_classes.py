@@ -8,6 +8,7 @@ from atlas.classes import compare_atlas, resolve_class, select_class
 from atlas.errors import AtlasError
 from atlas.models import imagenet_classes
 from atlas.sample import sample
+from atlas.settings import RenderSettings
 
 MARINE = ["n04251144_snorkel", "n10565667_scuba_diver", "n01491361_tiger_shark", "n02066245_grey_whale",
           "n01484850_great_white_shark", "n09256479_coral_reef", "n01496331_electric_ray", "n01498041_stingray",
@@ -54,7 +55,7 @@ def test_selection_holds_the_snorkel_photos_own_samples(marine_run):
 
 def test_snorkel_vs_scuba_diver_end_to_end(marine_run):
     name = compare_atlas(marine_run, "mixed5b", "snorkel", "scuba diver", top_k=40, sizes=(4,), quality="draft",
-                         render_kwargs={"steps": 16, "size": 48})
+                         render=RenderSettings(quality="draft", steps=16, size=48))
     root = zarr.open_group(marine_run / "store.zarr", mode="r")
     layout = root[f"layouts/mixed5b/{name}"]
     assert layout.attrs["axis_labels"] == ["snorkel", "scuba diver"]
@@ -115,16 +116,16 @@ def test_a_class_atlas_is_recorded_and_skipped_when_current(marine_run, tmp_path
 
     run = tmp_path / "run"
     shutil.copytree(marine_run, run)
-    kwargs = {"steps": 4, "size": 48}
-    name = class_atlas(run, "mixed5b", "snorkel", top_k=20, sizes=(4,), render_kwargs=kwargs)
+    icons = RenderSettings(quality="draft", steps=4, size=48)
+    name = class_atlas(run, "mixed5b", "snorkel", top_k=20, sizes=(4,), render=icons)
     records = store.read_ledger(run)["records"]
     stages = [f"{name}:{s}" for s in ("project", "grid", "render", "tiles")]
     assert all("key" in records[s] for s in stages), records
     before = store.read_ledger(run)["records"]
-    class_atlas(run, "mixed5b", "snorkel", top_k=20, sizes=(4,), render_kwargs=kwargs)
+    class_atlas(run, "mixed5b", "snorkel", top_k=20, sizes=(4,), render=icons)
     after = store.read_ledger(run)["records"]
     assert all(after[s]["finished"] == before[s]["finished"] for s in stages)  # nothing ran again
-    class_atlas(run, "mixed5b", "snorkel", top_k=20, sizes=(4,), render_kwargs={"steps": 5, "size": 48})
+    class_atlas(run, "mixed5b", "snorkel", top_k=20, sizes=(4,), render=RenderSettings(quality="draft", steps=5, size=48))
     again = store.read_ledger(run)["records"]
     assert [again[s]["key"] == after[s]["key"] for s in stages] == [True, True, False, False]
     store.begin_stage(run, "sample", ["images"])  # what `atlas sample` does first when it rewrites the samples

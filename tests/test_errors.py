@@ -266,9 +266,11 @@ def test_a_bad_shard_size_creates_no_folder(images, files, tmp_path):
 # ----------------------------------------------------------------------------- the settings classes themselves
 
 
-def test_each_setting_has_one_default_shared_by_the_stage_functions():
-    """Every stage function's own default equals its settings class's, so there is one value per setting."""
+def test_each_setting_has_one_default_in_its_settings_class():
+    """A stage function takes its settings object (None: the class's defaults) and repeats no field as a parameter of its
+    own, so each default exists once; single fields come as ``**overrides``, checked by the class."""
     from atlas.build import DEFAULTS
+    from atlas.classes import class_atlas, compare_atlas
     from atlas.grid import MIN_COUNT
     from atlas.grid import grid as grid_fn
     from atlas.layout import DEFAULT_BACKEND, METHODS, OUTSIDE
@@ -278,18 +280,20 @@ def test_each_setting_has_one_default_shared_by_the_stage_functions():
     from atlas.sample import sample as sample_fn
     from atlas.tiles import FORMATS, make_tiles
 
-    pairs = [(settings.SampleSettings, sample_fn, {}), (settings.ProjectSettings, project_fn, {}),
-             (settings.GridSettings, grid_fn, {}), (settings.RenderSettings, render_fn, {}),
-             (settings.TilesSettings, make_tiles, {"format": "fmt"})]
-    for cls, fn, renamed in pairs:
+    pairs = [(settings.SampleSettings, sample_fn), (settings.ProjectSettings, project_fn), (settings.GridSettings, grid_fn),
+             (settings.RenderSettings, render_fn), (settings.TilesSettings, make_tiles), (settings.ClassSettings, class_atlas),
+             (settings.ClassSettings, compare_atlas)]
+    for cls, fn in pairs:
         params = inspect.signature(fn).parameters
-        shared = 0
-        for f in dataclasses.fields(cls):
-            name = renamed.get(f.name, f.name)
-            if name in params and f.name != "sizes":
-                assert params[name].default == f.default, (fn.__name__, name, params[name].default, f.default)
-                shared += 1
-        assert shared >= 2, fn.__name__
+        assert params["settings"].default is None and params["settings"].annotation in (cls.__name__, f"{cls.__name__} | None"), fn
+        # grid's own ``sizes`` is the library's 1 x 1 grid (the settings ask for 2..2048): its default is None, not a copy
+        repeated = [f.name for f in dataclasses.fields(cls) if f.name in params and params[f.name].default is not None]
+        assert not repeated, (fn.__name__, repeated)
+        assert any(p.kind is p.VAR_KEYWORD for p in params.values()), fn  # keyword overrides go through the class
+    with pytest.raises(AtlasError, match=r"^unknown setting sample.per_imag; known: "):
+        sample_fn("photos", ["mixed4c"], "run", per_imag=2)
+    with pytest.raises(AtlasError, match=r"^sample.per_image must be an integer >= 1; got 0$"):
+        sample_fn("photos", ["mixed4c"], "run", settings.SampleSettings(seed=3), per_image=0)
     assert MIN_COUNT == settings.GridSettings.min_count == DEFAULTS["grid"]["min_count"] == 5
     assert settings.RenderSettings.quality == DEFAULTS["render"]["quality"] == "standard"
     assert PRESETS is settings.PRESETS

@@ -30,7 +30,7 @@ def _layout(run_dir, valid: np.ndarray, seed: int = 0, outside: str = "edge",
 def test_each_kept_sample_is_in_exactly_one_cell_and_counts_sum(tmp_path):
     data = make_store(tmp_path, n=3000, c=16, k_classes=7, clusters=4, invalid=0.1)
     rows, xy, _ = _layout(tmp_path, data["valid"])
-    result = grid(tmp_path, LAYER, [1, 3, 10, 20], whiten=False)
+    result = grid(tmp_path, LAYER, sizes=[1, 3, 10, 20], whiten=False)
     root = open_store(tmp_path)
     for s in (1, 3, 10, 20):
         node = root[f"grids/{LAYER}/full/{s}"]
@@ -51,7 +51,7 @@ def test_each_kept_sample_is_in_exactly_one_cell_and_counts_sum(tmp_path):
 def test_cell_means_equal_a_direct_numpy_computation(tmp_path):
     data = make_store(tmp_path, n=2500, c=24, k_classes=6, clusters=5, invalid=0.05, dtype="float16")
     rows, xy, _ = _layout(tmp_path, data["valid"], seed=1)
-    grid(tmp_path, LAYER, [6], min_count=20, n_nearest=4, whiten=False)
+    grid(tmp_path, LAYER, sizes=[6], min_count=20, n_nearest=4, whiten=False)
     node = open_store(tmp_path)[f"grids/{LAYER}/full/6"]
     acts = data["activations"].astype(np.float16).astype(np.float64)[rows]
     atts = data["attributions"].astype(np.float16).astype(np.float64)[rows]
@@ -85,7 +85,7 @@ def test_drop_option_leaves_outside_points_out(tmp_path):
     data = make_store(tmp_path, n=1000, c=8, clusters=3)
     rows, _, inside = _layout(tmp_path, data["valid"], outside="drop")
     assert (~inside).sum() >= 6
-    summary = grid(tmp_path, LAYER, [5], whiten=False)["sizes"][5]
+    summary = grid(tmp_path, LAYER, sizes=[5], whiten=False)["sizes"][5]
     node = open_store(tmp_path)[f"grids/{LAYER}/full/5"]
     cell = node["cell"][:]
     np.testing.assert_array_equal(cell < 0, ~inside)
@@ -95,7 +95,7 @@ def test_drop_option_leaves_outside_points_out(tmp_path):
 def test_runs_without_attributions_skip_the_attribution_arrays(tmp_path):
     data = make_store(tmp_path, n=800, c=8, clusters=3, attributions=False)
     _layout(tmp_path, data["valid"])
-    summary = grid(tmp_path, LAYER, [4, 8])["sizes"][8]
+    summary = grid(tmp_path, LAYER, sizes=[4, 8])["sizes"][8]
     node = open_store(tmp_path)[f"grids/{LAYER}/full/8"]
     names = set(node.array_keys())
     assert {"count", "render", "mean_activation", "nearest", "cell"} <= names
@@ -126,7 +126,7 @@ def test_whitening_matches_numpy_and_is_computed_once(tmp_path):
 def test_grid_after_a_real_projection(tmp_path):
     make_store(tmp_path, n=1200, c=16, clusters=4)
     project(tmp_path, LAYER, method="pca")
-    result = grid(tmp_path, LAYER, [10, 20])
+    result = grid(tmp_path, LAYER, sizes=[10, 20])
     assert result["sizes"][10]["n_kept"] == 1200 and result["whitening"]["n_samples"] == 1200
     attrs = dict(open_store(tmp_path)[f"grids/{LAYER}/full/20"].attrs)
     assert attrs["size"] == 20 and attrs["min_count"] == 5 and "summary" in attrs and attrs["layout_id"]
@@ -134,14 +134,18 @@ def test_grid_after_a_real_projection(tmp_path):
 
 def test_grid_errors(tmp_path):
     with pytest.raises(AtlasError, match="no atlas run"):
-        grid(tmp_path / "none", LAYER, [10])
+        grid(tmp_path / "none", LAYER, sizes=[10])
     make_store(tmp_path, n=100, c=8, clusters=2)
     with pytest.raises(AtlasError, match="no layout 'full' for layer 'mixed4c'.*atlas project"):
-        grid(tmp_path, LAYER, [10])
+        grid(tmp_path, LAYER, sizes=[10])
     with pytest.raises(AtlasError, match="was not sampled"):
-        grid(tmp_path, "mixed9", [10])
+        grid(tmp_path, "mixed9", sizes=[10])
     project(tmp_path, LAYER, method="pca")
     with pytest.raises(AtlasError, match="at least one grid size"):
-        grid(tmp_path, LAYER, [])
+        grid(tmp_path, LAYER, sizes=[])
     with pytest.raises(AtlasError, match="between 1 and"):
-        grid(tmp_path, LAYER, [0, 10])
+        grid(tmp_path, LAYER, sizes=[0, 10])
+    with pytest.raises(AtlasError, match=r"^grid settings must be a GridSettings \(or None for the defaults\); got \[10\]$"):
+        grid(tmp_path, LAYER, [10])  # the sizes where the settings object goes: one line
+    with pytest.raises(AtlasError, match=r"^unknown setting grid.min_cout; known: min_count, n_nearest, sizes$"):
+        grid(tmp_path, LAYER, min_cout=2)

@@ -118,7 +118,7 @@ def test_the_grid_stage_stores_exactly_what_the_core_returns(tmp_path):
     raw = np.random.default_rng(1).normal(size=(rows.size, 2)).astype(np.float32)
     xy, inside = normalize_layout(raw)
     save_layout(tmp_path, "mixed4c", "full", rows, raw, xy, inside, {"method": "test", "outside": "drop"})
-    grid(tmp_path, "mixed4c", [3, 6], min_count=2, n_nearest=3, whiten=False)
+    grid(tmp_path, "mixed4c", sizes=[3, 6], min_count=2, n_nearest=3, whiten=False)
     root = open_store(tmp_path)
     samples = root["samples/mixed4c"]
     want = bin_cells(xy, samples["activations"][:], samples["attributions"][:], [3, 6], rows=rows, kept=inside, min_count=2,

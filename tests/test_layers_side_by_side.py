@@ -57,7 +57,7 @@ def run(tmp_path_factory, net, photos):
     sample(listing, LAYERS, out, net=net, per_image=6, workers=0, progress=False, batch_size=8)
     report = aligned_project(out, LAYERS, compare=True, n_epochs=200)
     for layer in LAYERS:
-        grid(out, layer, [3], atlas="aligned", min_count=1)
+        grid(out, layer, sizes=[3], atlas="aligned", min_count=1)
         render(out, layer, [3], atlas="aligned", quality="draft", steps=2, size=48, network=net)  # mixed5a needs 48 px or more
         make_tiles(out, layer, atlas="aligned", examples=False)
     return out, report

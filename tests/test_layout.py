@@ -12,7 +12,7 @@ from synthetic import clustered, make_store
 
 from atlas import layout
 from atlas.errors import AtlasError
-from atlas.layout import embed, knn_graph, knn_recall, normalize_layout, project, save_layout
+from atlas.layout import embed, embedding, knn_graph, knn_recall, normalize_layout, project, save_layout
 from atlas.store import open_store
 
 LAYER = "mixed4c"
@@ -84,7 +84,7 @@ def test_duplicates_project_fine(tmp_path):
 
 
 def test_umap_failure_is_caught_and_retried_with_jitter(monkeypatch):
-    real = layout.optimize_layout
+    real = embedding.optimize_layout
     graphs = []
 
     def flaky(graph, *args, **kwargs):
@@ -93,7 +93,7 @@ def test_umap_failure_is_caught_and_retried_with_jitter(monkeypatch):
             raise RecursionError("maximum recursion depth exceeded")  # what pynndescent's RP trees do on duplicates
         return real(graph, *args, **kwargs)
 
-    monkeypatch.setattr(layout, "optimize_layout", flaky)
+    monkeypatch.setattr(embedding, "optimize_layout", flaky)
     x, _ = clustered(300, 16, 3, seed=2)
     with pytest.warns(RuntimeWarning, match="retrying"):
         y = embed(x, "umap", seed=0, n_epochs=50)
@@ -163,7 +163,7 @@ def test_save_layout_sorts_rows_and_replaces_stale_grids(tmp_path):
     np.testing.assert_array_equal(root[f"layouts/{LAYER}/custom/raw"][:, 0], [1, 2, 0])
     from atlas.grid import grid
 
-    grid(tmp_path, LAYER, [2], atlas="custom", whiten=False)
+    grid(tmp_path, LAYER, sizes=[2], atlas="custom", whiten=False)
     assert f"grids/{LAYER}/custom/2" in open_store(tmp_path)
     save_layout(tmp_path, LAYER, "custom", rows, raw, xy, inside, {"method": "manual"})
     assert f"grids/{LAYER}/custom" not in open_store(tmp_path)
@@ -177,10 +177,12 @@ def test_clear_errors(tmp_path):
     make_store(tmp_path, n=40, c=8, clusters=2)
     with pytest.raises(AtlasError, match="layer 'mixed5a' was not sampled.*mixed4c"):
         project(tmp_path, "mixed5a")
-    with pytest.raises(AtlasError, match="unknown projection method"):
+    with pytest.raises(AtlasError, match="^project.method must be one of umap, tsne, pca; got 'isomap'$"):
         project(tmp_path, LAYER, method="isomap")
-    with pytest.raises(AtlasError, match="--outside"):
+    with pytest.raises(AtlasError, match="^project.outside must be one of edge, drop; got 'wrap'$"):
         project(tmp_path, LAYER, outside="wrap")
+    with pytest.raises(AtlasError, match="^project settings must be a ProjectSettings"):
+        project(tmp_path, LAYER, "pca")  # the method where the settings object goes: one line, not a traceback
     with pytest.raises(AtlasError, match="out of range"):
         project(tmp_path, LAYER, rows=[0, 40])
     root = open_store(tmp_path, mode="a")

@@ -11,6 +11,7 @@ from tiny_run import cli
 from atlas.classes import TOP_K_FLOOR, class_atlas, compare_atlas, scaled_top_k
 from atlas.info import format_info, info, label_agreement
 from atlas.sample import sample
+from atlas.settings import RenderSettings
 
 SEA = ["n04251144_snorkel", "n10565667_scuba_diver", "n01491361_tiger_shark", "n09256479_coral_reef"]
 
@@ -50,7 +51,7 @@ def test_a_class_of_one_photo_gets_a_small_selection_and_a_warning(small_run):
     run, _, _ = small_run
     lines: list[str] = []
     name = class_atlas(run, "mixed5b", "snorkel", top_k=2000, sizes=(2,), tiles=False, echo=lines.append,
-                       render_kwargs={"steps": 2, "size": 48})
+                       render=RenderSettings(quality="draft", steps=2, size=48))
     root = zarr.open_group(run / "store.zarr", mode="r")
     n = root[f"layouts/mixed5b/{name}/rows"].shape[0]
     valid = int(root["samples/mixed5b/valid"][:].sum())
@@ -66,7 +67,7 @@ def test_compare_says_both_classes_and_warns(small_run):
     run, _, _ = small_run
     lines: list[str] = []
     compare_atlas(run, "mixed5b", "snorkel", "scuba diver", top_k=2000, sizes=(2,), tiles=False, echo=lines.append,
-                  render_kwargs={"steps": 2, "size": 48})
+                  render=RenderSettings(quality="draft", steps=2, size=48))
     assert lines[0].startswith("snorkel at mixed5b") and lines[1].startswith("scuba diver at mixed5b"), lines
     assert sum(line.startswith("warning: ") for line in lines) == 1, lines
 

@@ -25,7 +25,7 @@ from atlas.patches import (
     placements,
     search_table,
 )
-from atlas.settings import PatchSettings
+from atlas.settings import PatchSettings, RenderSettings
 
 SNORKEL, SCUBA = "n04251144_snorkel.JPEG", "n10565667_scuba_diver.JPEG"
 # Photos of other classes to paste into (sea, people, objects): none of them is a scuba diver to the model.
@@ -127,7 +127,7 @@ def compare_run(tmp_path_factory, net, photos):
     run = tmp_path_factory.mktemp("run") / "r"
     sample(listing, ["mixed4c"], run, net=net, per_image=4, workers=0, progress=False, batch_size=6)
     name = compare_atlas(run, "mixed4c", "snorkel", "scuba diver", top_k=20, sizes=(3,), quality="draft", tiles=False,
-                         render_kwargs={"steps": 4, "size": 32, "network": net})
+                         render=RenderSettings(quality="draft", steps=4, size=32), net=net)
     return run, name
 
 

@@ -63,7 +63,7 @@ def test_level_geometry():
 @pytest.fixture(scope="module")
 def png_run(tmp_path_factory) -> tuple[Path, dict]:
     run = make_tile_run(tmp_path_factory.mktemp("png") / "run", sizes=(4, 8, 16), icon=16)
-    entry = make_tiles(run, LAYER, fmt="png", tile_size=64, overlap=2, examples=False, viewer=False)
+    entry = make_tiles(run, LAYER, format="png", tile_size=64, overlap=2, examples=False, viewer=False)
     return run, entry
 
 
@@ -101,7 +101,7 @@ def test_semantic_zoom_levels_show_their_own_grid(png_run):
 
 def test_levels_between_grids_are_downsampled(tmp_path):
     run = make_tile_run(tmp_path / "run", sizes=(4, 16), icon=16)
-    entry = make_tiles(run, LAYER, fmt="png", tile_size=100, overlap=1, examples=False, viewer=False)
+    entry = make_tiles(run, LAYER, format="png", tile_size=100, overlap=1, examples=False, viewer=False)
     atlas_dir = run / "tiles" / LAYER / "full"
     assert [g["level"] for g in entry["grids"]] == [6, 8]
     top = Image.fromarray(read_level(atlas_dir, 8, 100, 1, "png"))
@@ -125,7 +125,7 @@ def test_default_jpeg_tiles_are_254_with_overlap(tmp_path):
 
 def test_icon_size_and_density_scale(tmp_path):
     run = make_tile_run(tmp_path / "run", sizes=(4,), icon=16)
-    entry = make_tiles(run, LAYER, icon_size=32, density_scale=True, fmt="png", examples=False, viewer=False)
+    entry = make_tiles(run, LAYER, icon_size=32, density_scale=True, format="png", examples=False, viewer=False)
     assert entry["width"] == 128
     level = read_level(run / "tiles" / LAYER / "full", 7, 254, 1, "png")
     count = open_store(run)[f"grids/{LAYER}/full/4/count"][:]
@@ -182,7 +182,7 @@ def test_example_patches_in_cell_strips(tmp_path, monkeypatch):
         calls.append((layer, np.asarray(rows).copy(), size))
         return np.stack([np.full((size, size, 3), r % 256, np.uint8) for r in rows])
 
-    monkeypatch.setattr(tiles, "_sample_patches", lambda: fake_patches)
+    monkeypatch.setattr(tiles.writer, "_sample_patches", lambda: fake_patches)
     entry = make_tiles(run, LAYER, viewer=False)
     assert entry["examples"] and calls and all(size == 16 and layer == LAYER for layer, _, size in calls)
     rows = np.concatenate([r for _, r, _ in calls])
@@ -196,7 +196,7 @@ def test_example_patches_in_cell_strips(tmp_path, monkeypatch):
     assert abs(int(strip[8, 16 + 8, 0]) - int(nearest[1] % 256)) < 6  # the second patch is row nearest[1]
     assert not (run / "tiles" / LAYER / "full" / "examples" / "4" / "0" / "6.jpg").exists()  # empty cell: no strip
 
-    monkeypatch.setattr(tiles, "_sample_patches", lambda: None)
+    monkeypatch.setattr(tiles.writer, "_sample_patches", lambda: None)
     with pytest.raises(AtlasError, match="--no-examples"):
         make_tiles(run, LAYER, viewer=False)
 
@@ -233,8 +233,8 @@ def test_clear_errors(tmp_path, monkeypatch):
         make_tiles(run, LAYER, sizes=[8], viewer=False)
     with pytest.raises(AtlasError, match="unknown class 'goldfsh'"):
         make_tiles(run, LAYER, highlight="goldfsh", examples=False, viewer=False)
-    with pytest.raises(AtlasError, match="unknown tile format"):
-        make_tiles(run, LAYER, fmt="gif", viewer=False)
+    with pytest.raises(AtlasError, match="^tiles.format must be one of jpg, png, webp; got 'gif'$"):
+        make_tiles(run, LAYER, format="gif", viewer=False)
     import atlas.viewer as viewer
 
     monkeypatch.setenv("ATLAS_OPENSEADRAGON", str(tmp_path / "nowhere"))
@@ -321,7 +321,7 @@ def test_tiles_of_a_run_sampled_without_attribution(tmp_path):
     run = tmp_path / "run"
     make_store(run, layer=LAYER, n=300, c=16, attributions=False)
     project(run, LAYER, method="pca")
-    make_grid(run, LAYER, [4], min_count=1)
+    make_grid(run, LAYER, sizes=[4], min_count=1)
     root = open_store(run, mode="a")
     s = 4
     icons = root.require_group(f"icons/{LAYER}/full/{s}")

@@ -40,13 +40,13 @@ def run(tmp_path_factory) -> Path:
     """Two atlases: a full one with 16/32/64 grids of 32 px icons (2048 px), and a comparison atlas with axis labels."""
     run = make_tile_run(tmp_path_factory.mktemp("viewer") / "run", sizes=(16, 32, 64), icon=32)
     make_tile_run(run, atlas="compare-snorkel-scuba_diver", sizes=(8, 16), icon=32, axis_labels=["snorkel", "scuba diver"])
-    original = tiles._sample_patches
-    tiles._sample_patches = lambda: fake_patches
+    original = tiles.writer._sample_patches
+    tiles.writer._sample_patches = lambda: fake_patches
     try:
         make_tiles(run, LAYER, highlight="goldfish")
         make_tiles(run, LAYER, atlas="compare-snorkel-scuba_diver")
     finally:
-        tiles._sample_patches = original
+        tiles.writer._sample_patches = original
     return run
 
 

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from atlas.cli.commands import app
-from atlas.settings import MODEL_HELP, GridSettings, ProjectSettings, RenderSettings, RunSettings
+from atlas.settings import MODEL_HELP, ClassSettings, GridSettings, ProjectSettings, RenderSettings, RunSettings
 
 
 @app.command("build")
@@ -82,7 +82,7 @@ def _check_class_options(top_k: int, grid: list[int] | None, quality: str, steps
     if top_k < 1:
         raise AtlasError(f"--top-k must be an integer >= 1; got {top_k}")
     ProjectSettings(method=method, seed=seed)
-    GridSettings(sizes=grid or [8])
+    GridSettings(sizes=grid or ClassSettings.sizes)
     RenderSettings(quality=quality, steps=steps, size=size, seed=seed)
 
 
@@ -91,20 +91,20 @@ def class_command(
     run_dir: RunDir,
     layer: Layer,
     cls: Annotated[str, typer.Option("--class", help="class name, synset or index")],
-    top_k: TopK = 2000,
-    method: Annotated[str, typer.Option(help=ProjectSettings.option_help("method"))] = "tsne",
+    top_k: TopK = ClassSettings.top_k,
+    method: Annotated[str, typer.Option(help=ProjectSettings.option_help("method"))] = ClassSettings.method,
     grid: Grids = None,
-    quality: Quality = "draft",
+    quality: Quality = ClassSettings.quality,
     steps: Steps = None,
     size: IconSize = None,
-    seed: Seed = 0,
+    seed: Seed = ClassSettings.seed,
 ) -> None:
     """A class-filtered atlas: the activations that matter for one class."""
     _check_class_options(top_k, grid, quality, steps, size, seed, method)
     from atlas.classes import class_atlas
 
-    name = class_atlas(run_dir, layer, cls, top_k=top_k, method=method, sizes=tuple(grid or [8]), quality=quality, seed=seed,
-                       render_kwargs={"steps": steps, "size": size}, echo=typer.echo)
+    settings = ClassSettings(top_k=top_k, method=method, sizes=tuple(grid or ClassSettings.sizes), quality=quality, seed=seed)
+    name = class_atlas(run_dir, layer, cls, settings, render=RenderSettings(quality=quality, steps=steps, size=size), echo=typer.echo)
     typer.echo(f"atlas {name} of {layer} -> {run_dir}/tiles (atlas serve {run_dir})")
 
 
@@ -114,17 +114,18 @@ def compare_command(
     first: Annotated[str, typer.Argument(help="class on the left (x = -1)")],
     second: Annotated[str, typer.Argument(help="class on the right (x = +1)")],
     layer: Layer,
-    top_k: TopK = 2000,
+    top_k: TopK = ClassSettings.top_k,
     grid: Grids = None,
-    quality: Quality = "draft",
+    quality: Quality = ClassSettings.quality,
     steps: Steps = None,
     size: IconSize = None,
-    seed: Seed = 0,
+    seed: Seed = ClassSettings.seed,
 ) -> None:
     """A class-difference atlas: x = attribution to SECOND minus FIRST, y = 1-D t-SNE."""
     _check_class_options(top_k, grid, quality, steps, size, seed)
     from atlas.classes import compare_atlas
 
-    name = compare_atlas(run_dir, layer, first, second, top_k=top_k, sizes=tuple(grid or [8]), quality=quality, seed=seed,
-                         render_kwargs={"steps": steps, "size": size}, echo=typer.echo)
+    settings = ClassSettings(top_k=top_k, sizes=tuple(grid or ClassSettings.sizes), quality=quality, seed=seed)
+    name = compare_atlas(run_dir, layer, first, second, settings, render=RenderSettings(quality=quality, steps=steps, size=size),
+                         echo=typer.echo)
     typer.echo(f"atlas {name} of {layer} -> {run_dir}/tiles (atlas serve {run_dir})")

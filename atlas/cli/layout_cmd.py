@@ -28,12 +28,11 @@ def project_cmd(
 ) -> None:
     """Project a layer's sampled activations to 2-D and store the normalised layout."""
     # Checked before the stage (and torch) is imported: a bad option fails at once.
-    P(method=method, n_neighbors=neighbors, min_dist=min_dist, metric=metric, pca=pca, seed=seed, outside=outside,
-      knn=knn)
+    settings = P(method=method, n_neighbors=neighbors, min_dist=min_dist, metric=metric, pca=pca, seed=seed, outside=outside,
+                 knn=knn)
     from atlas.layout import project
 
-    attrs = project(run_dir, layer, method=method, atlas=atlas, n_neighbors=neighbors, min_dist=min_dist, metric=metric, pca=pca,
-                    seed=seed, outside=outside, progress=True, knn=knn)
+    attrs = project(run_dir, layer, settings, atlas=atlas, progress=True)
     s = attrs["summary"]
     recall = "n/a" if s["knn_recall_10"] is None else f"{s['knn_recall_10']:.3f}"
     trust = "n/a" if s.get("trustworthiness") is None else f"{s['trustworthiness']:.3f}"
@@ -55,7 +54,7 @@ def grid_cmd(
     settings = G(sizes=grid or G.sizes, min_count=min_count, n_nearest=nearest)  # checked before the stage is imported
     from atlas.grid import grid as run_grid
 
-    result = run_grid(run_dir, layer, list(settings.sizes), atlas=atlas, min_count=min_count, n_nearest=nearest)
+    result = run_grid(run_dir, layer, settings, atlas=atlas)
     for size, s in result["sizes"].items():
         typer.echo(f"{layer}/{atlas} grid {size}x{size}: {s['n_cells']} non-empty cells, {s['n_render']} to render "
                    f"(>= {s['min_count']} samples), {s['n_kept']} samples")

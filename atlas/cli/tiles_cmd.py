@@ -29,13 +29,13 @@ def tiles_command(
 ) -> None:
     """Write deep-zoom tiles, cell metadata and the viewer under RUN/tiles/."""
     # Checked before the stage is imported: `--format gif` or `--tile-size 0` fail at once, before any tile is drawn.
-    T(format=fmt, density_scale=density_scale, examples=not no_examples, icon_size=icon_size, tile_size=tile_size, overlap=overlap)
+    settings = T(format=fmt, density_scale=density_scale, examples=not no_examples, icon_size=icon_size, tile_size=tile_size,
+                 overlap=overlap)
     if size:
         GridSettings(sizes=size)
     from atlas.tiles import make_tiles
 
-    entry = make_tiles(run_dir, layer, atlas=atlas, sizes=size or None, icon_size=icon_size, fmt=fmt, tile_size=tile_size,
-                       overlap=overlap, density_scale=density_scale, highlight=highlight, examples=not no_examples)
+    entry = make_tiles(run_dir, layer, settings, atlas=atlas, sizes=size or None, highlight=highlight)
     grids = ", ".join(f"{g['size']}x{g['size']}" for g in entry["grids"])
     typer.echo(f"{entry['width']}x{entry['height']} px, {entry['levels']} levels, grids {grids} -> {run_dir}/tiles/{entry['dzi']}")
     typer.echo(f"view it with: atlas serve {run_dir}")
