@@ -375,6 +375,31 @@ class Run:
             out["class_score"] = np.asarray(g["classes/score"].get_orthogonal_selection((picked,)))
         return out
 
+    def concepts(self, layer: str):
+        """The sparse dictionary ``atlas concepts`` learnt for ``layer`` and every sampled row's code.
+
+        Parameters
+        ----------
+        layer : str
+            A layer ``atlas concepts`` (``atlas.concepts.concepts``) ran on.
+
+        Returns
+        -------
+        atlas.concepts.Concepts
+            ``atoms`` (K, C) unit-norm concept directions, ``bias`` (C,), ``codes`` (N, K) (``codes @ atoms + bias``
+            reconstructs the activations), ``rows`` (N,) (as :meth:`samples` numbers them), ``method``, ``sparsity``,
+            ``summary`` (R^2, active concepts per sample, dead concepts), the top examples' images and codes, and the
+            top classes (None without attributions).
+
+        Raises
+        ------
+        AtlasError
+            If no concepts were learnt for ``layer`` (the command to run named).
+        """
+        from atlas.concepts import read_concepts
+
+        return read_concepts(self.path, layer)
+
     # ------------------------------------------------------------------ the viewer
     def show(self, layer: str | None = None, atlas: str = store.FULL_ATLAS, height: int = 600, width: str = "100%",
              page: str = "index.html") -> Viewer:

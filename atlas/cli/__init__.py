@@ -167,7 +167,7 @@ from atlas.cli import stages  # noqa: E402,F401
 # here would fall into a fifth, untitled group: tests/test_cli_help.py names it.
 GROUPS: dict[str, tuple[str, ...]] = {
     "Pipeline": ("build", "sample", "project", "grid", "render", "tiles", "export-icons", "info", "layers", "fetch-weights"),
-    "Instruments": ("inspect", "units", "weights", "evolution", "reconstruct"),
+    "Instruments": ("inspect", "units", "concepts", "weights", "evolution", "reconstruct"),
     "Experiments": ("class", "compare", "patch", "patch-search", "align", "side-by-side", "class-layers"),
     "Serving": ("serve",),
 }

@@ -39,12 +39,12 @@ STAGE_ORDER = ("sample", "project", "grid", "render", "tiles")  # the atlas chai
 # What each stage is built on: a stage that starts rewriting invalidates itself and every stage built on it,
 # directly or not. The unit lens (``units``) reads the sampled run's images only; its ``gallery`` links to the atlas.
 BUILT_ON = {"project": ("sample",), "grid": ("project",), "render": ("grid",), "tiles": ("render",),
-            "units": ("sample",), "gallery": ("tiles", "units")}
+            "units": ("sample",), "gallery": ("tiles", "units"), "concepts": ("sample",)}
 
 
 # The stage that writes each top-level node of the store (for "re-run `atlas STAGE`" hints).
 WRITER = {"images": "sample", "samples": "sample", "layouts": "project", "grids": "grid", "whitening": "grid", "icons": "render",
-          "units": "units"}
+          "units": "units", "concepts": "concepts"}
 
 
 def store_path(run_dir: str | Path) -> Path:
