@@ -49,7 +49,7 @@ from __future__ import annotations
 import contextlib
 import time
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -445,32 +445,123 @@ def write_projections(run_dir: str | Path, layer: str, method: str = "deconvnet"
     patch = int(patch)
     wanted = _channels(channels, n_channels)
     prep = dict(root.attrs.get("preprocessing", {}) or {})
-    resize, crop, interpolation = photo_reading(prep)  # the model's own resampling (bicubic for a ViT)
+    reading = photo_reading(prep)  # (resize, crop, interpolation): the model's own resampling (bicubic for a ViT)
     paths_array = root["images/path"]
     ok = root["images/ok"][...] if "images/ok" in root else np.ones(paths_array.shape[0], bool)
 
     ppath = f"units/{layer}/projection/{method}"
     shape = (n_channels, k, patch, patch, 3)
-    fresh = not (ppath in root and "done" in root[ppath] and "image" in root[ppath] and root[ppath]["done"].shape == (n_channels,)
-                 and root[ppath]["image"].shape == shape)
-    done = np.zeros(n_channels, bool) if fresh else root[ppath]["done"][...]
-    # Each channel's projections belong to its top row (images, positions, boxes): a row the top-k pass has since
-    # rewritten makes that channel's projections stale, so it is redone even though its flag is set.
-    sources = np.array([zlib.crc32(image_ids[c].tobytes() + pos[c].tobytes() + box[c].tobytes()) for c in range(n_channels)],
-                       np.int64)
-    if not fresh and "source" in root[ppath] and root[ppath]["source"].shape == (n_channels,):
-        done &= root[ppath]["source"][...] == sources
-    elif not fresh:
-        done[:] = False
+    sources = top_sources(image_ids, pos, box)
+    fresh, done = _done_channels(root, ppath, shape, sources)
     todo = [c for c in wanted if not done[c]]
     examples = [(c, j) for c in todo for j in range(k) if image_ids[c, j] >= 0]
-    needed = sorted({int(image_ids[c, j]) for c, j in examples})
-    paths = {i: str(paths_array[i]) for i in needed}
+    paths = {i: str(paths_array[i]) for i in sorted({int(image_ids[c, j]) for c, j in examples})}
     _check_photos(paths)  # before anything is written
 
     store.take_lock(run_dir)
     root = store.open_store(run_dir, mode="a")
     store.begin_stage(run_dir, "units", [ppath])
+    group = _projection_group(root, ppath, shape, fresh)
+    group.attrs.update({"method": method, "patch": patch, "k": k, "crop": reading[1]})
+    started = time.perf_counter()
+    if examples and net is None:
+        net = load_run_model(store.attrs(root), device)
+    top_rows = (image_ids, pos, box, sources)
+    computed, skipped = _project_examples(net, layer, method, group, todo, examples, top_rows, patch,
+                                          lambda i: _read(paths[i], *reading) if ok[i] else None, int(batch_size), device, progress)
+    seconds = time.perf_counter() - started
+    # What the node holds (a resumed run's summary counts what earlier runs stored too), then what this call added.
+    held = group["done"][...]
+    stored = int(((image_ids >= 0) & (group["scale"][...] > 0) & held[:, None]).sum())  # grey (unreadable) examples aside
+    summary = {"method": method, "channels": int(held.sum()), "projections": stored, "channels_computed": len(todo),
+               "computed": computed, "skipped_images": len(skipped), "seconds": round(seconds, 3),
+               "projections_per_s": round(computed / seconds, 2) if computed and seconds > 0 else 0.0}
+    if skipped:
+        store.log(run_dir, f"units {layer} {method}: {len(skipped)} unreadable example images skipped (grey, scale 0)")
+    group.attrs["summary"] = summary
+    store.finish_stage(run_dir, "units", [ppath])
+    return summary
+
+
+def top_sources(image_ids: np.ndarray, pos: np.ndarray, box: np.ndarray) -> np.ndarray:
+    """A digest (crc32) of each channel's top row: the projections of a channel belong to the row they were made from.
+
+    Parameters
+    ----------
+    image_ids : (C, k) int64 array
+        The top examples' image indices.
+    pos : (C, k, 2) int64 array
+        Their positions in the layer's grid.
+    box : (C, k, 4) int64 array
+        Their receptive-field boxes.
+
+    Returns
+    -------
+    (C,) int64 array
+    """
+    return np.array([zlib.crc32(image_ids[c].tobytes() + pos[c].tobytes() + box[c].tobytes()) for c in range(image_ids.shape[0])],
+                    np.int64)
+
+
+def project_examples(net: Network, layer: str, pictures: list[np.ndarray], units: list[tuple[int, int, int]],
+                     boxes: np.ndarray, patch: int, method: str, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """Project a batch of examples back to pixels and cut each to its receptive field for display.
+
+    Parameters
+    ----------
+    net : Network
+        The run's model.
+    layer : str
+        The layer of the units.
+    pictures : list of (S, S, 3) uint8 arrays
+        The example images, as the model reads them.
+    units : list of (channel, y, x)
+        The unit of each example.
+    boxes : (n, 4) int array
+        Each example's receptive-field box (top, left, bottom, right).
+    patch : int
+        Side of the display patches.
+    method : str
+        See :func:`project_units`.
+    device : torch.device
+        Where the model runs.
+
+    Returns
+    -------
+    displays : (n, patch, patch, 3) uint8 array
+        :func:`to_display` of each projection in its box.
+    scales : (n,) float32 array
+        The largest |projection| in the box (0 for an empty box).
+    """
+    x = torch.from_numpy(np.stack(pictures)).to(device).permute(0, 3, 1, 2).float().div_(255.0)
+    proj = project_units(net, layer, x.contiguous(memory_format=torch.channels_last), torch.tensor(units), method).cpu()
+    displays = np.empty((len(pictures), patch, patch, 3), np.uint8)
+    scales = np.zeros(len(pictures), np.float32)
+    for i, (p, b) in enumerate(zip(proj, boxes, strict=True)):
+        displays[i] = to_display(p, b, patch)
+        region = p[:, max(int(b[0]), 0):int(b[2]), max(int(b[1]), 0):int(b[3])]
+        scales[i] = float(region.abs().max()) if region.numel() else 0.0
+    return displays, scales
+
+
+def _done_channels(root, ppath: str, shape: tuple[int, ...], sources: np.ndarray) -> tuple[bool, np.ndarray]:
+    """Whether the node must be created anew, and which channels are done and still belong to their top row."""
+    n_channels = shape[0]
+    fresh = not (ppath in root and "done" in root[ppath] and "image" in root[ppath] and root[ppath]["done"].shape == (n_channels,)
+                 and root[ppath]["image"].shape == shape)
+    done = np.zeros(n_channels, bool) if fresh else root[ppath]["done"][...]
+    # Each channel's projections belong to its top row (images, positions, boxes): a row the top-k pass has since
+    # rewritten makes that channel's projections stale, so it is redone even though its flag is set.
+    if not fresh and "source" in root[ppath] and root[ppath]["source"].shape == (n_channels,):
+        done &= root[ppath]["source"][...] == sources
+    elif not fresh:
+        done[:] = False
+    return fresh, done
+
+
+def _projection_group(root, ppath: str, shape: tuple[int, ...], fresh: bool):
+    """The node's group, its arrays created when ``fresh`` (and ``source`` when an older node lacks it)."""
+    n_channels, k = shape[:2]
     group = root.require_group(ppath)
     if fresh:
         store.create_array(group, "image", shape, np.uint8, chunks=(1, *shape[1:]), fill_value=GREY, overwrite=True)
@@ -478,12 +569,18 @@ def write_projections(run_dir: str | Path, layer: str, method: str = "deconvnet"
         store.create_array(group, "done", (n_channels,), bool, chunks=(n_channels,), fill_value=False, overwrite=True)
     if "source" not in group or group["source"].shape != (n_channels,):
         store.create_array(group, "source", (n_channels,), np.int64, chunks=(n_channels,), fill_value=-1, overwrite=True)
-    group.attrs.update({"method": method, "patch": patch, "k": k, "crop": crop})
-    started = time.perf_counter()
+    return group
+
+
+def _project_examples(net, layer: str, method: str, group, todo: list[int], examples: list[tuple[int, int]], top_rows: tuple,
+                      patch: int, picture: Callable[[int], np.ndarray | None], batch_size: int, device: str,
+                      progress: bool) -> tuple[int, set[int]]:
+    """Project ``examples`` batch by batch and write each channel's row as soon as its last example is done (its flag
+    last); returns the projections computed and the unreadable images skipped."""
+    image_ids, pos, box, sources = top_rows
+    k = image_ids.shape[1]
     skipped: set[int] = set()
     computed = 0
-    if examples and net is None:
-        net = load_run_model(store.attrs(root), device)
     images: dict[int, np.ndarray | None] = {}
     rows_image = {c: np.full((k, patch, patch, 3), GREY, np.uint8) for c in todo}
     rows_scale = {c: np.zeros(k, np.float32) for c in todo}
@@ -509,13 +606,13 @@ def write_projections(run_dir: str | Path, layer: str, method: str = "deconvnet"
         if examples:
             # channels-last memory (the model's tensors are put back afterwards): the same arithmetic, ~1.3x faster on CPU
             stack.enter_context(prepared(net, device_t, channels_last=True))
-        for start in range(0, len(examples), int(batch_size)):
-            chunk = examples[start:start + int(batch_size)]
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start:start + batch_size]
             batch, units, where = [], [], []
             for c, j in chunk:
                 img = int(image_ids[c, j])
                 if img not in images:
-                    images[img] = _read(paths[img], resize, crop, interpolation) if ok[img] else None
+                    images[img] = picture(img)
                     if len(images) > 256:  # bounded: a channel's examples are adjacent, nearby channels' often shared
                         images.pop(next(iter(images)))
                 if images[img] is None:
@@ -525,13 +622,10 @@ def write_projections(run_dir: str | Path, layer: str, method: str = "deconvnet"
                 units.append((c, int(pos[c, j, 0]), int(pos[c, j, 1])))
                 where.append((c, j))
             if batch:
-                x = torch.from_numpy(np.stack(batch)).to(device_t).permute(0, 3, 1, 2).float().div_(255.0)
-                proj = project_units(net, layer, x.contiguous(memory_format=torch.channels_last), torch.tensor(units), method).cpu()
-                for (c, j), p in zip(where, proj, strict=True):
-                    b = box[c, j]
-                    rows_image[c][j] = to_display(p, b, patch)
-                    region = p[:, max(int(b[0]), 0):int(b[2]), max(int(b[1]), 0):int(b[3])]
-                    rows_scale[c][j] = float(region.abs().max()) if region.numel() else 0.0
+                displays, scales = project_examples(net, layer, batch, units, np.stack([box[c, j] for c, j in where]), patch, method,
+                                                    device_t)
+                for (c, j), shown, s in zip(where, displays, scales, strict=True):
+                    rows_image[c][j], rows_scale[c][j] = shown, s
                 computed += len(batch)
             for c, _ in chunk:
                 left[c] -= 1
@@ -539,18 +633,7 @@ def write_projections(run_dir: str | Path, layer: str, method: str = "deconvnet"
                     finish(c)
             bar.update(len(chunk))
     bar.close()
-    seconds = time.perf_counter() - started
-    # What the node holds (a resumed run's summary counts what earlier runs stored too), then what this call added.
-    held = group["done"][...]
-    stored = int(((image_ids >= 0) & (group["scale"][...] > 0) & held[:, None]).sum())  # grey (unreadable) examples aside
-    summary = {"method": method, "channels": int(held.sum()), "projections": stored, "channels_computed": len(todo),
-               "computed": computed, "skipped_images": len(skipped), "seconds": round(seconds, 3),
-               "projections_per_s": round(computed / seconds, 2) if computed and seconds > 0 else 0.0}
-    if skipped:
-        store.log(run_dir, f"units {layer} {method}: {len(skipped)} unreadable example images skipped (grey, scale 0)")
-    group.attrs["summary"] = summary
-    store.finish_stage(run_dir, "units", [ppath])
-    return summary
+    return computed, skipped
 
 
 def _read(path: str, resize: int, crop: int, interpolation: str) -> np.ndarray | None:

@@ -337,14 +337,7 @@ def top_examples(run_dir: str | Path, layers: str | Sequence[str], k: int = 9, c
         One line: no run, an unknown layer or one without positions (the valid ones listed), channels out of range,
         k < 1, a run whose photos are missing (the folder named) or of which no image could be read.
     """
-    if int(k) < 1:
-        raise AtlasError(f"top-k must be at least 1 (got {k})")
-    if int(patch) < 1:
-        raise AtlasError(f"patch must be at least 1 pixel (got {patch})")
-    if int(batch_size) < 1 or int(workers) < 0:
-        raise AtlasError("batch_size must be at least 1 and workers at least 0")
-    k, patch = int(k), int(patch)
-    check_device(device)
+    k, patch = _checked(k, patch, batch_size, workers, device)
     run_on = engine if isinstance(engine, Engine) else make_engine(engine, ray_address)
     run = Path(run_dir)
     root = store.open_store(run)
@@ -357,10 +350,7 @@ def top_examples(run_dir: str | Path, layers: str | Sequence[str], k: int = 9, c
     resize, crop, interp = photo_reading(meta.get("preprocessing"))  # the model's own resampling (bicubic for a ViT)
     net = net if net is not None else load_run_model(meta, device)
     fields = {layer: receptive_field(net, layer, crop) for layer in layers}  # unknown / position-less layers: one line
-    with torch.inference_mode():  # one blank image through to the deepest layer: the maps' shapes
-        param = next(net.module.parameters(), None)
-        blank = net.activations(torch.zeros(1, 3, crop, crop, device=param.device if param is not None else "cpu"), layers)
-    shapes = {layer: tuple(int(v) for v in blank[layer].shape[1:]) for layer in layers}
+    shapes = _map_shapes(net, layers, crop)
     chosen = {layer: _channels(channels, shapes[layer][0], layer) for layer in layers}
 
     paths = root["images/path"][:]
@@ -386,19 +376,11 @@ def top_examples(run_dir: str | Path, layers: str | Sequence[str], k: int = 9, c
     active = [s for s in states if s.todo]
     todo = [sh for sh in range(n_shards) if any(not s.shard_done[sh] for s in active)]
     images = ImageList(paths=[str(p) for p in paths], labels=np.zeros(n, np.int32)) if todo else None
-    skipped: set[int] = {i for i in range(n) if not ok[i]}
-    failed_now, tried, readable, first_error = 0, 0, 0, ""
-    arithmetic = run_kernels(meta)
     total = sum(min(shard_size, n - sh * shard_size) for sh in todo)
     bar = tqdm(total=total, unit="img", disable=None if progress else True, desc=f"units top-{k} {','.join(layers)}", dynamic_ncols=True)
-    # The work units: per shard, the images to read and the (layer, channels) still to rank there.
-    units = []
-    for shard in todo:
-        lo, hi = shard * shard_size, min((shard + 1) * shard_size, n)
-        needs = [s for s in active if not s.shard_done[shard]]
-        units.append((shard, [i for i in range(lo, hi) if ok[i]], [(s.name, s.todo) for s in needs], needs))
+    units = shard_units(todo, active, ok, n, shard_size)
     with run_on.session():  # Ray started (or joined) for the pass, when the engine is ray
-        spec = (paths, resize, crop, k, batch_size, workers, device, arithmetic)
+        spec = (paths, resize, crop, k, batch_size, workers, device, run_kernels(meta))
         if run_on.is_ray:
             # One model per Ray actor; each returns its shards' top-ks, written and flagged here in shard order.
             results = run_on.map(topk_worker, (meta, *spec), [(wanted, layer_todo) for _, wanted, layer_todo, _ in units],
@@ -407,24 +389,7 @@ def top_examples(run_dir: str | Path, layers: str | Sequence[str], k: int = 9, c
             results = (shard_tops(net, images, *spec[1:], wanted, layer_todo, bar.update, interpolation=interp)
                        for _, wanted, layer_todo, _ in units)
         try:
-            for (shard, wanted, _, needs), (tops, errors, shard_tried, shard_readable) in zip(units, results, strict=False):
-                lo, hi = shard * shard_size, min((shard + 1) * shard_size, n)
-                for index, error in errors:
-                    failed_now += 1
-                    skipped.add(index)
-                    first_error = first_error or f"{paths[index]}: {error}"
-                    store.log(run, f"units: skipped image {index} {paths[index]}: {error}")
-                tried, readable = tried + shard_tried, readable + shard_readable
-                bar.update(hi - lo - len(wanted) + (len(wanted) if run_on.is_ray else 0))
-                if tried and (readable == 0 or (tried >= MIN_TRIED and readable < MIN_READABLE * tried)):
-                    # The photos went away during the pass: stop, keeping the shards done before; this one is not flagged.
-                    message = (f"stopped the top-k pass: {tried - readable:,} of the {tried:,} images tried could not be read; "
-                               f"first error: {first_error}; every skipped file is listed in {run / 'log.txt'}")
-                    store.log(run, message)
-                    raise AtlasError(message)
-                for s in needs:
-                    s.write_shard(shard, tops[s.name])
-                    s.shard_done[shard] = True
+            skipped, failed_now = _write_shards(run, units, results, paths, ok, shard_size, bar, run_on.is_ray)
         finally:
             bar.close()
             results.close()
@@ -444,6 +409,81 @@ def top_examples(run_dir: str | Path, layers: str | Sequence[str], k: int = 9, c
         summary[s.name] = info
     store.finish_stage(run, "units", node_paths)
     return summary
+
+
+def _checked(k: int, patch: int, batch_size: int, workers: int, device: str) -> tuple[int, int]:
+    """``k`` and ``patch`` as integers; one line for a value out of range or a device this machine lacks."""
+    if int(k) < 1:
+        raise AtlasError(f"top-k must be at least 1 (got {k})")
+    if int(patch) < 1:
+        raise AtlasError(f"patch must be at least 1 pixel (got {patch})")
+    if int(batch_size) < 1 or int(workers) < 0:
+        raise AtlasError("batch_size must be at least 1 and workers at least 0")
+    check_device(device)
+    return int(k), int(patch)
+
+
+def _map_shapes(net: Network, layers: list[str], crop: int) -> dict[str, tuple[int, ...]]:
+    """(C, H, W) of each layer's map: one blank image through to the deepest layer."""
+    with torch.inference_mode():
+        param = next(net.module.parameters(), None)
+        blank = net.activations(torch.zeros(1, 3, crop, crop, device=param.device if param is not None else "cpu"), layers)
+    return {layer: tuple(int(v) for v in blank[layer].shape[1:]) for layer in layers}
+
+
+def shard_units(todo: list[int], active: list, ok: np.ndarray, n: int, shard_size: int) -> list[tuple]:
+    """The pass's work units: per shard still to do, the images to read there (those not known unreadable) and the
+    (layer, channels) still to rank there.
+
+    Parameters
+    ----------
+    todo : list of int
+        The shards to compute.
+    active : list of layer states
+        The layers with channels to compute (``name``, ``todo``, ``shard_done``).
+    ok : (n,) bool array
+        False for images known unreadable.
+    n, shard_size : int
+        The run's image count and shard size.
+
+    Returns
+    -------
+    list of (shard, images, [(layer, channels)], layer states)
+    """
+    units = []
+    for shard in todo:
+        lo, hi = shard * shard_size, min((shard + 1) * shard_size, n)
+        needs = [s for s in active if not s.shard_done[shard]]
+        units.append((shard, [i for i in range(lo, hi) if ok[i]], [(s.name, s.todo) for s in needs], needs))
+    return units
+
+
+def _write_shards(run: Path, units: list[tuple], results, paths, ok: np.ndarray, shard_size: int, bar,
+                  is_ray: bool) -> tuple[set[int], int]:
+    """Write and flag each shard's top-ks as they come back, in shard order; stop (one line, the shards before kept)
+    when the photos went away during the pass. Returns the images skipped and how many failed in this pass."""
+    n = len(paths)
+    skipped: set[int] = {i for i in range(n) if not ok[i]}
+    failed_now, tried, readable, first_error = 0, 0, 0, ""
+    for (shard, wanted, _, needs), (tops, errors, shard_tried, shard_readable) in zip(units, results, strict=False):
+        lo, hi = shard * shard_size, min((shard + 1) * shard_size, n)
+        for index, error in errors:
+            failed_now += 1
+            skipped.add(index)
+            first_error = first_error or f"{paths[index]}: {error}"
+            store.log(run, f"units: skipped image {index} {paths[index]}: {error}")
+        tried, readable = tried + shard_tried, readable + shard_readable
+        bar.update(hi - lo - len(wanted) + (len(wanted) if is_ray else 0))
+        if tried and (readable == 0 or (tried >= MIN_TRIED and readable < MIN_READABLE * tried)):
+            # The photos went away during the pass: stop, keeping the shards done before; this one is not flagged.
+            message = (f"stopped the top-k pass: {tried - readable:,} of the {tried:,} images tried could not be read; "
+                       f"first error: {first_error}; every skipped file is listed in {run / 'log.txt'}")
+            store.log(run, message)
+            raise AtlasError(message)
+        for s in needs:
+            s.write_shard(shard, tops[s.name])
+            s.shard_done[shard] = True
+    return skipped, failed_now
 
 
 def _finish_layer(run: Path, s: _Layer, k: int, patch: int, paths, resize: int, crop: int, workers: int,
