@@ -158,7 +158,8 @@ def _photos_of(root, a: int, b: int, near: bool, names: list[str]) -> list[str]:
 def _try_cells(ref: CellRef, cells: list[tuple[int, int]], score: np.ndarray, count: np.ndarray, net, arrays: np.ndarray,
                before: np.ndarray, target: int, settings: PatchSettings, echo: Callable[[str], None] | None) -> dict:
     """Each cell's patch of each kind pasted into ``arrays``: ``rows`` (best first), ``skipped`` per kind, ``tried``
-    [(x, y, kind, picture)] and ``best`` (row, evaluation) by flip rate then mean delta, or None."""
+    [(x, y, kind, picture)] and ``best`` (row, evaluation) by flip rate then mean delta, or None. ``ref`` names the
+    grid; each cell's reference is it with the cell's x and y."""
     rows, skipped, tried, best = [], {k: 0 for k in settings.kinds}, [], None
     for x, y in cells:
         for kind in settings.kinds:

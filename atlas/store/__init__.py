@@ -18,7 +18,7 @@ stage messages) and, later, ``tiles/``. The store's layout:
 ``grids/{layer}/{atlas}/{size}/...``   written by ``atlas.grid``
 ``whitening/{layer}/matrix`` (C, C)    written by ``atlas.grid``
 ``icons/{layer}/{atlas}/{size}/...``   written by ``atlas.render``
-``ledger/``                            a group whose attrs are the ledger (below); written only by this module
+``ledger/``                            a group whose attrs are the ledger (below); written only by this package
 
 Layer names may contain dots (torchvision module paths); they are used as zarr node
 names unchanged.
