@@ -31,7 +31,8 @@ def rss_peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def load(run: str, layer: str, rows: int, seed: int) -> np.ndarray:
+def load(run: str, layer: str, rows: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``rows`` random sampled rows of the layer (all when fewer): their activations and their row numbers."""
     from atlas import store
 
     root = store.open_store(run)
@@ -39,7 +40,67 @@ def load(run: str, layer: str, rows: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     if rows < len(valid):
         valid = np.sort(rng.choice(valid, rows, replace=False))
-    return store.read_rows(root[f"samples/{layer}/activations"], valid)
+    return store.read_rows(root[f"samples/{layer}/activations"], valid), valid
+
+
+# Coarse groups of the ImageNet-1k class indices (contiguous WordNet ranges): the shared photos hold one photo per
+# class, so the purity of a top-9 is measured on these groups (a concept or channel whose 9 best images are all dogs
+# has purity 1; nine different groups 1/9).
+GROUPS = {"fish": [(0, 6), (389, 397)], "bird": [(7, 24), (80, 100), (127, 146)], "amphibian or reptile": [(25, 68)],
+          "invertebrate": [(69, 79), (107, 126), (300, 329)], "dog": [(151, 268)],
+          "other mammal": [(101, 106), (147, 150), (269, 299), (330, 388)], "artifact": [(398, 923)], "food": [(924, 969)],
+          "nature and other": [(970, 999)]}
+
+
+def group_of(label: int) -> int:
+    for g, ranges in enumerate(GROUPS.values()):
+        if any(lo <= label <= hi for lo, hi in ranges):
+            return g
+    return len(GROUPS)
+
+
+def top9_purity(scores: np.ndarray, image: np.ndarray, position: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Per column of ``scores`` (N, K): the share of the most common group among its 9 best images (one per image, by
+    its best row; the unit lens's ranking). NaN for columns active on fewer than 9 images."""
+    from atlas.concepts.place import top_examples
+
+    top = top_examples(scores, image, position, 9)
+    out = np.full(scores.shape[1], np.nan)
+    for k in range(scores.shape[1]):
+        imgs = top.image[k][top.image[k] >= 0]
+        if imgs.size == 9:
+            out[k] = np.bincount(groups[imgs]).max() / 9
+    return out
+
+
+def purity(args) -> None:
+    """Class purity of the top-9 images of every concept (atlas topk-sae and nmf fitted on the rows) and every channel."""
+    from atlas import store
+    from atlas.concepts import dictionary as dl
+
+    x, rows = load(args.run, args.layer, args.rows, 0)
+    root = store.open_store(args.run)
+    image = root[f"samples/{args.layer}/image_index"].get_coordinate_selection(rows)
+    position = root[f"samples/{args.layer}/position"].get_orthogonal_selection((rows, slice(None)))
+    groups = np.array([group_of(int(v)) for v in root["images/label"][:]])
+    rng = np.random.default_rng(0)
+    n_img = len(np.unique(image))
+    chance = np.mean([np.bincount(groups[rng.choice(np.unique(image), 9, replace=False)]).max() / 9 for _ in range(2000)])
+    print(f"{args.layer}: {len(x):,} rows of {n_img} images; top-9 purity over {len(GROUPS)} coarse class groups "
+          f"(9 random images: {chance:.3f})")
+    table = {"channels": np.maximum(x, 0)}
+    for method in ("topk-sae", "nmf"):
+        start = time.perf_counter()
+        d, codes = dl.fit(x, args.concepts, method, args.sparsity, epochs=args.epochs)
+        print(f"  fitted {method} in {time.perf_counter() - start:.0f}s: R^2 {dl.r2(x, dl.reconstruct(d, codes)):.3f}, "
+              f"{dl.active_per_sample(codes):.1f} active per sample, {dl.dead_concepts(codes)} dead", flush=True)
+        table[f"{method} concepts"] = codes
+    for name, scores in table.items():
+        p = top9_purity(scores, image, position, groups)
+        ok = p[~np.isnan(p)]
+        pick = rng.choice(ok, min(20, ok.size), replace=False)
+        print(f"  {name:20s} mean purity {ok.mean():.3f} (median {np.median(ok):.3f}, {ok.size} with 9 images); "
+              f"20 random ones: {pick.mean():.3f}; share with purity >= 5/9: {(ok >= 5 / 9 - 1e-9).mean():.2f}", flush=True)
 
 
 def atlas_sae(train, test, k_concepts, sparsity, epochs, threads):
@@ -140,10 +201,14 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--method", action="append", choices=list(METHODS), help="only these (repeatable)")
     p.add_argument("--overcomplete-path", default=None)
+    p.add_argument("--purity", action="store_true", help="instead: class purity of top-9 images, concepts against channels")
     args = p.parse_args()
+    if args.purity:
+        purity(args)
+        return
     if args.overcomplete_path:
         sys.path.insert(0, args.overcomplete_path)
-    x = load(args.run, args.layer, args.rows, 0)
+    x, _ = load(args.run, args.layer, args.rows, 0)
     rng = np.random.default_rng(0)
     held = rng.random(len(x)) < 0.1
     train, test = np.ascontiguousarray(x[~held]), np.ascontiguousarray(x[held])

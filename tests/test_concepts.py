@@ -211,3 +211,52 @@ def test_a_killed_fit_starts_again_cleanly(base, tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("interrupted: fitting again from the start") == 1
     store.verify(again, ["concepts"])
+
+
+# ----------------------------------------------------------------------------- the panel in the browser
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1280, "height": 820}, device_scale_factor=1)
+    pg = context.new_page()
+    pg.errors = []
+    pg.on("pageerror", lambda e: pg.errors.append(str(e)))
+    yield pg
+    context.close()
+
+
+def test_panel_in_the_browser(done, page):
+    """The concepts page beside the atlas: the icon grid, a concept's patches, classes and veil, a cell's concepts."""
+    import json
+
+    from conftest import serving
+
+    from atlas.viewer import url_of
+
+    run, _ = done
+    panel = json.loads((run / "tiles" / "concepts" / LAYER / "panel.json").read_text())
+    assert panel["atlas"]["size"] == 4 and len(panel["concepts"]) == 8
+    with serving(run) as srv:
+        page.goto(f"{url_of(srv).rsplit('/', 1)[0]}/concepts.html?layer={LAYER}")
+        page.wait_for_function("document.body.dataset.ready === '1'", timeout=20000)
+        assert page.locator("#grid .concept").count() == 8
+        k = max(range(8), key=lambda i: len(panel["concepts"][i].get("top", [])))
+        page.click(f'#grid .concept[data-k="{k}"]')
+        page.wait_for_function(f"document.getElementById('veil').dataset.concept === '{k}'", timeout=10000)
+        page.wait_for_function("document.getElementById('patches').complete && document.getElementById('patches').naturalWidth > 0")
+        assert page.locator("#classes li").count() == len(panel["concepts"][k]["classes"]) >= 1
+        # the veil is clearest on the concept's strongest cell
+        gy, gx = panel["concepts"][k]["peak"]
+        alphas = page.evaluate("() => Array.from(document.getElementById('veil').getContext('2d').getImageData(0, 0, 4, 4).data)"
+                               ".filter((_, i) => i % 4 === 3)")
+        assert alphas[gy * 4 + gx] == min(alphas) < max(alphas)
+        # hovering a cell lists its strongest concepts with their share
+        cell = next(iter(panel["atlas"]["cells"]))
+        cy, cx = (int(v) for v in cell.split(","))
+        box = page.locator("#atlas-box").bounding_box()
+        page.mouse.move(box["x"] + (cx + 0.5) * box["width"] / 4, box["y"] + (cy + 0.5) * box["height"] / 4)
+        page.wait_for_function("document.querySelectorAll('#cell li').length > 0", timeout=10000)
+        shown = [int(v) for v in page.eval_on_selector_all("#cell li", "els => els.map(e => e.dataset.k)")]
+        assert shown == [k for k, _ in panel["atlas"]["cells"][cell]] and "%" in page.inner_text("#cell")
+    assert page.errors == []
