@@ -145,8 +145,21 @@ def _package_file(name: str):
 
 
 def routes(root: Path) -> list[BaseRoute]:
-    """What ``/tiles/`` serves: the package's pages and OpenSeadragon first (never the run's copies of them), then
-    the run's ``tiles/`` folder (``root``, resolved); ``/``, ``/tiles`` and ``/live`` redirect to the pages."""
+    """The HTTP routes of ``atlas serve``, first match wins.
+
+    The package's pages and OpenSeadragon come first (never the run's copies of them), then the run's files; ``/``,
+    ``/tiles`` and ``/live`` redirect to the pages.
+
+    Parameters
+    ----------
+    root : pathlib.Path
+        The run's ``tiles/`` folder, resolved.
+
+    Returns
+    -------
+    list of starlette.routing.BaseRoute
+        Routes for :class:`starlette.applications.Starlette` (the live socket is added by :class:`AtlasApp`).
+    """
 
     def index(request: Request) -> Response:  # composed in memory: the run folder is never written
         page = atlas_page(root)

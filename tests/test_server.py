@@ -134,7 +134,7 @@ def test_a_symlink_loop_under_tiles_is_404(server, run):
         loop.unlink()
 
 
-def test_pages_and_tiles_carry_their_types_and_no_cache(server):
+def test_pages_and_tiles_carry_their_types_no_cache_and_an_etag(server):
     for path, media in (("/tiles/index.html", "text/html"), ("/tiles/viewer.js", "javascript"),
                         ("/tiles/openseadragon/openseadragon.min.js", "javascript"), ("/tiles/atlases.json", "application/json")):
         conn = http.client.HTTPConnection(*server.server_address[:2], timeout=10)
@@ -146,6 +146,13 @@ def test_pages_and_tiles_carry_their_types_and_no_cache(server):
             conn.close()
         assert response.status == 200 and media in response.getheader("Content-Type"), (path, response.getheader("Content-Type"))
         assert response.getheader("Cache-Control") == "no-cache" and response.getheader("X-Content-Type-Options") == "nosniff"
+    conn = http.client.HTTPConnection(*server.server_address[:2], timeout=10)
+    try:  # no-cache with the file's ETag: a run's file is revalidated, not fetched again
+        conn.request("GET", "/tiles/atlases.json", headers={"If-None-Match": response.getheader("ETag")})
+        again = conn.getresponse()
+        assert again.status == 304 and again.read() == b""
+    finally:
+        conn.close()
 
 
 # ---------------------------------------------------------------------------- Host header

@@ -89,8 +89,21 @@ def kmeans(vecs: torch.Tensor, n_lists: int, seed: int, iters: int = 8, spherica
 
 
 def rows_per_block(pool: int, most: int = QUERY_BLOCK) -> int:
-    """How many query rows to score against ``pool`` candidates in one product: ``SCORES_PER_BLOCK`` scores at most
-    (never fewer than 64 rows, so the products stay GEMM-shaped; never more than ``most``)."""
+    """How many query rows to score against ``pool`` candidates in one product.
+
+    Parameters
+    ----------
+    pool : int
+        Candidates each query row is scored against.
+    most : int, default QUERY_BLOCK
+        Rows per product at most.
+
+    Returns
+    -------
+    int
+        ``SCORES_PER_BLOCK // pool`` rows, but never fewer than 64 (the products stay matrix products) and never
+        more than ``most``.
+    """
     return int(min(most, max(64, SCORES_PER_BLOCK // max(pool, 1))))
 
 
