@@ -557,8 +557,6 @@ class AtlasServer:
     """
 
     def __init__(self, app: AtlasApp, sock: socket.socket, timeout: float, quiet: bool) -> None:
-        import logging
-
         import uvicorn
 
         self.app, self.socket = app, sock
