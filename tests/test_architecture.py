@@ -246,9 +246,9 @@ def test_the_stage_rule_can_fail(tmp_path):
 # defaults), after its subjects (run folder, layers, images), and at most MAX_KEYWORDS other keyword parameters
 # (echo, engine, net, ...). The settings' own fields come as ``**overrides``, checked by the class.
 MAX_KEYWORDS = 6
-SETTINGS_ENTRIES = {"atlas.sample": "sample", "atlas.layout": "project", "atlas.grid": "grid", "atlas.render": "render",
-                    "atlas.tiles": "make_tiles", "atlas.classes": ("class_atlas", "compare_atlas"), "atlas.units": "units",
-                    "atlas.inspect": "inspect", "atlas.layers": "class_layers"}
+SETTINGS_ENTRIES = {"atlas.sample": "sample", "atlas.layout": ("project", "aligned_project"), "atlas.grid": "grid",
+                    "atlas.render": "render", "atlas.tiles": "make_tiles", "atlas.classes": ("class_atlas", "compare_atlas"),
+                    "atlas.units": "units", "atlas.inspect": "inspect", "atlas.layers": "class_layers"}
 
 
 def keyword_excess(fn, limit: int = MAX_KEYWORDS) -> list[str]:

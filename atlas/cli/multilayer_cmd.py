@@ -38,8 +38,7 @@ def align_command(
           n_epochs=n_epochs)  # checked before the layout (and umap) is imported
     from atlas.layout import aligned_project
 
-    r = aligned_project(run_dir, layer, atlas=s.aligned_atlas, n_neighbors=s.n_neighbors, min_dist=s.min_dist, seed=s.seed,
-                        tolerance=s.tolerance, alignment=s.alignment, n_epochs=s.n_epochs, compare=compare)
+    r = aligned_project(run_dir, layer, s, compare=compare)
     atlas = s.aligned_atlas
     for t, pairs in enumerate(r["pairs"]):
         a, b = r["layers"][t], r["layers"][t + 1]

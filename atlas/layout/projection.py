@@ -19,7 +19,7 @@ from atlas.layout.embedding import embed
 from atlas.layout.neighbors import check_backend
 from atlas.layout.normalize import normalize_layout
 from atlas.layout.quality import layout_quality
-from atlas.settings import ProjectSettings
+from atlas.settings import LayersSettings, ProjectSettings
 from atlas.store import FULL_ATLAS, log, open_for_update, open_store, read_rows, require_layer, write_array
 
 
@@ -226,9 +226,32 @@ def layout_params(settings: ProjectSettings) -> dict:
 
 
 @store.writer
-def aligned_project(run_dir: str | Path, layers, **kwargs) -> dict:
-    """Lay out consecutive layers together with umap-learn's AlignedUMAP (``atlas.layout.aligned``), each stored as
-    ``layouts/{layer}/aligned``; keyword arguments as :func:`atlas.layout.aligned.aligned_layouts`."""
+def aligned_project(run_dir: str | Path, layers, settings: LayersSettings | None = None, *, compare: bool = False,
+                    **overrides) -> dict:
+    """Lay out consecutive layers together with umap-learn's AlignedUMAP, each stored as ``layouts/{layer}/{aligned_atlas}``.
+
+    Parameters
+    ----------
+    run_dir : str or Path
+        The run folder; its store must hold every layer's samples.
+    layers : sequence of str
+        Two or more sampled layers, in network order (consecutive ones are tied).
+    settings : LayersSettings or None, default None
+        The settings (:class:`atlas.settings.LayersSettings`: aligned_atlas, n_neighbors, min_dist, seed, tolerance,
+        alignment, n_epochs); None: the defaults.
+    compare : bool, default False
+        Also lay out each layer on its own with the same UMAP and report both mean displacements.
+    **overrides
+        Single fields of :class:`~atlas.settings.LayersSettings` replacing those of ``settings`` (checked by the class).
+
+    Returns
+    -------
+    dict
+        As :func:`atlas.layout.aligned.aligned_layouts`: ``layers``, ``pairs``, ``n``, ``displacement``, ``seconds``.
+    """
     from atlas.layout.aligned import aligned_layouts
 
-    return aligned_layouts(run_dir, layers, normalize=normalize_layout, save=save_layout, **kwargs)
+    s = LayersSettings.merged(settings, overrides)
+    return aligned_layouts(run_dir, layers, normalize=normalize_layout, save=save_layout, atlas=s.aligned_atlas,
+                           n_neighbors=s.n_neighbors, min_dist=s.min_dist, seed=s.seed, tolerance=s.tolerance,
+                           alignment=s.alignment, n_epochs=s.n_epochs, compare=compare)
