@@ -135,7 +135,7 @@ def render(run_dir: str | Path, layer: str, sizes: Sequence[int] | int, settings
     sizes : int or sequence of int
         Grid sizes to render; each ``grids/{layer}/{atlas}/{size}`` must exist.
     settings : RenderSettings or None, default None
-        quality preset, steps, size, attempts, batch, p, device, icons, seed, whiten, schedule, lr (docs/render.md);
+        quality preset, steps, size, attempts, batch, p, device, icons, seed and whiten (docs/render.md);
         None: the defaults.
     atlas : str, default "full"
         Which atlas of the layer (``"full"`` or a class atlas's name).
