@@ -89,7 +89,7 @@ def purity(args) -> None:
     print(f"{args.layer}: {len(x):,} rows of {n_img} images; top-9 purity over {len(GROUPS)} coarse class groups "
           f"(9 random images: {chance:.3f})")
     table = {"channels": np.maximum(x, 0)}
-    for method in ("topk-sae", "nmf"):
+    for method in args.purity_method or ("topk-sae", "nmf"):
         start = time.perf_counter()
         d, codes = dl.fit(x, args.concepts, method, args.sparsity, epochs=args.epochs)
         print(f"  fitted {method} in {time.perf_counter() - start:.0f}s: R^2 {dl.r2(x, dl.reconstruct(d, codes)):.3f}, "
@@ -202,6 +202,7 @@ def main() -> None:
     p.add_argument("--method", action="append", choices=list(METHODS), help="only these (repeatable)")
     p.add_argument("--overcomplete-path", default=None)
     p.add_argument("--purity", action="store_true", help="instead: class purity of top-9 images, concepts against channels")
+    p.add_argument("--purity-method", action="append", choices=["topk-sae", "nmf"], help="with --purity: only these (repeatable)")
     args = p.parse_args()
     if args.purity:
         purity(args)

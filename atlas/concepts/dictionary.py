@@ -320,7 +320,7 @@ def fit(x: np.ndarray, n_concepts: int, method: str = "topk-sae", sparsity: int 
     Returns
     -------
     (Dictionary, ndarray of shape (N, K) float32)
-        The dictionary and the codes of ``x``.
+        The dictionary and the codes of ``x`` (for both methods, :func:`encode` of ``x`` with the final dictionary).
 
     Raises
     ------
@@ -336,7 +336,10 @@ def fit(x: np.ndarray, n_concepts: int, method: str = "topk-sae", sparsity: int 
         if float(np.min(x)) < 0:
             raise ValueError("nmf needs non-negative activations (a layer after a ReLU); this layer has negative values: "
                              "use topk-sae")
-        return fit_nmf(x, n_concepts, max_iter=max_iter, seed=seed)
+        d, _ = fit_nmf(x, n_concepts, max_iter=max_iter, seed=seed)
+        # the codes of the final dictionary: the factorisation's own W stops where its tolerance says, short of the
+        # least-squares codes of the atoms it ends with (measured on mixed4c: R^2 0.18 against 0.42 coded again)
+        return d, encode(d, x, max_iter=max_iter)
     if not 1 <= sparsity <= n_concepts:
         raise ValueError(f"sparsity must be between 1 and the number of concepts ({n_concepts}); got {sparsity}")
     d = fit_topk_sae(x, n_concepts, sparsity, epochs=epochs, seed=seed, device=device, on_epoch=on_epoch)
