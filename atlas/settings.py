@@ -506,7 +506,7 @@ class ClassSettings(StageSettings):
     sizes: tuple[int, ...] = setting((8,), IntList(1, GRID_MAX, "grid sizes"),
                                      "Grid sizes; every cell with a sample gets an icon (a class selection is small).")
     quality: str = setting("draft", Choice(tuple(PRESETS)), "Icon preset when no render settings are given (docs/render.md).")
-    seed: int = setting(0, Integer(0, SEED_MAX), "Seed of the layout (the icons' seed is the render settings').")
+    seed: int = setting(0, Integer(0, SEED_MAX), "Seed of the layout (the icons keep the render stage's own seed).")
     tiles: bool = setting(True, Flag(), "Also write the tiles and the viewer.")
 
 

@@ -69,9 +69,8 @@ Grids = Annotated[list[int] | None, typer.Option("--grid", help="grid size(s), d
 Quality = Annotated[str, typer.Option(help=RenderSettings.option_help("quality"))]
 Steps = Annotated[int | None, typer.Option(help=RenderSettings.option_help("steps"))]
 IconSize = Annotated[int | None, typer.Option(help=RenderSettings.option_help("size"))]
-TopK = Annotated[int, typer.Option(help="samples with the highest positive attribution to add to the winners (at least 1); "
-                                       "scaled to the run: at most 4 per own sample of the class, at least 50")]
-Seed = Annotated[int, typer.Option(help=RenderSettings.option_help("seed"))]
+TopK = Annotated[int, typer.Option(help=ClassSettings.option_help("top_k"))]
+Seed = Annotated[int, typer.Option(help=ClassSettings.option_help("seed"))]  # the layout's seed (the icons keep their own)
 
 
 def _check_class_options(top_k: int, grid: list[int] | None, quality: str, steps: int | None, size: int | None, seed: int,
