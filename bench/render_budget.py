@@ -18,6 +18,8 @@ Strategies (``--only`` / ``--skip`` take their keys):
 * ``cosine``: one seed, 256 steps, Adam's step size decayed from 0.05 to 0 along half a cosine;
 * ``screen``: successive halving: all 4 seeds for the first 32 steps of a 256-step run, then only the seed whose
   objective over its last 16 steps was highest goes on, parameters and Adam state carried (352 icon-steps);
+  ``screen16``: 4 seeds for 16 steps of a 208-step run (256, standard's 1/4); ``screen8``: 8 seeds for 16 steps of a
+  384-step run (496, paper's 1/8), on the paper cells only;
 * ``warm``: each grid-40 icon starts from the finished parameters of its grid-20 parent's ``standard`` icon and runs
   K more steps on its own direction (128 constant; 64 with the cosine schedule). Its icon-steps are K: the parent's
   are spent anyway where the atlas renders grid 20 too.
@@ -62,7 +64,7 @@ def build_run(out: Path, photos: int) -> Path:
         atlas.sample(PHOTOS, [LAYER], out, weights=WEIGHTS, max_images=photos, per_image=2, attribution=False,
                      progress=False)
         atlas.project(out, LAYER)
-        atlas.grid(out, LAYER, [10, 20, 40])
+        atlas.grid(out, LAYER, sizes=[10, 20, 40])
     return out
 
 
@@ -234,6 +236,10 @@ def main() -> None:
             _save(results / "cosine.npz", run(model(), vectors, whitening, k(256), 1, schedule="cosine"), k(256), 0.0)
         elif key == "screen":
             _save(results / "screen.npz", screen(model(), vectors, whitening, 4, k(32), k(256)), 3 * k(32) + k(256), 0.0)
+        elif key == "screen16":  # at standard's 1/4: 4 x 16 + 192
+            _save(results / "screen16.npz", screen(model(), vectors, whitening, 4, k(16), k(208)), 3 * k(16) + k(208), 0.0)
+        elif key == "screen8":  # at paper's 1/8, on the paper cells: 8 x 16 + 368
+            _save(results / "screen8.npz", screen(model(), v20[:m], whitening, 8, k(16), k(384)), 7 * k(16) + k(384), 0.0)
         elif key in ("warm", "warmcos"):
             std = results / "standard.npz"
             if not std.exists():
@@ -260,11 +266,12 @@ def main() -> None:
         return
     names = {"paper": "paper (1024 x 4)", "standard": "standard (512 x 2)", "plain512": "plain 512 x 1",
              "plain256": "plain 256 x 1 (step 256 of the 512 x 1 run)", "early": "early stop (the 512 x 1 run)",
-             "cosine": "cosine lr 256 x 1", "screen": "screen 4 x 32 -> 1 x 256", "warm": "warm 20->40 + 128",
+             "cosine": "cosine lr 256 x 1", "screen": "screen 4 x 32 -> 1 x 256", "screen16": "screen 4 x 16 -> 1 x 208",
+             "screen8": "screen 8 x 16 -> 1 x 384", "warm": "warm 20->40 + 128",
              "warmcos": "warm 20->40 + 64, cosine lr"}
     have = {n: dict(np.load(results / f"{n}.npz")) for n in names if (results / f"{n}.npz").exists() and n not in skip}
     n20, everything = len(v20), np.arange(len(vectors))
-    rows_of = {"paper": np.arange(m), "warm": n20 + np.arange(len(v40)), "warmcos": n20 + np.arange(len(v40))}
+    rows_of = {"paper": np.arange(m), "screen8": np.arange(m), "warm": n20 + np.arange(len(v40)), "warmcos": n20 + np.arange(len(v40))}
 
     def table(title: str, cells: np.ndarray) -> None:
         print(f"\n{title}\n")
