@@ -101,7 +101,7 @@ def test_class_scores_are_the_activation_weighted_mean_attribution(sampled):
     (["--layer", LAYER, "--channels", "a-b"], ["units.channels must be channel ranges"]),
     (["--layer", LAYER, "--top-k", "0"], ["units.top_k must be an integer in 1..100"]),
     (["--layer", LAYER, "--kind", "fancy"], ["units.kinds must be a list of", "'fancy' is not one of them"]),
-    (["--layer", LAYER, "--projection", "saliency"], ["units.projections must be a list of deconvnet, guided, gradient"]),
+    (["--layer", LAYER, "--projection", "saliency"], ["units.projections must be a list of auto, deconvnet, guided, gradient"]),
     (["--layer", LAYER, "--device", "cuda:7"], ["--device cuda:7"]),
     (["--layer", LAYER, "--objective", "centre"], ["units.objective must be one of channel, neuron"]),
 ])
