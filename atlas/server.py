@@ -644,8 +644,9 @@ def make_server(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, 
     if not timeout > 0:
         raise AtlasError(f"the server's timeout must be positive, got {timeout}")
     run_dir = Path(run_dir).resolve()
-    if not any((run_dir / SERVED / name).is_file() for name in ("atlases.json", UNITS_MANIFEST)):
-        raise AtlasError(f"no tiles in {run_dir}; run `atlas tiles {run_dir} --layer LAYER` (or `atlas units {run_dir}`) first")
+    if not any((run_dir / SERVED / name).is_file() for name in ("atlases.json", UNITS_MANIFEST, "concepts.json")):
+        raise AtlasError(f"no tiles in {run_dir}; run `atlas tiles {run_dir} --layer LAYER` (or `atlas units {run_dir}`, "
+                         f"`atlas concepts {run_dir} --layer LAYER`) first")
     require_viewer_assets()
     missing = [name for name in LIVE_FILES if not (STATIC / name).is_file()]
     if missing:

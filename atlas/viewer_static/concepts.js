@@ -110,6 +110,7 @@ async function load(layer) {
     $("atlas").src = `concepts/${layer}/atlas.png`;
     $("atlas-box").addEventListener("mousemove", hover);
   } else {
+    $("atlas-box").hidden = true;
     $("cell").textContent = "This layer has no atlas grid yet: build the atlas, then run atlas concepts again for the veils.";
   }
   drawVeil(null);
