@@ -274,7 +274,7 @@ def build(config: dict, dry_run: bool = False, echo=print) -> BuildResult:
 
     def run_render() -> None:
         for layer in layers:
-            render.render(out, layer, list(sizes), settings["render"], network=net, engine=run_on)
+            render.render(out, layer, list(sizes), settings["render"], net=net, engine=run_on)
 
     def run_tiles() -> None:
         for layer in layers:

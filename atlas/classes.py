@@ -176,7 +176,7 @@ def _run(run_dir, layer: str, atlas: str, lay_out, settings: ClassSettings, icon
              # every cell with a sample gets an icon: a class selection is small
              Step(f"{atlas}:grid", keys["grid"], lambda: grid.grid(run_dir, layer, sizes=sizes, atlas=atlas, min_count=1),
                   paths=[f"grids/{layer}/{atlas}/{s}" for s in sizes]),
-             Step(f"{atlas}:render", keys["render"], lambda: render.render(run_dir, layer, sizes, icons, atlas=atlas, network=net),
+             Step(f"{atlas}:render", keys["render"], lambda: render.render(run_dir, layer, sizes, icons, atlas=atlas, net=net),
                   paths=[f"icons/{layer}/{atlas}/{s}" for s in sizes])]
     if settings.tiles:
         steps.append(Step(f"{atlas}:tiles", keys["tiles"], lambda: tiles_stage.make_tiles(run_dir, layer, atlas=atlas, highlight=highlight),

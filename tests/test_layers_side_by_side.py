@@ -58,7 +58,7 @@ def run(tmp_path_factory, net, photos):
     report = aligned_project(out, LAYERS, compare=True, n_epochs=200)
     for layer in LAYERS:
         grid(out, layer, sizes=[3], atlas="aligned", min_count=1)
-        render(out, layer, [3], atlas="aligned", quality="draft", steps=2, size=48, network=net)  # mixed5a needs 48 px or more
+        render(out, layer, [3], atlas="aligned", quality="draft", steps=2, size=48, net=net)  # mixed5a needs 48 px or more
         make_tiles(out, layer, atlas="aligned", examples=False)
     return out, report
 

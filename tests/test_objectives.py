@@ -243,7 +243,7 @@ def test_icons_are_bit_identical_to_the_recorded_pre_composition_renderer(onet, 
     with torch.no_grad():
         acts = onet.activations(x, [LAYER])[LAYER]
     _tiny_run(tmp_path, onet, (paths, acts))
-    render(tmp_path, LAYER, [2], steps=8, size=32, batch=2, progress=False, network=onet)
+    render(tmp_path, LAYER, [2], steps=8, size=32, batch=2, progress=False, net=onet)
     icons = zarr.open_group(str(tmp_path / "store.zarr"))[f"icons/{LAYER}/full/2"]
 
     auto = autocast_dtype("auto", torch.device("cpu"))

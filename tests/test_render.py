@@ -109,7 +109,7 @@ def _tiny_run(tmp_path, rnet, photo_acts):
 
 def test_render_writes_icons_and_cached_rerun_renders_nothing(tmp_path, rnet, photo_acts):
     root, mask = _tiny_run(tmp_path, rnet, photo_acts)
-    first = render(tmp_path, LAYER, [2], steps=6, size=48, batch=2, progress=False, network=rnet)[2]
+    first = render(tmp_path, LAYER, [2], steps=6, size=48, batch=2, progress=False, net=rnet)[2]
     icons = zarr.open_group(str(tmp_path / "store.zarr"))[f"icons/{LAYER}/full/2"]
     assert first["rendered_now"] == 3 and first["n_done"] == 3
     assert icons["images"].shape == (2, 2, 48, 48, 3) and icons["images"].dtype == np.uint8
@@ -118,18 +118,18 @@ def test_render_writes_icons_and_cached_rerun_renders_nothing(tmp_path, rnet, ph
     assert icons.attrs["mode"] == "optimize" and icons.attrs["settings"]["whitened"] and icons.attrs["key"]
     before = icons["images"][...]
     assert before[mask].std() > 5  # not a blank icon
-    again = render(tmp_path, LAYER, [2], steps=6, size=48, batch=2, progress=False, network=rnet)[2]
+    again = render(tmp_path, LAYER, [2], steps=6, size=48, batch=2, progress=False, net=rnet)[2]
     assert again["rendered_now"] == 0
     # a lost cell is redone alone, and comes out the same although its batch differs
     done = icons["done"][...]
     done[1, 1] = False
     icons["done"][...] = done
-    resumed = render(tmp_path, LAYER, [2], steps=6, size=48, batch=2, progress=False, network=rnet)[2]
+    resumed = render(tmp_path, LAYER, [2], steps=6, size=48, batch=2, progress=False, net=rnet)[2]
     assert resumed["rendered_now"] == 1
     after = icons["images"][...]
     assert np.abs(after.astype(int) - before.astype(int)).max() <= 3
     # other settings are another key: everything is rendered again
-    other = render(tmp_path, LAYER, [2], steps=7, size=48, batch=2, progress=False, network=rnet)[2]
+    other = render(tmp_path, LAYER, [2], steps=7, size=48, batch=2, progress=False, net=rnet)[2]
     assert other["rendered_now"] == 3
 
 
@@ -197,7 +197,7 @@ def test_render_stores_whitened_cosine_and_old_icons_read_na(tmp_path, rnet, pho
     from atlas.render.objectives import centre
 
     root, mask = _tiny_run(tmp_path, rnet, photo_acts)
-    summary = render(tmp_path, LAYER, [2], steps=6, size=48, batch=2, progress=False, network=rnet)[2]
+    summary = render(tmp_path, LAYER, [2], steps=6, size=48, batch=2, progress=False, net=rnet)[2]
     group = zarr.open_group(str(tmp_path / "store.zarr"), mode="a")
     icons = group[f"icons/{LAYER}/full/2"]
     white, raw = icons["cosine_whitened"][...], icons["cosine"][...]
@@ -221,7 +221,7 @@ def test_render_stores_whitened_cosine_and_old_icons_read_na(tmp_path, rnet, pho
     old = {k: v for k, v in icons.attrs["summary"].items() if k != "mean_cosine_whitened"}
     icons.attrs["summary"] = old
     assert "mean whitened cos(h, S v) n/a" in format_info(info(tmp_path))
-    again = render(tmp_path, LAYER, [2], steps=6, size=48, batch=2, progress=False, network=rnet)[2]
+    again = render(tmp_path, LAYER, [2], steps=6, size=48, batch=2, progress=False, net=rnet)[2]
     icons = zarr.open_group(str(tmp_path / "store.zarr"))[f"icons/{LAYER}/full/2"]
     assert again["rendered_now"] == 0 and again["mean_cosine_whitened"] is None and icons.attrs["key"] == key
     np.testing.assert_array_equal(icons["images"][...], before)

@@ -119,7 +119,7 @@ def _load_network(root: zarr.Group, device: str) -> Network:
 
 @store.writer
 def render(run_dir: str | Path, layer: str, sizes: Sequence[int] | int, settings: RenderSettings | None = None, *,
-           atlas: str = "full", progress: bool = True, network: Network | None = None, engine: str | Engine = "local",
+           atlas: str = "full", progress: bool = True, net: Network | None = None, engine: str | Engine = "local",
            ray_address: str | None = None, **overrides) -> dict:
     """Render the icons of the cells with ``render`` set in ``grids/{layer}/{atlas}/{size}``, for each grid size.
 
@@ -141,7 +141,7 @@ def render(run_dir: str | Path, layer: str, sizes: Sequence[int] | int, settings
         Which atlas of the layer (``"full"`` or a class atlas's name).
     progress : bool, default True
         Show a progress bar.
-    network : Network or None, default None
+    net : Network or None, default None
         The run's model, already loaded (tests, notebooks); None: load it from the run's attributes.
     engine : str or Engine, default "local"
         "local" or "ray": the cell batches of ``icons="optimize"`` run on a pool of Ray actors (one model each) and
@@ -170,7 +170,6 @@ def render(run_dir: str | Path, layer: str, sizes: Sequence[int] | int, settings
     root = open_store(run_dir, mode="a")
     settings, batch = optimizer_settings(chosen)
     summaries = {}
-    net = network
     for grid_size in sizes:
         gpath = f"grids/{layer}/{atlas}/{grid_size}"
         store.verify(root, [gpath, f"whitening/{layer}"] + ([f"samples/{layer}", "images"] if icons == "examples" else []))
