@@ -3,7 +3,7 @@
 Three passes over the same labelled photos (ImageNet file names ``n01440764_tench.JPEG`` give the labels):
 
 (a) atlas: ``load_model("timm:vit_tiny_patch16_224", weights)`` and the loader every stage reads photos with
-    (:class:`atlas.data.ImageDataset` with the model's own preprocessing: bicubic, shorter side 249, centre 224;
+    (:class:`atlas.data.ImageDataset` with the model's own preprocessing: bicubic, shorter side 248, centre 224;
     JPEGs decoded at a reduced scale first, as the sampler does);
 (b) the same pixels as (a) through a plain timm model (``timm.create_model`` + the weights, loaded strictly) with
     timm's normalisation: the largest logit difference says whether atlas's wrapper computes the model's function;

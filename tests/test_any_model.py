@@ -91,6 +91,7 @@ def test_real_vit_through_atlas_loader_equals_plain_timm_loop(vit, photos):
     images = list_images(photos).head(16)
     prep = vit.preprocess
     assert (prep["mean"], prep["std"], prep["interpolation"], prep["size"]) == ([0.5] * 3, [0.5] * 3, "bicubic", 224)
+    assert prep["resize"] == 248  # timm's eval rule, floor(224 / crop_pct 0.9): what a plain timm loop resizes to
     data = ImageDataset(images, prep["resize"], prep["size"], interpolation=prep["interpolation"])
     x = torch.stack([data[i][1] for i in range(len(data))])
     with torch.inference_mode():
@@ -343,7 +344,7 @@ def test_random_timm_convnext_channels_last_and_layernorm2d():
 
 def test_inspect_on_a_vit_run_reads_photos_as_the_model_does(vit, vit_run, photos):
     """``atlas inspect`` end to end on a ViT run: the photo is read as the sampler reads it (the run's bicubic resize to
-    249, centre 224, not the bilinear of InceptionV1), its top class is the model's on those pixels, the layer views and
+    248, centre 224, not the bilinear of InceptionV1), its top class is the model's on those pixels, the layer views and
     the occlusion view are written (panel (b) the gradient), and the invariance curves are computed."""
     import json
     from pathlib import Path

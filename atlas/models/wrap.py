@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -243,7 +244,7 @@ def load_timm(name: str, weights: str | Path | None = None, pretrained: bool = T
     config = timm.data.resolve_data_config({}, model=module)
     size = int(config["input_size"][-1])
     prep = Preprocessing(mean=config["mean"], std=config["std"], size=size,
-                         resize=int(round(size / config.get("crop_pct", 0.875))),
+                         resize=math.floor(size / config.get("crop_pct", 0.875)),  # timm's own eval rule
                          interpolation=config["interpolation"] if config["interpolation"] in INTERPOLATIONS else "bilinear")
     return wrap(module, prep, name=f"timm:{name}", weights=label, weights_sha256=sha)
 
