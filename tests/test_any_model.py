@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 
+import numpy as np
 import pytest
 import torch
 from conftest import WEIGHTS, require_shared
@@ -404,3 +405,17 @@ def test_live_engine_on_a_vit_run(vit, vit_run, photo_list):
     uploaded = engine.decode(buffer.getvalue())
     assert np.array_equal(uploaded.picture, np.asarray(decode_image(buffer.getvalue(), 224, 224, interpolation="bicubic")))
     assert not np.array_equal(uploaded.picture, np.asarray(decode_image(buffer.getvalue(), 224, 224)))
+
+
+def test_patch_experiments_read_photos_as_the_model_does(vit, photos):
+    """The patch experiments paste into the photos as the model reads them: bicubic, timm's shorter side for the ViT,
+    not InceptionV1's bilinear 256 -> 224."""
+    from atlas.data import list_images, load_image, photo_reading
+    from atlas.patches import load_source
+
+    paths = list_images(photos).head(2).paths
+    arrays, kept = load_source(paths, reading=photo_reading(vit.preprocess))
+    assert kept == [str(p) for p in paths]
+    bicubic = np.stack([np.asarray(load_image(p, vit.preprocess["resize"], 224, "bicubic")) for p in paths])
+    assert np.array_equal(arrays, bicubic)
+    assert not np.array_equal(load_source(paths)[0], bicubic)  # the default reading is InceptionV1's

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from atlas.data import photo_reading
 from atlas.errors import AtlasError
 from atlas.patches.cells import CellRef, _cell_target, _square, cell_patch, load_patch, parse_cell
 from atlas.patches.core import placements, resize_patch
@@ -65,7 +66,7 @@ def patch_images(images: str | Path | Sequence[str | Path], patch: str | Path | 
         return int(_logits(net, resize_patch(_square(picture), CROP)[None], 1, settings.device)[0].argmax())
 
     tgt = _resolve_target(target, net, (lambda: _cell_target(ref) if _cell_target(ref) is not None else own_class()) if ref else own_class)
-    arrays, paths = load_source(images, None)
+    arrays, paths = load_source(images, None, photo_reading(net.preprocess))  # as the model reads photos
     arrays = augment_images(arrays, settings.augment, settings.seed)
     paths = paths + [f"{p} (variant {j + 1})" for p in paths for j in range(settings.augment)]
     before = _logits(net, arrays, settings.batch_size, settings.device)

@@ -11,7 +11,7 @@ from PIL import Image
 
 from atlas.errors import AtlasError
 
-CROP, RESIZE = 224, 256  # the model's input, as the sampler prepares it
+CROP = 224  # the model's input size the placements are laid out on (InceptionV1's, and most ViTs')
 PICTURES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 
 
@@ -34,11 +34,15 @@ def augment_images(images: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
     return np.concatenate(out)
 
 
-def load_source(images: str | Path | Sequence[str | Path], classes: list[str] | None = None) -> tuple[np.ndarray, list[str]]:
-    """(N, 224, 224, 3) uint8 and the paths of a folder, a list file or a list of paths, prepared as the sampler does
-    (shorter side 256, centre crop 224). Unreadable files are skipped and counted in the paths' absence; none readable
-    is one line."""
-    from atlas.data import class_table, list_images, load_image
+def load_source(images: str | Path | Sequence[str | Path], classes: list[str] | None = None,
+                reading: tuple[int, int, str] | None = None) -> tuple[np.ndarray, list[str]]:
+    """(N, crop, crop, 3) uint8 and the paths of a folder, a list file or a list of paths, prepared as the sampler does
+    for the model: ``reading`` = (resize, crop, interpolation) from ``atlas.data.photo_reading(net.preprocess)``
+    (None: shorter side 256, centre crop 224, bilinear, InceptionV1's). Unreadable files are skipped and counted in
+    the paths' absence; none readable is one line."""
+    from atlas.data import class_table, list_images, load_image, photo_reading
+
+    resize, crop, interpolation = reading or photo_reading(None)
 
     if isinstance(images, (str, Path)) and Path(images).suffix.lower() in PICTURES:  # one photo, not a list file
         listed = [str(images)]
@@ -49,7 +53,7 @@ def load_source(images: str | Path | Sequence[str | Path], classes: list[str] | 
     arrays, kept = [], []
     for path in listed:
         try:
-            arrays.append(np.asarray(load_image(path, RESIZE, CROP), np.uint8))
+            arrays.append(np.asarray(load_image(path, resize, crop, interpolation), np.uint8))
             kept.append(str(path))
         except (OSError, ValueError, SyntaxError):
             continue

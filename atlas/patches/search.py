@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from atlas import store
+from atlas.data import photo_reading
 from atlas.errors import AtlasError
 from atlas.patches.cells import CellRef, _check_layer, _square, cell_patch
 from atlas.patches.core import flip_rate
@@ -74,7 +75,7 @@ def guided_search(run_dir: str | Path, layer: str, atlas: str, images: str | Pat
     names = net.classes
     if images is None:
         images = _photos_of(root, a, b, near, names)
-    arrays, paths = load_source(images)
+    arrays, paths = load_source(images, reading=photo_reading(net.preprocess))  # as the model reads photos
     arrays = augment_images(arrays, settings.augment, settings.seed)
     before = _logits(net, arrays, settings.batch_size, settings.device)
     if echo:
