@@ -63,9 +63,10 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from atlas.errors import AtlasError
 from atlas.viewer import (
+    CONCEPTS_FILES,
+    CONCEPTS_MANIFEST,
     GALLERY_FILES,
     INSPECT_FILES,
-    INSPECT_MANIFEST,
     LAYERS_FILES,
     LOOPBACK_NAMES,
     SERVED,
@@ -78,6 +79,7 @@ from atlas.viewer import (
     split_host,
     url_of,
 )
+from atlas.viewer import atlas_page as viewer_page
 
 log = logging.getLogger(__name__)  # "atlas.server": status lines and warnings (serve() gives it the command line's handlers)
 
@@ -87,7 +89,7 @@ LIVE_SOCKET = "/live/ws"
 HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
 # The pages served from the package itself (atlas/viewer_static), never from the run's tiles/ folder: a run tiled by
 # an older atlas, or a read-only one, gets the pages of the atlas serving it, and serving writes nothing.
-PACKAGE_FILES = frozenset((*VIEWER_FILES, *GALLERY_FILES, *INSPECT_FILES, *LAYERS_FILES, *LIVE_FILES))
+PACKAGE_FILES = frozenset((*VIEWER_FILES, *GALLERY_FILES, *INSPECT_FILES, *CONCEPTS_FILES, *LAYERS_FILES, *LIVE_FILES))
 OSD_FOLDER = "openseadragon"  # /tiles/openseadragon/... is served from atlas.viewer.find_openseadragon()
 MAX_TARGET = 8192  # bytes of a request target (path and query); longer is 414 (a browser's own limit is larger, no page needs it)
 
@@ -123,13 +125,9 @@ class RunFiles(StaticFiles):
 
 
 def atlas_page(root: Path) -> bytes:
-    """The atlas page for the tiles folder ``root``: the package's index.html, loading the unit gallery's and the inspect
-    overlay's add-ons after viewer.js when the run holds a gallery or inspect reports (as ``atlas tiles`` writes it)."""
-    html = (STATIC / "index.html").read_text()
-    marker = '<script src="viewer.js"></script>'
-    scripts = [name for name, manifest in (("atlas_units.js", UNITS_MANIFEST), ("atlas_inspect.js", INSPECT_MANIFEST))
-               if (root / manifest).is_file()]
-    return html.replace(marker, marker + "".join(f'\n  <script src="{name}"></script>' for name in scripts)).encode()
+    """The atlas page for the tiles folder ``root``, loading the add-ons (unit gallery, inspect overlay, concepts link)
+    whose manifests it holds after viewer.js, as ``atlas tiles`` writes it (:func:`atlas.viewer.atlas_page`)."""
+    return viewer_page(root).encode()
 
 
 def _redirect(location: str):
@@ -644,7 +642,7 @@ def make_server(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, 
     if not timeout > 0:
         raise AtlasError(f"the server's timeout must be positive, got {timeout}")
     run_dir = Path(run_dir).resolve()
-    if not any((run_dir / SERVED / name).is_file() for name in ("atlases.json", UNITS_MANIFEST, "concepts.json")):
+    if not any((run_dir / SERVED / name).is_file() for name in ("atlases.json", UNITS_MANIFEST, CONCEPTS_MANIFEST)):
         raise AtlasError(f"no tiles in {run_dir}; run `atlas tiles {run_dir} --layer LAYER` (or `atlas units {run_dir}`, "
                          f"`atlas concepts {run_dir} --layer LAYER`) first")
     require_viewer_assets()

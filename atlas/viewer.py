@@ -42,6 +42,10 @@ UNITS_MANIFEST = "units.json"
 # Once an inspect report is listed (``tiles/inspect.json``, atlas.inspect), the atlas page also loads atlas_inspect.js:
 # ``index.html?inspect=NAME`` draws that report's image positions over the atlas. Both add-ons compose.
 INSPECT_FILES = ("atlas_inspect.js",)
+# Once a layer has a concepts panel (``tiles/concepts.json``, atlas.concepts), the atlas page also loads
+# atlas_concepts.js: a "Concepts" link in the bar to that layer's panel.
+CONCEPTS_FILES = ("atlas_concepts.js",)
+CONCEPTS_MANIFEST = "concepts.json"
 INSPECT_MANIFEST = "inspect.json"
 # Once a side-by-side view is listed (``tiles/layers.json``, atlas.layers), the layers page is installed too.
 LAYERS_FILES = ("layers.html", "layers.js", "layers.css")
@@ -103,7 +107,7 @@ def install_viewer(tiles_dir: str | Path) -> Path:
     gallery = (tiles_dir / UNITS_MANIFEST).is_file()
     inspect = (tiles_dir / INSPECT_MANIFEST).is_file()
     for name in VIEWER_FILES:
-        if not ((gallery or inspect) and name == "index.html"):  # with an add-on, _write_atlas_page writes the atlas page
+        if not (addon_scripts(tiles_dir) and name == "index.html"):  # with an add-on, _write_atlas_page writes the atlas page
             _copy_if_changed(STATIC / name, tiles_dir / name)
     if gallery:
         _install_gallery(tiles_dir)
@@ -111,8 +115,11 @@ def install_viewer(tiles_dir: str | Path) -> Path:
         _install_files(tiles_dir, INSPECT_FILES, "the inspect overlay's")
     if (tiles_dir / LAYERS_MANIFEST).is_file():
         _install_files(tiles_dir, LAYERS_FILES, "the side-by-side page's")
-    if gallery or inspect:
-        _write_atlas_page(tiles_dir, [f for f, on in (("atlas_units.js", gallery), ("atlas_inspect.js", inspect)) if on])
+    concepts = (tiles_dir / CONCEPTS_MANIFEST).is_file()
+    if concepts:
+        _install_files(tiles_dir, CONCEPTS_FILES, "the concepts link's")
+    if gallery or inspect or concepts:
+        _write_atlas_page(tiles_dir)
     target = tiles_dir / "openseadragon"
     _copy_if_changed(osd / "openseadragon.min.js", target / "openseadragon.min.js")
     if (osd / "images").is_dir():
@@ -135,13 +142,24 @@ def _install_files(tiles_dir: Path, names: Iterable[str], what: str) -> None:
         _copy_if_changed(STATIC / name, tiles_dir / name)
 
 
-def _write_atlas_page(tiles_dir: Path, scripts: list[str]) -> None:
-    """The atlas page with the add-ons' ``scripts`` loaded after viewer.js, in this order."""
+def addon_scripts(tiles_dir: Path) -> list[str]:
+    """The add-ons the atlas page loads after viewer.js, in this order: those whose manifest the tiles folder holds."""
+    return [name for name, manifest in (("atlas_units.js", UNITS_MANIFEST), ("atlas_inspect.js", INSPECT_MANIFEST),
+                                        ("atlas_concepts.js", CONCEPTS_MANIFEST)) if (Path(tiles_dir) / manifest).is_file()]
+
+
+def atlas_page(tiles_dir: str | Path) -> str:
+    """The atlas page for ``tiles_dir``: the package's index.html loading the add-ons of :func:`addon_scripts`."""
     html = (STATIC / "index.html").read_text()
     marker = '<script src="viewer.js"></script>'
     if marker not in html:
         raise AtlasError(f"{STATIC / 'index.html'} does not load viewer.js; reinstall atlas")
-    page = html.replace(marker, marker + "".join(f'\n  <script src="{name}"></script>' for name in scripts))
+    return html.replace(marker, marker + "".join(f'\n  <script src="{name}"></script>' for name in addon_scripts(Path(tiles_dir))))
+
+
+def _write_atlas_page(tiles_dir: Path) -> None:
+    """Write :func:`atlas_page` as ``tiles_dir/index.html`` (atomically, only when it changed)."""
+    page = atlas_page(tiles_dir)
     index = tiles_dir / "index.html"
     if not index.is_file() or index.read_text() != page:
         tmp = index.with_name("index.html.tmp")

@@ -83,6 +83,17 @@ def browser():
         b.close()
 
 
+@pytest.fixture
+def page(browser):
+    """A fresh 1280 x 820 page; ``page.errors`` collects the page's uncaught script errors (tests assert it stays empty)."""
+    context = browser.new_context(viewport={"width": 1280, "height": 820}, device_scale_factor=1)
+    pg = context.new_page()
+    pg.errors = []
+    pg.on("pageerror", lambda e: pg.errors.append(str(e)))
+    yield pg
+    context.close()
+
+
 @contextlib.contextmanager
 def serving(run, **options):
     """``atlas serve``'s server for ``run`` on a free port (``options``: make_server's), in a thread, shut down afterwards."""

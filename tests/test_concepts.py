@@ -216,16 +216,6 @@ def test_a_killed_fit_starts_again_cleanly(base, tmp_path):
 # ----------------------------------------------------------------------------- the panel in the browser
 
 
-@pytest.fixture
-def page(browser):
-    context = browser.new_context(viewport={"width": 1280, "height": 820}, device_scale_factor=1)
-    pg = context.new_page()
-    pg.errors = []
-    pg.on("pageerror", lambda e: pg.errors.append(str(e)))
-    yield pg
-    context.close()
-
-
 def test_panel_in_the_browser(done, page):
     """The concepts page beside the atlas: the icon grid, a concept's patches, classes and veil, a cell's concepts."""
     import json
@@ -259,4 +249,10 @@ def test_panel_in_the_browser(done, page):
         page.wait_for_function("document.querySelectorAll('#cell li').length > 0", timeout=10000)
         shown = [int(v) for v in page.eval_on_selector_all("#cell li", "els => els.map(e => e.dataset.k)")]
         assert shown == [k for k, _ in panel["atlas"]["cells"][cell]] and "%" in page.inner_text("#cell")
+        # the atlas page links to the panel of its layer
+        page.goto(url_of(srv))
+        page.wait_for_function("document.getElementById('concepts-link') && !document.getElementById('concepts-link').hidden",
+                               timeout=20000)
+        assert page.get_attribute("#concepts-link", "href") == f"concepts.html?layer={LAYER}"
+    assert 'src="atlas_concepts.js"' in (run / "tiles" / "index.html").read_text()  # as written, not only as served
     assert page.errors == []

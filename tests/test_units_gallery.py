@@ -246,16 +246,6 @@ def server(run):
         yield srv
 
 
-@pytest.fixture
-def page(browser):
-    context = browser.new_context(viewport={"width": 1280, "height": 820}, device_scale_factor=1)
-    pg = context.new_page()
-    pg.errors = []
-    pg.on("pageerror", lambda e: pg.errors.append(str(e)))
-    yield pg
-    context.close()
-
-
 def base_url(server) -> str:
     return url_of(server).rsplit("/", 1)[0]
 

@@ -30,10 +30,10 @@ from PIL import Image
 
 from atlas import store
 from atlas.errors import AtlasError
-from atlas.viewer import STATIC, swap_folder, update_listing
+from atlas.viewer import CONCEPTS_MANIFEST, STATIC, install_viewer, swap_folder, update_listing
 
 PAGE_FILES = ("concepts.html", "concepts.js", "concepts.css")
-MANIFEST = "concepts.json"
+MANIFEST = CONCEPTS_MANIFEST
 MAX_ATLAS = 40  # the finest grid shown, in cells a side (its icons as one image)
 CELL_PIXELS = 32  # each atlas cell's side in atlas.png
 TOP_SHARES = 5
@@ -140,6 +140,8 @@ def write_panel(run_dir: str | Path, layer: str) -> Path:
                    replaces=lambda old: old.get("layer") == layer,
                    keep=lambda old: (tiles_dir / "concepts" / str(old.get("layer"))).is_dir(),
                    order=lambda entry: str(entry.get("layer")))
+    if (tiles_dir / "index.html").is_file():  # the run's atlas page: it gains the "Concepts" link to this panel
+        install_viewer(tiles_dir)
     return final
 
 
