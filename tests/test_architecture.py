@@ -248,7 +248,8 @@ def test_the_stage_rule_can_fail(tmp_path):
 MAX_KEYWORDS = 6
 SETTINGS_ENTRIES = {"atlas.sample": "sample", "atlas.layout": ("project", "aligned_project"), "atlas.grid": "grid",
                     "atlas.render": "render", "atlas.tiles": "make_tiles", "atlas.classes": ("class_atlas", "compare_atlas"),
-                    "atlas.units": "units", "atlas.inspect": "inspect", "atlas.layers": "class_layers"}
+                    "atlas.units": "units", "atlas.inspect": "inspect", "atlas.layers": "class_layers",
+                    "atlas.concepts": "concepts", "atlas.patches": ("patch_images", "guided_search")}
 
 
 def keyword_excess(fn, limit: int = MAX_KEYWORDS) -> list[str]:
