@@ -9,6 +9,7 @@ way up close DataLoader workers, Ray sessions and servers, and leave what was fi
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -82,8 +83,12 @@ def _install_stop_handlers(received: list[int]) -> dict[int | str, object] | Non
 
 def _quiet_unawaited() -> None:
     # An interruption can land between creating a coroutine and running it (`atlas serve` starting uvicorn): its
-    # "never awaited" warning, printed when the stack unwinds, is noise after the one line.
+    # "never awaited" warning, printed when the stack unwinds, is noise after the one line. Likewise zarr's I/O runs
+    # on an asyncio loop in its own thread: stopped mid-write, its pending tasks are collected at exit and asyncio's
+    # logger prints "Task was destroyed but it is pending!" after the one line (what was written is sealed or redone
+    # on resume, so nothing is lost that the message could warn of).
     warnings.filterwarnings("ignore", category=RuntimeWarning, message="coroutine .* was never awaited")
+    logging.getLogger("asyncio").disabled = True
 
 
 def _interrupted_exit(signum: int) -> SystemExit:
