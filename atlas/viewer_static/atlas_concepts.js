@@ -11,16 +11,8 @@
 
   function updateLink() {
     const a = window.atlasViewer.state.atlas;
-    let link = $("concepts-link");
-    if (!link) {
-      link = document.createElement("a");
-      link.id = "concepts-link";
-      link.className = "units-link";
-      link.textContent = "Concepts";
-      link.title = "a sparse dictionary of this layer: each concept's icon, dataset patches, classes and place on the map";
-      const menu = document.querySelector("#bar .menu");
-      menu.parentNode.insertBefore(link, menu.nextSibling);
-    }
+    const link = window.atlasViewer.barLink("concepts-link", "Concepts",
+      "a sparse dictionary of this layer: each concept's icon, dataset patches, classes and place on the map");
     const has = Boolean(a && layers && layers.has(a.layer));
     link.hidden = !has;
     if (has) link.href = `concepts.html?layer=${encodeURIComponent(a.layer)}`;

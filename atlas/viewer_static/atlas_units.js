@@ -34,16 +34,7 @@
   // ---------------------------------------------------------------- the menu link
   function updateLink() {
     const a = window.atlasViewer.state.atlas;
-    let link = $("units-link");
-    if (!link) {
-      link = document.createElement("a");
-      link.id = "units-link";
-      link.className = "units-link";
-      link.textContent = "Units";
-      link.title = "every unit of this layer: visualisations, dataset examples, projections";
-      const menu = document.querySelector("#bar .menu");
-      menu.parentNode.insertBefore(link, menu.nextSibling);
-    }
+    const link = window.atlasViewer.barLink("units-link", "Units", "every unit of this layer: visualisations, dataset examples, projections");
     const has = a && st.galleries.has(a.layer);
     link.hidden = !has;
     if (has) link.href = `units.html#${encodeURIComponent(a.layer)}`;

@@ -331,6 +331,20 @@
     get viewer() { return state.viewer; },
     activeGrid,
     open: openAtlas,
+    /** The add-ons' link in the bar, after the atlas menu (made once, found by id afterwards). */
+    barLink(id, text, title) {
+      let link = document.getElementById(id);
+      if (!link) {
+        link = document.createElement("a");
+        link.id = id;
+        link.className = "units-link";
+        link.textContent = text;
+        link.title = title;
+        const menu = document.querySelector("#bar .menu");
+        menu.parentNode.insertBefore(link, menu.nextSibling);
+      }
+      return link;
+    },
     cellCenter(size, gx, gy) {
       const grid = state.atlas.grids.find((g) => g.size === size);
       const r = cellRect(grid, gx, gy);
