@@ -1,6 +1,8 @@
 """Sparse dictionaries side by side on the same activations: atlas's TopK SAE and NMF, and the `overcomplete` package's.
 
     python bench/concepts.py --run RUN --layer mixed4c [--rows 100000] [--concepts 256] [--sparsity 8]
+    python bench/concepts.py --run RUN --layer mixed4c --purity         # top-9 class purity, concepts against channels
+    python bench/concepts.py --run RUN --layer mixed4c --sheet OUT.jpg  # 20 concepts and 20 channels, by eye
 
 Reads the run's sampled activations (``atlas sample``), holds out 10% of the rows (a random tenth, seed 0), fits every
 method on the rest and prints per method: R^2 of the held-out rows' reconstruction (their codes from the fitted
@@ -103,6 +105,116 @@ def purity(args) -> None:
               f"20 random ones: {pick.mean():.3f}; share with purity >= 5/9: {(ok >= 5 / 9 - 1e-9).mean():.2f}", flush=True)
 
 
+def draw_picks(scores: np.ndarray, image: np.ndarray, n: int, rng: np.random.Generator, what: str) -> np.ndarray:
+    """``n`` columns of ``scores`` drawn at random among those active (above 0) on at least 9 images; the others are
+    skipped and counted in one printed line."""
+    rows_active = scores > 0
+    images_active = np.array([np.unique(image[rows_active[:, k]]).size for k in range(scores.shape[1])])
+    dead = int((images_active == 0).sum())
+    few = int(((images_active > 0) & (images_active < 9)).sum())
+    eligible = np.flatnonzero(images_active >= 9)
+    print(f"  {what}: {scores.shape[1]}, of which {dead} dead (never active) and {few} active on fewer than 9 images: "
+          f"skipped; {n} drawn at random from the other {eligible.size}")
+    return np.sort(rng.choice(eligible, min(n, eligible.size), replace=False))
+
+
+def sheet(args) -> None:
+    """A sheet of 20 concepts and 20 channels drawn at random, each a row: its icon, then its top-9 dataset patches.
+
+    The dictionary is the stored one of ``atlas concepts`` with these settings (fitted now when missing: the library's
+    :func:`atlas.concepts.concepts`, without icons). Concepts' and channels' icons are the same renderer with the
+    same settings (the direction objective with the run's whitening, on the concept's atom or the channel's unit
+    vector); their top-9 are ranked over the sampled positions, one per image (:func:`atlas.concepts.place.top_examples`),
+    and cut from the photos as the model reads them (:func:`atlas.concepts.writer.example_patches`).
+    """
+    import torch
+    from PIL import Image, ImageDraw, ImageFont
+
+    import atlas
+    from atlas import store
+    from atlas.concepts import concepts
+    from atlas.concepts.place import top_examples
+    from atlas.concepts.writer import example_patches, icon_settings, layer_whitening
+    from atlas.models import load_run_model
+    from atlas.render.run import render_batch
+    from atlas.settings import ConceptsSettings
+
+    torch.set_num_threads(args.threads)
+    run, layer = args.run, args.layer
+    s = ConceptsSettings(concepts=args.concepts, sparsity=args.sparsity, epochs=args.epochs, icons=False)
+    concepts(run, layer, s, echo=None, progress=False, panel=False)  # the stored dictionary, or fitted now
+    c = atlas.open_run(run).concepts(layer)
+    root = store.open_store(run)
+    samples = root[f"samples/{layer}"]
+    x = store.read_rows(samples["activations"], c.rows)
+    image = samples["image_index"].get_coordinate_selection(c.rows)
+    position = samples["position"].get_orthogonal_selection((c.rows, slice(None)))
+    labels = root["images/label"][:]
+    groups = np.array([group_of(int(v)) for v in labels])
+    print(f"{layer}: {len(c.rows):,} sampled rows of {np.unique(image).size} images; {c.atoms.shape[0]} concepts ({c.method}, "
+          f"k={c.sparsity}, R^2 {c.summary.get('r2')})")
+    rng = np.random.default_rng(args.seed)
+    channels = np.maximum(x, 0)
+    picked = {"concept": draw_picks(c.codes, image, 20, rng, "concepts"), "channel": draw_picks(channels, image, 20, rng, "channels")}
+    scores = {"concept": c.codes, "channel": channels}
+    vectors = {"concept": c.atoms, "channel": np.eye(x.shape[1], dtype=np.float32)}
+    settings, _ = icon_settings(ConceptsSettings(quality=args.quality, steps=args.steps))
+    net = load_run_model(store.attrs(root), "cpu")
+    whitening = layer_whitening(root, layer, store.valid_rows(root, layer))
+    rows = {}
+    for kind, idx in picked.items():
+        top = top_examples(scores[kind][:, idx], image, position, 9)
+        _, patches = example_patches(run, layer, top, net, args.patch)
+        counts = [np.bincount(groups[top.image[i][top.image[i] >= 0]], minlength=len(GROUPS) + 1) for i in range(len(idx))]
+        purity = np.array([v.max() / 9 for v in counts])
+        majority = [list(GROUPS)[int(v.argmax())] if v.argmax() < len(GROUPS) else "other" for v in counts]
+        cache = Path(args.cache) / f"{layer}-{kind}-{args.seed}-{settings.steps}x{settings.attempts}.npz" if args.cache else None
+        if cache is not None and cache.is_file() and np.array_equal(np.load(cache)["idx"], idx):
+            icons, seconds = np.load(cache)["icons"], float(np.load(cache)["seconds"])
+        else:
+            # seeds as `atlas concepts` gives its icons: (seed, index, attempt); channels numbered after the concepts
+            offset = 0 if kind == "concept" else c.atoms.shape[0]
+            seeds = [(s.seed, offset + int(i), a) for i in idx for a in range(settings.attempts)]
+            start = time.perf_counter()
+            icons, cosine, _, _ = render_batch(net, layer, vectors[kind][idx], whitening, seeds, settings, "cpu")
+            seconds = time.perf_counter() - start
+            print(f"  {kind} icons: mean cos(h, v) {cosine.mean():.3f}", flush=True)
+            if cache is not None:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                np.savez(cache, idx=idx, icons=icons, seconds=seconds)
+        steps = len(idx) * settings.steps * settings.attempts
+        print(f"  {kind} icons: {len(idx)} x {settings.steps} steps x {settings.attempts} attempts in {seconds:.0f}s at "
+              f"{args.threads} thread(s) ({steps / seconds:.1f} icon-steps/s)", flush=True)
+        print(f"  {kind} top-9 purity: mean {purity.mean():.3f} over the {len(idx)} drawn", flush=True)
+        rows[kind] = (idx, icons, patches, purity, majority)
+
+    cell, gap, label_w = settings.size, 4, 150
+    column_w = label_w + cell + 2 * gap + 9 * args.patch
+    header = 26
+    sheet_img = Image.new("RGB", (2 * column_w + 3 * gap, header + 20 * (cell + gap)), "white")
+    draw = ImageDraw.Draw(sheet_img)
+    try:
+        font = ImageFont.load_default(size=14)
+    except TypeError:  # Pillow < 10.1: one bitmap size
+        font = ImageFont.load_default()
+    for col, kind in enumerate(("concept", "channel")):
+        idx, icons, patches, purity, majority = rows[kind]
+        x0 = col * (column_w + 2 * gap)
+        draw.text((x0 + 4, 5), f"{kind}s (seeded random draw): icon | top-9 patches", fill="black", font=font)
+        for r, i in enumerate(idx):
+            y0 = header + r * (cell + gap)
+            draw.text((x0 + 4, y0 + cell // 2 - 16), f"{kind} {int(i)}", fill="black", font=font)
+            draw.text((x0 + 4, y0 + cell // 2 + 2), f"{round(purity[r] * 9)}/9 {majority[r]}", fill="black", font=font)
+            sheet_img.paste(Image.fromarray(icons[r]), (x0 + label_w, y0))
+            for j in range(9):
+                at = (x0 + label_w + cell + 2 * gap + j * args.patch, y0 + (cell - args.patch) // 2)
+                sheet_img.paste(Image.fromarray(patches[r, j]), at)
+    out = Path(args.sheet)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sheet_img.save(out, quality=args.jpeg_quality, optimize=True)
+    print(f"sheet -> {out} ({out.stat().st_size / 1024:.0f} KB)")
+
+
 def atlas_sae(train, test, k_concepts, sparsity, epochs, threads):
     import torch
 
@@ -203,7 +315,18 @@ def main() -> None:
     p.add_argument("--overcomplete-path", default=None)
     p.add_argument("--purity", action="store_true", help="instead: class purity of top-9 images, concepts against channels")
     p.add_argument("--purity-method", action="append", choices=["topk-sae", "nmf"], help="with --purity: only these (repeatable)")
+    p.add_argument("--sheet", default=None, metavar="OUT.jpg",
+                   help="instead: a JPEG of 20 concepts and 20 channels drawn at random, each its icon and top-9 patches")
+    p.add_argument("--seed", type=int, default=0, help="with --sheet: seed of the draw")
+    p.add_argument("--quality", default="standard", help="with --sheet: the icons' preset (draft, standard, paper)")
+    p.add_argument("--steps", type=int, default=None, help="with --sheet: icon steps (None: the preset's)")
+    p.add_argument("--cache", default=None, help="with --sheet: folder keeping the rendered icons between runs")
+    p.add_argument("--patch", type=int, default=64, help="with --sheet: side of the dataset patches in pixels")
+    p.add_argument("--jpeg-quality", type=int, default=60, help="with --sheet: JPEG quality")
     args = p.parse_args()
+    if args.sheet:
+        sheet(args)
+        return
     if args.purity:
         purity(args)
         return

@@ -256,3 +256,83 @@ def test_panel_in_the_browser(done, page):
         assert page.get_attribute("#concepts-link", "href") == f"concepts.html?layer={LAYER}"
     assert 'src="atlas_concepts.js"' in (run / "tiles" / "index.html").read_text()  # as written, not only as served
     assert page.errors == []
+
+
+# ----------------------------------------------------------------------------- a Vision Transformer's block
+
+VIT_FILE = "/work/shared/models/vit_tiny_patch16_224.safetensors"
+VIT_LAYER = "blocks.6"
+
+
+@pytest.fixture(scope="module")
+def vit_done(photo_list, tmp_path_factory):
+    """The real ViT-Ti sampled at ``blocks.6`` (4 photos x 16 tokens: 64 rows, no attribution), laid out on a 4x4
+    grid, then `atlas concepts` (8 concepts, k = 2, icons of 2 steps) from the command line."""
+    pytest.importorskip("timm")
+    from conftest import require_shared
+
+    from atlas.data import list_images
+    from atlas.models import load_model
+    from atlas.sample import sample
+
+    require_shared()
+    net = load_model("timm:vit_tiny_patch16_224", VIT_FILE)
+    run = tmp_path_factory.mktemp("vit") / "run"
+    sample(list_images(photo_list).head(4), [VIT_LAYER], run, model="timm:vit_tiny_patch16_224", weights=VIT_FILE, per_image=16,
+           workers=0, attribution=False, progress=False, net=net, precision="float32")
+    for args in (("project", run, "--layer", VIT_LAYER, "--method", "pca"), ("grid", run, "--layer", VIT_LAYER, "--grid", "4",
+                                                                              "--min-count", "1")):
+        assert (result := cli(*args)).returncode == 0, result.stderr
+    result = cli("concepts", run, "--layer", VIT_LAYER, "--concepts", "8", "--sparsity", "2", "--epochs", "40", "--steps", "2",
+                 "--top-k", "3", "--patch", "32")
+    assert result.returncode == 0, result.stderr
+    return net, run, result
+
+
+def test_concepts_of_a_vit_block(vit_done, photo_list):
+    """On a token layer the positions are patch tokens: the codes reconstruct the tokens' activations, each example's
+    patch is its token's own 16 px square of the photo as the ViT read it (bicubic), the veil and the icons are drawn."""
+    import atlas
+    from atlas.data import list_images, load_image, photo_reading
+    from atlas.units.topk import fit_patch
+
+    net, run, result = vit_done
+    assert "classes skipped" in result.stdout and "veil is skipped" not in result.stdout
+    samples = atlas.open_run(run).samples(VIT_LAYER)
+    assert samples.activations.shape == (64, 192) and float(samples.activations.min()) < 0  # GELU block: negative values
+    c = atlas.open_run(run).concepts(VIT_LAYER)
+    assert c.atoms.shape == (8, 192) and np.isfinite(c.atoms).all() and np.allclose(np.linalg.norm(c.atoms, axis=1), 1, atol=1e-5)
+    assert c.codes.shape == (64, 8) and np.isfinite(c.codes).all() and ((c.codes > 0).sum(1) <= 2).all()
+    r2 = dl.r2(samples.activations, c.codes @ c.atoms + c.bias)
+    assert r2 == pytest.approx(c.summary["r2"], abs=1e-3) and r2 > 0.15, r2  # 8 concepts, 2 per token, 64 tokens
+    shuffled = np.random.default_rng(0).permutation(c.codes)  # each token's own code, not any token's, does it
+    assert dl.r2(samples.activations, shuffled @ c.atoms + c.bias) < r2 - 0.2
+
+    g = store.open_store(run)[f"concepts/{VIT_LAYER}"]
+    prep = dict(store.open_store(run).attrs)["preprocessing"]
+    resize, crop, interpolation = photo_reading(prep)
+    assert (interpolation, crop) == ("bicubic", 224)
+    paths = list_images(photo_list).head(4).paths
+    image, pos, box, patch = g["top/image"][:], g["top/pos"][:], g["top/box"][:], g["top/patch"][:]
+    checked = 0
+    for k, j in zip(*np.nonzero(image >= 0), strict=True):
+        y, x = (int(v) for v in pos[k, j])
+        assert box[k, j].tolist() == [16 * y, 16 * x, 16 * y + 16, 16 * x + 16]  # the token's own patch
+        want = fit_patch(load_image(paths[image[k, j]], resize, crop, interpolation), box[k, j], 32)
+        assert np.array_equal(patch[k, j], want)
+        checked += 1
+    assert checked >= 8
+    # the best example's value is the concept's largest code over the sampled tokens
+    assert np.allclose(g["top/value"][:, 0], np.where(c.codes.max(0) > 0, c.codes.max(0), -np.inf))
+
+    mean, share = g["veil/4/mean"][:], g["veil/4/share"][:]
+    assert mean.shape == share.shape == (4, 4, 8) and np.isfinite(mean).all() and np.isfinite(share).all()
+    assert mean.sum() > 0 and g["veil/4/count"][:].sum() == 64
+    assert g["icons/done"][:].all() and g["icons/image"].shape == (8, 80, 80, 3) and g["icons/image"][:].std() > 0
+    assert np.isfinite(g["icons/cosine"][:]).all()
+
+
+def test_nmf_is_refused_in_one_line_on_a_vit_block(vit_done):
+    _, run, _ = vit_done
+    one_line(cli("concepts", run, "--layer", VIT_LAYER, "--method", "nmf", "--concepts", "8", "--no-icons"),
+             "nmf needs non-negative activations", f"'{VIT_LAYER}' has negative values")

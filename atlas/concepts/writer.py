@@ -247,23 +247,56 @@ def _write_classes(node, samples, rows: np.ndarray, codes: np.ndarray) -> None:
 
 def _write_top(run_dir, root, node, layer: str, rows: np.ndarray, codes: np.ndarray, s: ConceptsSettings, net) -> None:
     """Each concept's top images by code and the receptive-field patch at its best position (the unit lens's boxes)."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from atlas.concepts.place import top_examples
-    from atlas.data import load_image
-    from atlas.units.receptive import receptive_field
-    from atlas.units.topk import GREY, fit_patch
 
     samples = root[f"samples/{layer}"]
     image_index = samples["image_index"].get_coordinate_selection(rows)
     position = samples["position"].get_orthogonal_selection((rows, slice(None)))
     top = top_examples(codes, image_index, position, s.top_k)
-    prep = store.attrs(root).get("preprocessing") or {}
-    resize, crop = int(prep.get("resize", 256)), int(prep.get("crop", 224))
+    box, patches = example_patches(run_dir, layer, top, net, s.patch)
+    g = node.require_group("top")
+    for name, data in (("value", top.value), ("image", top.image), ("pos", top.pos), ("box", box), ("patch", patches)):
+        store.write_array(g, name, data)
+    node.attrs["top_k"] = [s.top_k, s.patch]
+    _set_flag(node, "top_done")
+
+
+def example_patches(run_dir: str | Path, layer: str, top, net, patch: int) -> tuple[np.ndarray, np.ndarray]:
+    """The receptive-field box and patch of every example of ``top`` (concepts' or channels'), cut from the run's photos.
+
+    Parameters
+    ----------
+    run_dir : str or Path
+        The run whose photos the examples index (``images/path`` of its store).
+    layer : str
+        The layer the examples' positions are in.
+    top : atlas.units.topk.Top
+        ``image`` (R, k) (-1: no example) and ``pos`` (R, k, 2) of each row's examples, as
+        :func:`atlas.concepts.place.top_examples` returns them.
+    net : atlas.models.Network
+        The run's model (its receptive fields: a ViT token's own 16 px patch, a convolution's field).
+    patch : int
+        Side of the patches in pixels.
+
+    Returns
+    -------
+    (ndarray of shape (R, k, 4) int32, ndarray of shape (R, k, patch, patch, 3) uint8)
+        Boxes (top, left, bottom, right) in the model's input crop (-1 where no example) and the patches; the photos
+        are read as the model reads them (its resize, crop and resampling: bicubic for most ViTs). A photo gone since
+        sampling leaves its patches grey, logged in the run's log.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from atlas.data import load_image, photo_reading
+    from atlas.units.receptive import receptive_field
+    from atlas.units.topk import GREY, fit_patch
+
+    root = store.open_store(run_dir)
+    resize, crop, interpolation = photo_reading(store.attrs(root).get("preprocessing"))
     field = receptive_field(net, layer, crop)
-    n_concepts = codes.shape[1]
-    box = np.full((n_concepts, s.top_k, 4), -1, np.int32)
-    patches = np.full((n_concepts, s.top_k, s.patch, s.patch, 3), GREY, np.uint8)
+    n, k = top.image.shape
+    box = np.full((n, k, 4), -1, np.int32)
+    patches = np.full((n, k, patch, patch, 3), GREY, np.uint8)
     by_image: dict[int, list[tuple[int, int]]] = {}
     for c, j in zip(*np.nonzero(top.image >= 0), strict=True):
         box[c, j] = field.box(int(top.pos[c, j, 0]), int(top.pos[c, j, 1]), crop)
@@ -273,22 +306,18 @@ def _write_top(run_dir, root, node, layer: str, rows: np.ndarray, codes: np.ndar
     def one(item: tuple[int, list[tuple[int, int]]]) -> str | None:
         image_index, slots = item
         try:
-            image = load_image(str(paths[image_index]), resize, crop)
+            image = load_image(str(paths[image_index]), resize, crop, interpolation)
         except (OSError, ValueError, SyntaxError) as exc:  # gone since sampling: its patches stay grey
             return f"concepts: patch of image {image_index} left grey: {exc}"
         for c, j in slots:
-            patches[c, j] = fit_patch(image, box[c, j], s.patch)
+            patches[c, j] = fit_patch(image, box[c, j], patch)
         return None
 
     with ThreadPoolExecutor(2) as pool:  # decoding and resampling release the GIL
         for problem in pool.map(one, sorted(by_image.items())):
             if problem:
                 store.log(run_dir, problem)
-    g = node.require_group("top")
-    for name, data in (("value", top.value), ("image", top.image), ("pos", top.pos), ("box", box), ("patch", patches)):
-        store.write_array(g, name, data)
-    node.attrs["top_k"] = [s.top_k, s.patch]
-    _set_flag(node, "top_done")
+    return box, patches
 
 
 def _write_veils(run_dir, root, node, layer: str, atoms: np.ndarray, codes: np.ndarray, rows: np.ndarray, note) -> list[int]:
@@ -330,7 +359,9 @@ def _write_veils(run_dir, root, node, layer: str, atoms: np.ndarray, codes: np.n
     return sizes
 
 
-def _icon_settings(s: ConceptsSettings):
+def icon_settings(s: ConceptsSettings):
+    """The renderer's settings of the concepts' icons (the ``quality`` preset's size and attempts, ``steps`` or the
+    preset's) and the preset's batch size: ``(atlas.render.optimize.Settings, int)``."""
     from atlas.render.optimize import Settings
 
     preset = dict(PRESETS[s.quality])
@@ -341,13 +372,28 @@ def _icons_complete(node, s: ConceptsSettings) -> bool:
     g = node.get("icons")
     if g is None or "done" not in g:
         return False
-    settings, _ = _icon_settings(s)
+    settings, _ = icon_settings(s)
     return store.attrs(g).get("key") == [settings.key_dict(), s.seed] and bool(store.read_flags(g["done"]).all())
 
 
-def _whitening(root, layer: str, rows: np.ndarray) -> np.ndarray:
+def layer_whitening(root, layer: str, rows: np.ndarray) -> np.ndarray:
     """The atlas's whitening matrix of the layer (the grid stage's), or the same matrix computed here when the run has
-    no grid yet (not stored: the grid stage owns it)."""
+    no grid yet (not stored: the grid stage owns it).
+
+    Parameters
+    ----------
+    root : zarr.Group
+        The run's store.
+    layer : str
+        A sampled layer.
+    rows : ndarray of int
+        The layer's valid sampled rows (:func:`atlas.store.valid_rows`), used when the matrix is computed here.
+
+    Returns
+    -------
+    ndarray of shape (C, C) float32
+        The inverse of the activations' second moment (regularised as the grid stage does).
+    """
     wpath = f"whitening/{layer}/matrix"
     if wpath in root:
         return root[wpath][...].astype(np.float32)
@@ -370,7 +416,7 @@ def _write_icons(root, node, layer: str, atoms: np.ndarray, s: ConceptsSettings,
 
     from atlas.render.run import render_batch
 
-    settings, batch = _icon_settings(s)
+    settings, batch = icon_settings(s)
     n_concepts = atoms.shape[0]
     key = [settings.key_dict(), s.seed]
     g = node.get("icons")
@@ -388,7 +434,7 @@ def _write_icons(root, node, layer: str, atoms: np.ndarray, s: ConceptsSettings,
     if todo.size == 0:
         return 0
     rows = store.valid_rows(root, layer)
-    whitening = _whitening(root, layer, rows)
+    whitening = layer_whitening(root, layer, rows)
     say(f"concepts {layer}: {todo.size} icons ({s.quality}, {settings.steps} steps)")
     bar = tqdm(total=int(todo.size), unit="icon", desc=f"concept icons {layer}", disable=None if progress else True, dynamic_ncols=True)
     try:
