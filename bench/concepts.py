@@ -211,7 +211,7 @@ def sheet(args) -> None:
                 sheet_img.paste(Image.fromarray(patches[r, j]), at)
     out = Path(args.sheet)
     out.parent.mkdir(parents=True, exist_ok=True)
-    sheet_img.save(out, quality=args.jpeg_quality, optimize=True)
+    sheet_img.save(out, quality=args.jpeg_quality, optimize=True, progressive=True)
     print(f"sheet -> {out} ({out.stat().st_size / 1024:.0f} KB)")
 
 
@@ -321,8 +321,8 @@ def main() -> None:
     p.add_argument("--quality", default="standard", help="with --sheet: the icons' preset (draft, standard, paper)")
     p.add_argument("--steps", type=int, default=None, help="with --sheet: icon steps (None: the preset's)")
     p.add_argument("--cache", default=None, help="with --sheet: folder keeping the rendered icons between runs")
-    p.add_argument("--patch", type=int, default=64, help="with --sheet: side of the dataset patches in pixels")
-    p.add_argument("--jpeg-quality", type=int, default=60, help="with --sheet: JPEG quality")
+    p.add_argument("--patch", type=int, default=56, help="with --sheet: side of the dataset patches in pixels")
+    p.add_argument("--jpeg-quality", type=int, default=50, help="with --sheet: JPEG quality")
     args = p.parse_args()
     if args.sheet:
         sheet(args)
