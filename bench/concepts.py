@@ -307,9 +307,12 @@ def main() -> None:
     p.add_argument("--run", required=True)
     p.add_argument("--layer", default="mixed4c")
     p.add_argument("--rows", type=int, default=100_000)
-    p.add_argument("--concepts", type=int, default=256)
-    p.add_argument("--sparsity", type=int, default=8)
-    p.add_argument("--epochs", type=int, default=20)
+    from atlas.settings import ConceptsSettings
+
+    defaults = ConceptsSettings()  # the dictionary's defaults are atlas's own (256 concepts, k = 8, 20 epochs)
+    p.add_argument("--concepts", type=int, default=defaults.concepts)
+    p.add_argument("--sparsity", type=int, default=defaults.sparsity)
+    p.add_argument("--epochs", type=int, default=defaults.epochs)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--method", action="append", choices=list(METHODS), help="only these (repeatable)")
     p.add_argument("--overcomplete-path", default=None)
