@@ -336,3 +336,25 @@ def test_nmf_is_refused_in_one_line_on_a_vit_block(vit_done):
     _, run, _ = vit_done
     one_line(cli("concepts", run, "--layer", VIT_LAYER, "--method", "nmf", "--concepts", "8", "--no-icons"),
              "nmf needs non-negative activations", f"'{VIT_LAYER}' has negative values")
+
+
+def test_the_sheets_draw_skips_dead_and_rare_columns_and_says_how_many(capsys):
+    """bench/concepts.py --sheet draws its 20 concepts and 20 channels at random among those active on 9 images or
+    more; the dead and the rare ones are skipped and counted in one line, and a seed gives the same draw."""
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("concepts_bench", REPO / "bench" / "concepts.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    image = np.repeat(np.arange(12), 2)  # 12 images x 2 rows
+    scores = np.random.default_rng(0).uniform(0.1, 1, size=(24, 30))
+    scores[:, 3] = 0  # dead
+    scores[:, 7] = np.where(image < 5, 1.0, 0.0)  # active on 5 images only
+    scores[:, 11] = np.where(image < 9, 1.0, 0.0)  # active on exactly 9: drawn like the others
+    picks = [bench.draw_picks(scores, image, 20, np.random.default_rng(seed), "columns") for seed in (0, 0, 1)]
+    assert picks[0].tolist() == picks[1].tolist() != picks[2].tolist()
+    assert all(len(p) == 20 and len(set(p.tolist())) == 20 and not {3, 7} & set(p.tolist()) for p in picks)
+    assert capsys.readouterr().out.count("30, of which 1 dead (never active) and 1 active on fewer than 9 images: skipped; "
+                                         "20 drawn at random from the other 28") == 3
