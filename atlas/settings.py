@@ -29,11 +29,12 @@ from typing import Any, ClassVar
 
 from atlas.errors import AtlasError
 
-# Icon presets of the render stage: size (px), optimisation steps, attempts (best kept), icons optimised together.
+# Icon presets of the render stage: size (px), optimisation steps, attempts (best kept), icons optimised together, and
+# the successive-halving trial (steps every attempt runs before only the most promising goes on; 0: all run to the end).
 PRESETS: dict[str, dict[str, int]] = {
-    "draft": {"size": 80, "steps": 128, "attempts": 1, "batch": 32},
-    "standard": {"size": 80, "steps": 512, "attempts": 2, "batch": 50},
-    "paper": {"size": 80, "steps": 1024, "attempts": 4, "batch": 100},
+    "draft": {"size": 80, "steps": 128, "attempts": 1, "batch": 32, "screen": 0},
+    "standard": {"size": 80, "steps": 512, "attempts": 2, "batch": 50, "screen": 0},
+    "paper": {"size": 80, "steps": 1024, "attempts": 4, "batch": 100, "screen": 0},
 }
 PROJECT_METHODS = ("umap", "tsne", "pca")
 # cosine/euclidean/l2 use atlas's own kNN search; the others go through umap-learn, openTSNE and scikit-learn,
@@ -459,6 +460,9 @@ class RenderSettings(StageSettings):
     steps: int | None = setting(None, Integer(1, optional=True), "Optimisation steps per icon (None: the preset's).")
     size: int | None = setting(None, Integer(8, 1024, optional=True), "Icon size in pixels (None: the preset's).")
     attempts: int | None = setting(None, Integer(1, optional=True), "Seeds per icon, the best kept (None: the preset's).")
+    screen: int | None = setting(None, Integer(0, optional=True),
+                                 "Successive halving: every seed runs this many steps, then only each icon's most promising "
+                                 "one goes on (0: all run to the end; None: the preset's, dropped when not shorter than steps).")
     batch: int | None = setting(None, Integer(1, optional=True), "Icons optimised together (None: the preset's).", speed=True)
     p: float = setting(2.0, Number(0.0), "Cosine power of the objective dot * cos^p.")
     icons: str = setting("optimize", Choice(ICON_MODES), "optimize (feature inversion) or examples (dataset patches).")
@@ -468,9 +472,17 @@ class RenderSettings(StageSettings):
                            config=False)
 
     def preset(self) -> dict[str, int]:
-        """size, steps, attempts and batch after the overrides."""
+        """size, steps, attempts, batch and screen after the overrides (the preset's screen only where it is shorter than
+        the steps)."""
         base = PRESETS[self.quality]
-        return {k: getattr(self, k) if getattr(self, k) is not None else base[k] for k in ("size", "steps", "attempts", "batch")}
+        out = {k: getattr(self, k) if getattr(self, k) is not None else base[k] for k in ("size", "steps", "attempts", "batch")}
+        out["screen"] = self.screen if self.screen is not None else (base["screen"] if base["screen"] < out["steps"] else 0)
+        return out
+
+    def _check_together(self) -> None:
+        steps = self.steps if self.steps is not None else PRESETS[self.quality]["steps"]
+        if self.screen and self.screen >= steps:
+            raise AtlasError(f"render.screen must be less than render.steps ({steps}); got {self.screen}")
 
 
 @_documented

@@ -312,7 +312,7 @@ def test_each_setting_has_one_default_in_its_settings_class():
 
 def test_settings_are_frozen_normalised_and_documented():
     s = settings.RenderSettings(p=3, quality="paper")
-    assert s.p == 3.0 and isinstance(s.p, float) and s.preset() == {"size": 80, "steps": 1024, "attempts": 4, "batch": 100}
+    assert s.p == 3.0 and isinstance(s.p, float) and s.preset() == {"size": 80, "steps": 1024, "attempts": 4, "batch": 100, "screen": 0}
     assert settings.RenderSettings(steps=7).preset()["steps"] == 7
     with pytest.raises(dataclasses.FrozenInstanceError):
         s.quality = "draft"

@@ -168,6 +168,10 @@ def test_cli_render_and_export_icons(tmp_path, rnet, photo_acts):
     result = runner.invoke(app, ["export-icons", str(tmp_path), "--layer", LAYER, "--grid", "2", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == ["0_0.png", "0_1.png", "1_1.png", "sheet.png"]
+    from tiny_run import cli, one_line
+
+    one_line(cli("render", tmp_path, "--layer", LAYER, "--grid", "2", "--steps", "4", "--screen", "4"),
+             "render.screen must be less than render.steps (4); got 4")
 
 
 def test_whitened_cosine_is_what_the_optimiser_aligns(rnet, photo_acts):
@@ -226,3 +230,24 @@ def test_render_stores_whitened_cosine_and_old_icons_read_na(tmp_path, rnet, pho
     assert again["rendered_now"] == 0 and again["mean_cosine_whitened"] is None and icons.attrs["key"] == key
     np.testing.assert_array_equal(icons["images"][...], before)
     assert "mean whitened cos(h, S v) n/a" in format_info(info(tmp_path))
+
+
+def test_screened_render_ignores_batch_and_resume_and_is_its_own_key(tmp_path, rnet, photo_acts):
+    """Successive halving through the render stage: the icons do not depend on the batch size or on a lost cell being
+    redone alone, the trial is part of the icons' key, and a trial not shorter than the run is one line."""
+    _tiny_run(tmp_path, rnet, photo_acts)
+    opts = dict(steps=6, size=48, attempts=3, screen=2, progress=False, net=rnet)
+    first = render(tmp_path, LAYER, [2], batch=3, **opts)[2]
+    icons = zarr.open_group(str(tmp_path / "store.zarr"))[f"icons/{LAYER}/full/2"]
+    before = icons["images"][...]
+    assert first["rendered_now"] == 3 and icons.attrs["settings"]["screen"] == 2
+    done = icons["done"][...]
+    done[0, 1] = False
+    icons["done"][...] = done
+    assert render(tmp_path, LAYER, [2], batch=1, **opts)[2]["rendered_now"] == 1
+    assert np.abs(icons["images"][...].astype(int) - before.astype(int)).max() <= 3
+    unscreened = render(tmp_path, LAYER, [2], batch=3, **(opts | {"screen": 0}))[2]
+    reopened = zarr.open_group(str(tmp_path / "store.zarr"))[f"icons/{LAYER}/full/2"]
+    assert unscreened["rendered_now"] == 3 and "screen" not in reopened.attrs["settings"]
+    with pytest.raises(AtlasError, match=r"^render.screen must be less than render.steps \(6\); got 6$"):
+        render(tmp_path, LAYER, [2], **(opts | {"screen": 6}))

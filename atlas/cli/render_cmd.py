@@ -22,6 +22,7 @@ def render_command(
     steps: Annotated[int | None, typer.Option(help=R.option_help("steps"))] = R.steps,
     size: Annotated[int | None, typer.Option(help=R.option_help("size"))] = R.size,
     attempts: Annotated[int | None, typer.Option(help=R.option_help("attempts"))] = R.attempts,
+    screen: Annotated[int | None, typer.Option(help=R.option_help("screen"))] = R.screen,
     batch: Annotated[int | None, typer.Option(help=R.option_help("batch"))] = R.batch,
     p: Annotated[float, typer.Option("--p", help=R.option_help("p"))] = R.p,
     device: Annotated[str, typer.Option(help=R.option_help("device"))] = R.device,
@@ -33,7 +34,7 @@ def render_command(
     """Render one icon per kept grid cell into RUN/store.zarr (resumable; finished icons are kept)."""
     # Checked before the stage (and torch) is imported: `--quality ultra` or `--steps 0` fail at once.
     GridSettings(sizes=grid)
-    chosen = R(quality=quality, steps=steps, size=size, attempts=attempts, batch=batch, p=p, icons=icons, device=device,
+    chosen = R(quality=quality, steps=steps, size=size, attempts=attempts, screen=screen, batch=batch, p=p, icons=icons, device=device,
                seed=seed)
     from atlas.engine import make_engine
 

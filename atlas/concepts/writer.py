@@ -28,7 +28,7 @@ import numpy as np
 
 from atlas import store
 from atlas.errors import AtlasError
-from atlas.settings import PRESETS, ConceptsSettings, check_device
+from atlas.settings import ConceptsSettings, RenderSettings, check_device
 
 STAGE = "concepts"
 TOP_CLASSES = 5
@@ -364,8 +364,8 @@ def icon_settings(s: ConceptsSettings):
     preset's) and the preset's batch size: ``(atlas.render.optimize.Settings, int)``."""
     from atlas.render.optimize import Settings
 
-    preset = dict(PRESETS[s.quality])
-    return Settings(size=preset["size"], steps=s.steps or preset["steps"], attempts=preset["attempts"]), preset["batch"]
+    preset = RenderSettings(quality=s.quality, steps=s.steps).preset()
+    return Settings(size=preset["size"], steps=preset["steps"], attempts=preset["attempts"], screen=preset["screen"]), preset["batch"]
 
 
 def _icons_complete(node, s: ConceptsSettings) -> bool:

@@ -99,7 +99,7 @@ class Objective:
     batch : int or None, default None
         Number of images the term is defined for (e.g. one direction per image); None: any.
     terms : sequence of Objective, default ()
-        Sub-objectives (composites), used for ``layers``, ``batch``, ``cosine``, ``to`` and ``repeat_interleave``.
+        Sub-objectives (composites), used for ``layers``, ``batch``, ``cosine``, ``to``, ``take`` and ``repeat_interleave``.
 
     Sums, differences and products of objectives are objectives; so is ``sum([...])``.
     Combining with anything but an objective or a real number raises ``TypeError``.
@@ -160,11 +160,17 @@ class Objective:
 
     def repeat_interleave(self, k: int) -> Objective:
         """The objective for a batch with every image repeated ``k`` times in a row (``attempts``)."""
-        if k == 1 or not self.terms:
+        n = self.batch
+        return self if k == 1 or n is None else self.take(torch.arange(n).repeat_interleave(k))
+
+    def take(self, rows: torch.Tensor | Sequence[int]) -> Objective:
+        """The objective for the images ``rows`` of its batch, in that order (terms defined for any batch unchanged):
+        how a successive-halving render goes on with only the seeds it keeps."""
+        if not self.terms:
             return self
         clone = object.__new__(type(self))
         clone.__dict__.update(self.__dict__)
-        clone.terms = tuple(t.repeat_interleave(k) for t in self.terms)
+        clone.terms = tuple(t.take(rows) for t in self.terms)
         clone.fn = _rebind(self, clone)
         return clone
 
@@ -243,7 +249,7 @@ class Objective:
         return Objective(_Affine(self, 1.0 / k, 0.0), f"{self._wrap(_PRODUCT)} / {_fmt(k)}", terms=[self], precedence=_PRODUCT)
 
 
-# The composites' functions hold their terms; repeat_interleave rebuilds them on the repeated terms.
+# The composites' functions hold their terms; take (and so repeat_interleave) rebuilds them on the taken terms.
 class _Sum:
     def __init__(self, terms: Sequence[Objective], weights: Sequence[float]):
         self.terms, self.weights = list(terms), list(weights)
@@ -359,12 +365,11 @@ class Direction(Objective):
         self.v, self.u = self.v.to(device), self.u.to(device)
         return self
 
-    def repeat_interleave(self, k: int) -> Direction:
-        if k == 1:
-            return self
+    def take(self, rows: torch.Tensor | Sequence[int]) -> Direction:
+        index = torch.as_tensor(rows, dtype=torch.long, device=self.v.device)
         clone = object.__new__(type(self))
         clone.__dict__.update(self.__dict__)
-        clone.v, clone.u = self.v.repeat_interleave(k, 0), self.u.repeat_interleave(k, 0)
+        clone.v, clone.u = self.v[index], self.u[index]
         clone._batch = clone.v.shape[0]
         clone.fn = clone._score
         return clone
@@ -411,12 +416,11 @@ class Channel(Objective):
         self.channels = self.channels.to(device)
         return self
 
-    def repeat_interleave(self, k: int) -> Channel:
-        if k == 1:
-            return self
+    def take(self, rows: torch.Tensor | Sequence[int]) -> Channel:
+        index = torch.as_tensor(rows, dtype=torch.long, device=self.channels.device)
         clone = object.__new__(type(self))
         clone.__dict__.update(self.__dict__)
-        clone.channels = self.channels.repeat_interleave(k, 0)
+        clone.channels = self.channels[index]
         clone._batch = clone.channels.numel()
         clone.fn = clone._score
         return clone

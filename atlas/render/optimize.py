@@ -58,6 +58,10 @@ class Settings:
     schedule : {"constant", "cosine"}, default "constant"
         Adam's step size over the run: "constant" keeps ``lr``; "cosine" decays it from ``lr`` to 0 along half a cosine
         over ``steps`` (a large step early, small ones that settle the icon at the end).
+    screen : int, default 0, in [0, steps)
+        Successive halving of the attempts (see :func:`best_icons`): every seed runs the first ``screen`` steps, then
+        only each icon's most promising seed goes on to ``steps``. 0: every seed runs all steps and the best final
+        objective is kept. Ignored with one attempt.
     """
 
     size: int = 80
@@ -70,10 +74,23 @@ class Settings:
     channels_last: bool = True
     redirect_relu: bool = True
     schedule: str = "constant"
+    screen: int = 0
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
             raise AtlasError(f"unknown lr schedule '{self.schedule}'; choose {', '.join(SCHEDULES)}")
+        if self.screen < 0 or (self.screen and self.screen >= self.steps):
+            raise AtlasError(f"screen must be at least 0 and less than steps ({self.steps}); got {self.screen}")
+
+    @property
+    def screens(self) -> bool:
+        """Whether the attempts are screened (successive halving) rather than all run to the end."""
+        return self.screen > 0 and self.attempts > 1
+
+    @property
+    def icon_steps(self) -> int:
+        """Optimisation steps spent per icon, all attempts counted."""
+        return self.attempts * self.screen + self.steps - self.screen if self.screens else self.attempts * self.steps
 
     def key_dict(self) -> dict:
         """The settings that change the pixels (speed switches excluded except precision)."""
@@ -82,6 +99,8 @@ class Settings:
                "redirect_relu": self.redirect_relu}
         if self.schedule != "constant":
             key["schedule"] = self.schedule  # only when set, so the keys of icons rendered before it stay valid
+        if self.screens:
+            key["screen"] = self.screen  # likewise
         return key
 
     def lr_at(self, step: int) -> float:
@@ -270,6 +289,28 @@ class Optimization:
                 if on_step is not None:
                     on_step(step, self.param)
 
+    def keep(self, rows: Sequence[int] | np.ndarray) -> None:
+        """Go on with only the images ``rows`` (in that order): their parameters, Adam state, transform draws, trace
+        and objective rows, exactly as they were (successive halving).
+
+        A parameter (or Adam state tensor) whose first dimension is the batch is taken as one slice per image, as
+        every parameterisation in :mod:`atlas.render.param` holds them; others are shared and kept whole.
+        """
+        index = torch.as_tensor(np.asarray(rows), dtype=torch.long)
+        n = self.draws.shape[1]
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if p.dim() and p.shape[0] == n:
+                    state = self.optimizer.state.get(p, {})
+                    for k, v in list(state.items()):
+                        if torch.is_tensor(v) and v.dim() and v.shape[0] == n:
+                            state[k] = v[index.to(v.device)].clone()
+                    p.data = p.data[index.to(p.device)].clone()
+                    p.grad = None
+        self.objective = self.objective.take(index.to(self.device))
+        self.draws = self.draws[:, index]
+        self.trace = self.trace[:, index.numpy()]
+
     def measure(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(images, objective, cos(h, target), cos(h, S v)) of the current icons: ``size`` px, no padding or transforms,
         float32.
@@ -300,6 +341,31 @@ def optimize(net: Network, layer: str | None, objective: Objective, seeds: Seque
     cosine and objective are measured on the finished icons themselves.
     """
     run = Optimization(net, layer, objective, seeds, settings, device, param)
+    run.step(on_step=on_step)
+    return run.result()
+
+
+def best_icons(net: Network, layer: str | None, objective: Objective, seeds: Sequence[tuple[int, ...]], settings: Settings,
+               device: torch.device | str = "cpu", on_step: Callable[[int, Parameterization], None] | None = None,
+               param: Parameterization | None = None) -> Result:
+    """One icon per ``settings.attempts`` consecutive seeds (icon-major), the best of them; see :class:`Optimization`.
+
+    Without ``settings.screen`` every seed runs all steps and the one with the highest final objective is kept
+    (:func:`best_of`). With it (successive halving), every seed runs the first ``screen`` steps; then, for each icon,
+    only the seed whose objective under the transforms was highest on average over the last ``screen // 2`` of them
+    goes on, its parameters and Adam state carried, so the kept icon is exactly that seed's plain run and costs
+    ``attempts * screen + steps - screen`` steps instead of ``attempts * steps``. Which seed goes on depends only on
+    the icon's own seeds, so icons do not depend on their batch.
+    """
+    run = Optimization(net, layer, objective, seeds, settings, device, param)
+    a = settings.attempts
+    if not settings.screens:
+        run.step(on_step=on_step)
+        return best_of(run.result(), a)
+    t = settings.screen
+    run.step(t, on_step)
+    score = run.trace[t - max(1, t // 2): t].mean(0).reshape(-1, a)
+    run.keep(score.argmax(1) + np.arange(len(score)) * a)
     run.step(on_step=on_step)
     return run.result()
 
@@ -354,7 +420,7 @@ def visualize(net: Network, layer: str, directions: torch.Tensor | np.ndarray | 
     device : str, default "cpu"
         "cpu", "cuda" or "cuda:N".
     settings : Settings or None, default None
-        Source of lr, transforms, precision, channels_last and redirect_relu (its size, steps,
+        Source of lr, transforms, precision, channels_last, redirect_relu, schedule and screen (its size, steps,
         attempts and p are replaced by the arguments above); None: ``Settings()``.
     on_step : callable (step, param) -> None, or None, default None
         Called after every step (progress bars, live previews).
@@ -378,7 +444,8 @@ def visualize(net: Network, layer: str, directions: torch.Tensor | np.ndarray | 
         raise AtlasError(f"seed must be >= 0 (got {seed})")
     base = settings or Settings()
     settings = Settings(size=size, steps=steps, attempts=attempts, lr=base.lr, p=p, transforms=base.transforms,
-                        precision=base.precision, channels_last=base.channels_last, redirect_relu=base.redirect_relu)
+                        precision=base.precision, channels_last=base.channels_last, redirect_relu=base.redirect_relu,
+                        schedule=base.schedule, screen=base.screen)
     if directions is not None:
         d = torch.as_tensor(np.asarray(directions), dtype=torch.float32)
         d = d[None] if d.dim() == 1 else d
@@ -397,4 +464,4 @@ def visualize(net: Network, layer: str, directions: torch.Tensor | np.ndarray | 
         n = ids.numel()
         goal = (make_channel if channel is not None else make_neuron)(layer, ids.repeat_interleave(attempts, 0))
     seeds = [(seed, i, a) for i in range(n) for a in range(attempts)]
-    return best_of(optimize(net, layer, goal, seeds, settings, device, on_step, param), attempts)
+    return best_icons(net, layer, goal, seeds, settings, device, on_step, param)

@@ -32,7 +32,7 @@ from atlas.errors import AtlasError
 from atlas.models import Network, autocast_dtype, load_run_model
 from atlas.render.examples import compose, sample_patches
 from atlas.render.objectives import direction
-from atlas.render.optimize import Settings, best_of, optimize
+from atlas.render.optimize import Settings, best_icons
 from atlas.render.transforms import Transforms
 from atlas.settings import PRESETS, RenderSettings, check_device  # noqa: F401 - PRESETS re-exported (see below)
 from atlas.store import create_array, open_store, read_rows, require_layer
@@ -51,7 +51,7 @@ def optimizer_settings(chosen: RenderSettings) -> tuple[Settings, int]:
     quality preset with ``chosen``'s overrides, the default transforms."""
     preset = chosen.preset()
     return Settings(size=preset["size"], steps=preset["steps"], attempts=preset["attempts"], p=chosen.p,
-                    transforms=DEFAULT_TRANSFORMS), preset["batch"]
+                    transforms=DEFAULT_TRANSFORMS, screen=preset["screen"]), preset["batch"]
 
 
 def _open_icons(root: zarr.Group, path: str, shape: tuple[int, int], size: int, key: str, attrs: dict) -> zarr.Group:
@@ -282,7 +282,7 @@ def _render_optimize(root: zarr.Group, grid: zarr.Group, net: Network, layer: st
     finally:
         bar.close()
         results.close()
-    return _summarise(group, mask, rendered, time.perf_counter() - start, settings.steps * settings.attempts)
+    return _summarise(group, mask, rendered, time.perf_counter() - start, settings.icon_steps)
 
 
 def render_batch(net: Network, layer: str, vectors: np.ndarray, whitening: np.ndarray | None, seeds: list, settings: Settings,
@@ -292,7 +292,7 @@ def render_batch(net: Network, layer: str, vectors: np.ndarray, whitening: np.nd
     a = settings.attempts
     s = torch.as_tensor(whitening) if whitening is not None else None
     objective = direction(layer, torch.from_numpy(vectors).repeat_interleave(a, 0), s, settings.p)
-    result = best_of(optimize(net, layer, objective, seeds, settings, device, tick), a)
+    result = best_icons(net, layer, objective, seeds, settings, device, tick)
     pixels = np.clip(np.rint(result.images * 255.0), 0, 255).astype(np.uint8)
     return pixels, result.cosine, result.objective, result.cosine_whitened
 
