@@ -8,7 +8,7 @@ the renderer's own seeds ((seed, hash of the cell's direction, attempt): the see
 Every icon is one seed's plain run, so one measured run answers many strategies. ``curves`` runs 4 seeds x 512
 steps for every cell (the ``standard`` preset's seeds are its first 2, its steps the same 512, so its icons are
 exactly ``standard``'s), measuring every seed every 32 steps; ``paper`` runs 4 seeds x 1,024 steps (the ``paper``
-preset itself) on the first ``--paper-cells`` grid-20 cells, measured every 64 steps. The rows are read off them:
+preset itself) on ``--paper-cells`` grid-20 cells evenly spread among them, measured every 64 steps. The rows are read off them:
 
 * a preset: best of its seeds by the final objective (what the renderer keeps);
 * plain S x 1: the first seed at step S (below the run's length its transforms were drawn for the longer run);
@@ -71,13 +71,18 @@ def build_run(out: Path, photos: int) -> Path:
     return out
 
 
+def spread(n: int, k: int) -> np.ndarray:
+    """``min(k, n)`` indices evenly spread over ``range(n)``."""
+    return np.unique(np.linspace(0, n - 1, min(k, n)).round().astype(int)) if n else np.zeros(0, int)
+
+
 def pick_cells(root: zarr.Group, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Up to ``n`` kept grid-20 cells and ``n`` kept grid-40 cells, each evenly spread over the kept cells of its grid
-    (row-major order)."""
+    (row-major order; all of them when ``n`` is at least their number)."""
     out = []
     for g in (20, 40):
         kept = np.argwhere(root[f"grids/{LAYER}/full/{g}/render"][...])
-        out.append(kept[np.unique(np.linspace(0, len(kept) - 1, min(n, len(kept))).round().astype(int))] if len(kept) else kept)
+        out.append(kept[spread(len(kept), n)])
     return out[0], out[1]
 
 
@@ -190,16 +195,17 @@ def rows_of(run: dict, paper: bool, k=lambda steps: steps) -> dict[str, tuple[np
         return rows
     rows = {"standard (512 x 2)": best_of(run, 2, k(512)), "best of 4 x 512": best_of(run, 4, k(512)),
             "plain 512 x 1": plain(run, k(512)), "plain 256 x 1 (step 256 of 512)": plain(run, k(256))}
-    for attempts, trial, step in ((2, 32, 512), (2, 64, 512), (4, 32, 512), (4, 64, 512), (4, 16, 256), (4, 32, 256),
-                                  (4, 64, 256), (2, 32, 256)):
+    # at no more than standard's 1/4 (256 icon-steps) and paper's 1/8 (512), and longer
+    for attempts, trial, step in ((4, 16, 192), (2, 32, 224), (4, 32, 416), (4, 64, 320), (2, 64, 448), (4, 32, 256),
+                                  (2, 32, 512), (2, 64, 512), (4, 32, 512), (4, 64, 512)):
         rows[f"screen {attempts} x {trial} -> {step}"] = screen(trace, attempts, k(trial), k(step))
     return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--cells", type=int, default=150, help="grid-20 cells, and grid-40 cells, measured")
-    ap.add_argument("--paper-cells", type=int, default=16, help="grid-20 cells also run with the paper preset's 4 x 1024")
+    ap.add_argument("--cells", type=int, default=400, help="grid-20 cells, and grid-40 cells, measured (at most all kept)")
+    ap.add_argument("--paper-cells", type=int, default=16, help="grid-20 cells (evenly spread) also run with the paper preset's 4 x 1024")
     ap.add_argument("--photos", type=int, default=1000, help="shared photos sampled (2 positions each)")
     ap.add_argument("--out", type=Path, default=Path("/tmp/render_budget"), help="run folder and results (kept and reused)")
     ap.add_argument("--chunk", type=int, default=25, help="cells optimised together (results are kept per chunk)")
@@ -216,7 +222,7 @@ def main() -> None:
     v40 = np.stack([np.asarray(root[f"grids/{LAYER}/full/40/mean_activation"][int(y), int(x)], np.float32) for y, x in c40])
     vectors = np.concatenate([v20, v40])
     whitening = root[f"whitening/{LAYER}/matrix"][...].astype(np.float32)
-    m = min(args.paper_cells, len(v20))
+    paper_cells = spread(len(v20), args.paper_cells)
     k = lambda steps: max(1, round(steps * args.scale))  # noqa: E731 - every step count, scaled for a smoke run
     results = args.out / "results"
     results.mkdir(exist_ok=True)
@@ -238,8 +244,8 @@ def main() -> None:
             print(f"  {key} cells {lo}-{lo + len(vs[lo: lo + args.chunk]) - 1} in {time.perf_counter() - start:.0f} s, "
                   f"load average {os.getloadavg()[0]:.2f}", flush=True)
 
-    jobs = {"curves": lambda: chunks("curves", vectors, k(512), k(32), (k(256), k(512))),
-            "paper": lambda: chunks("paper", v20[:m], k(1024), k(64), (k(512), k(1024))),
+    jobs = {"curves": lambda: chunks("curves", vectors, k(512), k(32), tuple(k(s) for s in (192, 224, 256, 320, 416, 448, 512))),
+            "paper": lambda: chunks("paper", v20[paper_cells], k(1024), k(64), (k(512), k(1024))),
             "polish": lambda: chunks("polish", v20[:POLISH_CELLS], k(256), k(32), (k(256),), polish=k(64))}
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     print(f"{len(c20)} grid-20 and {len(c40)} grid-40 cells of a run of {args.photos} shared photos x 2 positions at "
@@ -250,7 +256,7 @@ def main() -> None:
         jobs[key]()
     if only:
         return
-    report(results, len(v20), m, k)
+    report(results, len(v20), paper_cells, k)
 
 
 def load(results: Path, key: str) -> dict | None:
@@ -267,7 +273,7 @@ def load(results: Path, key: str) -> dict | None:
     return joined
 
 
-def report(results: Path, n20: int, m: int, k) -> None:
+def report(results: Path, n20: int, paper_cells: np.ndarray, k) -> None:
     from PIL import Image
 
     curves, paper, polish = load(results, "curves"), load(results, "paper"), load(results, "polish")
@@ -295,11 +301,11 @@ def report(results: Path, n20: int, m: int, k) -> None:
     if paper is not None:
         mp = paper["trace"].shape[1] // SEEDS
         paper_rows = {name: figures(paper, c) for name, c in rows_of(paper, True, k).items()}
-        print(f"\nThe {mp} paper cells (grid 20, the first {mp}):\n\n{head}")
+        print(f"\nThe {mp} paper cells (grid-20 cells evenly spread):\n\n{head}")
         for name, f in paper_rows.items():
             print(line(name, f, np.arange(mp)))
         for name, f in standard_rows.items():
-            print(line(name, f, np.arange(mp)))
+            print(line(name, f, paper_cells[:mp]))
     if polish is not None:
         mq = polish["trace"].shape[1]
         f = {"white": polish["white"][-1], "views": polish[f"views_{k(256)}"], "objective": polish["objective"][-1],
@@ -310,12 +316,13 @@ def report(results: Path, n20: int, m: int, k) -> None:
             print(line(name, standard_rows[name], np.arange(mq)))
     print("\nseconds (a loaded machine's; read ratios only): curves " + f"{curves['seconds']:.0f}" +
           (f", paper {paper['seconds']:.0f}" if paper is not None else ""))
-    shown = [(name, f) for name, f in list(paper_rows.items()) + list(standard_rows.items()) if f["images"] is not None]
-    cols = np.arange(min(8, m if paper is not None else n))
+    # the sheet: rows are strategies, columns the first 8 paper cells (or the first 8 cells without a paper run)
+    cols = paper_cells[: min(8, paper["trace"].shape[1] // SEEDS)] if paper is not None else np.arange(min(8, n))
+    shown = [(name, f["images"][: len(cols)]) for name, f in paper_rows.items() if f["images"] is not None]
+    shown += [(name, f["images"][cols]) for name, f in standard_rows.items() if f["images"] is not None]
     sheet = np.full((len(shown) * (SIZE + 4), len(cols) * (SIZE + 4), 3), 255, np.uint8)
-    for r, (_, f) in enumerate(shown):
-        for c in cols:
-            icon = f["images"][c]
+    for r, (_, images) in enumerate(shown):
+        for c, icon in enumerate(images):
             sheet[r * (SIZE + 4): r * (SIZE + 4) + icon.shape[0], c * (SIZE + 4): c * (SIZE + 4) + icon.shape[1]] = icon
     Image.fromarray(sheet).save(results.parent / "sheet.png")
     print(f"\nsheet: {results.parent / 'sheet.png'} (rows, top to bottom: {', '.join(name for name, _ in shown)})")
