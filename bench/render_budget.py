@@ -46,6 +46,7 @@ import zarr
 from atlas.models import load_model
 from atlas.render.objectives import State, direction
 from atlas.render.optimize import Optimization, Settings, layer_output
+from atlas.render.param import COLOR_MATRIX, FFT_DIVISOR, default_param, frequency_scale
 from atlas.render.run import DEFAULT_TRANSFORMS, _digest
 from atlas.render.transforms import apply, draw
 
@@ -71,6 +72,13 @@ def build_run(out: Path, photos: int) -> Path:
     return out
 
 
+def warm_pairs(c20: np.ndarray, c40: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the grid-40 cells whose grid-20 parent, the cell holding them, is among ``c20``; each one's parent's index in ``c20``)."""
+    where = {tuple(c): i for i, c in enumerate(c20.tolist())}
+    pairs = [(i, where[(y // 2, x // 2)]) for i, (y, x) in enumerate(c40.tolist()) if (y // 2, x // 2) in where]
+    return np.array([a for a, _ in pairs], int), np.array([b for _, b in pairs], int)
+
+
 def spread(n: int, k: int) -> np.ndarray:
     """``min(k, n)`` indices evenly spread over ``range(n)``."""
     return np.unique(np.linspace(0, n - 1, min(k, n)).round().astype(int)) if n else np.zeros(0, int)
@@ -91,12 +99,30 @@ def seeds_of(vectors: np.ndarray, attempts: int) -> list[tuple[int, int, int]]:
     return [(0, _digest(v.tobytes()), k) for v in vectors for k in range(attempts)]
 
 
-def optimization(net, vectors: np.ndarray, whitening: np.ndarray, steps: int, attempts: int) -> Optimization:
-    """The renderer's optimisation of ``attempts`` seeds of each of ``vectors``' icons for ``steps`` steps."""
+def optimization(net, vectors: np.ndarray, whitening: np.ndarray, steps: int, attempts: int, schedule: str = "constant",
+                 start: np.ndarray | None = None) -> Optimization:
+    """The renderer's optimisation of ``attempts`` seeds of each of ``vectors``' icons for ``steps`` steps (``start``:
+    the spectra to begin from, one per image, instead of the seeds' own)."""
     seeds = seeds_of(vectors, attempts)
-    settings = Settings(size=SIZE, steps=steps, attempts=attempts, transforms=DEFAULT_TRANSFORMS)
+    settings = Settings(size=SIZE, steps=steps, attempts=attempts, transforms=DEFAULT_TRANSFORMS, schedule=schedule)
     objective = direction(LAYER, torch.from_numpy(vectors).repeat_interleave(attempts, 0), torch.from_numpy(whitening))
-    return Optimization(net, LAYER, objective, seeds, settings)
+    param = default_param(seeds, SIZE)
+    if start is not None:
+        with torch.no_grad():
+            param.inner.spectrum.copy_(torch.from_numpy(start))
+    return Optimization(net, LAYER, objective, seeds, settings, param=param)
+
+
+def spectra_of(images: np.ndarray) -> np.ndarray:
+    """The default parameterisation's spectra that give ``images`` (n, P, P, 3; uint8 or floats in (0, 1)): its sigmoid,
+    colour mixing and scaled inverse FFT undone (a stored icon's values are clipped half a level inside (0, 1))."""
+    x = torch.from_numpy(np.asarray(images, np.float32)).permute(0, 3, 1, 2)
+    x = x / 255.0 if images.dtype == np.uint8 else x
+    x = x.clamp(0.5 / 255, 1 - 0.5 / 255)
+    y = torch.log(x) - torch.log1p(-x)
+    z = torch.linalg.solve(COLOR_MATRIX, y.flatten(2)).view_as(y) * FFT_DIVISOR
+    spectrum = torch.fft.rfft2(z, norm="ortho") / frequency_scale(z.shape[-2], z.shape[-1])
+    return torch.view_as_real(spectrum).contiguous().numpy()
 
 
 def view_draws(views: int = VIEWS) -> torch.Tensor:
@@ -120,14 +146,14 @@ def transformed_cosine(net, images: np.ndarray, vectors: np.ndarray, whitening: 
 
 
 def measured(net, vectors: np.ndarray, whitening: np.ndarray, steps: int, every: int, keep: tuple[int, ...],
-             polish: int = 0) -> dict[str, np.ndarray]:
-    """``SEEDS`` seeds x ``steps`` steps of each icon (``polish``: the last steps without transforms), measured every
-    ``every`` steps. Returns per seed (columns icon-major, ``SEEDS`` per icon; one seed when polishing): ``marks``;
-    ``white``, ``objective``, ``raw`` (marks, n * seeds) of the icon as shown; ``trace`` (steps, n * seeds) the
-    objective under the transforms; and at each step in ``keep``: ``images_S`` (uint8) and ``views_S`` (the
-    transformed-view cosine)."""
-    seeds = 1 if polish else SEEDS
-    opt = optimization(net, vectors, whitening, steps, seeds)
+             seeds: int = SEEDS, polish: int = 0, schedule: str = "constant", start: np.ndarray | None = None
+             ) -> dict[str, np.ndarray]:
+    """``seeds`` seeds x ``steps`` steps of each icon (``polish``: the last steps without transforms; ``schedule``: Adam's
+    step size; ``start``: spectra to begin from), measured every ``every`` steps. Returns per seed (columns icon-major,
+    ``seeds`` per icon): ``marks``; ``white``, ``objective``, ``raw`` (marks, n * seeds) of the icon as shown; ``trace``
+    (steps, n * seeds) the objective under the transforms; and at each step in ``keep``: ``images_S`` (uint8) and
+    ``views_S`` (the transformed-view cosine)."""
+    opt = optimization(net, vectors, whitening, steps, seeds, schedule, start)
     if polish:
         d = opt.draws.clone()
         d[-polish:, :, 0], d[-polish:, :, 1:] = 1.0, 0.0  # scale 1, no rotation, no shift: the icon as shown
@@ -160,10 +186,27 @@ def best_of(run: dict, attempts: int, step: int) -> tuple[np.ndarray, int, int]:
     return objective.argmax(1) + np.arange(len(objective)) * SEEDS, step, attempts * step
 
 
-def plain(run: dict, step: int) -> tuple[np.ndarray, int, int]:
-    """The first seed alone, read at ``step``."""
-    n = run["trace"].shape[1] // SEEDS
-    return np.arange(n) * SEEDS, step, step
+def plain(run: dict, step: int, seeds: int = SEEDS) -> tuple[np.ndarray, int, int]:
+    """The first seed alone, read at ``step`` (``seeds``: seeds per icon in the run)."""
+    n = run["trace"].shape[1] // seeds
+    return np.arange(n) * seeds, step, step
+
+
+def early_stop(run: dict, every: int, least: int, tol: float = 0.02) -> tuple[np.ndarray, np.ndarray, float]:
+    """The first seed stopped at the first mark from ``least`` on where its mean objective under the transforms over the
+    last ``every`` steps rose by less than ``tol`` over the ``every`` before: (its column per icon, the stop step per
+    icon, the mean icon-steps)."""
+    trace, marks = run["trace"], list(run["marks"])
+    cols = np.arange(trace.shape[1] // SEEDS) * SEEDS
+    stop = np.full(len(cols), marks[-1])
+    for i, c in enumerate(cols):
+        for m in marks:
+            if m >= max(least, 2 * every):
+                now, before = trace[m - every: m, c].mean(), trace[m - 2 * every: m - every, c].mean()
+                if now < before + tol * abs(before):
+                    stop[i] = m
+                    break
+    return cols, stop, float(stop.mean())
 
 
 def screen(trace: np.ndarray, attempts: int, trial: int, step: int) -> tuple[np.ndarray, int, int]:
@@ -210,7 +253,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("/tmp/render_budget"), help="run folder and results (kept and reused)")
     ap.add_argument("--chunk", type=int, default=25, help="cells optimised together (results are kept per chunk)")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every step count (a power of 2 such as 1/16: a smoke run)")
-    ap.add_argument("--only", default="", help="comma-separated keys to compute now: curves, paper, polish")
+    ap.add_argument("--only", default="", help="comma-separated keys to compute now: curves, paper, polish, cosine, warm")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
@@ -233,20 +276,34 @@ def main() -> None:
         net = net or load_model("inceptionv1", WEIGHTS)
         return net
 
-    def chunks(key: str, vs: np.ndarray, steps: int, every: int, keep: tuple[int, ...], polish: int = 0) -> None:
+    def chunks(key: str, vs: np.ndarray, steps: int, every: int, keep: tuple[int, ...], start: np.ndarray | None = None,
+               **options) -> None:
         for lo in range(0, len(vs), args.chunk):
             path = results / f"{key}_{lo:05d}.npz"
             if path.exists():
                 continue
-            start = time.perf_counter()
-            data = measured(model(), vs[lo: lo + args.chunk], whitening, steps, every, keep, polish)
-            np.savez(path, seconds=time.perf_counter() - start, **data)
-            print(f"  {key} cells {lo}-{lo + len(vs[lo: lo + args.chunk]) - 1} in {time.perf_counter() - start:.0f} s, "
+            t0 = time.perf_counter()
+            part = None if start is None else start[lo: lo + args.chunk]
+            data = measured(model(), vs[lo: lo + args.chunk], whitening, steps, every, keep, start=part, **options)
+            np.savez(path, seconds=time.perf_counter() - t0, **data)
+            print(f"  {key} cells {lo}-{lo + len(vs[lo: lo + args.chunk]) - 1} in {time.perf_counter() - t0:.0f} s, "
                   f"load average {os.getloadavg()[0]:.2f}", flush=True)
+
+    def warm() -> None:
+        """Each grid-40 cell whose grid-20 parent was measured starts from the parent's ``standard`` icon."""
+        curves = load(results, "curves")
+        if curves is None or curves["trace"].shape[1] // SEEDS < len(vectors):
+            raise SystemExit("render_budget: error: the warm start needs every cell's curves first (--only curves)")
+        children, parents = warm_pairs(c20, c40)
+        cols, _, _ = best_of(curves, 2, k(512))
+        start = spectra_of(curves[f"images_{k(512)}"][cols[parents]])
+        chunks("warm", v40[children], k(128), k(32), (k(128),), seeds=1, start=start)
 
     jobs = {"curves": lambda: chunks("curves", vectors, k(512), k(32), tuple(k(s) for s in (192, 224, 256, 320, 416, 448, 512))),
             "paper": lambda: chunks("paper", v20[paper_cells], k(1024), k(64), (k(512), k(1024))),
-            "polish": lambda: chunks("polish", v20[:POLISH_CELLS], k(256), k(32), (k(256),), polish=k(64))}
+            "polish": lambda: chunks("polish", v20[:POLISH_CELLS], k(256), k(32), (k(256),), seeds=1, polish=k(64)),
+            "cosine": lambda: chunks("cosine", vectors, k(256), k(32), (k(256),), seeds=1, schedule="cosine"),
+            "warm": warm}
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     print(f"{len(c20)} grid-20 and {len(c40)} grid-40 cells of a run of {args.photos} shared photos x 2 positions at "
           f"{LAYER} (whitened), {SIZE} px, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}", flush=True)
@@ -256,7 +313,7 @@ def main() -> None:
         jobs[key]()
     if only:
         return
-    report(results, len(v20), paper_cells, k)
+    report(results, len(v20), paper_cells, warm_pairs(c20, c40)[0], k)
 
 
 def load(results: Path, key: str) -> dict | None:
@@ -273,10 +330,12 @@ def load(results: Path, key: str) -> dict | None:
     return joined
 
 
-def report(results: Path, n20: int, paper_cells: np.ndarray, k) -> None:
+def report(results: Path, n20: int, paper_cells: np.ndarray, children: np.ndarray, k) -> None:
+    """Print the tables and write ``sheet.png``; ``children``: the grid-40 cells (indices among them) the warm start ran on."""
     from PIL import Image
 
-    curves, paper, polish = load(results, "curves"), load(results, "paper"), load(results, "polish")
+    runs = {key: load(results, key) for key in ("curves", "paper", "polish", "cosine", "warm")}
+    curves, paper = runs["curves"], runs["paper"]
     if curves is None:
         raise SystemExit("render_budget: error: no results yet; run with --only curves first")
     n = curves["trace"].shape[1] // SEEDS
@@ -287,39 +346,52 @@ def report(results: Path, n20: int, paper_cells: np.ndarray, k) -> None:
         return (f"| {name} | {w.mean():.3f} | {np.percentile(w, 10):.3f} | {views} | {f['objective'][cells].mean():.1f} | "
                 f"{f['raw'][cells].mean():.3f} | {f['steps']:.0f} |")
 
-    head = ("| strategy | mean cos(h, S v) | 10th pct | transformed views: mean | 10th pct | mean objective | "
-            "mean raw cos(h, v) | icon-steps per icon |\n|---|---|---|---|---|---|---|---|")
-    standard_rows = {name: figures(curves, c) for name, c in rows_of(curves, False, k).items()}
+    def table(title: str, rows: dict[str, tuple[dict, np.ndarray]]) -> None:
+        print(f"\n{title}:\n\n| strategy | mean cos(h, S v) | 10th pct | transformed views: mean | 10th pct | mean objective | "
+              "mean raw cos(h, v) | icon-steps per icon |\n|---|---|---|---|---|---|---|---|")
+        for name, (f, cells) in rows.items():
+            print(line(name, f, cells))
+
+    rows = {name: figures(curves, c) for name, c in rows_of(curves, False, k).items()}
+    cols, stop, mean_stop = early_stop(curves, k(64), k(128))
+    at = np.searchsorted(curves["marks"], stop)
+    rows["early stop (the first seed of 512)"] = {
+        "white": curves["white"][at, cols], "views": np.full(n, np.nan), "objective": curves["objective"][at, cols],
+        "raw": curves["raw"][at, cols], "steps": mean_stop, "images": None}
+    if runs["cosine"] is not None and runs["cosine"]["trace"].shape[1] == n:
+        rows["cosine step size, 256 x 1"] = figures(runs["cosine"], plain(runs["cosine"], k(256), 1))
     for title, cells in ((f"All {n} cells ({min(n, n20)} of grid 20, {max(0, n - n20)} of grid 40)", np.arange(n)),
                          (f"The {min(n, n20)} grid-20 cells", np.arange(min(n, n20))),
                          (f"The {max(0, n - n20)} grid-40 cells", np.arange(n20, n))):
         if len(cells):
-            print(f"\n{title}:\n\n{head}")
-            for name, f in standard_rows.items():
-                print(line(name, f, cells))
+            table(title, {name: (f, cells) for name, f in rows.items()})
     paper_rows = {}
     if paper is not None:
         mp = paper["trace"].shape[1] // SEEDS
         paper_rows = {name: figures(paper, c) for name, c in rows_of(paper, True, k).items()}
-        print(f"\nThe {mp} paper cells (grid-20 cells evenly spread):\n\n{head}")
-        for name, f in paper_rows.items():
-            print(line(name, f, np.arange(mp)))
-        for name, f in standard_rows.items():
-            print(line(name, f, paper_cells[:mp]))
-    if polish is not None:
-        mq = polish["trace"].shape[1]
-        f = {"white": polish["white"][-1], "views": polish[f"views_{k(256)}"], "objective": polish["objective"][-1],
-             "raw": polish["raw"][-1], "steps": float(k(256))}
-        print(f"\nThe first {mq} grid-20 cells, not kept (the icon fitted to its exact alignment):\n\n{head}")
-        print(line("polish: 256 x 1, the last 64 without transforms", f, np.arange(mq)))
-        for name in ("plain 256 x 1 (step 256 of 512)", "standard (512 x 2)"):
-            print(line(name, standard_rows[name], np.arange(mq)))
-    print("\nseconds (a loaded machine's; read ratios only): curves " + f"{curves['seconds']:.0f}" +
-          (f", paper {paper['seconds']:.0f}" if paper is not None else ""))
+        table(f"The {mp} paper cells (grid-20 cells evenly spread)",
+              {name: (f, np.arange(mp)) for name, f in paper_rows.items()} |
+              {name: (f, paper_cells[:mp]) for name, f in rows.items()})
+    if runs["warm"] is not None:
+        f = figures(runs["warm"], plain(runs["warm"], k(128), 1))
+        f["steps"] = float(k(128))
+        mine = np.arange(len(f["white"]))
+        table(f"The {len(mine)} grid-40 cells whose grid-20 parent was measured, the warm start",
+              {"warm 20 -> 40: + 128 from the parent's standard icon (its steps spent for grid 20)": (f, mine)} |
+              {name: (rows[name], n20 + children[: len(mine)]) for name in
+               ("plain 256 x 1 (step 256 of 512)", "plain 512 x 1", "standard (512 x 2)")})
+    if runs["polish"] is not None:
+        f = figures(runs["polish"], plain(runs["polish"], k(256), 1))
+        mq = np.arange(len(f["white"]))
+        table(f"The first {len(mq)} grid-20 cells: polishing without transforms (not kept: the icon fits its exact alignment)",
+              {"polish: 256 x 1, the last 64 without transforms": (f, mq)} |
+              {name: (rows[name], mq) for name in ("plain 256 x 1 (step 256 of 512)", "standard (512 x 2)")})
+    print("\nseconds (a loaded machine's; read ratios only): " +
+          ", ".join(f"{key} {r['seconds']:.0f}" for key, r in runs.items() if r is not None))
     # the sheet: rows are strategies, columns the first 8 paper cells (or the first 8 cells without a paper run)
     cols = paper_cells[: min(8, paper["trace"].shape[1] // SEEDS)] if paper is not None else np.arange(min(8, n))
     shown = [(name, f["images"][: len(cols)]) for name, f in paper_rows.items() if f["images"] is not None]
-    shown += [(name, f["images"][cols]) for name, f in standard_rows.items() if f["images"] is not None]
+    shown += [(name, f["images"][cols]) for name, f in rows.items() if f["images"] is not None]
     sheet = np.full((len(shown) * (SIZE + 4), len(cols) * (SIZE + 4), 3), 255, np.uint8)
     for r, (_, images) in enumerate(shown):
         for c, icon in enumerate(images):

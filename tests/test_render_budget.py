@@ -107,3 +107,31 @@ def test_polish_runs_its_last_steps_without_transforms(budget, cells):
     net, v, s = cells
     run = budget.measured(net, v[:1], s, 4, 2, (4,), polish=2)
     assert run["trace"].shape == (4, 1) and run["white"].shape == (2, 1)
+
+
+def test_spectra_of_an_icon_give_the_icon_back(budget):
+    """The warm start begins at the parent's stored icon: the default parameterisation inverted (up to uint8 rounding)."""
+    from atlas.render.param import default_param
+
+    param = default_param([(0, 1, 0), (0, 2, 0)], 32)
+    with torch.no_grad():
+        param.inner.spectrum.mul_(40.0)  # a finished icon's contrast, not the start's near-grey
+        icons = np.clip(np.rint(param().permute(0, 2, 3, 1).numpy() * 255.0), 0, 255).astype(np.uint8)
+    assert icons.std() > 20
+    back = default_param([(0, 1, 0), (0, 2, 0)], 32)
+    with torch.no_grad():
+        back.inner.spectrum.copy_(torch.from_numpy(budget.spectra_of(icons)))
+        again = back().permute(0, 2, 3, 1).numpy() * 255.0
+    assert np.abs(again - icons).max() <= 0.51
+
+
+def test_warm_pairs_and_early_stop(budget):
+    c20 = np.array([[0, 0], [1, 2], [3, 3]])
+    c40 = np.array([[1, 1], [2, 5], [5, 0], [7, 6]])  # parents (0, 0), (1, 2), (2, 0) not measured, (3, 3)
+    children, parents = budget.warm_pairs(c20, c40)
+    assert children.tolist() == [0, 1, 3] and parents.tolist() == [0, 1, 2]
+    trace = np.zeros((8, 2 * budget.SEEDS), np.float32)
+    trace[:, 0] = np.minimum(np.arange(8), 2)  # icon 0 levels off at step 2: steps 4-5 no higher than 2-3 -> stops at 6
+    trace[:, budget.SEEDS] = np.arange(8)  # icon 1 keeps rising
+    cols, stop, mean = budget.early_stop({"trace": trace, "marks": np.array([2, 4, 6, 8])}, 2, 4)
+    assert cols.tolist() == [0, budget.SEEDS] and stop.tolist() == [6, 8] and mean == 7
