@@ -232,8 +232,8 @@ def rows_of(run: dict, paper: bool, k=lambda steps: steps) -> dict[str, tuple[np
     trace = run["trace"]
     if paper:
         rows = {"paper (1024 x 4)": best_of(run, 4, k(1024))}
-        for trial in (32, 64, 128):
-            rows[f"screen 4 x {trial} -> 1024"] = screen(trace, 4, k(trial), k(1024))
+        for trial, step in ((64, 320), (32, 384), (64, 512), (64, 768), (128, 768), (32, 1024), (64, 1024), (128, 1024)):
+            rows[f"screen 4 x {trial} -> {step}"] = screen(trace, 4, k(trial), k(step))
         rows["plain 1024 x 1"] = plain(run, k(1024))
         return rows
     rows = {"standard (512 x 2)": best_of(run, 2, k(512)), "best of 4 x 512": best_of(run, 4, k(512)),
