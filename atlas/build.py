@@ -29,7 +29,7 @@ from atlas.engine import make_engine
 from atlas.errors import AtlasError
 from atlas.runner import Step, fmt_seconds, run_stages
 from atlas.settings import STAGES as SETTINGS
-from atlas.settings import check_device, check_out_folder, defaults, resolve
+from atlas.settings import check_device, check_out_folder, defaults, icon_steps, resolve
 
 STAGES = ("sample", "project", "grid", "render", "tiles")
 UNIT_STAGES = ("units", "gallery")  # after the atlas when the config's [units] table says build = true
@@ -176,10 +176,10 @@ def estimate(config: dict, n_images: int, channels: int = 512) -> dict[str, floa
     n = n_images * config["sample"]["per_image"]
     layers = len(config["run"]["layers"])
     preset = SETTINGS["render"].from_table(config["render"]).preset()
-    steps, attempts, size = preset["steps"], preset["attempts"], preset["size"]
     cells = sum(min(s * s, n) * 0.6 for s in config["grid"]["sizes"])
-    icon_seconds = cells * steps * attempts * (size / 80) ** 2 / CPU_ICON_STEPS_PER_S
-    canvas = max(config["grid"]["sizes"]) * size
+    spent = icon_steps(preset["steps"], preset["attempts"], preset["screen"])
+    icon_seconds = cells * spent * (preset["size"] / 80) ** 2 / CPU_ICON_STEPS_PER_S
+    canvas = max(config["grid"]["sizes"]) * preset["size"]
     return {
         "sample": n_images * layers / CPU_IMAGES_PER_S[bool(config["sample"]["attribution"])],
         "project": layers * (3 + n / 3500.0),  # bench/layout.py: 16 s at 100k, 290 s at 1M

@@ -33,9 +33,19 @@ from atlas.errors import AtlasError
 # the successive-halving trial (steps every attempt runs before only the most promising goes on; 0: all run to the end).
 PRESETS: dict[str, dict[str, int]] = {
     "draft": {"size": 80, "steps": 128, "attempts": 1, "batch": 32, "screen": 0},
-    "standard": {"size": 80, "steps": 512, "attempts": 2, "batch": 50, "screen": 0},
+    # standard: 4 seeds screened for 64 steps, the best to 512: 704 icon-steps, the whitened cosine of the former 512 x 2
+    # (1,024) on 286 real cells (docs/performance.md, icons per compute)
+    "standard": {"size": 80, "steps": 512, "attempts": 4, "batch": 50, "screen": 64},
     "paper": {"size": 80, "steps": 1024, "attempts": 4, "batch": 100, "screen": 0},
 }
+
+
+def icon_steps(steps: int, attempts: int, screen: int = 0) -> int:
+    """Optimisation steps spent per icon, every attempt counted: ``attempts * steps``, or with a screening trial of
+    ``screen`` steps (several attempts) ``attempts * screen + steps - screen``."""
+    return attempts * screen + steps - screen if screen and attempts > 1 else attempts * steps
+
+
 PROJECT_METHODS = ("umap", "tsne", "pca")
 # cosine/euclidean/l2 use atlas's own kNN search; the others go through umap-learn, openTSNE and scikit-learn,
 # which all know them by these names.

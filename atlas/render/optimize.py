@@ -26,6 +26,7 @@ from atlas.render.objectives import direction as make_direction
 from atlas.render.objectives import neuron as make_neuron
 from atlas.render.param import Parameterization, default_param
 from atlas.render.transforms import Transforms, apply, draw
+from atlas.settings import icon_steps
 
 SCHEDULES = ("constant", "cosine")  # Adam step-size schedules over an icon's steps (Settings.schedule)
 
@@ -90,7 +91,7 @@ class Settings:
     @property
     def icon_steps(self) -> int:
         """Optimisation steps spent per icon, all attempts counted."""
-        return self.attempts * self.screen + self.steps - self.screen if self.screens else self.attempts * self.steps
+        return icon_steps(self.steps, self.attempts, self.screen)
 
     def key_dict(self) -> dict:
         """The settings that change the pixels (speed switches excluded except precision)."""
