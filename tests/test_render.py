@@ -251,3 +251,10 @@ def test_screened_render_ignores_batch_and_resume_and_is_its_own_key(tmp_path, r
     assert unscreened["rendered_now"] == 3 and "screen" not in reopened.attrs["settings"]
     with pytest.raises(AtlasError, match=r"^render.screen must be less than render.steps \(6\); got 6$"):
         render(tmp_path, LAYER, [2], **(opts | {"screen": 6}))
+    # the standard preset is this strategy at full size: 4 seeds, a 64-step trial, the best to 512 (704 icon-steps)
+    from atlas.render.run import optimizer_settings
+    from atlas.settings import RenderSettings
+
+    standard, _ = optimizer_settings(RenderSettings())
+    assert (standard.steps, standard.attempts, standard.screen, standard.icon_steps) == (512, 4, 64, 704)
+    assert optimizer_settings(RenderSettings(steps=64))[0].screen == 0  # a trial no shorter than the run is dropped
