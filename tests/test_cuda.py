@@ -124,6 +124,23 @@ def test_render_on_cuda_reaches_the_cpu_quality(net, sampled, float32_exact):
     assert abs(gpu.cosine.mean() - cpu.cosine.mean()) < 0.02, (cpu.cosine, gpu.cosine)
 
 
+def test_screened_render_on_cuda_keeps_the_cpu_seeds(net, sampled, float32_exact):
+    """Successive halving on the GPU: the kept rows' parameters, Adam state and objective move with the batch on the
+    device; the same seeds go on as on the CPU and the icons agree."""
+    from atlas.render.objectives import Direction
+    from atlas.render.optimize import Settings, best_icons
+
+    settings = Settings(size=48, steps=8, attempts=3, screen=4, precision="fp32")
+    v = _directions(sampled, 3)
+    seeds = [(0, i, a) for i in range(len(v)) for a in range(3)]
+    objective = Direction(v.repeat_interleave(3, 0))
+    cpu = best_icons(net, LAYER, objective, seeds, settings, "cpu")
+    gpu = best_icons(net, LAYER, objective, seeds, settings, "cuda")
+    assert gpu.images.shape == cpu.images.shape == (3, 48, 48, 3) and np.isfinite(gpu.images).all()
+    assert np.abs(gpu.images - cpu.images).mean() < 0.02
+    assert np.allclose(gpu.trace[:4], cpu.trace[:4], rtol=1e-2, atol=1e-2)
+
+
 def test_small_build_on_cuda_matches_cpu(photo_list, tmp_path):
     from atlas.build import build, load_config, merge
 
