@@ -45,7 +45,7 @@ import zarr
 
 from atlas.models import load_model
 from atlas.render.objectives import State, direction
-from atlas.render.optimize import Optimization, Settings, layer_output
+from atlas.render.optimize import Optimization, Settings, layer_output, screened_rows
 from atlas.render.param import COLOR_MATRIX, FFT_DIVISOR, default_param, frequency_scale
 from atlas.render.run import DEFAULT_TRANSFORMS, _digest
 from atlas.render.transforms import apply, draw
@@ -212,8 +212,9 @@ def early_stop(run: dict, every: int, least: int, tol: float = 0.02) -> tuple[np
 def screen(trace: np.ndarray, attempts: int, trial: int, step: int) -> tuple[np.ndarray, int, int]:
     """Successive halving: of the first ``attempts`` seeds, the one whose objective under the transforms over trial steps
     [trial - trial // 2, trial) was highest (``trace`` (steps, n * SEEDS)) goes on to ``step``."""
-    score = trace[trial - max(1, trial // 2): trial].mean(0).reshape(-1, SEEDS)[:, :attempts]
-    return score.argmax(1) + np.arange(len(score)) * SEEDS, step, attempts * trial + step - trial
+    rows = screened_rows(trace.reshape(len(trace), -1, SEEDS)[:, :, :attempts].reshape(len(trace), -1), attempts, trial)
+    icon, seed = np.divmod(rows, attempts)
+    return icon * SEEDS + seed, step, attempts * trial + step - trial
 
 
 def figures(run: dict, chosen: tuple[np.ndarray, int, int]) -> dict[str, np.ndarray | float]:

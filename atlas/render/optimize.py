@@ -363,12 +363,17 @@ def best_icons(net: Network, layer: str | None, objective: Objective, seeds: Seq
     if not settings.screens:
         run.step(on_step=on_step)
         return best_of(run.result(), a)
-    t = settings.screen
-    run.step(t, on_step)
-    score = run.trace[t - max(1, t // 2): t].mean(0).reshape(-1, a)
-    run.keep(score.argmax(1) + np.arange(len(score)) * a)
+    run.step(settings.screen, on_step)
+    run.keep(screened_rows(run.trace, a, settings.screen))
     run.step(on_step=on_step)
     return run.result()
+
+
+def screened_rows(trace: np.ndarray, attempts: int, trial: int) -> np.ndarray:
+    """The row (icon-major, ``attempts`` per icon) of each icon's seed that goes on after a ``trial``-step screen: the
+    highest mean objective under the transforms over trial steps [trial - trial // 2, trial) of ``trace`` (steps, rows)."""
+    score = trace[trial - max(1, trial // 2): trial].mean(0).reshape(-1, attempts)
+    return score.argmax(1) + np.arange(len(score)) * attempts
 
 
 def best_of(result: Result, attempts: int) -> Result:
